@@ -1,0 +1,273 @@
+"""Typed, frozen model configs, saved as JSON beside the weights.
+
+The config says *what* to build; :func:`ciea_model.factory.create_model_and_processor`
+builds it. A tower is either loaded from a pretrained name / local directory
+(``name_or_path``) or built with random weights from ``hf_config`` (a dict of keyword
+arguments for ``transformers.AutoConfig.for_model``), which is how tests and the offline
+demo avoid the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr")
+"""Model variants. All but ``ciea`` are the paper's baselines and ablations, expressed as
+switches of the same code so that comparisons are fair (see CIEA_METHOD.md)."""
+
+POOLINGS = ("auto", "decoder_step0", "cls", "mean", "last", "pooler")
+"""How the text tower turns hidden states into one vector. ``auto`` picks by LM family:
+encoder-decoder → ``decoder_step0`` (T5-ANCE), encoder-only → ``cls``, decoder-only →
+``last`` (last non-pad token)."""
+
+# CLIP's image normalisation constants (openai/clip-vit-base-patch32 preprocessor_config).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field, the value and the fix."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    """The language model that encodes queries, text documents and image documents.
+
+    Attributes:
+        name_or_path: Hugging Face hub name or local directory of pretrained weights
+            (e.g. ``OpenMatch/t5-ance``). ``None`` builds from ``hf_config``.
+        hf_config: ``AutoConfig.for_model`` keyword arguments (must include
+            ``model_type``) for a random-init tower; ignored when ``name_or_path`` is set
+            and pretrained weights are requested.
+        tokenizer: hub name or directory of the tokenizer; defaults to ``name_or_path``.
+        pooling: one of :data:`POOLINGS`.
+        max_length: maximum caption / query / text-document length in tokens.
+        num_layers: keep only the first ``num_layers`` transformer layers (a cheap way to
+            make a small pretrained LM for CPU demos); ``None`` keeps all.
+    """
+
+    name_or_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    pooling: str = "auto"
+    max_length: int = 128
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name_or_path is not None or self.hf_config is not None,
+            "text.name_or_path and text.hf_config are both unset: set name_or_path to a "
+            "hub name or local directory (e.g. 'OpenMatch/t5-ance'), or hf_config to "
+            "AutoConfig keyword arguments including 'model_type' for a random-init tower.",
+        )
+        _check(
+            self.hf_config is None or "model_type" in self.hf_config,
+            f"text.hf_config={self.hf_config!r} has no 'model_type': add one, e.g. "
+            "{'model_type': 't5', 'd_model': 32, ...}.",
+        )
+        _check(
+            self.pooling in POOLINGS,
+            f"text.pooling={self.pooling!r} is not one of {POOLINGS}: pick one, or 'auto' "
+            "to choose by LM family.",
+        )
+        _check(
+            self.max_length >= 8,
+            f"text.max_length={self.max_length} is too small: use at least 8 (the method "
+            "uses 128).",
+        )
+        _check(
+            self.num_layers is None or self.num_layers >= 1,
+            f"text.num_layers={self.num_layers} must be None (all layers) or >= 1.",
+        )
+        _check(
+            self.tokenizer is not None or self.name_or_path is not None,
+            "text.tokenizer is unset and there is no text.name_or_path to take it from: a "
+            "random-init tower still needs a tokenizer; point text.tokenizer to a "
+            "directory (ciea_model.tokenizer.train_wordpiece_tokenizer makes one offline).",
+        )
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class VisionTowerConfig:
+    """The CLIP vision tower that turns an image into patch vectors.
+
+    Attributes:
+        name_or_path: hub name or directory of a CLIP (vision) checkpoint, e.g.
+            ``openai/clip-vit-base-patch32``; ``None`` builds from ``hf_config``.
+        hf_config: ``CLIPVisionConfig`` keyword arguments for a random-init tower.
+        trainable: the paper freezes the vision tower; the offline demo, which has no
+            pretrained CLIP, trains it.
+        image_mean: per-channel normalisation mean.
+        image_std: per-channel normalisation std.
+    """
+
+    name_or_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    trainable: bool = False
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name_or_path is not None or self.hf_config is not None,
+            "vision.name_or_path and vision.hf_config are both unset: set name_or_path "
+            "(e.g. 'openai/clip-vit-base-patch32') or hf_config (CLIPVisionConfig keyword "
+            "arguments such as image_size, patch_size, hidden_size).",
+        )
+        _check(
+            len(self.image_mean) == 3 and len(self.image_std) == 3,
+            f"vision.image_mean={self.image_mean} / image_std={self.image_std} must have 3 "
+            "values (RGB).",
+        )
+        _check(
+            all(s > 0 for s in self.image_std),
+            f"vision.image_std={self.image_std} must be positive.",
+        )
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """The complementary information extractor (one post-LN layer over the patches).
+
+    Attributes:
+        num_heads: attention heads; must divide the LM width.
+        ffn_dim: hidden width of the feed-forward block.
+        dropout: dropout on the attention probabilities.
+        mask_threshold: key patches with weight ``w < mask_threshold`` are masked (−∞).
+    """
+
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.05
+    mask_threshold: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(self.num_heads >= 1, f"extractor.num_heads={self.num_heads} must be >= 1.")
+        _check(self.ffn_dim >= 1, f"extractor.ffn_dim={self.ffn_dim} must be >= 1.")
+        _check(
+            0.0 <= self.dropout < 1.0,
+            f"extractor.dropout={self.dropout} must be in [0, 1).",
+        )
+        _check(
+            0.0 <= self.mask_threshold < 1.0,
+            f"extractor.mask_threshold={self.mask_threshold} must be in [0, 1).",
+        )
+
+
+@dataclass(frozen=True)
+class CIEAConfig:
+    """Everything needed to rebuild a CIEA model (or one of its baselines).
+
+    Attributes:
+        variant: one of :data:`VARIANTS`.
+        text: text tower config.
+        vision: vision tower config (unused by ``text-only``).
+        extractor: extractor config (used by ``ciea`` and ``ciea-no-comp``).
+        comp_weight: λ, the weight of the complementary loss. Variants without the
+            complementary loss (``text-only``, ``marvel``, ``ciea-no-comp``, ``univl-dr``)
+            use 0 regardless; see :attr:`effective_comp_weight`.
+        logit_scale_init: initial θ; scores are ``exp(θ)·cos``.
+        logit_scale_max: clamp of ``exp(θ)``.
+        image_only_extractor: the image-only encoding used by L_comp passes the patches
+            through the extractor (project default, as the paper figure draws it);
+            ``False`` feeds the projected patches directly (the authors' release).
+    """
+
+    variant: str = "ciea"
+    text: TextTowerConfig = field(default_factory=lambda: TextTowerConfig("OpenMatch/t5-ance"))
+    vision: VisionTowerConfig = field(
+        default_factory=lambda: VisionTowerConfig("openai/clip-vit-base-patch32")
+    )
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    comp_weight: float = 0.1
+    logit_scale_init: float = math.log(100.0)
+    logit_scale_max: float = 100.0
+    image_only_extractor: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            self.variant in VARIANTS,
+            f"variant={self.variant!r} is not one of {VARIANTS}: pick one of those.",
+        )
+        _check(
+            self.comp_weight >= 0.0,
+            f"comp_weight={self.comp_weight} must be >= 0 (the method uses 0.1).",
+        )
+        _check(
+            self.logit_scale_max > 0
+            and math.exp(self.logit_scale_init) <= self.logit_scale_max * (1 + 1e-9),
+            f"logit_scale_init={self.logit_scale_init} gives exp(θ)="
+            f"{math.exp(self.logit_scale_init):.3g} above logit_scale_max="
+            f"{self.logit_scale_max}: lower the init (ln(100) by default) or raise the max.",
+        )
+
+    # ---- what the variant switches on -------------------------------------------------
+    @property
+    def uses_images(self) -> bool:
+        return self.variant != "text-only"
+
+    @property
+    def uses_extractor(self) -> bool:
+        return self.variant in ("ciea", "ciea-no-comp")
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        return self.variant == "univl-dr"
+
+    @property
+    def effective_comp_weight(self) -> float:
+        return self.comp_weight if self.variant in ("ciea", "ciea-no-cie") else 0.0
+
+    # ---- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CIEAConfig:
+        """Builds a config from a plain dict, rejecting unknown keys with the allowed set."""
+        data = dict(data)
+        sub = {"text": TextTowerConfig, "vision": VisionTowerConfig, "extractor": ExtractorConfig}
+        for key, sub_cls in sub.items():
+            if key in data and isinstance(data[key], dict):
+                data[key] = _from_dict(sub_cls, data[key], prefix=f"{key}.")
+        return _from_dict(cls, data, prefix="")
+
+    def replace(self, **changes: Any) -> CIEAConfig:
+        return dataclasses.replace(self, **changes)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> CIEAConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}: allowed keys are "
+            f"{sorted(prefix + n for n in names)}; check the spelling."
+        )
+    kwargs = dict(data)
+    for f in dataclasses.fields(cls):
+        # JSON has no tuples; restore them so frozen configs compare equal after a round trip.
+        if f.name in kwargs and isinstance(kwargs[f.name], list):
+            kwargs[f.name] = tuple(kwargs[f.name])
+    return cls(**kwargs)

@@ -1,0 +1,89 @@
+"""Losses take embeddings, not the model (so they are tested analytically).
+
+``contrastive_loss`` is L_c (and, with other inputs, L_comp): cross-entropy of each query
+against every candidate in the batch, with duplicate candidates (same document key)
+removed and other relevant documents excluded from the negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def first_occurrence(keys: torch.Tensor) -> torch.Tensor:
+    """For each position, the index of the first position holding the same key: (C,) → (C,)."""
+    c = keys.shape[0]
+    same = keys.unsqueeze(0) == keys.unsqueeze(1)  # (C, C)
+    positions = torch.arange(c, device=keys.device).expand(c, c)
+    return torch.where(same, positions, c).min(dim=1).values
+
+
+def contrastive_loss(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    targets: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    candidate_keys: torch.Tensor | None = None,
+    ignore: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In-batch (+ hard negative) cross-entropy.
+
+    Args:
+        queries: (B, D) unit-norm query vectors.
+        candidates: (C, D) unit-norm candidate vectors.
+        targets: (B,) index of each query's positive in ``candidates``.
+        logit_scale: exp(θ), the multiplier of the cosine scores.
+        candidate_keys: (C,) document keys; a candidate whose key appeared earlier is a
+            duplicate: it is removed from the softmax and targets move to the first copy.
+        ignore: (B, C) true where a candidate is relevant to the query but not its target;
+            such candidates are removed from that query's softmax.
+
+    Returns:
+        The mean loss over queries (a scalar).
+    """
+    logits = logit_scale * queries @ candidates.T  # (B, C)
+    if candidate_keys is not None:
+        first = first_occurrence(candidate_keys)
+        targets = first[targets]
+        duplicate = first != torch.arange(first.shape[0], device=first.device)
+        logits = logits.masked_fill(duplicate.unsqueeze(0), float("-inf"))
+        if ignore is not None:
+            # An "ignore" flag on a duplicate applies to its first copy.
+            to_first = F.one_hot(first, first.shape[0]).to(logits.dtype)  # (C, C)
+            ignore = (ignore.to(logits.dtype) @ to_first) > 0
+    if ignore is not None:
+        keep_target = F.one_hot(targets, logits.shape[1]).bool()
+        logits = logits.masked_fill(ignore & ~keep_target, float("-inf"))
+    return F.cross_entropy(logits, targets)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gathers (C_r, ...) rows from every worker, keeping the gradient of the local part,
+    so negatives scale with the global batch. Ranks may hold different row counts.
+
+    Returns:
+        (sum C_r, ...) rows in rank order and the offset of this rank's rows. Without an
+        initialised process group (or with one process) returns ``(tensor, 0)``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded = torch.cat([tensor, padded[tensor.shape[0]:]]) if tensor.shape[0] < max(counts) else tensor
+    if tensor.is_floating_point() and tensor.requires_grad:
+        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+        parts = list(all_gather_with_grad(padded))
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+    # The local slot is the live tensor, so gradient flows to this worker's encoder.
+    parts[rank] = padded
+    gathered = torch.cat([p[:n] for p, n in zip(parts, counts)])
+    return gathered, sum(counts[:rank])

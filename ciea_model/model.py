@@ -1,0 +1,131 @@
+"""The CIEA encoder and its baselines: one shared space, cosine similarity.
+
+An encoding API, not a training API: ``encode_query``, ``encode_documents`` and
+``encode_image_only`` return L2-normalised (batch, dim) tensors. Losses live in
+:mod:`ciea_model.losses`; the training step in :mod:`ciea_model.training`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CIEAConfig
+from .extractor import ComplementaryInformationExtractor
+from .processor import DocumentBatch
+from .towers import TextTower, VisionTower
+
+
+class CIEAModel(nn.Module):
+    """Text tower + (optional) CLIP vision tower + projector + (optional) extractor.
+
+    The variant in ``config`` decides which parts exist and are used (CIEA_METHOD.md,
+    "Baselines"): ``text-only`` has no vision tower; ``marvel`` and ``ciea-no-cie`` feed the
+    projected patches straight into the LM; ``univl-dr`` is a dual encoder that adds the
+    pooled CLIP image vector to the caption's text vector.
+    """
+
+    def __init__(self, config: CIEAConfig, text: TextTower, vision: VisionTower | None) -> None:
+        super().__init__()
+        if config.uses_images and vision is None:
+            raise ValueError(f"variant {config.variant!r} needs a vision tower")
+        self.config = config
+        self.text = text
+        self.vision = vision if config.uses_images else None
+        width = text.hidden_size
+        self.projector = nn.Linear(vision.hidden_size, width) if self.vision is not None else None
+        self.extractor = (
+            ComplementaryInformationExtractor(width, config.extractor)
+            if config.uses_extractor else None
+        )
+        # CLIP-style learnable temperature: score = exp(θ)·cos, clamped, no weight decay.
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+
+    @property
+    def dim(self) -> int:
+        return self.text.hidden_size
+
+    def scale(self) -> torch.Tensor:
+        """exp(θ) clamped at ``logit_scale_max`` (a scalar tensor with gradient)."""
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    # ---- text -------------------------------------------------------------------------
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Queries and text documents: (B, L) → (B, D), unit norm."""
+        return F.normalize(self.text(attention_mask, input_ids=input_ids), dim=-1)
+
+    encode_query = encode_text
+
+    # ---- images -----------------------------------------------------------------------
+    def project_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, N, D) projected patches ``P``."""
+        return self.projector(self.vision(pixel_values))
+
+    def _lm_over_patches(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_mask: torch.Tensor,
+        patches: torch.Tensor,
+    ) -> torch.Tensor:
+        # Token embeddings with the <im_patch> placeholders overwritten by the patch rows.
+        embeds = self.text.embed_tokens(input_ids)  # (B, L, D)
+        embeds = embeds.masked_scatter(patch_mask.unsqueeze(-1), patches.to(embeds.dtype))
+        return F.normalize(self.text(attention_mask, inputs_embeds=embeds), dim=-1)
+
+    def _image_inputs(self, image: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (patches for the document, patches for the image-only encoding)."""
+        patches = self.project_patches(image["pixel_values"])  # (B, N, D)
+        if self.extractor is None:
+            return patches, patches
+        caption_embeds = self.text.embed_tokens(image["input_ids"])  # (B, L, D)
+        refined = self.extractor(patches, caption_embeds, image["caption_mask"])
+        return refined, refined if self.config.image_only_extractor else patches
+
+    def encode_image_documents(
+        self, image: dict[str, torch.Tensor], return_image_only: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Image + caption documents → (B, D); with ``return_image_only`` also the
+        image-only encodings (B, D) from the same vision forward pass."""
+        if self.config.is_dual_encoder:
+            img = F.normalize(self.projector(self.vision.pooled(image["pixel_values"])), dim=-1)
+            cap = self.encode_text(image["input_ids"], image["attention_mask"])
+            doc = F.normalize(img + cap, dim=-1)
+            return (doc, img) if return_image_only else doc
+        doc_patches, io_patches = self._image_inputs(image)
+        doc = self._lm_over_patches(
+            image["input_ids"], image["attention_mask"], image["patch_mask"], doc_patches
+        )
+        if not return_image_only:
+            return doc
+        io = self._lm_over_patches(
+            image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"], io_patches
+        )
+        return doc, io
+
+    def encode_image_only(self, image: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[<im_start>] + P̂ + [<im_end>]`` through the LM → (B, D), unit norm. The
+        extractor still needs the caption to weigh the patches, so ``image`` is the
+        collated image sub-batch of :meth:`CIEAProcessor.collate_documents`."""
+        return self.encode_image_documents(image, return_image_only=True)[1]
+
+    # ---- mixed documents ----------------------------------------------------------------
+    def encode_documents(
+        self, batch: DocumentBatch, return_image_only: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Mixed text/image documents → (B, D) in the batch's order.
+
+        With ``return_image_only`` also returns the image-only encodings of the image
+        sub-batch, (B_img, D) in ``batch.image_index`` order (``None`` if no images).
+        """
+        out: torch.Tensor | None = None
+        image_only = None
+        if batch.text is not None:
+            t = self.encode_text(batch.text["input_ids"], batch.text["attention_mask"])
+            out = t.new_zeros((batch.size, t.shape[-1]))
+            out = out.index_copy(0, batch.text_index, t)
+        if batch.image is not None:
+            res = self.encode_image_documents(batch.image, return_image_only=return_image_only)
+            d, image_only = res if return_image_only else (res, None)
+            if out is None:
+                out = d.new_zeros((batch.size, d.shape[-1]))
+            out = out.index_copy(0, batch.image_index, d)
+        return (out, image_only) if return_image_only else out

@@ -1,0 +1,310 @@
+"""A pure-torch training step and a small in-process trainer.
+
+The distributed trainer (Ray Train) reuses :func:`compute_loss`, :func:`train_step`,
+:func:`build_optimizer` and :func:`build_scheduler`; none of them knows it runs in Ray.
+Defaults follow the authors' release: AdamW lr 5e-6, betas (0.9, 0.98), eps 1e-6, weight
+decay 0.2 on ≥2-D weights only, cosine schedule without warm-up, batch 64, early stopping
+on dev, seed 1234.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .losses import contrastive_loss, gather_with_grad
+from .model import CIEAModel
+from .processor import CIEAProcessor, TrainBatch, TrainExample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the release's parameter groups.
+
+    Attributes:
+        lr: learning rate.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        weight_decay: applied to ≥2-D weights only (not biases, norms or the logit scale).
+        max_grad_norm: clip the global gradient norm; ``None`` disables clipping.
+    """
+
+    lr: float = 5e-6
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.2
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0 (the release uses 5e-6).")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={self.betas} must lie in [0, 1).")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The in-process training loop.
+
+    Attributes:
+        epochs: maximum number of passes over the training queries.
+        batch_size: queries per step.
+        eval_every: evaluate on dev every this many steps (and at each epoch end).
+        patience: stop after this many evaluations without improvement.
+        max_steps: hard cap on steps (``None``: epochs decide).
+        seed: seeds torch, numpy, random and the batch order.
+        optim: optimiser settings.
+    """
+
+    epochs: int = 40
+    batch_size: int = 64
+    eval_every: int = 500
+    patience: int = 10
+    max_steps: int | None = None
+    seed: int = 1234
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be None or >= 1.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: ≥2-D weights decay, everything else (biases, norms, θ) does not.
+    Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the base lr to 0 over ``total_steps``, no warm-up."""
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    )
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    contrastive: float
+    complementary: float
+    comp_queries: int
+    comp_skipped: int
+
+
+def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> LossOutput:
+    """``L = L_c + λ·L_comp`` for one batch.
+
+    Args:
+        model: the model (any variant).
+        batch: from :meth:`CIEAProcessor.collate_training`.
+        gather: all-gather candidates from every worker (with gradient) so negatives span
+            the global batch; a no-op without a process group.
+    """
+    scale = model.scale()
+    want_io = batch.comp_queries is not None and model.config.effective_comp_weight > 0
+    q = model.encode_query(**batch.queries)  # (B, D)
+    docs = model.encode_documents(batch.documents, return_image_only=want_io)
+    docs, image_only = docs if want_io else (docs, None)  # (C, D), (C_img, D)
+    keys, targets, ignore = batch.doc_keys, batch.targets, batch.ignore
+    if gather:
+        docs, offset = gather_with_grad(docs)
+        keys, _ = gather_with_grad(keys)
+        targets = targets + offset
+        ignore = _widen(ignore, offset, docs.shape[0])
+    l_c = contrastive_loss(q, docs, targets, scale, keys, ignore)
+    loss, l_comp = l_c, torch.zeros(())
+    if want_io:
+        qc = model.encode_query(**batch.comp_queries)  # (Bc, D)
+        image_keys = batch.doc_keys[batch.documents.image_index]
+        comp_targets = batch.comp_targets
+        if gather:
+            image_only, offset = gather_with_grad(image_only)
+            image_keys, _ = gather_with_grad(image_keys)
+            comp_targets = comp_targets + offset
+        l_comp = contrastive_loss(qc, image_only, comp_targets, scale, image_keys)
+        loss = l_c + model.config.effective_comp_weight * l_comp
+    return LossOutput(
+        loss=loss, contrastive=float(l_c.detach()), complementary=float(l_comp.detach()),
+        comp_queries=0 if batch.comp_targets is None else int(batch.comp_targets.numel()),
+        comp_skipped=batch.stats.get("comp_skipped", 0),
+    )
+
+
+def _widen(ignore: torch.Tensor, offset: int, total: int) -> torch.Tensor:
+    # Local (B, C_local) flags placed at this worker's columns of the gathered (B, C) matrix.
+    out = ignore.new_zeros((ignore.shape[0], total))
+    out[:, offset : offset + ignore.shape[1]] = ignore
+    return out
+
+
+def train_step(
+    model: CIEAModel,
+    batch: TrainBatch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    max_grad_norm: float | None = None,
+    gather: bool = False,
+) -> dict[str, float]:
+    """One optimisation step; returns scalar metrics."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    out = compute_loss(model, batch, gather=gather)
+    out.loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {
+        "loss": float(out.loss.detach()), "loss_c": out.contrastive, "loss_comp": out.complementary,
+        "comp_queries": out.comp_queries, "comp_skipped": out.comp_skipped,
+        "logit_scale": float(model.scale().detach()), "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+def iterate_batches(
+    examples: Sequence[TrainExample], processor: CIEAProcessor, batch_size: int, seed: int, epoch: int
+) -> Iterator[TrainBatch]:
+    """Shuffles by (seed, epoch) and yields collated batches (the last partial one too)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    for start in range(0, len(order), batch_size):
+        yield processor.collate_training([examples[i] for i in order[start : start + batch_size]])
+
+
+@dataclass
+class FitResult:
+    best_score: float
+    best_step: int
+    steps: int
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    history: list[dict[str, float]]
+
+
+class Trainer:
+    """Single-process training with dev evaluation and early stopping.
+
+    ``evaluate`` is any callable returning a score to maximise (e.g. dev MRR@10); the best
+    weights are kept in memory and restored at the end.
+
+    Args:
+        model: the model to train (in place).
+        processor: collates training examples.
+        cfg: loop settings.
+        evaluate: ``model -> score``.
+        progress: show a progress bar (tqdm) over steps.
+    """
+
+    def __init__(
+        self,
+        model: CIEAModel,
+        processor: CIEAProcessor,
+        cfg: TrainConfig,
+        evaluate: Callable[[CIEAModel], float] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.model, self.processor, self.cfg = model, processor, cfg
+        self.evaluate = evaluate
+        self.progress = progress
+
+    def fit(self, examples: Sequence[TrainExample]) -> FitResult:
+        if not examples:
+            raise ValueError("Trainer.fit got no training examples.")
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        optimizer = build_optimizer(self.model, cfg.optim)
+        scheduler = build_scheduler(optimizer, total)
+        best, best_step, best_state, bad_evals = -math.inf, 0, None, 0
+        history: list[dict[str, float]] = []
+        step, epoch, stopped, t0 = 0, 0, False, time.perf_counter()
+        bar = _progress(total, self.progress, self.model.config.variant)
+
+        def run_eval() -> bool:
+            nonlocal best, best_step, best_state, bad_evals
+            if self.evaluate is None:
+                return False
+            score = float(self.evaluate(self.model))
+            history.append({"step": step, "dev": score})
+            if score > best:
+                best, best_step, bad_evals = score, step, 0
+                best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                bad_evals += 1
+            logger.info("step %d: dev %.4f (best %.4f at %d)", step, score, best, best_step)
+            return bad_evals >= cfg.patience
+
+        while epoch < cfg.epochs and step < total and not stopped:
+            for batch in iterate_batches(examples, self.processor, cfg.batch_size, cfg.seed, epoch):
+                metrics = train_step(self.model, batch, optimizer, scheduler, cfg.optim.max_grad_norm)
+                step += 1
+                history.append({"step": step, **metrics})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", best=f"{best:.3f}")
+                if step % cfg.eval_every == 0 and run_eval():
+                    stopped = True
+                    break
+                if step >= total:
+                    break
+            epoch += 1
+            if not stopped and step % cfg.eval_every != 0 and run_eval():
+                stopped = True
+        if bar is not None:
+            bar.close()
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        self.model.eval()
+        return FitResult(
+            best_score=best, best_step=best_step, steps=step, epochs_run=epoch,
+            stopped_early=stopped, seconds=time.perf_counter() - t0, history=history,
+        )
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"train {desc}", unit="step", leave=False)
