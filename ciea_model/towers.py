@@ -30,17 +30,17 @@ _DECODER_ONLY = {"gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "opt", 
 
 def _truncate_layers(model: nn.Module, num_layers: int) -> None:
     """Keeps the first ``num_layers`` layers of every layer stack in ``model`` (in place)."""
-    truncated = False
-    for module in model.modules():
+    found = False
+    for module in list(model.modules()):
         for attr in ("layer", "layers", "block", "h"):
             stack = getattr(module, attr, None)
-            if isinstance(stack, nn.ModuleList) and len(stack) > num_layers:
+            if isinstance(stack, nn.ModuleList):
+                found = True
                 setattr(module, attr, stack[:num_layers])
-                truncated = True
-    if not truncated:
+    if not found:
         raise ValueError(
-            f"text.num_layers={num_layers}: found no layer stack longer than that to truncate "
-            f"in {type(model).__name__}; unset num_layers or lower it."
+            f"text.num_layers={num_layers}: found no layer stack to truncate in "
+            f"{type(model).__name__}; unset num_layers."
         )
     for key in ("num_hidden_layers", "num_layers", "n_layer", "encoder_layers"):
         if hasattr(model.config, key) and isinstance(getattr(model.config, key), int):

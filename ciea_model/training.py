@@ -38,6 +38,9 @@ class OptimConfig:
         eps: Adam epsilon.
         weight_decay: applied to ≥2-D weights only (not biases, norms or the logit scale).
         max_grad_norm: clip the global gradient norm; ``None`` disables clipping.
+        module_lr: learning rates for parameters whose name starts with a prefix, e.g.
+            ``{"vision.": 3e-4}`` so that a random-init tower learns faster than a
+            pretrained LM; the longest matching prefix wins.
     """
 
     lr: float = 5e-6
@@ -45,6 +48,7 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.2
     max_grad_norm: float | None = None
+    module_lr: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -91,23 +95,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: ≥2-D weights decay, everything else (biases, norms, θ) does not.
-    Frozen parameters are left out."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, module_lr: dict[str, float] | None = None
+) -> list[dict]:
+    """AdamW groups: ≥2-D weights decay, everything else (biases, norms, θ) does not; each
+    split again by learning rate (``module_lr`` prefixes). Frozen parameters are left out."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    prefixes = sorted((module_lr or {}).items(), key=lambda kv: -len(kv[0]))
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        p_lr = next((v for prefix, v in prefixes if name.startswith(prefix)), lr)
+        groups.setdefault((weight_decay if p.ndim >= 2 else 0.0, p_lr), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": g_lr} for (wd, g_lr), ps in groups.items()]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+        param_groups(model, cfg.weight_decay, cfg.lr, cfg.module_lr),
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
     )
 
 
