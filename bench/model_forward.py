@@ -30,13 +30,22 @@ How
     for ``--rounds`` rounds in ABBA order (the first variant alternates each round), which
     cancels slow drift and order effects on a shared machine; the per-variant median time is
     reported, documents/s = documents in the batch / median time, and ratio = median time
-    with CIE / median time without. The per-round paired ratios' range shows the noise.
-    ``torch.set_num_threads`` is left at its default and printed.
+    with CIE / median time without. Two more columns guard against a busy machine: the
+    ratio of the fastest rounds (noise only ever adds time, so minima estimate the
+    uncontended cost even when most rounds were slowed) and the spread, slowest / fastest
+    round; with a spread well above ~1.3 trust the min ratio, or rerun on a quiet machine.
+    The 1-minute load average before and after the run is printed too. The thread count is
+    torch's default unless ``--threads`` is given, and is printed either way. On a shared CPU
+    box ``--threads 1 --clock cpu`` (this process's CPU time, one thread so that no thread
+    spins waiting for a descheduled peer) gives ratios that other processes barely move.
 
-Caveat: the tokenizer's vocabulary is small (hundreds of tokens, not T5's 32k), so the LM's
-embedding matrix, and its gradient, are smaller than in the real model: the ``base``
-no-CIE time is a little *under* the real one, which makes the ratio slightly conservative
-(higher), not flattering.
+Caveats, both of which make the ratio slightly conservative (higher), not flattering: the
+tokenizer's vocabulary is small (hundreds of tokens, not T5's 32k), so the LM's embedding
+matrix and its gradient are smaller than in the real model; and synthetic captions are
+short (about 20 tokens against WebQA's longer ones), so the LM, whose cost the extractor's
+is compared with, sees shorter sequences than in the paper. Random weights do not change
+the cost of a dense forward pass, with one exception: a key patch whose weight ``w`` falls
+under the mask threshold is masked, which is rare at random init and costs the same anyway.
 
 Run: ``python -m bench.model_forward`` (defaults: both sizes, CPU, fp32, about 2-3 minutes
 on 2 CPU cores); ``--device cuda --dtype bf16`` on a GPU; ``--json out.json`` for the raw
@@ -128,8 +137,8 @@ SIZES: dict[str, SizeSpec] = {
         },
         extractor=ExtractorConfig(num_heads=8, ffn_dim=2048),
         batch_size=8,
-        rounds=3,
-        warmup=1,
+        rounds=7,
+        warmup=2,  # the first two calls at this size are several times slower (allocator)
     ),
 }
 
@@ -159,8 +168,20 @@ class Result:
         return self.median_cie / self.median_no_cie
 
     @property
+    def ratio_min(self) -> float:
+        """Ratio of the fastest rounds: noise on a shared machine only ever adds time, so
+        the minima estimate the uncontended cost when fewer than half the rounds are clean."""
+        return min(self.times_cie) / min(self.times_no_cie)
+
+    @property
+    def spread(self) -> float:
+        """Slowest / fastest round of the noisier variant (1.0 = perfectly steady)."""
+        return max(max(t) / min(t) for t in (self.times_no_cie, self.times_cie))
+
+    @property
     def paired_ratios(self) -> list[float]:
-        return [c / n for c, n in zip(self.times_cie, self.times_no_cie)]
+        """Per-round CIE/no-CIE time; the two calls of a round run back to back."""
+        return [c / n for c, n in zip(self.times_cie, self.times_no_cie, strict=True)]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -168,6 +189,8 @@ class Result:
             median_s_no_cie=self.median_no_cie, median_s_cie=self.median_cie,
             docs_per_s_no_cie=self.batch / self.median_no_cie,
             docs_per_s_cie=self.batch / self.median_cie, ratio=self.ratio,
+            ratio_min=self.ratio_min, spread=self.spread,
+            paired_ratio_median=statistics.median(self.paired_ratios),
             paired_ratio_min=min(self.paired_ratios), paired_ratio_max=max(self.paired_ratios),
         )
         return out
@@ -278,11 +301,15 @@ def train_step_fn(
     return step
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def interleave(
-    model: CIEAModel, step: Callable[[], None], warmup: int, rounds: int
+    model: CIEAModel, step: Callable[[], None], warmup: int, rounds: int, clock: str = "wall"
 ) -> tuple[list[float], list[float]]:
     """Times ``step`` without and with the extractor, ABBA-interleaved; returns the
-    per-round seconds (no-CIE, CIE)."""
+    per-round seconds (no-CIE, CIE) on ``clock`` (see :data:`CLOCKS`)."""
+    now = CLOCKS[clock]
 
     def no_cie() -> None:
         with extractor_off(model):
@@ -295,9 +322,9 @@ def interleave(
     variants = [("no_cie", no_cie), ("cie", step)]
     for r in range(rounds):
         for name, fn in variants if r % 2 == 0 else variants[::-1]:
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
         logger.debug("round %d: no-CIE %.4fs, CIE %.4fs", r, times["no_cie"][-1], times["cie"][-1])
     return times["no_cie"], times["cie"]
 
@@ -324,11 +351,12 @@ def bench_size(
     for mode in args.modes:
         step, n_docs = _make_step(mode, model, processor, examples, device, dtype, args.optimizer)
         logger.info("%s/%s: batch %d, warm-up %d, %d rounds", spec.name, mode, n_docs, warmup, rounds)
-        t_no, t_cie = interleave(model, step, warmup, rounds)
+        t_no, t_cie = interleave(model, step, warmup, rounds, args.clock)
         res = Result(spec.name, mode, n_docs, rounds, warmup, t_no, t_cie)
         logger.info(
-            "%s/%s: median %.4fs no-CIE, %.4fs CIE, ratio %.3f", spec.name, mode,
-            res.median_no_cie, res.median_cie, res.ratio,
+            "%s/%s: median %.4fs no-CIE, %.4fs CIE, ratio %.3f (of minima %.3f, spread %.2f)",
+            spec.name, mode, res.median_no_cie, res.median_cie, res.ratio, res.ratio_min,
+            res.spread,
         )
         results.append(res)
     del model
@@ -368,16 +396,28 @@ def machine_info(device: torch.device, dtype_name: str) -> dict[str, Any]:
     return info
 
 
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _fmt_load(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def markdown_table(results: Sequence[Result]) -> str:
     lines = [
-        "| config | mode | batch | docs/s no-CIE | docs/s CIE | ratio (CIE/no-CIE time) | paired ratio range |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| config | mode | batch | docs/s no-CIE | docs/s CIE | ratio (median time) "
+        "| ratio (min time) | spread (max/min) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        lo, hi = min(r.paired_ratios), max(r.paired_ratios)
         lines.append(
             f"| {r.config} | {r.mode} | {r.batch} | {r.batch / r.median_no_cie:.2f} | "
-            f"{r.batch / r.median_cie:.2f} | {r.ratio:.3f}× | {lo:.3f}–{hi:.3f} |"
+            f"{r.batch / r.median_cie:.2f} | {r.ratio:.3f}× | {r.ratio_min:.3f}× | "
+            f"{r.spread:.2f} |"
         )
     return "\n".join(lines)
 
@@ -424,6 +464,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="torch device, e.g. cpu (default) or cuda / cuda:0")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="fp32 (default) or bf16 (torch.autocast; meant for --device cuda)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch.set_num_threads(N) before timing (default: leave torch's default, "
+                   "which is printed); 1 makes CPU timings less sensitive to other processes")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall (default): elapsed time, what throughput means; cpu: this "
+                   "process's CPU time (CPU device only), which other processes on a shared "
+                   "machine barely disturb; pair it with --threads 1, since idle threads spinning "
+                   "at barriers count as CPU time")
     p.add_argument("--optimizer", action="store_true",
                    help="include an AdamW step (the release's settings) in the train mode, for "
                    "both variants (default: forward+backward only)")
@@ -433,17 +481,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        p.error("--clock cpu measures host CPU time: use it with --device cpu only")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("transformers", "ciea_model"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.error("--device %s asked for, but CUDA is not available", args.device)
@@ -451,6 +504,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     info = machine_info(device, args.dtype)
     logger.info("machine: %s", info)
+    load_start = _load()
+    if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
+        logger.warning(
+            "1-min load average is %.2f on %s CPUs before the run: other processes compete for "
+            "the cores and the times will be noisy (see the spread column; --threads 1 "
+            "--clock cpu is steadier)",
+            load_start, os.cpu_count(),
+        )
     t_start = time.perf_counter()
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="ciea-bench-tok-") as tok_dir:
@@ -458,12 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.configs:
             results.extend(bench_size(SIZES[name], tok_dir, vocab, args, device, dtype))
     wall = time.perf_counter() - t_start
+    info["load_avg_1min"] = {"start": load_start, "end": _load()}
 
     print(
-        f"CIE cost, {info['device']}{' (' + info['gpu'] + ')' if 'gpu' in info else ''} {args.dtype}; "
+        f"CIE cost ({args.clock} clock), {info['device']}{' (' + info['gpu'] + ')' if 'gpu' in info else ''} {args.dtype}; "
         f"torch {info['torch']}, {info['torch_threads']} threads, {info['cpu_count']} CPUs; "
         f"train = forward+backward{' + AdamW' if args.optimizer else ''} of L_c + λ·L_comp; "
-        f"median of ABBA-interleaved rounds"
+        f"median of ABBA-interleaved rounds; 1-min load average {_fmt_load(load_start)} at "
+        f"start, {_fmt_load(info['load_avg_1min']['end'])} at end"
     )
     print()
     print(markdown_table(results))

@@ -132,5 +132,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     config = config.replace(text=dataclasses.replace(config.text, tokenizer=str(path / TOKENIZER_DIR)))
     model, processor = create_model_and_processor(config, pretrained=False)
     load_model(model, str(path / WEIGHTS), strict=True, device=str(map_location))
+    model.to(map_location)
     model.eval()
     return model, processor

@@ -7,6 +7,8 @@ An encoding API, not a training API: ``encode_query``, ``encode_documents`` and
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,8 +49,11 @@ class CIEAModel(nn.Module):
         return self.text.hidden_size
 
     def scale(self) -> torch.Tensor:
-        """exp(θ) clamped at ``logit_scale_max`` (a scalar tensor with gradient)."""
-        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        """exp(θ) clamped at ``logit_scale_max`` (a scalar tensor with gradient).
+
+        The clamp acts on θ (at ln max): in float32 exp(ln 100) is 100.0000076, so a clamp
+        on exp(θ) would give θ zero gradient from the default init on."""
+        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
 
     # ---- text -------------------------------------------------------------------------
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

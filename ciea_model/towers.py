@@ -30,12 +30,15 @@ _DECODER_ONLY = {"gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "opt", 
 
 def _truncate_layers(model: nn.Module, num_layers: int) -> None:
     """Keeps the first ``num_layers`` layers of every layer stack in ``model`` (in place)."""
-    found = False
-    for module in list(model.modules()):
+    found: list[str] = []
+    for name, module in list(model.named_modules()):
         for attr in ("layer", "layers", "block", "h"):
             stack = getattr(module, attr, None)
-            if isinstance(stack, nn.ModuleList):
-                found = True
+            path = f"{name}.{attr}" if name else attr
+            # Only outermost stacks: a ModuleList inside a layer holds that layer's
+            # sub-layers (T5Block.layer = [self-attn, cross-attn, FFN]), not layers.
+            if isinstance(stack, nn.ModuleList) and not any(path.startswith(f + ".") for f in found):
+                found.append(path)
                 setattr(module, attr, stack[:num_layers])
     if not found:
         raise ValueError(

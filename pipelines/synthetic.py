@@ -28,7 +28,21 @@ Representation choices:
   attributes (and the template glue words) are pairwise disjoint, so "the caption
   mentions attribute X" is exactly "a word of X's vocabulary occurs in it".
 * Global document order is image docs ``0..num_image_docs-1`` then text docs.
-  Text docs are distractors and never relevant.
+
+Text documents and text-answer queries (as in WebQA, whose queries are about half
+image-answer and half text-answer):
+
+* Every text document has hashed parameters (``TEXT_PARAMETERS``: a ``topic`` noun
+  from ``TOPICS``, a ``collection``, a ``color`` and distractor ``background``,
+  ``shape``, ``count`` and ``position`` values), computed vectorised by
+  ``text_parameter_arrays`` and per document by ``sample_text_parameters`` with the
+  same splitmix scheme on their own stream ids. Its text always names its topic,
+  collection and colour, and no other value of those three vocabularies.
+* Queries of kind ``"text"`` ask about a target text document's topic and
+  collection (sometimes also its colour); all text documents with those parameters
+  are relevant and no image document is. Text documents are never relevant to
+  ``"image"`` or ``"caption"`` queries, where they stay distractors; as positives
+  of text queries they also appear as in-batch negatives during training.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def _hand_probs() -> list[list[float]]:
     for p_i in P_HAND:
         logits = [
             None if w_k < 1e-5 else (p_i[0] * p_k[0] + p_i[1] * p_k[1]) / SQRT2 * w_k**2
-            for p_k, w_k in zip(P_HAND, W_HAND)
+            for p_k, w_k in zip(P_HAND, W_HAND, strict=True)
         ]
         z = sum(math.exp(x) for x in logits if x is not None)
         out.append([0.0 if x is None else math.exp(x) / z for x in logits])

@@ -8,6 +8,7 @@ running ``ciea_model/__init__`` (which pulls in transformers and would triple th
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import types
@@ -45,28 +46,43 @@ def _import_losses(package_dir: str):
     return ciea_model.losses
 
 
+def _gather_and_backward(losses, rank: int) -> dict:
+    x = _local_rows(rank).requires_grad_(True)
+    gathered, offset = losses.gather_with_grad(x)
+    keys, key_offset = losses.gather_with_grad(torch.arange(ROWS[rank]) + 10 * rank)
+    frozen, _ = losses.gather_with_grad(_local_rows(rank))  # no grad: plain all_gather
+    (gathered * _loss_weights(rank)).sum().backward()
+    return {
+        "gathered": gathered.detach().tolist(),
+        "offset": offset,
+        "keys": keys.tolist(),
+        "key_offset": key_offset,
+        "frozen": frozen.tolist(),
+        "frozen_requires_grad": frozen.requires_grad,
+        "requires_grad": gathered.requires_grad,
+        "grad": x.grad.tolist(),
+    }
+
+
 def _gather_worker(rank: int, world: int, init_file: str, out_dir: str, package_dir: str) -> None:
     losses = _import_losses(package_dir)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        x = _local_rows(rank).requires_grad_(True)
-        gathered, offset = losses.gather_with_grad(x)
-        keys, key_offset = losses.gather_with_grad(torch.arange(ROWS[rank]) + 10 * rank)
-        frozen, _ = losses.gather_with_grad(_local_rows(rank))  # no grad: plain all_gather
-        (gathered * _loss_weights(rank)).sum().backward()
-        result = {
-            "gathered": gathered.detach().tolist(),
-            "offset": offset,
-            "keys": keys.tolist(),
-            "key_offset": key_offset,
-            "frozen": frozen.tolist(),
-            "frozen_requires_grad": frozen.requires_grad,
-            "requires_grad": gathered.requires_grad,
-            "grad": x.grad.tolist(),
-        }
+        # The autograd graph (which holds the process group) is gone once this returns, so
+        # the group is not torn down at interpreter exit, after destroy_process_group.
+        result = _gather_and_backward(losses, rank)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    # Observed with torch 2.13 + gloo: a process that has called the (deprecated)
+    # torch.distributed.nn.functional.all_gather aborts during interpreter shutdown in
+    # about one run in eight ("terminate called without an active exception"), after all
+    # the work above is done; plain dist.all_gather does not. Skip that shutdown so this
+    # test checks gather_with_grad's results, not torch's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_gather_with_grad_two_gloo_processes(tmp_path):
