@@ -197,10 +197,18 @@ class Result:
 
 
 # ---- inputs ------------------------------------------------------------------------------
+def _image_corpus(cfg: SyntheticConfig) -> Iterator[dict[str, Any]]:
+    # Image documents only (global indices 0..num_image_docs-1): this benchmark times image
+    # documents, and text documents are never rendered or needed.
+    return iter_documents(cfg, 0, cfg.num_image_docs)
+
+
 def train_tokenizer(out_dir: str) -> int:
     """Trains the shared offline WordPiece tokenizer on synthetic texts; returns its size."""
-    cfg = SyntheticConfig(seed=0, num_image_docs=500, num_text_docs=100, num_queries=(300, 0, 0), image_size=16)
-    texts = [d["caption"] or d["text"] for d in iter_documents(cfg)]
+    cfg = SyntheticConfig(
+        seed=0, num_image_docs=500, num_text_docs=100, num_queries=(300, 0, 0), image_size=16
+    )
+    texts = [d["caption"] for d in _image_corpus(cfg)]
     texts += [q["query"] for q in generate_queries(cfg)["train"]]
     tok = train_wordpiece_tokenizer(texts, out_dir, vocab_size=1000, style="t5")
     logger.info("tokenizer: %d tokens from %d texts", len(tok), len(texts))
@@ -211,32 +219,36 @@ def make_examples(batch_size: int, image_size: int) -> list[TrainExample]:
     """``batch_size`` training queries with distinct image-document positives.
 
     The positives (synthetic images rendered at ``image_size`` plus their captions) are
-    the documents of both the ``embed`` and the ``train`` batches.
+    the documents of both the ``embed`` and the ``train`` batches. Queries whose target is
+    not an image document are skipped.
     """
     n_docs = max(64, 4 * batch_size)
     cfg = SyntheticConfig(
-        seed=0, num_image_docs=n_docs, num_text_docs=0, num_queries=(4 * batch_size, 0, 0),
-        image_size=image_size,
+        seed=0, num_image_docs=n_docs, num_text_docs=max(1, n_docs // 4),
+        num_queries=(8 * batch_size, 0, 0), image_size=image_size,
     )
     corpus = {
         d["doc_id"]: Document(d["doc_id"], "image", caption=d["caption"], image=d["image"])
-        for d in iter_documents(cfg)
+        for d in _image_corpus(cfg)
     }
     examples: list[TrainExample] = []
     used: set[str] = set()
     for q in generate_queries(cfg)["train"]:
-        if q["target_doc_id"] in used:
+        target = q["target_doc_id"]
+        if target in used or target not in corpus:
             continue
-        used.add(q["target_doc_id"])
-        positives = [corpus[i] for i in q["positive_doc_ids"]]
+        used.add(target)
+        captions = tuple(corpus[i].caption for i in q["positive_doc_ids"] if i in corpus)
         examples.append(TrainExample(
-            qid=q["qid"], query=q["query"], positive=corpus[q["target_doc_id"]],
-            relevant_ids=frozenset(q["positive_doc_ids"]),
-            positive_captions=tuple(p.caption for p in positives),
+            qid=q["qid"], query=q["query"], positive=corpus[target],
+            relevant_ids=frozenset(q["positive_doc_ids"]), positive_captions=captions,
         ))
         if len(examples) == batch_size:
             return examples
-    raise RuntimeError(f"found only {len(examples)} queries with distinct targets; lower --batch-size")
+    raise RuntimeError(
+        f"found only {len(examples)} queries with distinct image targets for --batch-size "
+        f"{batch_size}; lower it"
+    )
 
 
 def build_config(spec: SizeSpec, tokenizer_dir: str, vocab_size: int) -> CIEAConfig:
@@ -523,8 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(
         f"CIE cost ({args.clock} clock), {info['device']}{' (' + info['gpu'] + ')' if 'gpu' in info else ''} {args.dtype}; "
-        f"torch {info['torch']}, {info['torch_threads']} threads, {info['cpu_count']} CPUs; "
-        f"train = forward+backward{' + AdamW' if args.optimizer else ''} of L_c + λ·L_comp; "
+        f"torch {info['torch']}, {info['torch_threads']} thread(s), {info['cpu_count']} CPUs; "
+        f"train = forward+backward of L_c + λ·L_comp{' + AdamW step' if args.optimizer else ''}; "
         f"median of ABBA-interleaved rounds; 1-min load average {_fmt_load(load_start)} at "
         f"start, {_fmt_load(info['load_avg_1min']['end'])} at end"
     )

@@ -59,6 +59,27 @@ def contrastive_loss(
     return F.cross_entropy(logits, targets)
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows.
+
+    (torch.distributed.nn's version is deprecated and was seen to abort gloo workers at
+    interpreter exit.) Every rank must run the backward: callers make the gathered tensor
+    part of each rank's loss, even when a rank has nothing to score against it.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        grad = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gathers (C_r, ...) rows from every worker, keeping the gradient of the local part,
     so negatives scale with the global batch. Ranks may hold different row counts.
@@ -77,9 +98,7 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
     padded = torch.cat([tensor, padded[tensor.shape[0]:]]) if tensor.shape[0] < max(counts) else tensor
     if tensor.is_floating_point() and tensor.requires_grad:
-        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
-
-        parts = list(all_gather_with_grad(padded))
+        parts = list(_AllGather.apply(padded))
     else:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)

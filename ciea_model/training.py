@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .losses import contrastive_loss, gather_with_grad
@@ -145,7 +146,11 @@ def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> L
             the global batch; a no-op without a process group.
     """
     scale = model.scale()
-    want_io = batch.comp_queries is not None and model.config.effective_comp_weight > 0
+    weight = model.config.effective_comp_weight
+    has_comp = batch.comp_queries is not None and weight > 0
+    # Under DDP every rank must make the same collective calls, so the complementary
+    # branch runs everywhere as soon as one rank has complementary queries.
+    want_io = _any_rank(has_comp) if gather else has_comp
     q = model.encode_query(**batch.queries)  # (B, D)
     docs = model.encode_documents(batch.documents, return_image_only=want_io)
     docs, image_only = docs if want_io else (docs, None)  # (C, D), (C_img, D)
@@ -158,20 +163,35 @@ def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> L
     l_c = contrastive_loss(q, docs, targets, scale, keys, ignore)
     loss, l_comp = l_c, torch.zeros(())
     if want_io:
-        qc = model.encode_query(**batch.comp_queries)  # (Bc, D)
+        if image_only is None:  # this rank's batch has no image documents
+            image_only = docs.new_zeros((0, docs.shape[1]), requires_grad=True)
         image_keys = batch.doc_keys[batch.documents.image_index]
-        comp_targets = batch.comp_targets
+        image_offset = 0
         if gather:
-            image_only, offset = gather_with_grad(image_only)
+            image_only, image_offset = gather_with_grad(image_only)
             image_keys, _ = gather_with_grad(image_keys)
-            comp_targets = comp_targets + offset
-        l_comp = contrastive_loss(qc, image_only, comp_targets, scale, image_keys)
-        loss = l_c + model.config.effective_comp_weight * l_comp
+        if has_comp:
+            qc = model.encode_query(**batch.comp_queries)  # (Bc, D)
+            comp_targets = batch.comp_targets + image_offset
+            l_comp = contrastive_loss(qc, image_only, comp_targets, scale, image_keys)
+            loss = l_c + weight * l_comp
+        else:
+            # Nothing to score here, but the gathered tensor must be in the graph so that
+            # this rank joins the backward all-reduce.
+            loss = l_c + 0.0 * image_only.sum()
     return LossOutput(
         loss=loss, contrastive=float(l_c.detach()), complementary=float(l_comp.detach()),
         comp_queries=0 if batch.comp_targets is None else int(batch.comp_targets.numel()),
         comp_skipped=batch.stats.get("comp_skipped", 0),
     )
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _widen(ignore: torch.Tensor, offset: int, total: int) -> torch.Tensor:

@@ -149,6 +149,40 @@ ALWAYS_STATED: tuple[str, ...] = ("shape", "collection")
 #: Attributes a caption states independently with probability ``p_caption_states``.
 OPTIONAL_ATTRIBUTES: tuple[str, ...] = ("color", "background", "count", "position")
 
+# Topics of text documents: plural nouns that occur in no other vocabulary and in
+# no template, so "the text is about topic X" is exactly "X's word occurs in it".
+TOPICS: tuple[str, ...] = (
+    "lanterns",
+    "benches",
+    "kites",
+    "fountains",
+    "statues",
+    "murals",
+    "barrels",
+    "bicycles",
+    "umbrellas",
+    "clocks",
+    "tiles",
+    "flags",
+)
+#: Counts a text document can state: plural only, the templates use plural nouns.
+TEXT_COUNTS: tuple[int, ...] = (2, 3)
+#: Text parameter name -> tuple of possible values, in code order.
+TEXT_PARAMETER_VALUES: dict[str, tuple[Any, ...]] = {
+    "topic": TOPICS,
+    "collection": COLLECTIONS,
+    "color": COLORS,
+    "background": BACKGROUNDS,
+    "shape": SHAPES,
+    "count": TEXT_COUNTS,
+    "position": POSITIONS,
+}
+TEXT_PARAMETERS: tuple[str, ...] = tuple(TEXT_PARAMETER_VALUES)
+#: Parameters every text query constrains (``color`` is sometimes added).
+TEXT_QUERY_KEYS: tuple[str, ...] = ("topic", "collection")
+#: Query kinds, in the order ``generate_queries`` documents them.
+QUERY_KINDS: tuple[str, ...] = ("caption", "image", "text")
+
 # Exact fill colours. Rendering uses no anti-aliasing, so every shape pixel has
 # exactly this RGB value, which the tests (and any probe) can count.
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
@@ -202,14 +236,32 @@ _QUERY_TEMPLATES: tuple[str, ...] = (
     "find {np}{bg}{pos} in the {coll} collection",
     "show me {np}{pos}{bg}, {coll} collection",
 )
+# Text document templates. Each names the topic, collection and colour exactly
+# once; the others add distractor words shared with image captions. Glue words
+# stay disjoint from every vocabulary (a unit test enforces it).
 _TEXT_TEMPLATES: tuple[str, ...] = (
-    "In the {coll} archive, {color} is the most common colour for signs.",
-    "The {coll} guide lists {countw} {bg} benches near the old fountain.",
-    "Visitors to the {coll} often describe a {shape} carved above the entrance.",
-    "Records from the {coll} mention {countw} {color} flags and {a_bg} awning.",
-    "Most {shape} signs at the {coll} are painted {color} on {bg}.",
-    "A map of the {coll} marks the {shape} monument near the {pos} edge.",
+    "In the {coll} archive, most {topic} are painted {color}.",
+    "The {coll} guide lists {countw} {color} {topic} near the {shape} carving.",
+    "Visitors to the {coll} often describe {color} {topic} below {a_bg} awning.",
+    "Records from the {coll} mention {countw} {topic}, all {color}, beside a {shape} emblem.",
+    "Most {topic} at the {coll} are painted {color} on {bg}.",
+    "A map of the {coll} marks the {color} {topic} near the {pos} edge.",
 )
+# Text query templates: without and with a colour constraint.
+_TEXT_QUERY_TEMPLATES: tuple[str, ...] = (
+    "what colour are the {topic} in the {coll} archive",
+    "which colour are most {topic} at the {coll} painted",
+    "how are the {topic} of the {coll} painted",
+    "{coll} records about the colour of its {topic}",
+)
+_TEXT_QUERY_COLOR_TEMPLATES: tuple[str, ...] = (
+    "are the {topic} in the {coll} archive painted {color}",
+    "{color} {topic} at the {coll}",
+    "records of {color} {topic} in the {coll}",
+    "where does the {coll} have {color} {topic}",
+)
+# Probability that a text query also constrains the target's colour.
+_P_TEXT_COLOR = 0.3
 
 # Relative weights for which unstated attribute an "image" query asks about:
 # colour and background are the most visually salient, so they dominate.
@@ -224,6 +276,7 @@ _P_TWO_COMPLEMENTS = 0.3
 # Stream ids for the counter-based hash and for per-document generators.
 _ATTR_STREAMS: dict[str, int] = {name: k for k, name in enumerate(ATTRIBUTES)}
 _STATED_STREAMS: dict[str, int] = {name: 100 + k for k, name in enumerate(OPTIONAL_ATTRIBUTES)}
+_TEXT_STREAMS: dict[str, int] = {name: 200 + k for k, name in enumerate(TEXT_PARAMETERS)}
 _RNG_CAPTION = 1
 _RNG_RENDER = 2
 _RNG_TEXT = 3
@@ -261,12 +314,17 @@ class SyntheticConfig:
     Attributes:
         seed: Non-negative integer seed; everything is a pure function of it.
         num_image_docs: Number of image documents (>= 1).
-        num_text_docs: Number of text-only distractor documents (>= 0).
+        num_text_docs: Number of text-only documents (>= 0): positives of ``"text"``
+            queries and distractors for all other queries.
         num_queries: Number of (train, dev, test) queries.
         image_size: Side of the square RGB images, in pixels.
         p_caption_states: Probability that a caption states each optional attribute
             (color, background, count, position).
-        complementary_fraction: Share of queries of kind ``"image"``.
+        complementary_fraction: Share of queries of kind ``"image"`` (those that
+            ask about an attribute the target's caption omits).
+        text_query_fraction: Share of queries of kind ``"text"`` (answered by text
+            documents). ``complementary_fraction + text_query_fraction <= 1``; the
+            rest are ``"caption"`` queries. Must be 0 when ``num_text_docs == 0``.
     """
 
     seed: int = 0
@@ -276,6 +334,7 @@ class SyntheticConfig:
     image_size: int = 64
     p_caption_states: float = 0.35
     complementary_fraction: float = 0.5
+    text_query_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, allowed: str, fix: str) -> ValueError:
@@ -346,6 +405,30 @@ class SyntheticConfig:
                 self.complementary_fraction,
                 "0 when p_caption_states == 1",
                 "Lower p_caption_states below 1 or set complementary_fraction=0.",
+            )
+
+        if not is_real(self.text_query_fraction) or not 0.0 <= self.text_query_fraction <= 1.0:
+            raise bad(
+                "text_query_fraction",
+                self.text_query_fraction,
+                "a float in [0, 1]",
+                "It is the share of queries of kind 'text'.",
+            )
+        if self.complementary_fraction + self.text_query_fraction > 1.0 + 1e-9:
+            raise bad(
+                "text_query_fraction",
+                self.text_query_fraction,
+                f"at most 1 - complementary_fraction = {1.0 - self.complementary_fraction:g}",
+                "complementary_fraction ('image' share) plus text_query_fraction ('text' "
+                "share) must not exceed 1; lower one of them.",
+            )
+        if self.text_query_fraction > 0 and self.num_text_docs == 0:
+            raise bad(
+                "text_query_fraction",
+                self.text_query_fraction,
+                "0 when num_text_docs == 0",
+                "Text queries need text documents: set num_text_docs >= 1 or "
+                "text_query_fraction=0.",
             )
 
     @property
@@ -526,6 +609,58 @@ def sample_attributes(cfg: SyntheticConfig, index: int) -> dict[str, str | int]:
     return _attrs_from_codes(attribute_arrays(cfg, index, index + 1), 0)
 
 
+def text_parameter_arrays(
+    cfg: SyntheticConfig, start: int = 0, stop: int | None = None
+) -> dict[str, np.ndarray]:
+    """Vectorised parameters of text documents ``start..stop-1``.
+
+    Same counter-based hash as ``attribute_arrays``, on the text streams, over
+    text-document indices (counted among text docs only).
+
+    Args:
+        cfg: Corpus config.
+        start: First text document index.
+        stop: One past the last text index; defaults to ``cfg.num_text_docs``.
+
+    Returns:
+        Dict with one int8 code array per name in ``TEXT_PARAMETERS``; code ``k``
+        means ``TEXT_PARAMETER_VALUES[name][k]`` (for count, ``TEXT_COUNTS[k]``).
+    """
+    stop = cfg.num_text_docs if stop is None else stop
+    if not 0 <= start <= stop <= cfg.num_text_docs:
+        raise IndexError(f"text range [{start}, {stop}) outside [0, {cfg.num_text_docs})")
+    n = stop - start
+    out = {name: np.empty(n, dtype=np.int8) for name in TEXT_PARAMETERS}
+    for lo in range(0, n, _ARRAY_CHUNK):
+        hi = min(n, lo + _ARRAY_CHUNK)
+        idx = np.arange(start + lo, start + hi, dtype=np.uint64)
+        for name in TEXT_PARAMETERS:
+            k = len(TEXT_PARAMETER_VALUES[name])
+            u = _uniform(cfg.seed, _TEXT_STREAMS[name], idx)
+            out[name][lo:hi] = np.minimum((u * k).astype(np.int64), k - 1)
+    return out
+
+
+def _text_params_from_codes(codes: dict[str, np.ndarray], row: int) -> dict[str, Any]:
+    return {name: TEXT_PARAMETER_VALUES[name][int(codes[name][row])] for name in TEXT_PARAMETERS}
+
+
+def sample_text_parameters(cfg: SyntheticConfig, index: int) -> dict[str, str | int]:
+    """Parameters of text document ``index``, without making any other doc.
+
+    Args:
+        cfg: Corpus config.
+        index: Text document index in ``[0, cfg.num_text_docs)``.
+
+    Returns:
+        ``{"topic", "collection", "color", "background", "shape", "count" (int),
+        "position"}``, agreeing with ``text_parameter_arrays``.
+    """
+    if not 0 <= index < cfg.num_text_docs:
+        raise IndexError(f"text index {index} outside [0, {cfg.num_text_docs})")
+    return _text_params_from_codes(text_parameter_arrays(cfg, index, index + 1), 0)
+
+
 # ---------------------------------------------------------------------------
 # Text
 # ---------------------------------------------------------------------------
@@ -605,20 +740,60 @@ def query_text_for(constraints: dict[str, Any], rng: np.random.Generator | None 
     return _fill_template(_QUERY_TEMPLATES[t], attrs, set(constraints), _BACKGROUND_PHRASES[b])
 
 
-def _text_document(cfg: SyntheticConfig, index: int) -> str:
-    rng = np.random.default_rng([cfg.seed, _RNG_TEXT, index])
-    template = _TEXT_TEMPLATES[int(rng.integers(len(_TEXT_TEMPLATES)))]
-    bg = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    return template.format(
-        coll=COLLECTIONS[int(rng.integers(len(COLLECTIONS)))],
-        color=COLORS[int(rng.integers(len(COLORS)))],
-        bg=bg,
-        a_bg=_with_article(bg),
-        shape=SHAPES[int(rng.integers(len(SHAPES)))],
-        # Only plural counts: the templates use plural nouns.
-        countw=COUNT_WORDS[COUNTS[int(rng.integers(1, len(COUNTS)))]],
-        pos=POSITIONS[int(rng.integers(len(POSITIONS)))],
+def text_query_for(constraints: dict[str, Any], rng: np.random.Generator | None = None) -> str:
+    """Query text of a ``"text"`` query expressing exactly the given constraints.
+
+    Args:
+        constraints: Must hold ``topic`` and ``collection``; may hold ``color``.
+        rng: Generator choosing the template variant; ``None`` uses the first.
+
+    Returns:
+        Lower-case templated query text naming the topic, collection and (when
+        constrained) the colour.
+    """
+    templates = _TEXT_QUERY_COLOR_TEMPLATES if "color" in constraints else _TEXT_QUERY_TEMPLATES
+    t = 0 if rng is None else int(rng.integers(len(templates)))
+    return templates[t].format(
+        topic=constraints["topic"],
+        coll=constraints["collection"],
+        color=constraints.get("color", ""),
     )
+
+
+def text_for(params: dict[str, Any], rng: np.random.Generator | None = None) -> str:
+    """Text of a text document with the given parameters.
+
+    Args:
+        params: Output of ``sample_text_parameters``.
+        rng: Generator choosing the template; ``None`` uses the first.
+
+    Returns:
+        One templated sentence naming ``topic``, ``collection`` and ``color`` (and
+        no other topic, collection or colour word).
+    """
+    t = 0 if rng is None else int(rng.integers(len(_TEXT_TEMPLATES)))
+    return _TEXT_TEMPLATES[t].format(
+        topic=params["topic"],
+        coll=params["collection"],
+        color=params["color"],
+        bg=params["background"],
+        a_bg=_with_article(params["background"]),
+        shape=params["shape"],
+        countw=COUNT_WORDS[int(params["count"])],
+        pos=params["position"],
+    )
+
+
+def _text_document(cfg: SyntheticConfig, index: int, params: dict[str, Any]) -> dict[str, Any]:
+    text = text_for(params, np.random.default_rng([cfg.seed, _RNG_TEXT, index]))
+    return {
+        "doc_id": text_doc_id(index),
+        "modality": "text",
+        "text": text,
+        "caption": "",
+        "image": None,
+        "attributes": json.dumps(params, sort_keys=True),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -728,8 +903,9 @@ def iter_documents(cfg: SyntheticConfig, start: int = 0, stop: int | None = None
     Returns:
         Iterator of dicts with keys ``doc_id``, ``modality`` (``"image"`` or
         ``"text"``), ``text`` (``""`` for image docs), ``caption`` (``""`` for text
-        docs), ``image`` (PNG bytes or ``None``) and ``attributes`` (JSON string of
-        the true attributes including ``"stated"``; ``"{}"`` for text docs).
+        docs), ``image`` (PNG bytes or ``None``) and ``attributes`` (JSON string:
+        for image docs the true attributes including ``"stated"``; for text docs
+        the parameters of ``sample_text_parameters``).
     """
     total = cfg.num_documents
     stop = total if stop is None else min(stop, total)
@@ -744,16 +920,11 @@ def iter_documents(cfg: SyntheticConfig, start: int = 0, stop: int | None = None
         codes = attribute_arrays(cfg, lo, hi)
         for row in range(hi - lo):
             yield _image_document(cfg, lo + row, _attrs_from_codes(codes, row))
-    for g in range(max(start, n_img), stop):
-        j = g - n_img
-        yield {
-            "doc_id": text_doc_id(j),
-            "modality": "text",
-            "text": _text_document(cfg, j),
-            "caption": "",
-            "image": None,
-            "attributes": "{}",
-        }
+    for lo in range(max(start, n_img) - n_img, stop - n_img, block):
+        hi = min(lo + block, stop - n_img)
+        codes = text_parameter_arrays(cfg, lo, hi)
+        for row in range(hi - lo):
+            yield _text_document(cfg, lo + row, _text_params_from_codes(codes, row))
 
 
 def iter_document_batches(
@@ -794,32 +965,41 @@ def iter_document_batches(
 
 
 class _RelevanceIndex:
-    """Finds every image doc whose true attributes satisfy a constraint set.
+    """Finds every document whose codes satisfy a constraint set.
 
-    Every query constrains shape and collection, so docs are bucketed by that
+    Every query constrains the two ``keys`` (shape and collection for image
+    queries, topic and collection for text queries), so docs are bucketed by that
     pair once (one argsort); each query then filters only its bucket, which keeps
     per-query cost proportional to the bucket, not to the corpus.
     """
 
-    def __init__(self, codes: dict[str, np.ndarray]) -> None:
-        self.codes = codes
-        n_coll = len(COLLECTIONS)
-        key = codes["shape"].astype(np.int32) * n_coll + codes["collection"].astype(np.int32)
+    def __init__(
+        self,
+        codes: dict[str, np.ndarray],
+        values: dict[str, tuple[Any, ...]],
+        keys: tuple[str, str],
+    ) -> None:
+        self.codes, self.values, self.keys = codes, values, keys
+        n_second = len(values[keys[1]])
+        key = codes[keys[0]].astype(np.int32) * n_second + codes[keys[1]].astype(np.int32)
         # Stable sort keeps indices ascending inside a bucket, so results come out
         # sorted (and zero-padded ids sort the same way).
         self.order = np.argsort(key, kind="stable")
-        self.bounds = np.searchsorted(key[self.order], np.arange(len(SHAPES) * n_coll + 1))
+        self.bounds = np.searchsorted(
+            key[self.order], np.arange(len(values[keys[0]]) * n_second + 1)
+        )
 
     def positives(self, constraints: dict[str, Any]) -> np.ndarray:
-        b = SHAPES.index(constraints["shape"]) * len(COLLECTIONS) + COLLECTIONS.index(
-            constraints["collection"]
-        )
+        first, second = self.keys
+        i = self.values[first].index(constraints[first])
+        j = self.values[second].index(constraints[second])
+        b = i * len(self.values[second]) + j
         idx = self.order[self.bounds[b] : self.bounds[b + 1]]
         mask = np.ones(len(idx), dtype=bool)
         for name, value in constraints.items():
-            if name in ALWAYS_STATED:
+            if name in self.keys:
                 continue
-            mask &= self.codes[name][idx] == ATTRIBUTE_VALUES[name].index(value)
+            mask &= self.codes[name][idx] == self.values[name].index(value)
         return idx[mask]
 
 
@@ -840,6 +1020,31 @@ def relevant_indices(codes: dict[str, np.ndarray], constraints: dict[str, Any]) 
     return np.flatnonzero(mask)
 
 
+def relevant_text_indices(codes: dict[str, np.ndarray], constraints: dict[str, Any]) -> np.ndarray:
+    """All text document indices whose parameters satisfy every constraint.
+
+    Args:
+        codes: Output of ``text_parameter_arrays`` over the whole text range.
+        constraints: Parameter -> value (any subset of ``TEXT_PARAMETERS``).
+
+    Returns:
+        Sorted int64 array of matching text document indices.
+    """
+    n = len(codes["topic"])
+    mask = np.ones(n, dtype=bool)
+    for name, value in constraints.items():
+        mask &= codes[name] == TEXT_PARAMETER_VALUES[name].index(value)
+    return np.flatnonzero(mask)
+
+
+def _make_text_query(params: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Constraints of a ``"text"`` query on a text document's parameters."""
+    use = set(TEXT_QUERY_KEYS)
+    if rng.random() < _P_TEXT_COLOR:
+        use.add("color")
+    return {name: params[name] for name in TEXT_PARAMETERS if name in use}
+
+
 def _make_query(
     attrs: dict[str, Any], kind: str, rng: np.random.Generator
 ) -> dict[str, Any] | None:
@@ -858,14 +1063,25 @@ def _make_query(
     return {name: attrs[name] for name in ATTRIBUTES if name in use}
 
 
+def _kind_counts(cfg: SyntheticConfig, n: int) -> tuple[int, int, int]:
+    """Exact ``(n_caption, n_image, n_text)`` for a split of ``n`` queries."""
+    n_image = int(round(cfg.complementary_fraction * n))
+    # Both fractions can round up (e.g. 0.3 and 0.7 of 5); the image count keeps
+    # its exact meaning and text takes what is left.
+    n_text = min(int(round(cfg.text_query_fraction * n)), n - n_image)
+    return n - n_image - n_text, n_image, n_text
+
+
 def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     """Generate train/dev/test queries with exhaustive binary relevance.
 
-    Works from attribute arrays only (no rendering). Kinds are assigned exactly:
-    ``round(complementary_fraction * n)`` queries of a split are ``"image"``. Splits
-    are generated test, dev, train, each from its own seeded stream, so the test
-    set does not change when train/dev counts change. Query texts are unique across
-    all splits; a repeated text is retried with a different target.
+    Works from attribute and text-parameter arrays only (no rendering). Kinds are
+    assigned exactly per split of ``n`` queries: ``round(complementary_fraction * n)``
+    are ``"image"``, ``round(text_query_fraction * n)`` are ``"text"`` (capped at
+    what the image queries leave) and the rest ``"caption"``. Splits are generated
+    test, dev, train, each from its own seeded stream, so the test set does not
+    change when train/dev counts change. Query texts are unique across all splits;
+    a repeated text is retried with a different target.
 
     Args:
         cfg: Corpus config.
@@ -873,53 +1089,72 @@ def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     Returns:
         ``{"train": [...], "dev": [...], "test": [...]}``; each query is a dict with
         ``qid`` (e.g. ``"train-000012"``), ``split``, ``query``, ``kind``
-        (``"caption"`` or ``"image"``), ``target_doc_id``, ``positive_doc_ids``
-        (sorted ids of all relevant image docs) and ``constraints``
-        (attribute -> value; count as int).
+        (``"caption"``, ``"image"`` or ``"text"``), ``target_doc_id`` (an image doc
+        for caption/image queries, a text doc for text queries),
+        ``positive_doc_ids`` (sorted ids of all relevant docs: image docs only for
+        caption/image queries, text docs only for text queries) and
+        ``constraints`` (attribute -> value with count as int; for text queries
+        ``topic``, ``collection`` and possibly ``color``).
     """
     codes = attribute_arrays(cfg)
-    index = _RelevanceIndex(codes)
+    index = _RelevanceIndex(codes, ATTRIBUTE_VALUES, ("shape", "collection"))
+    text_codes = text_parameter_arrays(cfg)
+    text_index = _RelevanceIndex(text_codes, TEXT_PARAMETER_VALUES, TEXT_QUERY_KEYS)
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
     for split_no in (2, 1, 0):
         split = SPLITS[split_no]
         n = int(cfg.num_queries[split_no])
         rng = np.random.default_rng([cfg.seed, _RNG_QUERIES, split_no])
-        n_image = int(round(cfg.complementary_fraction * n))
-        kinds = np.array(["image"] * n_image + ["caption"] * (n - n_image))
+        n_caption, n_image, n_text = _kind_counts(cfg, n)
+        kinds = np.array(["image"] * n_image + ["text"] * n_text + ["caption"] * n_caption)
         rng.shuffle(kinds)
         queries: list[dict] = []
         max_attempts = 1000 + 100 * n
         attempts = 0
         for kind in kinds:
+            kind = str(kind)
             while True:
                 attempts += 1
                 if attempts > max_attempts:
                     raise RuntimeError(
                         f"could not find {n} unique {split} queries after {max_attempts} "
                         f"attempts; the corpus (num_image_docs={cfg.num_image_docs}, "
+                        f"num_text_docs={cfg.num_text_docs}, "
                         f"p_caption_states={cfg.p_caption_states}) is too small for "
                         f"num_queries={cfg.num_queries}"
                     )
-                target = int(rng.integers(cfg.num_image_docs))
-                attrs = _attrs_from_codes(codes, target)
-                constraints = _make_query(attrs, str(kind), rng)
-                if constraints is None:
-                    continue
-                text = query_text_for(constraints, rng)
+                constraints: dict[str, Any] | None
+                if kind == "text":
+                    target = int(rng.integers(cfg.num_text_docs))
+                    params = _text_params_from_codes(text_codes, target)
+                    constraints = _make_text_query(params, rng)
+                    text = text_query_for(constraints, rng)
+                else:
+                    target = int(rng.integers(cfg.num_image_docs))
+                    attrs = _attrs_from_codes(codes, target)
+                    constraints = _make_query(attrs, kind, rng)
+                    if constraints is None:
+                        continue
+                    text = query_text_for(constraints, rng)
                 if text in seen:
                     continue
                 break
             seen.add(text)
-            pos = index.positives(constraints)
+            if kind == "text":
+                target_id = text_doc_id(target)
+                positive_ids = [text_doc_id(int(i)) for i in text_index.positives(constraints)]
+            else:
+                target_id = image_doc_id(target)
+                positive_ids = [image_doc_id(int(i)) for i in index.positives(constraints)]
             queries.append(
                 {
                     "qid": f"{split}-{len(queries):06d}",
                     "split": split,
                     "query": text,
-                    "kind": str(kind),
-                    "target_doc_id": image_doc_id(target),
-                    "positive_doc_ids": [image_doc_id(int(i)) for i in pos],
+                    "kind": kind,
+                    "target_doc_id": target_id,
+                    "positive_doc_ids": positive_ids,
                     "constraints": constraints,
                 }
             )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -75,11 +74,9 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str, package_
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
-    # Observed with torch 2.13 + gloo: a process that has called the (deprecated)
-    # torch.distributed.nn.functional.all_gather aborts during interpreter shutdown in
-    # about one run in eight ("terminate called without an active exception"), after all
-    # the work above is done; plain dist.all_gather does not. Skip that shutdown so this
-    # test checks gather_with_grad's results, not torch's teardown.
+    # torch.distributed.nn's all_gather (no longer used) was seen to abort gloo workers at
+    # interpreter shutdown; skipping the shutdown keeps this test about gather_with_grad's
+    # results, not torch's teardown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -88,14 +85,12 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str, package_
 def test_gather_with_grad_two_gloo_processes(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    t0 = time.perf_counter()
     mp.spawn(
         _gather_worker,
         args=(2, str(tmp_path / "init"), str(tmp_path), str(CIEA_MODEL_DIR)),
         nprocs=2,
         join=True,
     )
-    elapsed = time.perf_counter() - t0
     expected_rows = torch.cat([_local_rows(0), _local_rows(1)])
     for rank in (0, 1):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -112,4 +107,3 @@ def test_gather_with_grad_two_gloo_processes(tmp_path):
         expected_grad = _loss_weights(0)[lo:hi] + _loss_weights(1)[lo:hi]
         assert torch.tensor(res["grad"]).shape == (ROWS[rank], DIM)
         assert torch.equal(torch.tensor(res["grad"]), expected_grad)
-    assert elapsed < 60, f"two gloo workers took {elapsed:.0f}s"
