@@ -67,7 +67,7 @@ class TrainConfig:
     Attributes:
         epochs: maximum number of passes over the training queries.
         batch_size: queries per step.
-        eval_every: evaluate on dev every this many steps (and at each epoch end).
+        eval_every: evaluate on dev every this many steps (and after the last step).
         patience: stop after this many evaluations without improvement.
         max_steps: hard cap on steps (``None``: epochs decide).
         seed: seeds torch, numpy, random and the batch order.
@@ -318,8 +318,8 @@ class Trainer:
                 if step >= total:
                     break
             epoch += 1
-            if not stopped and step % cfg.eval_every != 0 and run_eval():
-                stopped = True
+        if not stopped and step % cfg.eval_every != 0:
+            run_eval()  # the final weights get their evaluation too
         if bar is not None:
             bar.close()
         if best_state is not None:

@@ -54,6 +54,10 @@ class CorpusSettings(BaseModel):
     num_text_docs: int = Field(500, ge=0, description="text-only distractor documents")
     num_queries: tuple[int, int, int] = Field((1500, 150, 300), description="train, dev, test queries")
     image_size: int = Field(32, ge=16, description="rendered image size (px)")
+    num_collections: int = Field(8, ge=1, le=40, description="collections in use; fewer make larger same-caption groups")
+    p_caption_states: float = Field(0.25, ge=0, lt=1, description="chance a caption states each optional attribute")
+    complementary_fraction: float = Field(0.4, ge=0, le=1, description="share of 'image' queries (need the image)")
+    text_query_fraction: float = Field(0.3, ge=0, le=1, description="share of 'text' queries (text-document answers)")
 
 
 class TrainSettings(BaseModel):
@@ -185,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus = SyntheticConfig(
         seed=cfg.corpus.seed, num_image_docs=cfg.corpus.num_image_docs,
         num_text_docs=cfg.corpus.num_text_docs, num_queries=cfg.corpus.num_queries,
-        image_size=cfg.corpus.image_size,
+        image_size=cfg.corpus.image_size, complementary_fraction=cfg.corpus.complementary_fraction,
+        text_query_fraction=cfg.corpus.text_query_fraction,
+        num_collections=cfg.corpus.num_collections, p_caption_states=cfg.corpus.p_caption_states,
     )
     records = list(iter_documents(corpus))
     queries = generate_queries(corpus)
@@ -246,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.save_checkpoint and variant == "ciea" and seed == cfg.seeds[0]:
                 save_checkpoint(model, processor, out / "checkpoint-ciea", metadata={"dev_mrr10": fit.best_score})
 
-    table = summarise(runs, ["MRR@10", "NDCG@10", "Recall@10"], ["all", "caption", "image"])
+    table = summarise(runs, ["MRR@10", "NDCG@10", "Recall@10"], ["all", "caption", "image", "text"])
     write_json(out / "results.json", {"config": cfg.model_dump(), "runs": results, "table": table})
     print(f"\nTest split ({len(queries['test'])} queries; 'caption' queries are answerable from "
-          f"the caption, 'image' queries need what only the image shows), ×100"
+          f"the caption, 'image' queries need what only the image shows, 'text' queries are "
+          f"answered by text documents), ×100"
           + (f", mean ± std over {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else "") + ":\n")
     print(table)
     if "ciea" in runs and "text-only" in runs:

@@ -334,6 +334,7 @@ class SyntheticConfig:
     image_size: int = 64
     p_caption_states: float = 0.35
     complementary_fraction: float = 0.5
+    num_collections: int = len(COLLECTIONS)
     text_query_fraction: float = 0.3
 
     def __post_init__(self) -> None:
@@ -372,6 +373,13 @@ class SyntheticConfig:
                 nq,
                 "a tuple of three ints >= 0 (train, dev, test)",
                 "Pass e.g. num_queries=(2000, 200, 400).",
+            )
+        if not is_int(self.num_collections) or not 1 <= self.num_collections <= len(COLLECTIONS):
+            raise bad(
+                "num_collections",
+                self.num_collections,
+                f"an int in [1, {len(COLLECTIONS)}]",
+                "It is how many of COLLECTIONS are in use.",
             )
         if not is_int(self.image_size) or not _MIN_IMAGE_SIZE <= self.image_size <= _MAX_IMAGE_SIZE:
             raise bad(
@@ -547,6 +555,12 @@ def _uniform(seed: int, stream: int, idx: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def _num_values(cfg: SyntheticConfig, name: str, values: dict[str, tuple]) -> int:
+    # The first `num_collections` collections are in use: fewer collections make larger
+    # groups of same-caption documents, which only the pixels can tell apart.
+    return cfg.num_collections if name == "collection" else len(values[name])
+
+
 def attribute_arrays(
     cfg: SyntheticConfig, start: int = 0, stop: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -573,7 +587,7 @@ def attribute_arrays(
         hi = min(n, lo + _ARRAY_CHUNK)
         idx = np.arange(start + lo, start + hi, dtype=np.uint64)
         for name in ATTRIBUTES:
-            k = len(ATTRIBUTE_VALUES[name])
+            k = _num_values(cfg, name, ATTRIBUTE_VALUES)
             u = _uniform(cfg.seed, _ATTR_STREAMS[name], idx)
             out[name][lo:hi] = np.minimum((u * k).astype(np.int64), k - 1)
         for j, name in enumerate(OPTIONAL_ATTRIBUTES):
@@ -635,7 +649,7 @@ def text_parameter_arrays(
         hi = min(n, lo + _ARRAY_CHUNK)
         idx = np.arange(start + lo, start + hi, dtype=np.uint64)
         for name in TEXT_PARAMETERS:
-            k = len(TEXT_PARAMETER_VALUES[name])
+            k = _num_values(cfg, name, TEXT_PARAMETER_VALUES)
             u = _uniform(cfg.seed, _TEXT_STREAMS[name], idx)
             out[name][lo:hi] = np.minimum((u * k).astype(np.int64), k - 1)
     return out

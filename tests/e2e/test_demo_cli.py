@@ -31,7 +31,7 @@ def test_demo_runs_and_writes_results(tiny_run):
     for run in results["runs"]:
         test = run["test"]
         assert test["num_queries"] == 40
-        assert set(test["by_group"]) == {"caption", "image"}
+        assert set(test["by_group"]) == {"caption", "image", "text"}
         assert sum(test["group_counts"].values()) == 40
         for value in test["metrics"].values():
             assert math.isfinite(value) and 0.0 <= value <= 1.0

@@ -24,6 +24,9 @@ from pipelines.synthetic import (
     OPTIONAL_ATTRIBUTES,
     POSITIONS,
     SHAPES,
+    TEXT_PARAMETER_VALUES,
+    TEXT_PARAMETERS,
+    TOPICS,
     SyntheticConfig,
     attribute_arrays,
     attribute_vocabulary,
@@ -32,11 +35,19 @@ from pipelines.synthetic import (
     iter_document_batches,
     iter_documents,
     relevant_indices,
+    relevant_text_indices,
     render_image,
     sample_attributes,
+    sample_text_parameters,
+    text_for,
+    text_parameter_arrays,
+    text_query_for,
     tokenize,
     value_words,
     write_qrels,
+)
+from pipelines.synthetic import (
+    COLLECTIONS as ALL_COLLECTIONS,
 )
 
 SMALL = SyntheticConfig(seed=3, num_image_docs=120, num_text_docs=30, num_queries=(60, 15, 25))
@@ -89,6 +100,33 @@ def test_vocabularies_are_disjoint_from_each_other_and_from_template_glue():
     assert len(syn.COLLECTIONS) == len(set(syn.COLLECTIONS)) >= 30
 
 
+def test_topics_are_in_no_other_vocabulary_or_template():
+    topics = set(TOPICS)
+    assert len(topics) == len(TOPICS) >= 10
+    assert all(len(tokenize(t)) == 1 for t in TOPICS)
+    all_vocab = set().union(*(attribute_vocabulary(a) for a in ATTRIBUTES))
+    assert not topics & all_vocab
+    text_glue = (
+        _template_words(syn._TEXT_TEMPLATES)
+        | _template_words(syn._TEXT_QUERY_TEMPLATES)
+        | _template_words(syn._TEXT_QUERY_COLOR_TEMPLATES)
+    )
+    every_glue = (
+        text_glue
+        | _template_words(syn._CAPTION_TEMPLATES)
+        | _template_words(syn._QUERY_TEMPLATES)
+        | _template_words(syn._BACKGROUND_PHRASES)
+        | set().union(*(tokenize(p) for p in syn._POSITION_PHRASES.values()))
+    )
+    assert not topics & every_glue, topics & every_glue
+    # Text templates name values only through their fields.
+    assert not text_glue & all_vocab, text_glue & all_vocab
+    # Text parameter values come from the image vocabularies (plus topics).
+    for name, values in TEXT_PARAMETER_VALUES.items():
+        if name != "topic":
+            assert set(values) <= set(ATTRIBUTE_VALUES[name]), name
+
+
 # ---------------------------------------------------------------------------
 # Determinism, sharding, attribute agreement
 # ---------------------------------------------------------------------------
@@ -113,9 +151,10 @@ def test_document_ids_order_and_fields(small_docs):
     for d in images:
         assert d["modality"] == "image" and d["text"] == "" and d["caption"]
         assert isinstance(d["image"], bytes) and d["image"][:8] == b"\x89PNG\r\n\x1a\n"
-    for d in texts:
+    for j, d in enumerate(texts):
         assert d["modality"] == "text" and d["caption"] == "" and d["text"]
-        assert d["image"] is None and d["attributes"] == "{}"
+        assert d["image"] is None
+        assert json.loads(d["attributes"]) == sample_text_parameters(SMALL, j)
 
 
 def test_sharded_iteration_matches_full_iteration(small_docs):
@@ -154,6 +193,76 @@ def test_attribute_arrays_agree_with_sample_attributes_and_documents(small_docs)
         assert stored == {**attrs, "stated": list(attrs["stated"])}
     with pytest.raises(IndexError):
         sample_attributes(cfg, 5000)
+
+
+def test_text_parameter_arrays_agree_with_sample_text_parameters():
+    cfg = dataclasses.replace(SMALL, num_text_docs=5000)
+    codes = text_parameter_arrays(cfg)
+    assert set(codes) == set(TEXT_PARAMETERS)
+    for name in TEXT_PARAMETERS:
+        assert codes[name].dtype == np.int8 and codes[name].shape == (5000,)
+    for j in list(range(50)) + [1234, 4999]:
+        params = sample_text_parameters(cfg, j)
+        assert set(params) == set(TEXT_PARAMETERS)
+        for name in TEXT_PARAMETERS:
+            assert params[name] == TEXT_PARAMETER_VALUES[name][codes[name][j]]
+    part = text_parameter_arrays(cfg, 1000, 1100)
+    for key, arr in part.items():
+        np.testing.assert_array_equal(arr, codes[key][1000:1100])
+    # Text parameters do not depend on the image count (own index space and streams).
+    other = text_parameter_arrays(dataclasses.replace(cfg, num_image_docs=7), 0, 100)
+    for key, arr in other.items():
+        np.testing.assert_array_equal(arr, codes[key][:100])
+    # Different seeds give different parameters.
+    reseeded = text_parameter_arrays(dataclasses.replace(cfg, seed=4), 0, 100)
+    assert not np.array_equal(reseeded["topic"], codes["topic"][:100])
+    with pytest.raises(IndexError):
+        sample_text_parameters(cfg, 5000)
+    with pytest.raises(IndexError):
+        text_parameter_arrays(cfg, 10, 5001)
+
+
+def test_text_parameter_distributions_cover_all_values():
+    cfg = SyntheticConfig(num_text_docs=20000)
+    codes = text_parameter_arrays(cfg)
+    for name in TEXT_PARAMETERS:
+        k = len(TEXT_PARAMETER_VALUES[name])
+        freq = np.bincount(codes[name], minlength=k) / 20000
+        assert freq.min() > 0.5 / k and freq.max() < 1.5 / k, (name, freq)
+
+
+def _check_text(params: dict, text: str) -> None:
+    words = set(tokenize(text))
+    # Exactly its own topic, collection and colour: no other value of those.
+    assert words & set(TOPICS) == {params["topic"]}, (params, text)
+    assert words & set(syn.COLLECTIONS) == {params["collection"]}, (params, text)
+    assert words & set(syn.COLORS) == {params["color"]}, (params, text)
+    # Any other attribute word in the text is the document's own (distractor) value.
+    for name in ("background", "shape", "count", "position"):
+        assert words & attribute_vocabulary(name) <= value_words(name, params[name]), (
+            name,
+            params,
+            text,
+        )
+
+
+def test_text_documents_name_their_topic_collection_and_colour():
+    cfg = dataclasses.replace(SMALL, num_image_docs=3, num_text_docs=600)
+    docs = list(iter_documents(cfg, cfg.num_image_docs))
+    assert len(docs) == 600
+    templates = set()
+    for j, d in enumerate(docs):
+        params = sample_text_parameters(cfg, j)
+        _check_text(params, d["text"])
+        templates.add(d["text"].split()[0])
+    assert len(templates) >= 4  # several templates are in use
+    rng = np.random.default_rng(0)
+    params = sample_text_parameters(cfg, 0)
+    for _ in range(50):
+        _check_text(params, text_for(params, rng))
+    _check_text(params, text_for(params))
+    # The text is a pure function of (seed, index): sharding does not change it.
+    assert list(iter_documents(cfg, cfg.num_image_docs + 5, cfg.num_image_docs + 9)) == docs[5:9]
 
 
 def test_attribute_distributions_cover_all_values():
@@ -284,24 +393,57 @@ def test_query_counts_ids_uniqueness_and_kind_mix(small_queries):
         assert all(q["split"] == split for q in qs)
         n_image = sum(q["kind"] == "image" for q in qs)
         assert n_image == round(SMALL.complementary_fraction * n)
+        n_text = sum(q["kind"] == "text" for q in qs)
+        assert n_text == round(SMALL.text_query_fraction * n) > 0
+        assert sum(q["kind"] == "caption" for q in qs) == n - n_image - n_text
         texts += [q["query"] for q in qs]
     assert len(texts) == len(set(texts))
 
 
-@pytest.mark.parametrize("frac", [0.0, 0.2, 1.0])
-def test_kind_mix_follows_complementary_fraction(frac):
+@pytest.mark.parametrize(
+    "frac, text_frac", [(0.0, 0.0), (0.2, 0.3), (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]
+)
+def test_kind_mix_follows_the_fractions(frac, text_frac):
     cfg = dataclasses.replace(
-        SMALL, num_image_docs=2000, num_queries=(200, 50, 50), complementary_fraction=frac
+        SMALL,
+        num_image_docs=2000,
+        num_text_docs=1000,
+        num_queries=(200, 50, 30),
+        complementary_fraction=frac,
+        text_query_fraction=text_frac,
     )
     qs = generate_queries(cfg)
     for split, n in zip(("train", "dev", "test"), cfg.num_queries, strict=True):
-        assert sum(q["kind"] == "image" for q in qs[split]) == round(frac * n)
+        n_image = sum(q["kind"] == "image" for q in qs[split])
+        n_text = sum(q["kind"] == "text" for q in qs[split])
+        assert n_image == round(frac * n)
+        assert n_text == round(text_frac * n)
+        assert sum(q["kind"] == "caption" for q in qs[split]) == n - n_image - n_text
+
+
+def test_kind_counts_are_exact_and_never_exceed_the_split():
+    for frac, text_frac in [(0.7, 0.3), (0.5, 0.5), (0.25, 0.75), (0.35, 0.45), (0.0, 0.3)]:
+        cfg = SyntheticConfig(complementary_fraction=frac, text_query_fraction=text_frac)
+        for n in range(60):
+            n_caption, n_image, n_text = syn._kind_counts(cfg, n)
+            assert n_caption >= 0 and n_caption + n_image + n_text == n
+            # complementary_fraction keeps its meaning: the share of image queries.
+            assert n_image == round(frac * n)
+            # Text gets its rounded share unless both shares rounded up past n.
+            assert n_text == min(round(text_frac * n), n - n_image)
+            assert abs(n_text - text_frac * n) <= 1
+    # 0.7 * 5 and 0.3 * 5 both round up (4 + 2 > 5): text takes the one left.
+    assert syn._kind_counts(SyntheticConfig(complementary_fraction=0.7), 5) == (0, 4, 1)
 
 
 def test_query_constraints_match_kind_and_target_caption(small_docs, small_queries):
     captions = _captions_by_id(small_docs)
     for q in itertools.chain.from_iterable(small_queries.values()):
         target = int(q["target_doc_id"].split("-")[1])
+        if q["kind"] == "text":
+            _check_text_query(q, sample_text_parameters(SMALL, target))
+            continue
+        assert q["target_doc_id"].startswith("img-")
         attrs = sample_attributes(SMALL, target)
         stated = set(ALWAYS_STATED) | set(attrs["stated"])
         cons = q["constraints"]
@@ -323,6 +465,35 @@ def test_query_constraints_match_kind_and_target_caption(small_docs, small_queri
             assert qwords - caption_words, (q["query"], captions[q["target_doc_id"]])
 
 
+def _check_text_query(q: dict, params: dict) -> None:
+    assert q["target_doc_id"].startswith("txt-")
+    cons = q["constraints"]
+    assert {"topic", "collection"} <= set(cons) <= {"topic", "collection", "color"}
+    # Constraints are the target's parameters, and the query names exactly them.
+    assert all(params[k] == v for k, v in cons.items())
+    words = set(tokenize(q["query"]))
+    assert words & set(TOPICS) == {cons["topic"]}, q["query"]
+    assert words & set(syn.COLLECTIONS) == {cons["collection"]}, q["query"]
+    assert words & set(syn.COLORS) == ({cons["color"]} if "color" in cons else set())
+    assert q["query"] == q["query"].lower()
+    # No image vocabulary beyond the colour, so nothing points at an image.
+    for name in ("shape", "background", "count", "position"):
+        assert not words & attribute_vocabulary(name), (name, q["query"])
+
+
+def test_text_query_for_names_exactly_the_constraints():
+    rng = np.random.default_rng(0)
+    for cons in (
+        {"topic": "kites", "collection": "harbor"},
+        {"topic": "clocks", "collection": "zoo", "color": "orange"},
+    ):
+        for gen in (rng,) * 20 + (None,):
+            text = text_query_for(cons, gen)
+            _check_text_query(
+                {"query": text, "constraints": cons, "target_doc_id": "txt-000000000"}, cons
+            )
+
+
 def test_positives_are_exactly_the_docs_satisfying_constraints():
     # Low variety (few collections are hit often) so queries have several positives.
     cfg = SyntheticConfig(seed=7, num_image_docs=400, num_text_docs=20, num_queries=(80, 20, 20))
@@ -330,7 +501,10 @@ def test_positives_are_exactly_the_docs_satisfying_constraints():
     truth = [sample_attributes(cfg, i) for i in range(cfg.num_image_docs)]
     multi = 0
     all_q = list(itertools.chain.from_iterable(queries.values()))
+    assert {q["kind"] for q in all_q} == {"caption", "image", "text"}
     for q in all_q:
+        if q["kind"] == "text":
+            continue  # checked brute force in the next test
         expected = [
             f"img-{i:09d}"
             for i, a in enumerate(truth)
@@ -339,6 +513,7 @@ def test_positives_are_exactly_the_docs_satisfying_constraints():
         assert q["positive_doc_ids"] == expected
         assert q["positive_doc_ids"] == sorted(q["positive_doc_ids"])
         assert q["target_doc_id"] in q["positive_doc_ids"]
+        # Text documents stay distractors for image and caption queries.
         assert not any(d.startswith("txt-") for d in q["positive_doc_ids"])
         multi += len(expected) > 1
     assert multi > 0  # the check above exercised non-target positives too
@@ -347,31 +522,91 @@ def test_positives_are_exactly_the_docs_satisfying_constraints():
     assert all(isinstance(r[0], str) and isinstance(r[1], str) and r[2] == 1 for r in rows)
 
 
+def test_text_query_positives_are_exactly_the_matching_text_docs():
+    # ~2000 text docs over 12 topics x 40 collections: several per (topic, collection).
+    cfg = SyntheticConfig(
+        seed=5,
+        num_image_docs=50,
+        num_text_docs=2000,
+        num_queries=(60, 20, 20),
+        complementary_fraction=0.2,
+        text_query_fraction=0.6,
+    )
+    queries = generate_queries(cfg)
+    truth = [sample_text_parameters(cfg, j) for j in range(cfg.num_text_docs)]
+    texts = [d["text"] for d in iter_documents(cfg, cfg.num_image_docs)]
+    text_q = [q for split in queries.values() for q in split if q["kind"] == "text"]
+    assert len(text_q) == 60
+    multi = with_color = 0
+    for q in text_q:
+        cons = q["constraints"]
+        expected = [
+            f"txt-{j:09d}" for j, p in enumerate(truth) if all(p[k] == v for k, v in cons.items())
+        ]
+        assert q["positive_doc_ids"] == expected
+        assert q["target_doc_id"] in expected
+        assert not any(d.startswith("img-") for d in q["positive_doc_ids"])
+        _check_text_query(q, truth[int(q["target_doc_id"].split("-")[1])])
+        # Relevance is visible in the text: exactly the docs naming every constrained value.
+        by_words = [
+            f"txt-{j:09d}" for j, t in enumerate(texts) if set(cons.values()) <= set(tokenize(t))
+        ]
+        assert by_words == expected
+        multi += len(expected) > 1
+        with_color += "color" in cons
+    assert multi > 0 and 0 < with_color < len(text_q)
+    for q in itertools.chain.from_iterable(queries.values()):
+        if q["kind"] != "text":
+            assert q["target_doc_id"].startswith("img-")
+            assert all(d.startswith("img-") for d in q["positive_doc_ids"])
+
+
 def test_test_split_is_stable_when_train_size_changes():
     a = generate_queries(dataclasses.replace(SMALL, num_image_docs=2000, num_queries=(10, 5, 30)))
     b = generate_queries(dataclasses.replace(SMALL, num_image_docs=2000, num_queries=(50, 5, 30)))
     assert a["test"] == b["test"] and a["dev"] == b["dev"]
+    assert {q["kind"] for q in a["test"]} == {"caption", "image", "text"}
 
 
 def test_impossible_query_budget_raises():
-    cfg = SyntheticConfig(num_image_docs=1, num_text_docs=0, num_queries=(50, 0, 0))
+    cfg = SyntheticConfig(
+        num_image_docs=1, num_text_docs=0, num_queries=(50, 0, 0), text_query_fraction=0.0
+    )
     with pytest.raises(RuntimeError, match="too small"):
+        generate_queries(cfg)
+    # One text document allows only a handful of distinct text queries.
+    cfg = SyntheticConfig(
+        num_image_docs=10,
+        num_text_docs=1,
+        num_queries=(50, 0, 0),
+        complementary_fraction=0.0,
+        text_query_fraction=1.0,
+    )
+    with pytest.raises(RuntimeError, match="num_text_docs=1"):
         generate_queries(cfg)
 
 
 def test_generate_queries_at_scale():
     cfg = SyntheticConfig(
-        seed=1, num_image_docs=200_000, num_text_docs=0, num_queries=(300, 50, 50)
+        seed=1, num_image_docs=200_000, num_text_docs=100_000, num_queries=(300, 50, 50)
     )
     queries = generate_queries(cfg)
     all_q = list(itertools.chain.from_iterable(queries.values()))
     assert len(all_q) == 400
     assert len({q["query"] for q in all_q}) == 400
     codes = attribute_arrays(cfg)
-    for q in all_q[:20]:
-        expected = [f"img-{i:09d}" for i in relevant_indices(codes, q["constraints"])]
+    text_codes = text_parameter_arrays(cfg)
+    checked = {"caption": 0, "image": 0, "text": 0}
+    for q in all_q[:60]:
+        if q["kind"] == "text":
+            idx = relevant_text_indices(text_codes, q["constraints"])
+            expected = [f"txt-{j:09d}" for j in idx]
+        else:
+            expected = [f"img-{i:09d}" for i in relevant_indices(codes, q["constraints"])]
         assert q["positive_doc_ids"] == expected
         assert q["target_doc_id"] in expected
+        checked[q["kind"]] += 1
+    assert min(checked.values()) > 0, checked
 
 
 # ---------------------------------------------------------------------------
@@ -412,6 +647,9 @@ def test_record_batches_match_documents_and_schema(small_docs):
         ("p_caption_states", 1.5),
         ("p_caption_states", -0.1),
         ("complementary_fraction", 2.0),
+        ("text_query_fraction", 1.5),
+        ("text_query_fraction", -0.1),
+        ("text_query_fraction", "0.3"),
         ("num_image_docs", True),
     ],
 )
@@ -426,3 +664,26 @@ def test_config_rejects_image_queries_when_captions_state_everything():
     with pytest.raises(ValueError, match="complementary_fraction"):
         SyntheticConfig(p_caption_states=1.0, complementary_fraction=0.5)
     SyntheticConfig(p_caption_states=1.0, complementary_fraction=0.0)
+
+
+def test_config_rejects_image_plus_text_share_above_one():
+    with pytest.raises(ValueError, match="text_query_fraction") as info:
+        SyntheticConfig(complementary_fraction=0.8, text_query_fraction=0.3)
+    assert "complementary_fraction" in str(info.value) and "0.3" in str(info.value)
+    SyntheticConfig(complementary_fraction=0.7, text_query_fraction=0.3)
+    SyntheticConfig(complementary_fraction=0.0, text_query_fraction=1.0)
+
+
+def test_config_rejects_text_queries_without_text_documents():
+    with pytest.raises(ValueError, match="text_query_fraction") as info:
+        SyntheticConfig(num_text_docs=0)
+    assert "num_text_docs" in str(info.value) and "text_query_fraction=0" in str(info.value)
+    SyntheticConfig(num_text_docs=0, text_query_fraction=0.0)
+
+
+def test_num_collections_limits_the_collections_in_use():
+    cfg = SyntheticConfig(num_image_docs=400, num_text_docs=50, num_queries=(20, 5, 5), num_collections=3)
+    used = {sample_attributes(cfg, i)["collection"] for i in range(cfg.num_image_docs)}
+    assert used == set(ALL_COLLECTIONS[:3])
+    with pytest.raises(ValueError, match="num_collections"):
+        SyntheticConfig(num_collections=0)
