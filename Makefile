@@ -45,7 +45,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.model_forward
+	$(BIN)/python -m bench.model_forward --threads 1 --clock cpu
 
 # Re-pin constraints.txt to what the venv resolved (torch is pinned by TORCH above, and
 # left out so that GPU and CPU builds both satisfy it).

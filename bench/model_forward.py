@@ -33,8 +33,10 @@ How
     with CIE / median time without. Two more columns guard against a busy machine: the
     ratio of the fastest rounds (noise only ever adds time, so minima estimate the
     uncontended cost even when most rounds were slowed) and the spread, slowest / fastest
-    round; with a spread well above ~1.3 trust the min ratio, or rerun on a quiet machine.
-    The 1-minute load average before and after the run is printed too. The thread count is
+    round. The 1-minute load average before and after the run is printed too: a load
+    near or above the core count, or a spread well above ~1.3, means other processes
+    competed for the cores (with torch's default threads every round can then be slowed
+    alike, by tens of times at the tiny size, so a low spread alone proves nothing). The thread count is
     torch's default unless ``--threads`` is given, and is printed either way. On a shared CPU
     box ``--threads 1 --clock cpu`` (this process's CPU time, one thread so that no thread
     spins waiting for a descheduled peer) gives ratios that other processes barely move.
@@ -47,8 +49,8 @@ is compared with, sees shorter sequences than in the paper. Random weights do no
 the cost of a dense forward pass, with one exception: a key patch whose weight ``w`` falls
 under the mask threshold is masked, which is rare at random init and costs the same anyway.
 
-Run: ``python -m bench.model_forward`` (defaults: both sizes, CPU, fp32, about 2-3 minutes
-on 2 CPU cores); ``--device cuda --dtype bf16`` on a GPU; ``--json out.json`` for the raw
+Run: ``python -m bench.model_forward`` (defaults: both sizes, CPU, fp32, about 3 minutes
+on 2 idle CPU cores); ``--device cuda --dtype bf16`` on a GPU; ``--json out.json`` for the raw
 numbers.
 """
 

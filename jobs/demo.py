@@ -17,6 +17,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import statistics
@@ -33,6 +34,7 @@ from ciea_model.processor import ImageTransform
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from ciea_model.training import OptimConfig, TrainConfig, Trainer
 from pipelines.evaluation import evaluate
+from pipelines.hard_negatives import mine_hard_negatives, with_hard_negatives
 from pipelines.metrics import RetrievalReport
 from pipelines.synthetic import SyntheticConfig, generate_queries, iter_documents
 from pipelines.training_data import to_document, training_examples
@@ -50,9 +52,9 @@ NEW_MODULES = ("vision.", "projector.", "extractor.", "logit_scale")
 class CorpusSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = Field(0, description="corpus seed (documents, images, queries)")
-    num_image_docs: int = Field(1500, ge=20, description="image documents")
-    num_text_docs: int = Field(500, ge=0, description="text-only distractor documents")
-    num_queries: tuple[int, int, int] = Field((1500, 150, 300), description="train, dev, test queries")
+    num_image_docs: int = Field(1000, ge=20, description="image documents")
+    num_text_docs: int = Field(300, ge=0, description="text documents (answers of 'text' queries, distractors to the rest)")
+    num_queries: tuple[int, int, int] = Field((1000, 150, 300), description="train, dev, test queries")
     image_size: int = Field(32, ge=16, description="rendered image size (px)")
     num_collections: int = Field(8, ge=1, le=40, description="collections in use; fewer make larger same-caption groups")
     p_caption_states: float = Field(0.25, ge=0, lt=1, description="chance a caption states each optional attribute")
@@ -62,7 +64,9 @@ class CorpusSettings(BaseModel):
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=1, description="maximum epochs per variant")
+    epochs: int = Field(1, ge=1, description="stage 1 (in-batch negatives) epochs")
+    stage2_epochs: int = Field(2, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
+    negative_depth: int = Field(10, ge=1, description="stage 2 draws each hard negative from this top-k")
     batch_size: int = Field(32, ge=2, description="queries per step")
     eval_every: int = Field(50, ge=1, description="dev evaluation interval (steps)")
     patience: int = Field(3, ge=1, description="evaluations without dev gain before stopping")
@@ -108,7 +112,7 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "preset": "tiny",
         "corpus": {"num_image_docs": 120, "num_text_docs": 40, "num_queries": (96, 24, 40)},
-        "train": {"epochs": 2, "batch_size": 16, "eval_every": 6, "patience": 2, "lr": 1e-3, "new_lr": 1e-3},
+        "train": {"epochs": 1, "stage2_epochs": 1, "batch_size": 16, "eval_every": 6, "patience": 2, "lr": 1e-3, "new_lr": 1e-3},
         "output_dir": "runs/demo-tiny",
     },
 }
@@ -223,30 +227,43 @@ def main(argv: list[str] | None = None) -> int:
                     f"corpus.image_size={cfg.corpus.image_size} but the {cfg.preset} vision tower "
                     f"takes {model.vision.image_size} px: set corpus.image_size={model.vision.image_size}"
                 )
-            train_cfg = TrainConfig(
-                epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-                eval_every=cfg.train.eval_every, patience=cfg.train.patience,
-                max_steps=cfg.train.max_steps, seed=seed,
-                optim=OptimConfig(
-                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                    module_lr={p: cfg.train.new_lr for p in NEW_MODULES},
-                ),
-            )
+            def train_config(epochs: int) -> TrainConfig:
+                return TrainConfig(
+                    epochs=epochs, batch_size=cfg.train.batch_size,
+                    eval_every=cfg.train.eval_every, patience=cfg.train.patience,
+                    max_steps=cfg.train.max_steps, seed=seed,
+                    optim=OptimConfig(
+                        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                        module_lr={p: cfg.train.new_lr for p in NEW_MODULES},
+                    ),
+                )
 
             def dev_mrr(m, processor=processor) -> float:
                 return evaluate(m, processor, documents, queries["dev"]).value("MRR@10")
 
-            fit = Trainer(model, processor, train_cfg, evaluate=dev_mrr, progress=True).fit(examples)
+            # Stage 1 (DPR): in-batch negatives. Stage 2 (ANCE): one image and one text hard
+            # negative per query, mined with the best stage-1 model (CIEA_METHOD.md).
+            fit = Trainer(model, processor, train_config(cfg.train.epochs), evaluate=dev_mrr, progress=True).fit(examples)
+            fits = [fit]
+            if cfg.train.stage2_epochs:
+                stage1_state = copy.deepcopy(model.state_dict())
+                mined = mine_hard_negatives(model, processor, documents, queries["train"])
+                stage2 = with_hard_negatives(examples, mined, by_id, seed=seed, depth=cfg.train.negative_depth)
+                fits.append(Trainer(model, processor, train_config(cfg.train.stage2_epochs), evaluate=dev_mrr,
+                                    progress=True).fit(stage2))
+                if fits[1].best_score < fits[0].best_score:
+                    model.load_state_dict(stage1_state)  # keep the best model of either stage
             report = evaluate(model, processor, documents, queries["test"])
             runs.setdefault(variant, []).append(report)
+            steps, seconds = sum(f.steps for f in fits), sum(f.seconds for f in fits)
             results.append({
-                "variant": variant, "seed": seed, "steps": fit.steps, "best_step": fit.best_step,
-                "dev_mrr10": fit.best_score, "train_seconds": round(fit.seconds, 1),
-                "stopped_early": fit.stopped_early, "test": report.to_dict(),
+                "variant": variant, "seed": seed, "steps": steps,
+                "dev_mrr10_by_stage": [f.best_score for f in fits],
+                "train_seconds": round(seconds, 1), "test": report.to_dict(),
             })
             logger.info(
                 "%s seed %d: %d steps in %.0fs, dev MRR@10 %.2f, test MRR@10 %.2f (image %.2f)",
-                variant, seed, fit.steps, fit.seconds, 100 * fit.best_score,
+                variant, seed, steps, seconds, 100 * max(f.best_score for f in fits),
                 100 * report.value("MRR@10"), 100 * report.value("MRR@10", "image"),
             )
             if cfg.save_checkpoint and variant == "ciea" and seed == cfg.seeds[0]:

@@ -335,6 +335,7 @@ class SyntheticConfig:
     p_caption_states: float = 0.35
     complementary_fraction: float = 0.5
     num_collections: int = len(COLLECTIONS)
+    strict_complementary: bool = True
     text_query_fraction: float = 0.3
 
     def __post_init__(self) -> None:
@@ -1086,6 +1087,16 @@ def _kind_counts(cfg: SyntheticConfig, n: int) -> tuple[int, int, int]:
     return n - n_image - n_text, n_image, n_text
 
 
+def _stated_by_a_positive(
+    codes: dict[str, np.ndarray], positives: np.ndarray, constraints: dict[str, Any], target: dict
+) -> bool:
+    """Whether some relevant document's caption states an attribute the query asks for
+    beyond its target's caption: then the caption text alone could answer the query."""
+    asked = [a for a in constraints if a in OPTIONAL_ATTRIBUTES and a not in target["stated"]]
+    cols = [OPTIONAL_ATTRIBUTES.index(a) for a in asked]
+    return bool(codes["stated"][positives][:, cols].any())
+
+
 def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     """Generate train/dev/test queries with exhaustive binary relevance.
 
@@ -1149,6 +1160,10 @@ def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
                     attrs = _attrs_from_codes(codes, target)
                     constraints = _make_query(attrs, kind, rng)
                     if constraints is None:
+                        continue
+                    if kind == "image" and cfg.strict_complementary and _stated_by_a_positive(
+                        codes, index.positives(constraints), constraints, attrs
+                    ):
                         continue
                     text = query_text_for(constraints, rng)
                 if text in seen:

@@ -687,3 +687,26 @@ def test_num_collections_limits_the_collections_in_use():
     assert used == set(ALL_COLLECTIONS[:3])
     with pytest.raises(ValueError, match="num_collections"):
         SyntheticConfig(num_collections=0)
+
+
+def test_strict_image_queries_cannot_be_answered_from_any_caption():
+    cfg = SyntheticConfig(num_image_docs=600, num_text_docs=60, num_queries=(60, 20, 20), num_collections=4)
+    docs = {d["doc_id"]: d for d in iter_documents(cfg, 0, cfg.num_image_docs)}
+    image_queries = [q for split in generate_queries(cfg).values() for q in split if q["kind"] == "image"]
+    assert image_queries
+    for q in image_queries:
+        target_stated = set(sample_attributes(cfg, int(q["target_doc_id"][4:]))["stated"])
+        asked = [a for a in q["constraints"] if a not in target_stated and a not in ("shape", "collection")]
+        assert asked
+        for doc_id in q["positive_doc_ids"]:
+            stated = set(json.loads(docs[doc_id]["attributes"])["stated"])
+            assert not stated & set(asked), (q["query"], docs[doc_id]["caption"])
+    # Without the rule some image query has a positive whose caption states what it asks.
+    loose = generate_queries(dataclasses.replace(cfg, strict_complementary=False))
+    assert any(
+        set(json.loads(docs[d]["attributes"])["stated"]) & {
+            a for a in q["constraints"]
+            if a not in sample_attributes(cfg, int(q["target_doc_id"][4:]))["stated"] and a not in ("shape", "collection")
+        }
+        for split in loose.values() for q in split if q["kind"] == "image" for d in q["positive_doc_ids"]
+    )
