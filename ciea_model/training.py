@@ -24,7 +24,7 @@ from torch import nn
 
 from .losses import contrastive_loss, gather_with_grad
 from .model import CIEAModel
-from .processor import CIEAProcessor, TrainBatch, TrainExample
+from .processor import CIEAProcessor, TrainBatch, TrainExample, doc_key
 
 logger = logging.getLogger(__name__)
 
@@ -337,3 +337,75 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"train {desc}", unit="step", leave=False)
+
+
+# ---- stage 0: image–caption warm-up --------------------------------------------------------
+def image_only_plain(model: CIEAModel, image: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Image vectors without the extractor: ``[<im_start>] + P + [<im_end>]`` through the
+    LM (the dual encoder: its projected CLIP vector). (B, D), unit norm."""
+    if model.config.is_dual_encoder:
+        return torch.nn.functional.normalize(model.projector(model.vision.pooled(image["pixel_values"])), dim=-1)
+    return model._lm_over_patches(
+        image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"],
+        model.project_patches(image["pixel_values"]),
+    )
+
+
+def warmup_vision(
+    model: CIEAModel, processor: CIEAProcessor, documents: Sequence, cfg: TrainConfig, progress: bool = False
+) -> list[float]:
+    """MARVEL's stage 0: align images with their captions (symmetric in-batch contrastive
+    loss), training the vision tower and projector with the LM frozen. Needed when the
+    vision tower starts from random weights (no pretrained CLIP offline); with a
+    pretrained, frozen CLIP tower it only trains the projector.
+
+    Args:
+        documents: image :class:`Document` objects with captions.
+        cfg: epochs, batch size, seed and optimiser (``module_lr`` applies).
+
+    Returns:
+        The loss of every step.
+    """
+    images = [d for d in documents if d.modality == "image" and d.caption]
+    if model.vision is None or not images:
+        return []
+    seed_everything(cfg.seed)
+    lm = [p for p in model.text.parameters() if p.requires_grad]
+    for p in lm:
+        p.requires_grad_(False)
+    losses: list[float] = []
+    try:
+        optimizer = build_optimizer(model, cfg.optim)
+        total = cfg.epochs * math.ceil(len(images) / cfg.batch_size)
+        scheduler = build_scheduler(optimizer, total)
+        bar = _progress(total, progress, f"{model.config.variant} warm-up")
+        model.train()
+        for epoch in range(cfg.epochs):
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(images))
+            for start in range(0, len(order), cfg.batch_size):
+                docs = [images[i] for i in order[start : start + cfg.batch_size]]
+                if len(docs) < 2:
+                    continue
+                batch = processor.collate_documents(docs)
+                with torch.no_grad():
+                    captions = model.encode_text(**processor.tokenize([d.caption for d in docs]))
+                img = image_only_plain(model, batch.image)
+                keys = torch.tensor([doc_key(d.caption) for d in docs])  # same caption ⇒ not a negative
+                target = torch.arange(len(docs))
+                loss = 0.5 * (contrastive_loss(img, captions, target, model.scale(), keys)
+                              + contrastive_loss(captions, img, target, model.scale(), keys))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if bar is not None:
+            bar.close()
+    finally:
+        for p in lm:
+            p.requires_grad_(True)
+    model.eval()
+    return losses

