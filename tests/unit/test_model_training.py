@@ -311,3 +311,20 @@ def test_fit_without_evaluate_runs_to_max_steps(make_model, make_examples):
     assert [h["step"] for h in result.history] == [1, 2, 3]
     with pytest.raises(ValueError, match="no training examples"):
         trainer.fit([])
+
+
+def test_warmup_vision_trains_vision_and_projector_with_the_lm_frozen(make_model, documents):
+    from ciea_model.training import OptimConfig, TrainConfig, warmup_vision
+
+    model, processor = make_model("ciea", trainable_vision=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, batch_size=4, optim=OptimConfig(lr=1e-2))
+    losses = warmup_vision(model, processor, documents, cfg)
+    assert losses and all(math.isfinite(v) for v in losses)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("vision.") for n in changed)
+    assert any(n.startswith("projector.") for n in changed)
+    assert not any(n.startswith("text.") for n in changed)  # the LM stayed frozen
+    assert all(p.requires_grad for p in model.text.parameters())  # and is unfrozen again
+    text_only, text_processor = make_model("text-only")
+    assert warmup_vision(text_only, text_processor, documents, cfg) == []  # nothing to warm up
