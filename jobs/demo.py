@@ -28,12 +28,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ciea_model import VARIANTS, CIEAConfig, create_model_and_processor, save_checkpoint
+from ciea_model import (
+    VARIANTS,
+    CIEAConfig,
+    CIEAModel,
+    CIEAProcessor,
+    Document,
+    TrainExample,
+    create_model_and_processor,
+    save_checkpoint,
+)
 from ciea_model.config import CLIP_MEAN, CLIP_STD
 from ciea_model.presets import demo_config, tiny_config
 from ciea_model.processor import ImageTransform
 from ciea_model.tokenizer import train_wordpiece_tokenizer
-from ciea_model.training import OptimConfig, TrainConfig, Trainer, warmup_vision
+from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, warmup_vision
 from pipelines.evaluation import evaluate
 from pipelines.hard_negatives import mine_hard_negatives, with_hard_negatives
 from pipelines.metrics import RetrievalReport
@@ -179,6 +188,55 @@ def summarise(runs: dict[str, list[RetrievalReport]], metrics: list[str], groups
     return "\n".join(lines)
 
 
+def train_variant(
+    cfg: DemoConfig, variant: str, seed: int, tokenizer_dir: Path, documents: list[Document],
+    examples: list[TrainExample], queries: dict[str, list[dict]],
+) -> tuple[CIEAModel, CIEAProcessor, list[FitResult]]:
+    """Builds one variant and trains it through the method's stages, keeping the model of
+    whichever stage scored best on dev.
+
+    Stage 0 (random-init vision tower, optional): image–caption warm-up with the LM frozen.
+    Stage 1 (DPR): in-batch negatives. Stage 2 (ANCE): one image and one text hard negative
+    per query, mined with the best stage-1 model (CIEA_METHOD.md).
+    """
+    model, processor = create_model_and_processor(
+        model_config(cfg, variant, tokenizer_dir), pretrained=True, seed=seed
+    )
+    if model.vision is not None and model.vision.image_size != cfg.corpus.image_size:
+        raise SystemExit(
+            f"corpus.image_size={cfg.corpus.image_size} but the {cfg.preset} vision tower "
+            f"takes {model.vision.image_size} px: set corpus.image_size={model.vision.image_size}"
+        )
+
+    def train_config(epochs: int) -> TrainConfig:
+        return TrainConfig(
+            epochs=epochs, batch_size=cfg.train.batch_size, eval_every=cfg.train.eval_every,
+            patience=cfg.train.patience, max_steps=cfg.train.max_steps, seed=seed,
+            optim=OptimConfig(
+                lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                module_lr={p: cfg.train.new_lr for p in NEW_MODULES},
+            ),
+        )
+
+    def dev_mrr(m: CIEAModel) -> float:
+        return evaluate(m, processor, documents, queries["dev"]).value("MRR@10")
+
+    if cfg.train.warmup_epochs:
+        warmup = dataclasses.replace(train_config(cfg.train.warmup_epochs), batch_size=64)
+        warmup_vision(model, processor, documents, warmup, progress=True)
+    fits = [Trainer(model, processor, train_config(cfg.train.epochs), evaluate=dev_mrr, progress=True).fit(examples)]
+    if cfg.train.stage2_epochs:
+        stage1_state = copy.deepcopy(model.state_dict())
+        mined = mine_hard_negatives(model, processor, documents, queries["train"])
+        by_id = {d.doc_id: d for d in documents}
+        stage2 = with_hard_negatives(examples, mined, by_id, seed=seed, depth=cfg.train.negative_depth)
+        trainer = Trainer(model, processor, train_config(cfg.train.stage2_epochs), evaluate=dev_mrr, progress=True)
+        fits.append(trainer.fit(stage2))
+        if fits[1].best_score < fits[0].best_score:
+            model.load_state_dict(stage1_state)
+    return model, processor, fits
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = list(args.set)
@@ -212,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     # tower takes the corpus image size.
     transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
     documents = [to_document(r, transform) for r in records]
-    by_id = {d.doc_id: d for d in documents}
-    examples, counts = training_examples(queries["train"], by_id)
+    examples, counts = training_examples(queries["train"], {d.doc_id: d for d in documents})
     logger.info(
         "corpus: %d documents (%d image), queries train/dev/test %d/%d/%d, %d training examples",
         len(documents), corpus.num_image_docs, *(len(queries[s]) for s in ("train", "dev", "test")),
@@ -224,47 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant in cfg.variants:
         for seed in cfg.seeds:
-            model, processor = create_model_and_processor(
-                model_config(cfg, variant, tokenizer_dir), pretrained=True, seed=seed
+            model, processor, fits = train_variant(
+                cfg, variant, seed, tokenizer_dir, documents, examples, queries
             )
-            if model.vision is not None and model.vision.image_size != cfg.corpus.image_size:
-                raise SystemExit(
-                    f"corpus.image_size={cfg.corpus.image_size} but the {cfg.preset} vision tower "
-                    f"takes {model.vision.image_size} px: set corpus.image_size={model.vision.image_size}"
-                )
-            def train_config(epochs: int) -> TrainConfig:
-                return TrainConfig(
-                    epochs=epochs, batch_size=cfg.train.batch_size,
-                    eval_every=cfg.train.eval_every, patience=cfg.train.patience,
-                    max_steps=cfg.train.max_steps, seed=seed,
-                    optim=OptimConfig(
-                        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                        module_lr={p: cfg.train.new_lr for p in NEW_MODULES},
-                    ),
-                )
-
-            def dev_mrr(m, processor=processor) -> float:
-                return evaluate(m, processor, documents, queries["dev"]).value("MRR@10")
-
-            # Stage 0 (random-init vision tower only): image–caption warm-up, LM frozen.
-            # Stage 1 (DPR): in-batch negatives. Stage 2 (ANCE): one image and one text hard
-            # negative per query, mined with the best stage-1 model (CIEA_METHOD.md).
-            if cfg.train.warmup_epochs:
-                warmup = dataclasses.replace(train_config(cfg.train.warmup_epochs), batch_size=64)
-                warmup_vision(model, processor, documents, warmup, progress=True)
-            fit = Trainer(model, processor, train_config(cfg.train.epochs), evaluate=dev_mrr, progress=True).fit(examples)
-            fits = [fit]
-            if cfg.train.stage2_epochs:
-                stage1_state = copy.deepcopy(model.state_dict())
-                mined = mine_hard_negatives(model, processor, documents, queries["train"])
-                stage2 = with_hard_negatives(examples, mined, by_id, seed=seed, depth=cfg.train.negative_depth)
-                fits.append(Trainer(model, processor, train_config(cfg.train.stage2_epochs), evaluate=dev_mrr,
-                                    progress=True).fit(stage2))
-                if fits[1].best_score < fits[0].best_score:
-                    model.load_state_dict(stage1_state)  # keep the best model of either stage
             report = evaluate(model, processor, documents, queries["test"])
             runs.setdefault(variant, []).append(report)
             steps, seconds = sum(f.steps for f in fits), sum(f.seconds for f in fits)
+            best_dev = max(f.best_score for f in fits)
             results.append({
                 "variant": variant, "seed": seed, "steps": steps,
                 "dev_mrr10_by_stage": [f.best_score for f in fits],
@@ -272,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             })
             logger.info(
                 "%s seed %d: %d steps in %.0fs, dev MRR@10 %.2f, test MRR@10 %.2f (image %.2f)",
-                variant, seed, steps, seconds, 100 * max(f.best_score for f in fits),
+                variant, seed, steps, seconds, 100 * best_dev,
                 100 * report.value("MRR@10"), 100 * report.value("MRR@10", "image"),
             )
             if cfg.save_checkpoint and variant == "ciea" and seed == cfg.seeds[0]:
-                save_checkpoint(model, processor, out / "checkpoint-ciea", metadata={"dev_mrr10": fit.best_score})
+                save_checkpoint(model, processor, out / "checkpoint-ciea", metadata={"dev_mrr10": best_dev})
 
     table = summarise(runs, ["MRR@10", "NDCG@10", "Recall@10"], ["all", "caption", "image", "text"])
     write_json(out / "results.json", {"config": cfg.model_dump(), "runs": results, "table": table})

@@ -18,10 +18,11 @@ import torch.multiprocessing as mp
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, tok_dir: str) -> None:
     torch.set_num_threads(1)
+    from PIL import Image
+
     from ciea_model import Document, TrainExample, create_model_and_processor
     from ciea_model.presets import tiny_config
     from ciea_model.training import compute_loss
-    from PIL import Image
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
