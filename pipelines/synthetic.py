@@ -1028,11 +1028,7 @@ def relevant_indices(codes: dict[str, np.ndarray], constraints: dict[str, Any]) 
     Returns:
         Sorted int64 array of matching image document indices.
     """
-    n = len(codes["shape"])
-    mask = np.ones(n, dtype=bool)
-    for name, value in constraints.items():
-        mask &= codes[name] == ATTRIBUTE_VALUES[name].index(value)
-    return np.flatnonzero(mask)
+    return _matching(codes, constraints, ATTRIBUTE_VALUES)
 
 
 def relevant_text_indices(codes: dict[str, np.ndarray], constraints: dict[str, Any]) -> np.ndarray:
@@ -1045,10 +1041,14 @@ def relevant_text_indices(codes: dict[str, np.ndarray], constraints: dict[str, A
     Returns:
         Sorted int64 array of matching text document indices.
     """
-    n = len(codes["topic"])
-    mask = np.ones(n, dtype=bool)
+    return _matching(codes, constraints, TEXT_PARAMETER_VALUES)
+
+
+def _matching(codes: dict[str, np.ndarray], constraints: dict[str, Any], values: dict[str, tuple]) -> np.ndarray:
+    # Brute force over every row: the reference the bucketed index is checked against.
+    mask = np.ones(len(next(iter(codes.values()))), dtype=bool)
     for name, value in constraints.items():
-        mask &= codes[name] == TEXT_PARAMETER_VALUES[name].index(value)
+        mask &= codes[name] == values[name].index(value)
     return np.flatnonzero(mask)
 
 
