@@ -67,10 +67,12 @@ class CIEAModel(nn.Module):
         """(B, 3, S, S) → (B, N, D) projected patches ``P``."""
         return self.projector(self.vision(pixel_values))
 
-    def _lm_over_patches(
+    def encode_patch_sequence(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_mask: torch.Tensor,
         patches: torch.Tensor,
     ) -> torch.Tensor:
+        """Token ids with ``<im_patch>`` placeholders (``patch_mask``) filled with the
+        (B, N, D) ``patches`` rows, through the LM → (B, D), unit norm."""
         # Token embeddings with the <im_patch> placeholders overwritten by the patch rows.
         embeds = self.text.embed_tokens(input_ids)  # (B, L, D)
         embeds = embeds.masked_scatter(patch_mask.unsqueeze(-1), patches.to(embeds.dtype))
@@ -96,12 +98,12 @@ class CIEAModel(nn.Module):
             doc = F.normalize(img + cap, dim=-1)
             return (doc, img) if return_image_only else doc
         doc_patches, io_patches = self._image_inputs(image)
-        doc = self._lm_over_patches(
+        doc = self.encode_patch_sequence(
             image["input_ids"], image["attention_mask"], image["patch_mask"], doc_patches
         )
         if not return_image_only:
             return doc
-        io = self._lm_over_patches(
+        io = self.encode_patch_sequence(
             image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"], io_patches
         )
         return doc, io

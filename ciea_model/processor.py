@@ -221,25 +221,26 @@ class CIEAProcessor:
         masks = (torch.zeros((len(rows), length), dtype=torch.bool) for _ in range(n_masks))
         return (ids, attn, *masks)
 
-    def image_document_ids(self, caption: str) -> tuple[list[int], int, int]:
-        """Token ids of an image document: ``prefix + <im_start> + N×<im_patch> + <im_end>
-        + "caption:" caption + suffix``. Returns (ids, first patch position, caption start)."""
+    @property
+    def patch_start(self) -> int:
+        """Position of the first patch in every image sequence (after the prefix and
+        ``<im_start>``); the caption side starts ``num_patches`` later."""
+        return len(self._prefix) + 1
+
+    def image_document_ids(self, captions: Sequence[str]) -> list[list[int]]:
+        """Token ids of image documents: ``prefix + <im_start> + N×<im_patch> + <im_end>
+        + "caption:" caption + suffix``, one list per caption (tokenised as one batch)."""
         enc = self.tokenizer(
-            CAPTION_PREFIX + caption, add_special_tokens=True, truncation=True,
+            [CAPTION_PREFIX + c for c in captions], add_special_tokens=True, truncation=True,
             max_length=self.max_length,
         )
-        ids = enc["input_ids"]
         n_pre = len(self._prefix)
-        patch_start = n_pre + 1
-        caption_start = patch_start + self.num_patches
-        out = ids[:n_pre] + [self.im_start_id] + [self.im_patch_id] * self.num_patches
-        out += [self.im_end_id] + ids[n_pre:]
-        return out, patch_start, caption_start
+        image = [self.im_start_id] + [self.im_patch_id] * self.num_patches + [self.im_end_id]
+        return [ids[:n_pre] + image + ids[n_pre:] for ids in enc["input_ids"]]
 
-    def image_only_ids(self) -> tuple[list[int], int]:
-        """``prefix + <im_start> + N×<im_patch> + <im_end>``; returns (ids, first patch)."""
-        out = self._prefix + [self.im_start_id] + [self.im_patch_id] * self.num_patches + [self.im_end_id]
-        return out, len(self._prefix) + 1
+    def image_only_ids(self) -> list[int]:
+        """``prefix + <im_start> + N×<im_patch> + <im_end>``."""
+        return self._prefix + [self.im_start_id] + [self.im_patch_id] * self.num_patches + [self.im_end_id]
 
     def collate_image_sequences(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token-side inputs of image documents (the pixel values are added by the caller).
@@ -248,15 +249,14 @@ class CIEAProcessor:
         ``caption_mask`` (the caption-side tokens ``<im_end> caption: … </s>`` the extractor
         compares patches with), plus the ``io_*`` image-only sequences.
         """
-        rows, patch_starts, cap_starts = zip(*(self.image_document_ids(c) for c in captions))
-        ids, attn, patch_mask, caption_mask = self._pad(list(rows), n_masks=2)
-        for i, (p0, c0) in enumerate(zip(patch_starts, cap_starts)):
-            patch_mask[i, p0 : p0 + self.num_patches] = True
-            caption_mask[i, c0 : len(rows[i])] = True
-        io_row, io_p0 = self.image_only_ids()
-        io_ids = torch.tensor([io_row] * len(captions), dtype=torch.long)
+        rows = self.image_document_ids(captions)
+        ids, attn, patch_mask, caption_mask = self._pad(rows, n_masks=2)
+        p0, c0 = self.patch_start, self.patch_start + self.num_patches
+        patch_mask[:, p0:c0] = True
+        caption_mask[:, c0:] = attn[:, c0:].bool()  # the caption side, padding excluded
+        io_ids = torch.tensor([self.image_only_ids()] * len(captions), dtype=torch.long)
         io_patch = torch.zeros_like(io_ids, dtype=torch.bool)
-        io_patch[:, io_p0 : io_p0 + self.num_patches] = True
+        io_patch[:, p0:c0] = True
         return {
             "input_ids": ids, "attention_mask": attn, "patch_mask": patch_mask,
             "caption_mask": caption_mask, "io_input_ids": io_ids,

@@ -345,7 +345,7 @@ def image_only_plain(model: CIEAModel, image: dict[str, torch.Tensor]) -> torch.
     LM (the dual encoder: its projected CLIP vector). (B, D), unit norm."""
     if model.config.is_dual_encoder:
         return torch.nn.functional.normalize(model.projector(model.vision.pooled(image["pixel_values"])), dim=-1)
-    return model._lm_over_patches(
+    return model.encode_patch_sequence(
         image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"],
         model.project_patches(image["pixel_values"]),
     )

@@ -207,6 +207,10 @@ def train_variant(
             f"corpus.image_size={cfg.corpus.image_size} but the {cfg.preset} vision tower "
             f"takes {model.vision.image_size} px: set corpus.image_size={model.vision.image_size}"
         )
+    # The documents hold images already transformed with CLIP's statistics (once, for
+    # every variant); a tower normalised differently would silently see wrong pixels.
+    if model.vision is not None and (model.config.vision.image_mean, model.config.vision.image_std) != (CLIP_MEAN, CLIP_STD):
+        raise SystemExit(f"the {cfg.preset} vision tower is not normalised with CLIP's mean/std; the demo pre-transforms with them")
 
     def train_config(epochs: int) -> TrainConfig:
         return TrainConfig(
