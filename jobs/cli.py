@@ -7,6 +7,10 @@ import sys
 
 COMMANDS = {
     "demo": ("jobs.demo", "train CIEA and its baselines on the synthetic corpus and compare them"),
+    "ingest": ("jobs.ingest", "read a corpus source, validate it on Ray Data, merge it into Delta Lake"),
+    "embed": ("jobs.embed", "embed a Delta corpus version with a checkpoint into an indexed LanceDB table"),
+    "train": ("jobs.train", "train CIEA with Ray Train (DDP) on the Delta tables; resumable by run name"),
+    "mine-negatives": ("jobs.mine_negatives", "mine stage-2 hard negatives with a stage-1 checkpoint into Delta"),
 }
 
 

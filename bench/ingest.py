@@ -1,0 +1,275 @@
+"""Ingest throughput and memory: the Ray Data ingest job vs a plain single-process writer.
+
+Both sides ingest the same synthetic documents (PNG images inline, ``--image-fraction`` of
+them image documents) into a fresh Delta table, doing the same work per record: generate,
+validate and normalise (``pipelines.ingest.validation.validate_batch``: Pillow decode, RGB,
+NFC, limits), hash, write.
+
+* ``ray``: ``jobs.ingest.run`` — the job's own code path: Ray Data reads the shards and
+  validates them on the workers, the driver applies the duplicate rule and streams the
+  accepted rows into the Delta MERGE on ``corpus/documents`` (change data feed on).
+* ``plain``: one process, one thread of Python: ``iter_document_batches`` → the same
+  ``validate_batch`` → ``write_deltalake(mode="append")`` from a streaming reader.
+
+Each measurement runs in a fresh child process; the parent samples the proportional set
+size (PSS, so Ray's shared object store is not counted twice) of the child's whole process
+tree — driver, Ray daemons and workers — every 0.2 s and reports the peak. Rows/s is over
+the ingest itself (Ray start-up, ~3–5 s, is reported separately). Rounds alternate the
+order (plain, ray, ray, plain, ...) so a neighbour's load hits both sides alike.
+
+    python -m bench.ingest                                  # 100k rows, memory at 100k and 400k
+    python -m bench.ingest --rows 20000 --memory-rows 20000,80000 --rounds 1   # ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Children: one ingest each, JSON result on the last stdout line
+# ---------------------------------------------------------------------------------------
+
+
+def _synthetic(rows: int, image_fraction: float, image_size: int):
+    from pipelines.synthetic import SyntheticConfig
+
+    n_img = max(1, round(rows * image_fraction))
+    return SyntheticConfig(seed=7, num_image_docs=n_img, num_text_docs=rows - n_img,
+                           num_queries=(0, 0, 0), image_size=image_size)
+
+
+def child_plain(args: argparse.Namespace) -> dict:
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from pipelines.ingest import schema as S
+    from pipelines.ingest.delta_store import CDF_CONFIG
+    from pipelines.ingest.validation import Limits, validate_batch
+    from pipelines.synthetic import iter_document_batches
+
+    cfg = _synthetic(args.rows, args.image_fraction, args.image_size)
+    limits = Limits()
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+
+    def batches():
+        seq = 0
+        for batch in iter_document_batches(cfg, 256):
+            d = batch.to_pydict()
+            n = batch.num_rows
+            raw = pa.table({
+                S.SOURCE: ["synthetic"] * n, S.RECORD_REF: [f"synthetic:{seq + i}" for i in range(n)],
+                S.SEQ: pa.array(range(seq, seq + n), pa.int64()), S.DOC_ID: d["doc_id"],
+                S.MODALITY: d["modality"], S.TEXT: [t or None for t in d["text"]],
+                S.CAPTION: [c or None for c in d["caption"]], S.IMAGE: d["image"],
+                S.IMAGE_URI: [None] * n, S.METADATA: d["attributes"], S.ERROR: [None] * n,
+                S.ERROR_DETAIL: [None] * n, S.RAW_EXCERPT: [None] * n,
+            }, schema=S.RAW_SCHEMA)
+            seq += n
+            v = validate_batch(raw, limits)
+            ok = v.filter(pa.compute.equal(v[S.STATUS], S.STATUS_OK))
+            cols = {name: ok[name] for name in S.DOCUMENTS_SCHEMA.names if name not in (S.RUN_ID, S.INGESTED_AT)}
+            cols[S.RUN_ID] = pa.array(["bench"] * ok.num_rows)
+            cols[S.INGESTED_AT] = pa.array([now] * ok.num_rows, pa.timestamp("us", tz="UTC"))
+            yield from pa.table(cols).cast(S.DOCUMENTS_SCHEMA).to_batches()
+
+    t0 = time.perf_counter()
+    reader = pa.RecordBatchReader.from_batches(S.DOCUMENTS_SCHEMA, batches())
+    write_deltalake(args.root, reader, mode="append", configuration=CDF_CONFIG)
+    seconds = time.perf_counter() - t0
+    from deltalake import DeltaTable
+
+    n = DeltaTable(args.root).count() if hasattr(DeltaTable, "count") else None
+    return {"mode": "plain", "rows": args.rows, "seconds": seconds, "table_rows": n}
+
+
+def child_ray(args: argparse.Namespace) -> dict:
+    from jobs import ingest
+
+    cfg = ingest.IngestConfig.model_validate({
+        "source": {"kind": "synthetic", "queries": False, "rows_per_shard": args.rows_per_shard,
+                   "synthetic": {"seed": 7, "num_image_docs": max(1, round(args.rows * args.image_fraction)),
+                                 "num_text_docs": args.rows - max(1, round(args.rows * args.image_fraction)),
+                                 "num_queries": (0, 0, 0), "image_size": args.image_size}},
+        "output": {"root": args.root, "run_dir": str(Path(args.root).parent / "runs")},
+        "ray": {"num_cpus": args.num_cpus, "temp_dir": args.ray_tmp, "object_store_mb": args.object_store_mb},
+        "progress": False,
+    })
+    source = ingest.make_source(cfg)
+    shards = source.plan()
+    t0 = time.perf_counter()
+    ingest._init_ray(cfg)
+    startup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    summary = ingest.run(cfg, source, shards)
+    seconds = time.perf_counter() - t1
+    import ray
+
+    ray.shutdown()
+    assert summary["documents"]["inserted"] == args.rows, summary["documents"]
+    return {"mode": "ray", "rows": args.rows, "seconds": seconds, "ray_startup_s": startup,
+            "table_rows": summary["documents"]["inserted"]}
+
+
+# ---------------------------------------------------------------------------------------
+# Parent: spawn, sample memory, report
+# ---------------------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK  # utime + stime
+
+
+def measure(mode: str, rows: int, args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{mode}-", dir=args.tmp))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-b-", dir="/tmp")
+    cmd = [sys.executable, "-m", "bench.ingest", "--child", mode, "--rows", str(rows),
+           "--image-fraction", str(args.image_fraction), "--image-size", str(args.image_size),
+           "--rows-per-shard", str(args.rows_per_shard), "--num-cpus", str(args.num_cpus),
+           "--object-store-mb", str(args.object_store_mb),
+           "--root", str(work / "documents"), "--ray-tmp", ray_tmp]
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
+               RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = {"kib": 0}
+    cpu: dict[int, float] = {}  # last CPU seconds seen per process of the tree
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pids = _descendants(proc.pid)
+            peak["kib"] = max(peak["kib"], sum(_pss_kib(p) for p in pids))
+            for p in pids:
+                cpu[p] = max(cpu.get(p, 0.0), _cpu_s(p))
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, err = proc.communicate()
+    done.set()
+    t.join()
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} child failed ({proc.returncode}):\n{err.decode()[-3000:]}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["peak_pss_mib"] = peak["kib"] / 1024
+    result["cpu_s"] = sum(cpu.values())  # whole tree, start-up included (sampled every 0.2 s)
+    result["rows_per_s"] = rows / result["seconds"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=100_000, help="documents for the throughput comparison")
+    p.add_argument("--memory-rows", default="100000,400000",
+                   help="comma-separated sizes for the Ray ingest's peak memory (default 100000,400000)")
+    p.add_argument("--rounds", type=int, default=2, help="throughput rounds per side (order alternates)")
+    p.add_argument("--image-fraction", type=float, default=2 / 3, help="share of image documents")
+    p.add_argument("--image-size", type=int, default=64, help="synthetic image side (px)")
+    p.add_argument("--rows-per-shard", type=int, default=2000, help="ray: documents per read shard")
+    p.add_argument("--num-cpus", type=int, default=2, help="ray: CPUs of the local Ray")
+    p.add_argument("--object-store-mb", type=int, default=512,
+                   help="ray: object store size (MiB); bounds Ray Data's in-flight blocks (default 512)")
+    p.add_argument("--tmp", default="/tmp", help="scratch folder for the Delta tables")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", choices=["ray", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--ray-tmp", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        result = child_ray(args) if args.child == "ray" else child_plain(args)
+        print(json.dumps(result))
+        return 0
+
+    load = os.getloadavg()[0]
+    print(f"ingest bench: {args.rows} rows ({args.image_fraction:.0%} image docs, {args.image_size}px PNG), "
+          f"{os.cpu_count()} CPUs, load avg {load:.2f}", flush=True)
+    runs: dict[str, list[dict]] = {"plain": [], "ray": []}
+    for r in range(args.rounds):
+        order = ("plain", "ray") if r % 2 == 0 else ("ray", "plain")
+        for mode in order:
+            res = measure(mode, args.rows, args)
+            runs[mode].append(res)
+            print(f"  round {r + 1} {mode:>5}: {res['rows_per_s']:8.0f} rows/s  ({res['seconds']:.1f} s"
+                  + (f", Ray start-up {res['ray_startup_s']:.1f} s" if mode == "ray" else "")
+                  + f", peak PSS {res['peak_pss_mib']:.0f} MiB, CPU {res['cpu_s']:.1f} s)", flush=True)
+    med = {m: statistics.median(x["rows_per_s"] for x in v) for m, v in runs.items()}
+    ratio = med["ray"] / med["plain"]
+    print(f"throughput (median of {args.rounds}): ray {med['ray']:.0f} rows/s, plain {med['plain']:.0f} rows/s "
+          f"→ ratio {ratio:.2f}×")
+
+    memory = {}
+    sizes = [int(s) for s in args.memory_rows.split(",") if s]
+    for n in sizes:
+        prior = [x for x in runs["ray"] if x["rows"] == n]
+        res = prior[0] if prior else measure("ray", n, args)
+        memory[n] = res
+        print(f"  ray ingest of {n} rows: peak PSS {res['peak_pss_mib']:.0f} MiB "
+              f"({res['rows_per_s']:.0f} rows/s)", flush=True)
+    if len(sizes) >= 2:
+        growth = memory[sizes[-1]]["peak_pss_mib"] / memory[sizes[0]]["peak_pss_mib"]
+        print(f"peak memory {sizes[-1]} vs {sizes[0]} rows: {growth:.2f}×")
+    else:
+        growth = None
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "median_rows_per_s": med, "ratio": ratio,
+                                               "memory": {str(k): v for k, v in memory.items()},
+                                               "memory_growth": growth, "load_avg_start": load}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

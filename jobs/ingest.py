@@ -1,0 +1,422 @@
+"""``ciea ingest``: read a corpus source, validate and normalise every record on Ray Data,
+and merge it into Delta Lake — documents, quarantine, queries and qrels.
+
+Tables under ``output.root`` (a local path or ``s3://bucket/prefix``):
+``corpus/documents`` (one row per doc_id, change data feed on), ``corpus/quarantine``
+(every rejected record with source, record reference, stage, reason and an excerpt),
+``queries/<split>`` and ``qrels/<split>``. Re-running the same ingest changes nothing; a
+changed record becomes one update; a run killed at any point and re-run leaves the same
+tables as one clean run. The summary accounts for every record read:
+read = accepted + quarantined, accepted = inserted + updated + unchanged.
+
+Sources (``--source``): ``synthetic`` (the generated demo corpus), ``webqa`` (the
+UniVL-DR release folder: all_docs.json, all_imgs.json, imgs.tsv + imgs.lineidx.new,
+train/dev/test.json), ``edis`` (candidates_full.json, train/dev/test.json, images/),
+``manifest`` (JSONL / Parquet files with doc_id, text, caption, image), ``folder`` (images
+with sidecar .txt captions).
+
+Examples::
+
+    ciea ingest                                              # synthetic corpus into ./data
+    ciea ingest --preset tiny --root /tmp/data               # seconds
+    ciea ingest --source webqa --path /data/WebQA --root s3://corpus/webqa \\
+        --storage-option AWS_REGION=eu-west-1                # credentials from the environment
+    ciea ingest --source manifest --path docs.jsonl --image-mode uri
+    ciea ingest --config ingest.yaml --set limits.max_text_chars=50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.ingest import delta_store
+from pipelines.ingest import storage as storage_mod
+from pipelines.ingest.runner import DocumentStream, QuarantineSpill, build_dataset, ingest_queries
+from pipelines.ingest.sources import (
+    EDISSource,
+    FolderSource,
+    ManifestSource,
+    Source,
+    SyntheticSource,
+    WebQASource,
+)
+from pipelines.ingest.validation import Limits
+from pipelines.synthetic import SyntheticConfig
+
+from .common import deep_merge, load_config, parse_overrides, setup_logging, write_json
+
+logger = logging.getLogger("ciea.ingest")
+
+SourceKind = Literal["synthetic", "webqa", "edis", "manifest", "folder"]
+#: Crash-test hook, a real SIGKILL of this process at a chosen point:
+#: ``documents_after_rows=N`` once N records have streamed into the documents MERGE (mid-run,
+#: nothing committed), ``after_documents`` right after the documents commit.
+FAILPOINT_ENV = "CIEA_INGEST_FAILPOINT"
+
+
+def _failpoint(name: str, rows: int | None = None) -> None:
+    point = os.environ.get(FAILPOINT_ENV, "")
+    if point == name or (rows is not None and point.startswith(f"{name}=") and rows >= int(point.split("=")[1])):
+        logger.warning("failpoint %s: killing this process", point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SyntheticSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = Field(0, ge=0, description="corpus seed")
+    num_image_docs: int = Field(2000, ge=1, description="image documents")
+    num_text_docs: int = Field(1000, ge=0, description="text documents")
+    num_queries: tuple[int, int, int] = Field((2000, 200, 400), description="train, dev, test queries")
+    image_size: int = Field(64, ge=16, le=1024, description="rendered image side (px)")
+
+
+class SourceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: SourceKind = Field("synthetic", description="source format: synthetic, webqa, edis, manifest, folder")
+    path: str | None = Field(None, description="source folder/file (local path or s3:// URI); not for synthetic")
+    name: str | None = Field(None, description="label stored with every row (default: the kind)")
+    images_dir: str | None = Field(None, description="edis: folder of candidate images (default <path>/images)")
+    image_mode: Literal["inline", "uri"] = Field(
+        "inline", description="store image bytes in Delta (inline) or their URI (uri: manifest, folder, edis)")
+    shard_mb: float = Field(8.0, gt=0, description="line files: bytes per read shard, in MiB")
+    rows_per_shard: int = Field(2000, ge=1, description="synthetic: documents per read shard")
+    files_per_shard: int = Field(500, ge=1, description="folder: images per read shard")
+    queries: bool = Field(True, description="also ingest queries and qrels when the source has them")
+    full_snapshot: bool = Field(
+        False, description="the source is complete: delete this source's documents that it no longer has "
+                           "(a record that is now quarantined counts as gone)")
+    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceSettings:
+        if self.kind != "synthetic" and not self.path:
+            raise ValueError(f"source.kind={self.kind!r} needs source.path (--path): the folder or file to read")
+        if self.kind == "synthetic" and self.path:
+            raise ValueError("source.path is not used by the synthetic source; drop --path or pick --source")
+        if self.image_mode == "uri" and self.kind in ("synthetic", "webqa"):
+            raise ValueError(f"source.image_mode=uri needs images addressable by URI; {self.kind} images "
+                             "are generated or packed in imgs.tsv — use inline")
+        return self
+
+
+class OutputSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("data", description="data root: local path or s3://bucket/prefix; tables go under it")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="object-store settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP, ...); "
+                    "credentials only from the environment")
+    run_dir: str = Field("runs/ingest", description="local folder for the run summary and resolved config")
+    target_file_mb: int = Field(16, ge=1, description="Delta data file size for new tables (MiB); "
+                                "bounds the driver's memory during a merge")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        storage_mod.check_storage_options(v)
+        return v
+
+
+class LimitsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_doc_id_chars: int = Field(512, ge=1, description="longest doc_id")
+    max_text_chars: int = Field(100_000, ge=1, description="longest document text (characters)")
+    max_caption_chars: int = Field(10_000, ge=1, description="longest caption (characters)")
+    max_query_chars: int = Field(2_000, ge=1, description="longest query (characters)")
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest encoded image (bytes)")
+    max_image_pixels: int = Field(40_000_000, ge=1,
+                                  description="largest width x height, checked on the header (bomb guard)")
+    excerpt_chars: int = Field(200, ge=16, description="length of the excerpt kept in quarantine")
+
+    def limits(self) -> Limits:
+        return Limits(**self.model_dump(exclude={"max_query_chars"}))
+
+
+class RaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="Ray cluster address; default: start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray: CPUs to use (default: all)")
+    temp_dir: str = Field("/tmp/ciea-ray", description="local Ray: session files (keep the path short)")
+    object_store_mb: int | None = Field(
+        None, ge=64, description="local Ray: object store size (MiB); default Ray's (30% of RAM). "
+        "Ray Data keeps in-flight blocks within it")
+
+
+class IngestConfig(BaseModel):
+    """The whole ingest, validated before Ray starts."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    progress: bool = Field(True, description="show progress bars")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {"source": {"kind": "synthetic", "rows_per_shard": 100,
+                        "synthetic": {"num_image_docs": 200, "num_text_docs": 60,
+                                      "num_queries": (60, 20, 20), "image_size": 32}}},
+}
+
+
+def _config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    lines = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += _config_keys(ann, f"{prefix}{name}.")
+        else:
+            default = f.default if f.default_factory is None else f.default_factory()
+            lines.append(f"  {prefix}{name} = {default!r}\n      {f.description or ''}")
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ciea ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n"
+               + "\n".join(_config_keys(IngestConfig)))
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="defaults to start from (tiny: a 260-document synthetic corpus)")
+    p.add_argument("--config", help="YAML file with IngestConfig fields (overrides the preset)")
+    p.add_argument("--source", choices=["synthetic", "webqa", "edis", "manifest", "folder"],
+                   help="source format (source.kind)")
+    p.add_argument("--path", help="source folder or file, local or s3:// (source.path)")
+    p.add_argument("--name", help="source label stored with every row (source.name)")
+    p.add_argument("--images-dir", help="edis: folder of the candidate images (source.images_dir)")
+    p.add_argument("--image-mode", choices=["inline", "uri"],
+                   help="store image bytes (inline) or URIs (uri) (source.image_mode)")
+    p.add_argument("--root", help="data root for the Delta tables, local or s3:// (output.root)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="object-store setting, repeatable, e.g. AWS_ENDPOINT_URL=http://127.0.0.1:9000 "
+                        "(output.storage_options; never credentials: those come from the environment)")
+    p.add_argument("--full-snapshot", action="store_true",
+                   help="the source is complete: delete its documents it no longer has")
+    p.add_argument("--no-queries", action="store_true", help="skip queries and qrels (source.queries=false)")
+    p.add_argument("--run-dir", help="local folder for summary.json and the resolved config (output.run_dir)")
+    p.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one (ray.address)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (ray.num_cpus)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (progress=false)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key below, e.g. --set limits.max_text_chars=50000")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    flags = {"source": "source.kind", "path": "source.path", "name": "source.name",
+             "images_dir": "source.images_dir", "image_mode": "source.image_mode", "root": "output.root",
+             "run_dir": "output.run_dir", "ray_address": "ray.address", "num_cpus": "ray.num_cpus"}
+    for attr, key in flags.items():
+        value = getattr(args, attr)
+        if value is not None:
+            # Quoted so YAML keeps strings as strings (a path like 2024 or "on").
+            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={_yaml_str(value)}")
+    for pair in args.storage_option:
+        if "=" not in pair:
+            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
+        key, value = pair.split("=", 1)
+        out.append(f"output.storage_options.{key}={_yaml_str(value)}")
+    if args.full_snapshot:
+        out.append("source.full_snapshot=true")
+    if args.no_queries:
+        out.append("source.queries=false")
+    if args.no_progress:
+        out.append("progress=false")
+    return out + list(args.set)
+
+
+def _yaml_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def make_source(cfg: IngestConfig) -> Source:
+    s, opts = cfg.source, cfg.output.storage_options
+    shard_bytes = int(s.shard_mb * (1 << 20))
+    if s.kind == "synthetic":
+        syn = s.synthetic
+        return SyntheticSource(
+            SyntheticConfig(seed=syn.seed, num_image_docs=syn.num_image_docs, num_text_docs=syn.num_text_docs,
+                            num_queries=tuple(syn.num_queries), image_size=syn.image_size),
+            rows_per_shard=s.rows_per_shard, name=s.name, with_queries=s.queries)
+    if s.kind == "webqa":
+        return WebQASource(s.path, shard_bytes, s.name, opts, with_queries=s.queries)
+    if s.kind == "edis":
+        return EDISSource(s.path, s.images_dir, shard_bytes, s.name, opts, s.image_mode, with_queries=s.queries)
+    if s.kind == "manifest":
+        return ManifestSource(s.path, shard_bytes, s.name, opts, s.image_mode)
+    return FolderSource(s.path, s.files_per_shard, s.name, opts, s.image_mode)
+
+
+def _init_ray(cfg: IngestConfig) -> bool:
+    """Starts (or connects to) Ray unless this process already has it; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, **kwargs)
+    else:
+        Path(cfg.ray.temp_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.ray.object_store_mb:
+            kwargs["object_store_memory"] = cfg.ray.object_store_mb * 1024 * 1024
+        ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=cfg.ray.temp_dir, **kwargs)
+    return True
+
+
+def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs one ingest (Ray must be initialised); returns the summary."""
+    import ray.data
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    tables = delta_store.Tables(cfg.output.root, cfg.output.storage_options,
+                                cfg.output.target_file_mb * 1024 * 1024)
+    limits = cfg.limits.limits()
+    spill = QuarantineSpill(run_id, now)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    # Source order makes the duplicate rule deterministic; tqdm below is the progress bar.
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    try:
+        summary: dict[str, Any] = {"run_id": run_id, "source": source.name, "kind": source.kind,
+                                   "root": tables.root, "shards": len(shards)}
+        bar = tqdm(total=source.estimated_records(), unit="rec", desc=f"ingest {source.name}",
+                   disable=not cfg.progress, file=sys.stderr)
+        def progress(n: int) -> None:
+            bar.update(n)
+            _failpoint("documents_after_rows", bar.n)
+
+        stream = DocumentStream(_iter_validated(source, shards, limits), spill,
+                                run_id, now, progress=progress)
+        version_before = tables.version(tables.documents)
+        metrics = delta_store.merge_documents(
+            tables, stream.reader(), source.name if cfg.source.full_snapshot else None)
+        bar.close()
+        counts = stream.counts
+        counts.check("documents")
+        docs = counts.to_dict()
+        docs.update(inserted=metrics["num_target_rows_inserted"], updated=metrics["num_target_rows_updated"],
+                    deleted=metrics["num_target_rows_deleted"])
+        docs["unchanged"] = counts.accepted - docs["inserted"] - docs["updated"]
+        docs["version_before"], docs["version_after"] = version_before, tables.version(tables.documents)
+        summary["documents"] = docs
+        _failpoint("after_documents")
+
+        summary["queries"] = {}
+        for split in source.query_splits():
+            summary["queries"][split] = ingest_queries(
+                source, split, tables, limits, cfg.limits.max_query_chars, spill, run_id, now, stream.seen)
+
+        reader = spill.reader()
+        if reader is not None:
+            qm = delta_store.merge_quarantine(tables, reader)
+            summary["quarantine"] = {"rows_this_run": spill.rows, "inserted": qm["num_target_rows_inserted"]}
+        else:
+            tables.ensure(tables.quarantine, delta_store.S.QUARANTINE_SCHEMA)
+            summary["quarantine"] = {"rows_this_run": 0, "inserted": 0}
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        return summary
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        spill.close()
+
+
+def _iter_validated(source: Source, shards: list[dict[str, Any]], limits: Limits):
+    if not shards:
+        return
+    ds = build_dataset(source, shards, limits)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    d = summary["documents"]
+    lines = [
+        f"ingest {summary['run_id']}: source {summary['source']} ({summary['kind']}) → {summary['root']}",
+        f"  documents  read {d['read']}  = accepted {d['accepted']} + quarantined {d['quarantined']}",
+        f"             accepted {d['accepted']} = inserted {d['inserted']} + updated {d['updated']} "
+        f"+ unchanged {d['unchanged']}" + (f"   (deleted {d['deleted']})" if d["deleted"] else ""),
+        f"             corpus/documents version "
+        f"{'(new)' if d['version_before'] is None else d['version_before']} → {d['version_after']}",
+    ]
+    for reason, n in d["quarantined_by_reason"].items():
+        lines.append(f"    quarantined {reason}: {n}")
+    for split, q in summary["queries"].items():
+        lines.append(f"  queries/{split}  read {q['read']} = accepted {q['accepted']} + quarantined "
+                     f"{q['quarantined']}; inserted {q['inserted']}, updated {q['updated']}, "
+                     f"unchanged {q['unchanged']}; qrels {q['qrels']['rows']} "
+                     f"(inserted {q['qrels']['inserted']}, updated {q['qrels']['updated']})")
+        for reason, n in q["quarantined_by_reason"].items():
+            lines.append(f"    quarantined {reason}: {n}")
+    lines.append(f"  corpus/quarantine  {summary['quarantine']['rows_this_run']} rows this run, "
+                 f"{summary['quarantine']['inserted']} new   ({summary['seconds']} s)")
+    return "\n".join(lines)
+
+
+def _refuse_secrets(config_path: str | None, overrides: list[str]) -> None:
+    """Rejects credentials in storage_options before the config is parsed, so the error
+    (unlike a validation error, which echoes its input) never prints the secret."""
+    import yaml
+
+    data = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    options = (data.get("output") or {}).get("storage_options") or {}
+    try:
+        storage_mod.check_storage_options(options if isinstance(options, dict) else {})
+    except ValueError as e:
+        raise SystemExit(f"ciea ingest: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = _overrides(args)
+    _refuse_secrets(args.config, overrides)
+    cfg: IngestConfig = load_config(IngestConfig, args.config, overrides, PRESETS[args.preset])  # type: ignore[assignment]
+    setup_logging(args.verbose)
+    for noisy in ("ray", "ray.data", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Everything that can fail on the config or the source layout fails here, before Ray.
+    try:
+        source = make_source(cfg)
+        shards = source.plan()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"ciea ingest: {e}") from None
+    run_dir = Path(cfg.output.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = _init_ray(cfg)
+    try:
+        summary = run(cfg, source, shards)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    out = run_dir / summary["run_id"]
+    write_json(out / "ingest_config.json", cfg.model_dump())
+    write_json(out / "summary.json", summary)
+    write_json(run_dir / "latest.json", summary)
+    print(format_summary(summary))
+    print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

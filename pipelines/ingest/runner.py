@@ -1,0 +1,312 @@
+"""Wiring of the ingest stages: Ray Data read → validate, then the driver-side commit.
+
+``build_dataset`` is the parallel part: the source's shards become a Ray Dataset, each shard
+is read and validated by one task on a worker (``read_and_validate``; a reader yields
+``BATCH_ROWS``-row tables, so validation works batch by batch). The driver
+consumes the validated stream in source order (``preserve_order``) and never holds more
+than a few blocks of it:
+
+1. ``ok`` rows pass the duplicate rule and stream, as they arrive, into one Delta ``MERGE``
+   on ``corpus/documents`` (deltalake pulls them through an Arrow stream);
+2. quarantined rows are spilled to a local Parquet file, merged into ``corpus/quarantine``
+   after the documents and queries are committed (they are small: an excerpt, not the
+   content).
+
+Duplicate rule: within one ingest the first record of a ``doc_id`` in source order (file
+order, then byte offset / row within the file) wins; every later record with that doc_id
+is quarantined at stage ``dedupe`` with reason ``duplicate_doc_id``, whether or not its
+content is identical. The driver keeps the set of accepted doc_ids for this (about 100 bytes
+per document, never the content).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import delta_store
+from . import schema as S
+from .sources.base import Query, Source
+from .validation import (
+    Limits,
+    Rejected,
+    content_sha256,
+    normalise_text,
+    quarantine_id,
+    validate_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------
+# Ray Data stages (run on workers)
+# ---------------------------------------------------------------------------------------
+
+
+def read_and_validate(batch: pa.Table, source: Source, limits: Limits, image_mode: str,
+                      storage_options: dict[str, str]) -> Iterator[pa.Table]:
+    """Ray UDF: shard specs (``shard``, ``spec`` JSON) in, ``VALIDATED_SCHEMA`` tables out.
+
+    Reading and validating are one UDF on purpose: as two ``map_batches`` Ray fuses them
+    into one operator whose input bundles take the larger batch size, so every one-row
+    shard spec would land in the same task — one task for the whole corpus, no parallelism.
+    """
+    for index, spec in zip(batch["shard"].to_pylist(), batch["spec"].to_pylist()):
+        for raw in source.read(index, json.loads(spec)):
+            yield validate_batch(raw, limits, image_mode, storage_options)
+
+
+def build_dataset(source: Source, shards: list[dict[str, Any]], limits: Limits):
+    """The validated stream of ``source`` as a lazy Ray Dataset: one task per shard.
+
+    Args:
+        source: The source reader (pickled to the workers).
+        shards: ``source.plan()``.
+        limits: Validation limits.
+
+    Returns:
+        A ``ray.data.Dataset`` of ``VALIDATED_SCHEMA`` rows, in source order when iterated
+        with ``preserve_order``.
+    """
+    import ray.data
+
+    items = [{"shard": i, "spec": json.dumps(s)} for i, s in enumerate(shards)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(
+        read_and_validate, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"source": source, "limits": limits, "image_mode": source.image_mode,
+                   "storage_options": source.storage_options},
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Driver-side commit
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.quarantined += n
+        self.by_reason[reason] += n
+
+    def check(self, what: str) -> None:
+        if self.read != self.accepted + self.quarantined:
+            raise RuntimeError(  # a bug, never bad input: every record must be accounted for
+                f"{what}: read {self.read} != accepted {self.accepted} + quarantined "
+                f"{self.quarantined}; records were lost — report this with the run summary")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "accepted": self.accepted, "quarantined": self.quarantined,
+                "quarantined_by_reason": dict(sorted(self.by_reason.items()))}
+
+
+class QuarantineSpill:
+    """Quarantine rows of one run, spilled to a local Parquet file until they are merged."""
+
+    def __init__(self, run_id: str, now: datetime) -> None:
+        self.run_id, self.now = run_id, now
+        self.dir = Path(tempfile.mkdtemp(prefix="ciea-quarantine-"))
+        self.path = self.dir / "quarantine.parquet"
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        for r in rows:
+            r[S.QUARANTINE_ID] = quarantine_id(r[S.SOURCE], r[S.RECORD_REF], r[S.STAGE], r[S.REASON],
+                                               r.pop(S.FINGERPRINT, "") or "")
+            r[S.RUN_ID] = self.run_id
+            r[S.QUARANTINED_AT] = self.now
+        table = pa.Table.from_pylist(rows, schema=S.QUARANTINE_SCHEMA)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, S.QUARANTINE_SCHEMA)
+        self.writer.write_table(table)
+        self.rows += len(rows)
+
+    def reader(self) -> pa.RecordBatchReader | None:
+        if self.writer is None:
+            return None
+        self.writer.close()
+        self.writer = None
+        pf = pq.ParquetFile(self.path)
+        # One quarantine_id once: the same bad record twice in one run (e.g. two identical
+        # bad lines at the same ref cannot happen, but a re-listed file could) is one row.
+        return pa.RecordBatchReader.from_batches(S.QUARANTINE_SCHEMA, _unique_ids(pf.iter_batches()))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _unique_ids(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    seen: set[str] = set()
+    for batch in batches:
+        ids = batch.column(S.QUARANTINE_ID).to_pylist()
+        keep = [i not in seen and not seen.add(i) for i in ids]  # type: ignore[func-returns-value]
+        if all(keep):
+            yield batch
+        else:
+            yield batch.filter(pa.array(keep))
+
+
+class DocumentStream:
+    """Turns the validated stream into accepted documents (a generator for the merge),
+    counting every record and spilling the rejected ones."""
+
+    def __init__(self, batches: Iterable[pa.Table], spill: QuarantineSpill, run_id: str,
+                 now: datetime, progress: Callable[[int], None] | None = None) -> None:
+        self.batches, self.spill = batches, spill
+        self.run_id, self.now = run_id, now
+        self.progress = progress
+        self.counts = Counts()
+        self.seen: set[str] = set()
+
+    def reader(self) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(S.DOCUMENTS_SCHEMA, self._documents())
+
+    def _documents(self) -> Iterator[pa.RecordBatch]:
+        for table in self.batches:
+            out = self._process(table)
+            if out is not None and out.num_rows:
+                yield from out.to_batches()
+            if self.progress is not None:
+                self.progress(table.num_rows)
+
+    def _process(self, table: pa.Table) -> pa.Table | None:
+        self.counts.read += table.num_rows
+        is_ok = pc.equal(table[S.STATUS], S.STATUS_OK)
+        rejected = table.filter(pc.invert(is_ok))
+        rows = rejected.to_pylist()
+        for r in rows:
+            self.counts.reject(r[S.REASON])
+        ok = table.filter(is_ok)
+        keep = []
+        for i, doc_id in enumerate(ok[S.DOC_ID].to_pylist()):
+            if doc_id in self.seen:
+                keep.append(False)
+                r = ok.slice(i, 1).to_pylist()[0]
+                r.update({S.STAGE: S.STAGE_DEDUPE, S.REASON: "duplicate_doc_id",
+                          S.DETAIL: f"doc_id {doc_id!r} was already accepted earlier in this ingest "
+                                    "(first record in source order wins); give the record its own "
+                                    "id or remove the duplicate",
+                          S.EXCERPT: json.dumps({"doc_id": doc_id, "text": (r[S.TEXT] or "")[:80],
+                                                 "caption": (r[S.CAPTION] or "")[:80]}, ensure_ascii=False),
+                          S.FINGERPRINT: r[S.CONTENT_SHA256]})
+                rows.append(r)
+                self.counts.reject("duplicate_doc_id")
+            else:
+                self.seen.add(doc_id)
+                keep.append(True)
+        self.spill.add([{k: r.get(k) for k in (*S.QUARANTINE_SCHEMA.names, S.FINGERPRINT)} for r in rows])
+        accepted = ok.filter(pa.array(keep, pa.bool_())) if not all(keep) else ok
+        self.counts.accepted += accepted.num_rows
+        if not accepted.num_rows:
+            return None
+        n = accepted.num_rows
+        cols = {name: accepted[name] for name in S.DOCUMENTS_SCHEMA.names
+                if name not in (S.RUN_ID, S.INGESTED_AT)}
+        cols[S.RUN_ID] = pa.array([self.run_id] * n, pa.string())
+        cols[S.INGESTED_AT] = pa.array([self.now] * n, pa.timestamp("us", tz="UTC"))
+        return pa.table(cols).cast(S.DOCUMENTS_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------
+# Queries and qrels (driver, streamed per split)
+# ---------------------------------------------------------------------------------------
+
+
+def validate_query(q: Query, limits: Limits, max_query_chars: int) -> dict[str, Any]:
+    """A ``QUERIES_SCHEMA`` row (without run fields), or raises ``Rejected``."""
+    if q.error:
+        raise Rejected(q.error, q.error_detail or q.error, S.STAGE_READ)
+    if q.qid is None or (isinstance(q.qid, str) and not q.qid.strip()):
+        raise Rejected("missing_qid", "the query has no id; every query needs a stable qid")
+    if isinstance(q.qid, bool) or not isinstance(q.qid, (str, int)):
+        raise Rejected("wrong_type", f"qid must be a string or integer, got {type(q.qid).__name__}")
+    text = normalise_text(q.query, "query", max_query_chars)
+    if text is None:
+        raise Rejected("missing_text", "the query text is missing or empty")
+    answer = None if q.answer is None else json.dumps(q.answer, ensure_ascii=False, sort_keys=True)
+    metadata = json.dumps(q.metadata, ensure_ascii=False, sort_keys=True) if q.metadata else None
+    return {S.QID: str(q.qid), S.QUERY: text, S.ANSWER: answer, S.METADATA: metadata,
+            S.CONTENT_SHA256: content_sha256(text, (answer or "") + "\x1f" + (metadata or ""), None),
+            S.RECORD_REF: q.record_ref}
+
+
+def ingest_queries(source: Source, split: str, tables: delta_store.Tables, limits: Limits,
+                   max_query_chars: int, spill: QuarantineSpill, run_id: str, now: datetime,
+                   known_doc_ids: set[str] | None) -> dict[str, Any]:
+    """Validate, dedupe and merge one split's queries and qrels; returns its summary."""
+    counts = Counts()
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for q in source.iter_queries(split):
+        counts.read += 1
+        try:
+            row = validate_query(q, limits, max_query_chars)
+            if row[S.QID] in seen:
+                raise Rejected("duplicate_qid", f"qid {row[S.QID]!r} already read in this split "
+                               "(first wins); give the query its own id", S.STAGE_DEDUPE)
+        except Rejected as r:
+            counts.reject(r.reason)
+            bad.append({S.SOURCE: source.name, S.RECORD_REF: q.record_ref,
+                        S.DOC_ID: None, S.STAGE: S.STAGE_QUERY if r.stage == S.STAGE_VALIDATE else r.stage,
+                        S.REASON: r.reason, S.DETAIL: r.detail,
+                        S.EXCERPT: (q.raw_excerpt or json.dumps({"qid": str(q.qid), "query": str(q.query)[:120]},
+                                                                ensure_ascii=False))[:200],
+                        S.FINGERPRINT: f"{split}\x1f{q.qid}\x1f{str(q.query)[:1000]}"})
+            continue
+        seen.add(row[S.QID])
+        counts.accepted += 1
+        row.update({S.SOURCE: source.name, S.RUN_ID: run_id, S.INGESTED_AT: now})
+        rows.append(row)
+    counts.check(f"queries/{split}")
+    spill.add(bad)
+    summary: dict[str, Any] = counts.to_dict()
+    metrics = delta_store.merge_queries(tables, split, pa.Table.from_pylist(rows, schema=S.QUERIES_SCHEMA))
+    summary.update(inserted=metrics["num_target_rows_inserted"], updated=metrics["num_target_rows_updated"])
+    summary["unchanged"] = counts.accepted - summary["inserted"] - summary["updated"]
+
+    pairs: dict[tuple[str, str], int] = {}
+    repeated = 0
+    for qid, doc_id, rel in source.iter_qrels(split):
+        if (qid, doc_id) in pairs:
+            repeated += 1
+            continue
+        pairs[(qid, doc_id)] = rel
+    qrels = pa.table({
+        S.QID: [k[0] for k in pairs], S.DOC_ID: [k[1] for k in pairs],
+        S.RELEVANCE: pa.array(list(pairs.values()), pa.int32()),
+        S.SOURCE: [source.name] * len(pairs), S.RUN_ID: [run_id] * len(pairs),
+    }, schema=S.QRELS_SCHEMA)
+    qmetrics = delta_store.merge_qrels(tables, split, qrels)
+    summary["qrels"] = {
+        "rows": len(pairs), "repeated_pairs_collapsed": repeated,
+        "inserted": qmetrics["num_target_rows_inserted"], "updated": qmetrics["num_target_rows_updated"],
+        "unknown_qid": sum(1 for k in pairs if k[0] not in seen),
+    }
+    if known_doc_ids is not None:
+        summary["qrels"]["doc_not_in_this_ingest"] = sum(1 for k in pairs if k[1] not in known_doc_ids)
+    return summary

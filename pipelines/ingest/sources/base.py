@@ -1,0 +1,233 @@
+"""What every source shares: the reader protocol, byte-range sharding of line files, and
+building ``RAW_SCHEMA`` batches.
+
+A source is a small picklable object with two halves:
+
+* ``plan()`` runs once in the driver and returns shard specs (small JSON-able dicts: a file
+  and a byte range, a row group, an index range). It never reads record contents.
+* ``read(shard_index, spec)`` runs on a Ray worker and yields ``RAW_SCHEMA`` Arrow tables
+  for that shard. It never raises for a bad record: it emits the record with ``error`` set,
+  so validation quarantines it and nothing is lost.
+
+Queries and qrels (``query_splits``, ``iter_queries``, ``iter_qrels``) are read by the
+driver, one split at a time: they are orders of magnitude smaller than the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .. import schema as S
+from .. import storage
+
+#: Rows per emitted Arrow table: bounds worker memory with inline images.
+BATCH_ROWS = 256
+#: ``seq`` = shard index << SHARD_SHIFT | row within the shard: a global source order.
+SHARD_SHIFT = 32
+_READ_CHUNK = 1 << 20
+
+
+@dataclass
+class Query:
+    """One query of a split, as a source reads it (validated by the ingest job)."""
+
+    qid: Any
+    query: Any
+    record_ref: str
+    answer: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    error_detail: str | None = None
+    raw_excerpt: str | None = None
+
+
+class Source:
+    """Base class; subclasses set ``kind`` and implement ``plan`` and ``read``."""
+
+    kind = "base"
+
+    def __init__(self, name: str | None, storage_options: dict[str, str] | None = None,
+                 image_mode: str = "inline") -> None:
+        self.name = name or self.kind
+        self.storage_options = dict(storage_options or {})
+        self.image_mode = image_mode
+
+    def plan(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def read(self, shard_index: int, spec: dict[str, Any]) -> Iterator[pa.Table]:
+        raise NotImplementedError
+
+    def estimated_records(self) -> int | None:
+        """Records to expect, when known cheaply (for the progress bar)."""
+        return None
+
+    def query_splits(self) -> list[str]:
+        return []
+
+    def iter_queries(self, split: str) -> Iterator[Query]:
+        return iter(())
+
+    def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int]]:
+        return iter(())
+
+    # helpers ----------------------------------------------------------------------------
+    def fs(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        return storage.filesystem(uri, self.storage_options)
+
+
+class RawBuilder:
+    """Accumulates raw records of one shard and emits ``RAW_SCHEMA`` tables."""
+
+    def __init__(self, source: str, shard_index: int, batch_rows: int = BATCH_ROWS) -> None:
+        self.source, self.batch_rows = source, batch_rows
+        self.base = shard_index << SHARD_SHIFT
+        self.cols = S.empty_raw()
+        self.count = 0
+
+    def add(self, record_ref: str, **fields: Any) -> pa.Table | None:
+        """Add one record; returns a full table when ``batch_rows`` are buffered."""
+        row = {S.SOURCE: self.source, S.RECORD_REF: record_ref, S.SEQ: self.base + self.count}
+        row.update(fields)
+        unknown = set(row) - set(self.cols)
+        if unknown:
+            raise KeyError(f"unknown raw fields {sorted(unknown)}; allowed {S.RAW_SCHEMA.names}")
+        for name, values in self.cols.items():
+            values.append(row.get(name))
+        self.count += 1
+        if len(self.cols[S.SOURCE]) >= self.batch_rows:
+            return self.flush()
+        return None
+
+    def error(self, record_ref: str, reason: str, detail: str, excerpt: str | None = None,
+              **fields: Any) -> pa.Table | None:
+        return self.add(record_ref, error=reason, error_detail=detail, raw_excerpt=excerpt, **fields)
+
+    def flush(self) -> pa.Table | None:
+        if not self.cols[S.SOURCE]:
+            return None
+        table = pa.table(self.cols, schema=S.RAW_SCHEMA)
+        self.cols = S.empty_raw()
+        return table
+
+
+def metadata_json(fields: dict[str, Any]) -> str | None:
+    """Free metadata as a JSON object string (sorted keys), None when empty."""
+    if not fields:
+        return None
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+def text_excerpt(data: bytes, n: int = 200) -> str:
+    return data[:n].decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------------------
+# Line files, sharded by byte range
+# ---------------------------------------------------------------------------------------
+
+
+def byte_ranges(size: int, shard_bytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges covering ``size`` bytes; a line belongs to the range its first
+    byte is in, so ranges need not fall on line boundaries."""
+    if size <= 0:
+        return []
+    step = max(1, shard_bytes)
+    return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+
+
+def iter_lines(f: pafs.NativeFile | Any, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """``(offset, line)`` for every line whose first byte is in ``[start, end)``.
+
+    ``f`` is a random-access file. The line is returned without its ``\\n`` (and ``\\r``).
+    Never reads more than the range plus one line past its end.
+    """
+    pos = start
+    if start > 0:
+        # The line containing byte start-1 belongs to the previous range (unless it ends
+        # exactly there, then ours starts at `start`).
+        f.seek(start - 1)
+        pos = start - 1
+        skip = True
+    else:
+        f.seek(0)
+        skip = False
+    buf = b""
+    buf_pos = pos
+    while True:
+        nl = buf.find(b"\n")
+        if nl < 0:
+            chunk = f.read(_READ_CHUNK)
+            if not chunk:
+                if buf and not skip and buf_pos < end:
+                    yield buf_pos, buf.rstrip(b"\r")
+                return
+            buf += chunk
+            continue
+        line, line_pos = buf[:nl], buf_pos
+        buf, buf_pos = buf[nl + 1 :], buf_pos + nl + 1
+        if skip:
+            skip = False
+            continue
+        if line_pos >= end:
+            return
+        yield line_pos, line.rstrip(b"\r")
+
+
+def parse_json_line(line: bytes) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """``(record, error_reason, detail)``: a dict, or why the line is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, "not_utf8", (f"line is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                  "re-encode the file as UTF-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, "bad_json", f"line is not JSON ({e.msg} at column {e.colno}); fix or remove it"
+    if not isinstance(value, dict):
+        return None, "wrong_type", f"line holds a JSON {type(value).__name__}, expected an object"
+    return value, None, None
+
+
+def line_file_shards(source: Source, uri: str, shard_bytes: int, **extra: Any) -> list[dict[str, Any]]:
+    """Shard specs ``{"uri", "start", "end", **extra}`` over one line file."""
+    fs, path = source.fs(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri} does not exist; check the source path")
+    return [{"uri": uri, "start": lo, "end": hi, **extra} for lo, hi in byte_ranges(info.size, shard_bytes)]
+
+
+def relative_name(uri: str, root: str) -> str:
+    """``uri`` relative to ``root`` (for record refs), or its basename."""
+    root = root.rstrip("/")
+    if uri.startswith(root + "/"):
+        return uri[len(root) + 1 :]
+    return posixpath.basename(uri)
+
+
+def int_or_str_id(value: Any) -> tuple[str | None, str | None]:
+    """An id from JSON/Parquet as a string: strings as is, integers in decimal.
+
+    Returns:
+        ``(id, None)`` or ``(None, detail)`` when the type is wrong.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"id must be a string or an integer, got {type(value).__name__} {value!r:.40}"
+    return str(value), None
