@@ -1,0 +1,159 @@
+"""Training throughput: Ray Train (N workers × 1 torch thread, DDP-style, candidates
+gathered across workers) vs the in-process trainer (1 process × N threads), same model
+config, same global batch, same data, same run.
+
+Both sides train on the same synthetic corpus, written once to Delta tables: Ray Train
+through ``ciea train``'s own code path (Ray Data join → shards → ``train_loop_per_worker``),
+the in-process side through ``ciea_model.training.train_step`` over
+``iterate_batches`` (what ``Trainer.fit`` runs), with images left as PNG bytes on both
+sides so each decodes them per step alike. Throughput is queries/s over whole epochs
+(data, collation, forward, backward, gradient all-reduce, optimiser), median over the
+epochs after the first (warm-up); Ray Train's epoch clock excludes its checkpoint and
+start-up, which are reported separately as end-to-end wall time.
+
+    python -m bench.train_throughput                      # demo preset, 2 workers
+    python -m bench.train_throughput --preset tiny --queries 256 --epochs 3
+
+GPU / MFU: with an accelerator, ``--gpu`` runs one Ray Train worker on it (bf16 autocast)
+and prints samples/s; model FLOPs utilisation is not computed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench.train_throughput")
+
+
+def _write_corpus(root: Path, queries: int, seed: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+    from train_fixtures import write_synthetic
+
+    from pipelines.synthetic import SyntheticConfig
+
+    write_synthetic(root, SyntheticConfig(seed=seed, num_image_docs=max(200, queries), num_text_docs=max(60, queries // 4),
+                                          num_queries=(queries, 16, 4), image_size=32))
+
+
+def run_ray(cfg) -> tuple[list[float], float, dict]:
+    from jobs import train
+    from pipelines.train_loop import read_metrics
+
+    t0 = time.perf_counter()
+    summary = train.run(cfg)
+    wall = time.perf_counter() - t0
+    records = read_metrics(cfg.run_dir / "metrics.jsonl")
+    return [r["samples_per_s"] for r in records if r["event"] == "epoch"], wall, summary
+
+
+def run_inprocess(cfg, threads: int) -> tuple[list[float], float]:
+    import pyarrow as pa
+    import torch
+    from deltalake import DeltaTable
+
+    from ciea_model import create_model_and_processor
+    from ciea_model.training import (
+        OptimConfig,
+        build_optimizer,
+        build_scheduler,
+        iterate_batches,
+        train_step,
+    )
+    from jobs.train import tokenizer_dir
+    from pipelines.train_data import read_queries, rows_to_documents
+    from pipelines.train_loop import NEW_MODULES, model_config_for
+    from pipelines.training_data import training_examples
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    docs = rows_to_documents(pa.table(DeltaTable(str(Path(cfg.data.root) / "corpus" / "documents")).to_pyarrow_table()))
+    examples, _ = training_examples(read_queries(cfg.data.root, "train"), {d.doc_id: d for d in docs})
+
+    model, processor = create_model_and_processor(model_config_for(cfg, tokenizer_dir(cfg)), pretrained=True,
+                                                  seed=cfg.train.seed)
+    optim = build_optimizer(model, OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                               module_lr={p: cfg.train.new_lr for p in NEW_MODULES} if cfg.train.new_lr else {}))
+    steps = math.ceil(len(examples) / cfg.train.batch_size) * cfg.train.epochs
+    sched = build_scheduler(optim, steps)
+    rates = []
+    for epoch in range(cfg.train.epochs):
+        t_epoch, n = time.perf_counter(), 0
+        for batch in iterate_batches(examples, processor, cfg.train.batch_size, cfg.train.seed, epoch):
+            train_step(model, batch, optim, sched)
+            n += len(batch.targets)
+        rates.append(n / (time.perf_counter() - t_epoch))
+    return rates, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
+    p.add_argument("--queries", type=int, default=256, help="training queries")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (queries per step)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--inprocess-threads", type=int, help="torch threads of the in-process side (default: --workers)")
+    p.add_argument("--gpu", action="store_true", help="one Ray Train worker on a GPU, bf16")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from jobs.common import deep_merge
+    from jobs.train import PRESETS
+    from pipelines.train_loop import TrainJobConfig
+
+    work = Path(tempfile.mkdtemp(prefix="ciea-bench-train-"))
+    _write_corpus(work / "data", args.queries, seed=11)
+    workers = 1 if args.gpu else args.workers
+    overrides = {
+        "data": {"root": str(work / "data")},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_every": 10**6, "patience": 10**6,
+                  "log_every": 10**6, "shuffle_buffer": 0},
+        "scaling": {"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": 0.5, "use_gpu": args.gpu},
+        "run": {"name": "bench", "storage_path": str(work / "runs"), "progress": False, "max_failures": 0},
+        "debug": {"probe": 0},
+    }
+    cfg = TrainJobConfig.model_validate(deep_merge(PRESETS[args.preset], overrides))
+    ray.init(num_cpus=max(2, workers), _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+             include_dashboard=False, log_to_driver=False)
+    try:
+        ray_rates, ray_wall, _ = run_ray(cfg)
+    finally:
+        ray.shutdown()
+    results = {"preset": args.preset, "queries": args.queries, "epochs": args.epochs, "batch_size": args.batch_size,
+               "ray_workers": workers, "ray_epoch_samples_per_s": ray_rates, "ray_wall_s": round(ray_wall, 1)}
+    if not args.gpu:
+        threads = args.inprocess_threads or args.workers
+        local_rates, local_wall = run_inprocess(cfg, threads=threads)
+        steady = lambda r: statistics.median(r[1:] if len(r) > 1 else r)  # noqa: E731
+        results.update(inprocess_threads=threads, inprocess_epoch_samples_per_s=local_rates,
+                       inprocess_wall_s=round(local_wall, 1), ray_steady=steady(ray_rates),
+                       inprocess_steady=steady(local_rates), ratio=steady(ray_rates) / steady(local_rates))
+        print(f"\n{args.preset} preset, {args.queries} queries, batch {args.batch_size}, {args.epochs} epochs")
+        print(f"Ray Train {workers} workers × 1 thread : {results['ray_steady']:.1f} samples/s "
+              f"(epochs {', '.join(f'{r:.1f}' for r in ray_rates)}; end-to-end {ray_wall:.0f} s incl. start-up)")
+        print(f"in-process 1 × {threads} threads     : {results['inprocess_steady']:.1f} samples/s "
+              f"(epochs {', '.join(f'{r:.1f}' for r in local_rates)}; end-to-end {local_wall:.0f} s)")
+        print(f"ratio Ray / in-process: {results['ratio']:.2f} (goal ≥ 0.8)")
+    else:
+        print(f"Ray Train on GPU (bf16): epochs {ray_rates} samples/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

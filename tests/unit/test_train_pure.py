@@ -1,0 +1,143 @@
+"""The pure parts of the distributed training stage (no Ray): the example plan (positive
+and hard-negative rules), exact running top-k mining, the resume identity and its refusal
+message, the job config's validation, and the in-batch accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from ciea_model.processor import Document, TrainExample
+from pipelines.hard_negatives import with_hard_negatives
+from pipelines.mining import RunningTopK, mined_table, split_by_modality
+from pipelines.train_data import plan_examples, rows_to_examples
+from pipelines.train_loop import (
+    CheckpointMismatchError,
+    TrainJobConfig,
+    check_identity,
+    in_batch_correct,
+    resume_identity,
+)
+
+MODALITIES = {"i1": "image", "i2": "image", "t1": "text", "t2": "text", "t3": "text"}
+
+
+def test_plan_picks_target_then_image_positive_and_skips_unknown():
+    queries = [
+        {"qid": "a", "query": "qa", "positive_doc_ids": ["t1", "i2"], "target_doc_id": "t1"},
+        {"qid": "b", "query": "qb", "positive_doc_ids": ["t2", "i1"], "target_doc_id": None},
+        {"qid": "c", "query": "qc", "positive_doc_ids": ["t3"], "target_doc_id": "gone"},
+        {"qid": "d", "query": "qd", "positive_doc_ids": ["missing"], "target_doc_id": None},
+    ]
+    plan = plan_examples(queries, MODALITIES)
+    rows = plan.rows.to_pylist()
+    assert [(r["qid"], r["pos_id"]) for r in rows] == [("a", "t1"), ("b", "i1"), ("c", "t3")]
+    assert plan.counts == {"used": 3, "skipped_no_positive": 1}
+    assert rows[1]["relevant_ids"] == ["t2", "i1"]
+    assert plan.needed_ids == ["i1", "t1", "t3"]
+
+
+def test_plan_negatives_follow_the_in_memory_rule():
+    queries = [{"qid": q, "query": q, "positive_doc_ids": ["i1"], "target_doc_id": "i1"} for q in ("a", "b", "c")]
+    mined = {"a": {"image": ["i2"], "text": ["t1", "t2"]}, "b": {"image": [], "text": ["t2", "t3"]},
+             "c": {"image": [], "text": []}}
+    plan = plan_examples(queries, MODALITIES, mined, seed=7, depth=2)
+    docs = {d: Document(d, "text") for d in MODALITIES}
+    stub = [TrainExample(q["qid"], q["query"], Document("i1", "text")) for q in queries]
+    expected = [[n.doc_id for n in ex.negatives] for ex in with_hard_negatives(stub, mined, docs, seed=7, depth=2)]
+    got = [[x for x in (r["neg0_id"], r["neg1_id"]) if x] for r in plan.rows.to_pylist()]
+    assert got == expected
+    assert got[0][0] == "i2" and got[0][1] in ("t1", "t2")  # one image, one text
+    assert len(got[1]) == 2 and set(got[1]) <= {"t2", "t3"}  # no image mined: both from text
+    assert got[2] == [] and plan.counts["with_negatives"] == 2
+
+
+def test_rows_to_examples_builds_documents_and_comp_captions():
+    rows = {
+        "qid": ["a"], "query": ["red circle"], "relevant_ids": [["i1", "t1"]],
+        "pos_id": ["i1"], "pos_modality": ["image"], "pos_text": [None], "pos_caption": ["a circle"],
+        "pos_image": [b"png"], "pos_image_uri": [None],
+        "neg0_id": ["t9"], "neg0_modality": ["text"], "neg0_text": ["harbor"], "neg0_caption": [None],
+        "neg0_image": [None], "neg0_image_uri": [None],
+        "neg1_id": [None], "neg1_modality": [None], "neg1_text": [None], "neg1_caption": [None],
+        "neg1_image": [None], "neg1_image_uri": [None],
+    }
+    (ex,) = rows_to_examples(rows)
+    assert ex.positive == Document("i1", "image", caption="a circle", image=b"png")
+    assert ex.negatives == (Document("t9", "text", text="harbor"),)
+    assert ex.relevant_ids == frozenset({"i1", "t1"}) and ex.positive_captions == ("a circle",)
+
+
+def test_running_topk_is_exact_and_drops_positives():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    d = rng.normal(size=(23, 8)).astype(np.float32)
+    ids = [f"d{i}" for i in range(23)]
+    mods = ["image" if i % 3 else "text" for i in range(23)]
+    exclude = [{"d0", "d5"}, set(), {"d22"}, set(ids[:20]), set()]
+    top = RunningTopK(q, k=4, exclude=exclude)
+    for start in range(0, 23, 7):  # batches of 7, 7, 7, 2
+        top.add(ids[start:start + 7], mods[start:start + 7], d[start:start + 7])
+    scores = q @ d.T
+    for i, hits in enumerate(top.results()):
+        allowed = [j for j in range(23) if ids[j] not in exclude[i]]
+        want = sorted(allowed, key=lambda j: -scores[i, j])[:4]
+        assert [h[0] for h in hits] == [ids[j] for j in want]
+        assert [h[1] for h in hits] == [mods[j] for j in want]
+    assert len(top.results()[3]) == 3  # only 3 documents are not positives of query 3
+
+
+def test_mined_table_round_trips_by_modality():
+    table = mined_table(["a", "b"], [[("i1", "image", 0.9), ("t1", "text", 0.8), ("i2", "image", 0.7)], []], "m1")
+    assert table.num_rows == 3 and set(table.column("model_id").to_pylist()) == {"m1"}
+    assert split_by_modality(table) == {"a": {"image": ["i1", "i2"], "text": ["t1"]}}
+    assert split_by_modality(table, depth=1) == {"a": {"image": ["i1"], "text": ["t1"]}}
+
+
+def test_resume_identity_ignores_budget_but_not_recipe():
+    a = TrainJobConfig()
+    model = {"variant": "ciea", "vision": {"image_mean": (0.1, 0.2, 0.3)}}
+    base = resume_identity(a, model)
+    longer = TrainJobConfig.model_validate({"train": {"epochs": 80, "max_steps": 9}, "run": {"name": "x"},
+                                            "scaling": {"num_workers": 4}})
+    assert resume_identity(longer, model) == base  # budget and scaling: a legitimate resume
+    assert base["model_config.vision.image_mean"] == [0.1, 0.2, 0.3]  # as stored (JSON)
+    other = resume_identity(TrainJobConfig.model_validate({"train": {"lr": 1e-4}}), model)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)train\.lr: checkpoint 5e-06, now 0\.0001.*new run\.name"):
+        check_identity(base, other, "checkpoint X")
+    check_identity(base, dict(base), "checkpoint X")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"batch_size": 10}, "scaling": {"num_workers": 4}}, "not divisible"),
+    ({"train": {"stage": 2}}, "train.negatives"),
+    ({"train": {"negatives": "x"}}, "only read in stage 2"),
+    ({"debug": {"fail_rank": 2}}, "fail_rank"),
+    ({"train": {"lr": 0}}, "greater than 0"),
+])
+def test_job_config_is_validated(data, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainJobConfig.model_validate(data)
+
+
+def test_micro_batch_splits_the_global_batch():
+    cfg = TrainJobConfig.model_validate({"train": {"batch_size": 64, "grad_accum": 2}, "scaling": {"num_workers": 4}})
+    assert cfg.micro_batch == 8
+
+
+def test_in_batch_correct_counts_duplicates_and_ignores():
+    from ciea_model.processor import TrainBatch
+
+    q = torch.eye(3)
+    # Candidates: query 0's positive, a duplicate of it (never a rival), the positive of
+    # queries 1 and 2, and a document relevant to query 2 (not its target) that it scores highest.
+    docs = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    batch = TrainBatch(
+        queries={}, documents=None, doc_ids=["a", "a2", "b", "c"],  # type: ignore[arg-type]
+        doc_keys=torch.tensor([1, 1, 2, 3]), targets=torch.tensor([0, 2, 2]),
+        ignore=torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool))
+    # q0 → a (correct); q1 → b (correct); q2's best (c) is ignored, then a and b tie at 0 and
+    # argmax takes a: wrong.
+    assert in_batch_correct(q, docs, batch, gather=False) == (2, 3)
