@@ -61,3 +61,17 @@ def load_config(model: type[BaseModel], path: str | None, overrides: list[str], 
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One ``  key = default`` line (plus its description) per leaf field of a pydantic
+    config, nested models flattened to dotted keys: the ``--help`` epilog of a job."""
+    lines = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += config_keys(ann, f"{prefix}{name}.")
+        else:
+            default = f.default if f.default_factory is None else f.default_factory()
+            lines.append(f"  {prefix}{name} = {default!r}\n      {f.description or ''}")
+    return lines

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipelines.ingest import storage as storage_mod
 from pipelines.ingest.delta_store import Tables
 
-from .common import deep_merge, load_config, parse_overrides, setup_logging, write_json
+from .common import config_keys, deep_merge, load_config, parse_overrides, setup_logging, write_json
 
 logger = logging.getLogger("ciea.embed")
 
@@ -174,22 +174,11 @@ class SimulatedCrash(RuntimeError):
     """Raised by the ``fault.crash_after_commits`` drill."""
 
 
-def _config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    lines = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines += _config_keys(ann, f"{prefix}{name}.")
-        else:
-            default = f.default if f.default_factory is None else f.default_factory()
-            lines.append(f"  {prefix}{name} = {default!r}\n      {f.description or ''}")
-    return lines
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ciea embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(_config_keys(EmbedConfig)))
+        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(config_keys(EmbedConfig)))
     p.add_argument("--config", help="YAML file with EmbedConfig fields")
     p.add_argument("--checkpoint", help="checkpoint directory to embed with (model.checkpoint)")
     p.add_argument("--root", help="data root holding corpus/documents, local or s3:// (input.root)")

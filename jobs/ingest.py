@@ -54,7 +54,7 @@ from pipelines.ingest.sources import (
 from pipelines.ingest.validation import Limits
 from pipelines.synthetic import SyntheticConfig
 
-from .common import deep_merge, load_config, parse_overrides, setup_logging, write_json
+from .common import config_keys, deep_merge, load_config, parse_overrides, setup_logging, write_json
 
 logger = logging.getLogger("ciea.ingest")
 
@@ -172,23 +172,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    lines = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines += _config_keys(ann, f"{prefix}{name}.")
-        else:
-            default = f.default if f.default_factory is None else f.default_factory()
-            lines.append(f"  {prefix}{name} = {default!r}\n      {f.description or ''}")
-    return lines
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ciea ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n"
-               + "\n".join(_config_keys(IngestConfig)))
+               + "\n".join(config_keys(IngestConfig)))
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="defaults to start from (tiny: a 260-document synthetic corpus)")
     p.add_argument("--config", help="YAML file with IngestConfig fields (overrides the preset)")

@@ -122,13 +122,14 @@ def test_config_requires_a_checkpoint_and_names_the_flag():
 
 
 def test_help_documents_every_config_key(capsys):
-    from jobs.embed import _config_keys, main
+    from jobs.common import config_keys
+    from jobs.embed import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    keys = [line.split("=")[0].strip() for line in _config_keys(EmbedConfig) if "=" in line.split("\n")[0]]
+    keys = [line.split("=")[0].strip() for line in config_keys(EmbedConfig) if "=" in line.split("\n")[0]]
     assert len(keys) > 20
     for key in keys:
         assert key in out
