@@ -54,8 +54,15 @@ def load_config(model: type[BaseModel], path: str | None, overrides: list[str], 
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']} ({_shown(err)})" for err in e.errors()]
         raise SystemExit("invalid config:\n" + "\n".join(lines)) from None
+
+
+def _shown(err: Any) -> str:
+    # Object-store settings may hold a credential by mistake: never echo them.
+    if "storage_options" in map(str, err["loc"]):
+        return "value not shown"
+    return f"got {err.get('input')!r}"
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.ingest import storage as storage_mod
 from pipelines.ingest.delta_store import Tables
@@ -48,16 +48,10 @@ class InputSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: str = Field("data", description="data root holding corpus/documents (local path or s3://)")
     version: int | None = Field(None, ge=0, description="Delta version of corpus/documents to embed (default: latest)")
-    storage_options: dict[str, str] = Field(
+    storage_options: storage_mod.StorageOptions = Field(
         default_factory=dict,
         description="object-store settings for Delta, images and LanceDB (AWS_ENDPOINT_URL, AWS_REGION, "
                     "AWS_ALLOW_HTTP, ...); credentials only from the environment")
-
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
-        storage_mod.check_storage_options(v)
-        return v
 
 
 class ModelSettings(BaseModel):

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.ingest import delta_store
 from pipelines.ingest import storage as storage_mod
@@ -113,19 +113,13 @@ class SourceSettings(BaseModel):
 class OutputSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: str = Field("data", description="data root: local path or s3://bucket/prefix; tables go under it")
-    storage_options: dict[str, str] = Field(
+    storage_options: storage_mod.StorageOptions = Field(
         default_factory=dict,
         description="object-store settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP, ...); "
                     "credentials only from the environment")
     run_dir: str = Field("runs/ingest", description="local folder for the run summary and resolved config")
     target_file_mb: int = Field(16, ge=1, description="Delta data file size for new tables (MiB); "
                                 "bounds the driver's memory during a merge")
-
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
-        storage_mod.check_storage_options(v)
-        return v
 
 
 class LimitsSettings(BaseModel):

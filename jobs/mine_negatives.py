@@ -21,6 +21,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.ingest.storage import StorageOptions
+
 from .common import load_config, setup_logging, write_json
 
 logger = logging.getLogger("ciea.mine_negatives")
@@ -36,7 +38,7 @@ class MineConfig(BaseModel):
     output: str = Field(..., description="Delta table to (over)write, local path or s3://")
     k: int = Field(100, ge=1, description="negatives kept per query (mixed corpus, positives removed)")
     version: int | None = Field(None, ge=0, description="corpus/documents Delta version")
-    storage_options: dict[str, str] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=dict)
     pool_size: int = Field(1, ge=1, description="encoder actors")
     cpus_per_actor: float = Field(1.0, gt=0, description="keep pool_size × cpus_per_actor + 1 <= CPUs (read tasks need one)")
     threads: int | None = Field(None, ge=1, description="torch threads per encoder actor")

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.ingest.storage import StorageOptions
+
 logger = logging.getLogger(__name__)
 
 Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr"]
@@ -69,7 +71,7 @@ class ModelSettings(BaseModel):
 class DataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: str = Field("data", description="data root holding corpus/documents, queries/<split>, qrels/<split> (local path or s3://)")
-    storage_options: dict[str, str] = Field(default_factory=dict, description="object-store settings; credentials from the environment")
+    storage_options: StorageOptions = Field(default_factory=dict, description="object-store settings; credentials from the environment only (refused here)")
     train_split: str = "train"
     dev_split: str = "dev"
     version: int | None = Field(None, ge=0, description="corpus/documents Delta version (default: latest)")

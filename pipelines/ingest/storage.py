@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from pydantic import AfterValidator
 
 #: Keys that carry secrets; they must come from the environment.
 SECRET_KEYS = frozenset(
@@ -41,6 +43,16 @@ def check_storage_options(options: dict[str, str]) -> None:
                 f"environment only, never from the config. Remove it and export "
                 f"{key.upper()} instead."
             )
+
+
+def _checked(options: dict[str, str]) -> dict[str, str]:
+    check_storage_options(options)
+    return options
+
+
+#: A config field of object-store settings: credential keys are refused (every job's config
+#: uses this type, so none can accept a secret).
+StorageOptions = Annotated[dict[str, str], AfterValidator(_checked)]
 
 
 def is_remote(uri: str) -> bool:

@@ -141,3 +141,15 @@ def test_in_batch_correct_counts_duplicates_and_ignores():
     # q0 → a (correct); q1 → b (correct); q2's best (c) is ignored, then a and b tie at 0 and
     # argmax takes a: wrong.
     assert in_batch_correct(q, docs, batch, gather=False) == (2, 3)
+
+
+@pytest.mark.parametrize("job", ["jobs.train", "jobs.mine_negatives"])
+def test_credentials_in_storage_options_are_refused_and_not_echoed(job):
+    import importlib
+
+    module = importlib.import_module(job)
+    args = ["--set", "data.storage_options={AWS_SECRET_ACCESS_KEY: s3cr3t-value}"] if job == "jobs.train" else [
+        "--checkpoint", "x", "--root", "r", "--output", "o", "--set", "storage_options={AWS_SECRET_ACCESS_KEY: s3cr3t-value}"]
+    with pytest.raises(SystemExit) as exc:
+        module.main(args)
+    assert "credential" in str(exc.value) and "s3cr3t-value" not in str(exc.value)
