@@ -203,6 +203,21 @@ def parse_json_line(line: bytes) -> tuple[dict[str, Any] | None, str | None, str
     return value, None, None
 
 
+def iter_json_records(
+    f: pafs.NativeFile | Any, start: int, end: int, name: str
+) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any] | None, bytes]]:
+    """Every non-blank line of a JSON-lines byte range as ``(ref, record, error, line)``:
+    ``ref`` is ``name@offset``; ``record`` the parsed object, or ``None`` with ``error``
+    holding the raw row's error fields (reason, detail, excerpt) so it reaches quarantine."""
+    for offset, line in iter_lines(f, start, end):
+        if not line.strip():
+            continue
+        value, reason, detail = parse_json_line(line)
+        error = None if value is not None else {
+            "error": reason, "error_detail": detail, "raw_excerpt": text_excerpt(line)}
+        yield f"{name}@{offset}", value, error, line
+
+
 def line_file_shards(source: Source, uri: str, shard_bytes: int, **extra: Any) -> list[dict[str, Any]]:
     """Shard specs ``{"uri", "start", "end", **extra}`` over one line file."""
     fs, path = source.fs(uri)

@@ -30,6 +30,7 @@ from .base import (
     RawBuilder,
     Source,
     int_or_str_id,
+    iter_json_records,
     iter_lines,
     line_file_shards,
     metadata_json,
@@ -104,15 +105,8 @@ class EDISSource(Source):
                 yield ref, self._candidate(item, json.dumps(item)[:200])
             return
         with fs.open_input_file(path) as f:
-            for offset, line in iter_lines(f, spec["start"], spec["end"]):
-                if not line.strip():
-                    continue
-                ref = f"{CANDIDATES_FILE}@{offset}"
-                value, reason, detail = parse_json_line(line)
-                if value is None:
-                    yield ref, {"error": reason, "error_detail": detail, "raw_excerpt": text_excerpt(line)}
-                else:
-                    yield ref, self._candidate(value, text_excerpt(line))
+            for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], CANDIDATES_FILE):
+                yield ref, error if value is None else self._candidate(value, text_excerpt(line))
 
     def _candidate(self, item: dict[str, Any], excerpt: str) -> dict[str, Any]:
         doc_id, id_error = int_or_str_id(item.get("id"))

@@ -26,10 +26,9 @@ from .base import (
     RawBuilder,
     Source,
     int_or_str_id,
-    iter_lines,
+    iter_json_records,
     line_file_shards,
     metadata_json,
-    parse_json_line,
     relative_name,
     text_excerpt,
 )
@@ -117,15 +116,8 @@ class ManifestSource(Source):
         name = relative_name(uri, self.path)
         fs, path = self.fs(uri)
         with fs.open_input_file(path) as f:
-            for offset, line in iter_lines(f, spec["start"], spec["end"]):
-                if not line.strip():
-                    continue
-                ref = f"{name}@{offset}"
-                value, reason, detail = parse_json_line(line)
-                if value is None:
-                    yield ref, {"error": reason, "error_detail": detail, "raw_excerpt": text_excerpt(line)}
-                    continue
-                yield ref, self._record(value, uri, text_excerpt(line))
+            for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name):
+                yield ref, error if value is None else self._record(value, uri, text_excerpt(line))
 
     def _read_parquet(self, spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         uri = spec["uri"]

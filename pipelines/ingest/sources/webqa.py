@@ -35,6 +35,7 @@ from .base import (
     RawBuilder,
     Source,
     int_or_str_id,
+    iter_json_records,
     iter_lines,
     line_file_shards,
     metadata_json,
@@ -122,14 +123,9 @@ class WebQASource(Source):
             tsv = tsv_fs.open_input_file(tsv_path)
         try:
             with fs.open_input_file(path) as f:
-                for offset, line in iter_lines(f, spec["start"], spec["end"]):
-                    if not line.strip():
-                        continue
-                    ref = f"{name}@{offset}"
-                    value, reason, detail = parse_json_line(line)
+                for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name):
                     if value is None:
-                        fields = {"error": reason, "error_detail": detail,
-                                  "raw_excerpt": text_excerpt(line)}
+                        fields = error
                     elif spec["part"] == "docs":
                         fields = self._text_doc(value, line)
                     else:
