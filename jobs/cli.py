@@ -11,6 +11,11 @@ COMMANDS = {
     "embed": ("jobs.embed", "embed a Delta corpus version with a checkpoint into an indexed LanceDB table"),
     "train": ("jobs.train", "train CIEA with Ray Train (DDP) on the Delta tables; resumable by run name"),
     "mine-negatives": ("jobs.mine_negatives", "mine stage-2 hard negatives with a stage-1 checkpoint into Delta"),
+    "search": ("jobs.search", "search a published LanceDB table: vector, full-text or hybrid, with filters"),
+    "sql": ("jobs.sql", "run read-only DuckDB SQL over the LanceDB tables (for analysts)"),
+    "evaluate": ("jobs.evaluate", "score tables or checkpoints on a query split: MRR, NDCG, Recall, plots"),
+    "serve": ("jobs.serve", "serve the read-only search page on 127.0.0.1"),
+    "reindex": ("jobs.reindex", "re-embed what changed in Delta since the table's version; publish gate"),
 }
 
 
@@ -19,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: ciea <command> [options]\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
-            print(f"  {name:<10} {help_}")
+            print(f"  {name:<15} {help_}")
         print("\n`ciea <command> --help` lists each command's options.")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
