@@ -1,0 +1,364 @@
+"""``ciea sql``: read-only DuckDB SQL over the LanceDB vector tables, for analysts.
+
+Every table of the LanceDB database (``--db``, default ``<root>/lancedb``) is exposed to an
+in-memory DuckDB under its own name, at its ``published`` version (``--at`` picks another
+tag, or ``latest``; a table without that tag is read at its latest version, with a note on
+stderr). DuckDB scans the Lance dataset through the Arrow dataset interface, so only the
+columns and rows a query needs are read.
+
+Read-only, three ways over:
+
+* the statement is parsed by DuckDB's own parser (``duckdb.extract_statements``) and must
+  be exactly one ``SELECT`` (which covers ``WITH``, ``FROM``, ``VALUES``, ``DESCRIBE``,
+  ``SHOW`` and ``SUMMARIZE``); anything else — ``INSERT``, ``COPY``, ``ATTACH``, ``SET``,
+  a second statement after ``;`` — is refused before it runs;
+* the tables are registered Arrow datasets: DuckDB cannot write into them, and no Lance
+  writer is ever opened;
+* the connection has external access off and its configuration locked, so a query can read
+  no file and write none (``COPY``, ``read_csv('/etc/…')``).
+
+Examples::
+
+    ciea sql "SELECT modality, count(*) AS n FROM documents GROUP BY modality"
+    ciea sql "DESCRIBE documents"
+    ciea sql "SELECT doc_id, caption FROM documents WHERE caption ILIKE '%red%' LIMIT 5" --format markdown
+    ciea sql "SELECT doc_id, source_version FROM documents" --format csv > versions.csv
+    ciea sql "SHOW TABLES" --db s3://vectors/webqa --storage-option AWS_REGION=eu-west-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import math
+import sys
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.ingest import storage as storage_mod
+
+from .common import config_keys, deep_merge, load_config, parse_overrides
+
+Format = Literal["table", "csv", "json", "markdown"]
+
+
+class SqlError(ValueError):
+    """A statement ``ciea sql`` refuses or cannot run, with the fix."""
+
+
+class SqlConfig(BaseModel):
+    """Where the tables are and how to print the result."""
+
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("data", description="data root; the LanceDB database is <root>/lancedb unless db is set")
+    db: str | None = Field(None, description="LanceDB database folder, local or s3:// (default: <root>/lancedb)")
+    tables: list[str] = Field(default_factory=list, description="expose only these tables (default: all)")
+    at: str = Field("published", pattern=r"^[A-Za-z0-9_.-]+$",
+                    description="read each table at this tag, or `latest` (a table without the tag: latest)")
+    storage_options: storage_mod.StorageOptions = Field(
+        default_factory=dict, description="object-store settings (AWS_ENDPOINT_URL, AWS_REGION, ...); "
+                                          "credentials only from the environment")
+    format: Format = Field("table", description="table (aligned text), csv, json or markdown")
+    max_rows: int = Field(1000, ge=1, description="print at most this many rows (a note says how many more)")
+    width: int = Field(60, ge=8, description="table/markdown: longest cell shown before it is cut with …")
+
+    @property
+    def db_uri(self) -> str:
+        return self.db or storage_mod.join(storage_mod.normalise_uri(self.root), "lancedb")
+
+
+# ---------------------------------------------------------------------------------------
+# Read-only statement check and the connection
+# ---------------------------------------------------------------------------------------
+
+
+def check_read_only(sql: str) -> str:
+    """Returns ``sql`` when it is exactly one read-only statement (DuckDB's own parser).
+
+    Raises:
+        SqlError: a syntax error, no statement, several, or one that is not a SELECT.
+    """
+    import duckdb
+
+    if not sql or not sql.strip():
+        raise SqlError("no SQL given: pass one SELECT statement, e.g. \"SELECT count(*) FROM documents\"")
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise SqlError(f"the SQL does not parse: {e}") from None
+    if len(statements) != 1:
+        kinds = ", ".join(s.type.name for s in statements) or "none"
+        raise SqlError(f"ciea sql runs exactly one statement, got {len(statements)} ({kinds}): "
+                       "pass a single SELECT (no `;` between statements)")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise SqlError(f"ciea sql is read-only: a {kind.name} statement is refused. Pass one SELECT "
+                       "(or WITH … SELECT, DESCRIBE, SHOW, SUMMARIZE); tables change only through "
+                       "`ciea embed` / `ciea reindex`")
+    return sql
+
+
+def _lance_at(table: Any, at: str) -> tuple[Any, int, str | None]:
+    """The table's Lance dataset at tag ``at`` (or its latest version); (dataset, version, note)."""
+    if at != "latest":
+        tags = table.tags.list()
+        if at in tags:
+            entry = tags[at]
+            version = int(entry["version"] if isinstance(entry, dict) else entry.version)
+            table.checkout(version)
+            return table.to_lance(), version, None
+        note = f"table {table.name!r} has no tag {at!r}: reading its latest version {table.version}"
+        return table.to_lance(), table.version, note
+    return table.to_lance(), table.version, None
+
+
+def connect(cfg: SqlConfig, notes: list[str] | None = None) -> tuple[Any, dict[str, int]]:
+    """An in-memory DuckDB with every (selected) LanceDB table registered read-only.
+
+    Returns:
+        ``(connection, {table name: version})``.
+
+    Raises:
+        SqlError: no such database or table, with the fix.
+    """
+    import duckdb
+    import lancedb
+
+    db = lancedb.connect(cfg.db_uri, storage_options=cfg.storage_options or None)
+    names = sorted(db.list_tables().tables)
+    missing = [t for t in cfg.tables if t not in names]
+    if missing:
+        raise SqlError(f"no table {', '.join(map(repr, missing))} in {cfg.db_uri}: tables there are "
+                       f"{', '.join(names) or '(none)'}; pass --db (or --root) to point at another database")
+    if not names:
+        raise SqlError(f"no LanceDB tables in {cfg.db_uri}: run `ciea embed` first, or pass --db / --root")
+    con = duckdb.connect(":memory:", config={
+        # No file, extension or network access from a query, whatever it calls.
+        "enable_external_access": False, "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False})
+    versions: dict[str, int] = {}
+    for name in cfg.tables or names:
+        ds, version, note = _lance_at(db.open_table(name), cfg.at)
+        if note and notes is not None:
+            notes.append(note)
+        con.register(name, ds)
+        versions[name] = version
+    con.execute("SET lock_configuration = true")
+    return con, versions
+
+
+def run_sql(cfg: SqlConfig, sql: str, notes: list[str] | None = None) -> tuple[list[str], list[tuple], int]:
+    """Runs one read-only statement; returns (column names, up to ``max_rows`` rows, rows not shown).
+
+    Raises:
+        SqlError: refused or failed statement, with the fix.
+    """
+    import duckdb
+
+    check_read_only(sql)
+    con, _ = connect(cfg, notes)
+    try:
+        try:
+            reader = con.sql(sql).to_arrow_reader(1024)
+        except duckdb.Error as e:
+            raise SqlError(f"DuckDB: {e}") from None
+        columns = list(reader.schema.names)
+        rows: list[tuple] = []
+        more = 0
+        for batch in reader:
+            data = batch.to_pylist()
+            take = max(0, cfg.max_rows - len(rows))
+            rows.extend(tuple(r[c] for c in columns) for r in data[:take])
+            more += len(data) - min(take, len(data))
+        return columns, rows, more
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())  # one line per row: newlines and tabs become spaces
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def display(value: Any, width: int) -> str:
+    """A value as one short human-readable cell (vectors and images summarised)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 4 and all(isinstance(v, (int, float)) or v is None for v in value):
+            head = ", ".join("NULL" if v is None else f"{v:.3g}" for v in value[:3])
+            return f"[{head}, … {len(value)} values]"
+        return _cut(json.dumps(value, default=str), width)
+    if isinstance(value, dict):
+        return _cut(json.dumps(value, default=str), width)
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return _cut(str(value), width)
+
+
+def _plain(value: Any) -> Any:
+    """A value for csv / json: complete (not cut), bytes as base64, NaN as null."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _numeric(rows: Sequence[tuple], i: int) -> bool:
+    vals = [r[i] for r in rows if r[i] is not None]
+    return bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+
+
+def format_text_table(columns: Sequence[str], rows: Sequence[tuple], width: int = 60) -> str:
+    """An aligned plain-text table (numbers right-aligned)."""
+    cells = [[display(v, width) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    right = [_numeric(rows, i) for i in range(len(columns))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)).rstrip()
+
+    return "\n".join([line(columns), line(["─" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def format_markdown(columns: Sequence[str], rows: Sequence[tuple], width: int = 60) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    right = [_numeric(rows, i) for i in range(len(columns))]
+    out = ["| " + " | ".join(esc(c) for c in columns) + " |",
+           "| " + " | ".join("---:" if r else "---" for r in right) + " |"]
+    out += ["| " + " | ".join(esc(display(v, width)) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def format_csv(columns: Sequence[str], rows: Sequence[tuple]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow(["" if v is None else json.dumps(p) if isinstance(p := _plain(v), (list, dict)) else p for v in r])
+    return buf.getvalue().rstrip("\n")
+
+
+def format_json(columns: Sequence[str], rows: Sequence[tuple]) -> str:
+    return json.dumps([{c: _plain(v) for c, v in zip(columns, r, strict=True)} for r in rows], indent=1,
+                      ensure_ascii=False)
+
+
+def render(columns: Sequence[str], rows: Sequence[tuple], fmt: Format, width: int = 60) -> str:
+    if fmt == "csv":
+        return format_csv(columns, rows)
+    if fmt == "json":
+        return format_json(columns, rows)
+    if fmt == "markdown":
+        return format_markdown(columns, rows, width)
+    return format_text_table(columns, rows, width)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ciea sql", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(config_keys(SqlConfig)))
+    p.add_argument("sql", help="one read-only statement: SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE")
+    p.add_argument("--config", help="YAML file with SqlConfig fields")
+    p.add_argument("--root", help="data root (root; the database is <root>/lancedb)")
+    p.add_argument("--db", help="LanceDB database folder, local or s3:// (db)")
+    p.add_argument("--table", action="append", default=[], help="expose only this table; repeatable (tables)")
+    p.add_argument("--at", help="tag to read each table at, or `latest` (at; default published)")
+    p.add_argument("--format", choices=["table", "csv", "json", "markdown"], help="output format (format)")
+    p.add_argument("--max-rows", type=int, help="print at most this many rows (max_rows)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="object-store setting, repeatable (storage_options; never credentials)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key below")
+    return p
+
+
+def _yaml_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for attr, key in {"root": "root", "db": "db", "at": "at", "format": "format", "max_rows": "max_rows"}.items():
+        value = getattr(args, attr)
+        if value is not None:
+            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={_yaml_str(value)}")
+    if args.table:
+        out.append("tables=[" + ", ".join(_yaml_str(t) for t in args.table) + "]")
+    for pair in args.storage_option:
+        if "=" not in pair:
+            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
+        key, value = pair.split("=", 1)
+        out.append(f"storage_options.{key}={_yaml_str(value)}")
+    return out + list(args.set)
+
+
+def refuse_secrets(config_path: str | None, overrides: list[str], prog: str,
+                   key: tuple[str, ...] = ("storage_options",)) -> None:
+    """Rejects credentials in the storage options (at ``key`` in the config) before the config
+    is parsed, so that no validation error echoes a secret."""
+    from pathlib import Path
+
+    import yaml
+
+    node: Any = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
+    node = deep_merge(node, parse_overrides(overrides))
+    for part in key:
+        node = node.get(part) if isinstance(node, dict) else None
+    options = node or {}
+    try:
+        storage_mod.check_storage_options(options if isinstance(options, dict) else {})
+    except ValueError as e:
+        raise SystemExit(f"{prog}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = _overrides(args)
+    refuse_secrets(args.config, overrides, "ciea sql")
+    cfg: SqlConfig = load_config(SqlConfig, args.config, overrides, {})  # type: ignore[assignment]
+    notes: list[str] = []
+    try:
+        columns, rows, more = run_sql(cfg, args.sql, notes)
+    except SqlError as e:
+        print(f"ciea sql: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"ciea sql: {note}", file=sys.stderr)
+    print(render(columns, rows, cfg.format, cfg.width))
+    if more:
+        print(f"ciea sql: {more} more row(s) not shown (--max-rows {cfg.max_rows}); add a LIMIT or raise --max-rows",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
