@@ -76,3 +76,27 @@ def run_embed(tmp: Path, root: Path, checkpoint: str, table: str, *extra: str) -
         "--set", "preprocess.batch_rows=64", *extra,
     ])
     return rc, (json.loads(summary_path.read_text()) if summary_path.exists() else None)
+
+
+def write_query_split(root: Path, split: str, queries: list[dict]) -> None:
+    """Writes ``queries/<split>`` and ``qrels/<split>`` through the ingest merges.
+
+    ``queries`` are shaped like ``pipelines.synthetic.generate_queries`` output (``qid``,
+    ``query``, ``positive_doc_ids``, optional ``kind``); ``kind`` goes into the metadata as
+    the synthetic source writes it. An empty list makes an empty split.
+    """
+    from pipelines.ingest.delta_store import merge_qrels, merge_queries
+
+    tables = Tables(str(root))
+    now = datetime.now(timezone.utc)
+    rows = [{
+        S.QID: q["qid"], S.QUERY: q["query"], S.ANSWER: None,
+        S.METADATA: json.dumps({k: q[k] for k in ("kind", "target_doc_id") if k in q}),
+        S.CONTENT_SHA256: hashlib.sha256(q["query"].encode()).hexdigest(), S.SOURCE: "synthetic",
+        S.RECORD_REF: f"synthetic:{q['qid']}", S.RUN_ID: "test", S.INGESTED_AT: now,
+    } for q in queries]
+    merge_queries(tables, split, pa.Table.from_pylist(rows, schema=S.QUERIES_SCHEMA))
+    pairs = [(q["qid"], d) for q in queries for d in q["positive_doc_ids"]]
+    merge_qrels(tables, split, pa.Table.from_pylist(
+        [{S.QID: q, S.DOC_ID: d, S.RELEVANCE: 1, S.SOURCE: "synthetic", S.RUN_ID: "test"} for q, d in pairs],
+        schema=S.QRELS_SCHEMA))
