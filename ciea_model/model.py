@@ -48,6 +48,15 @@ class CIEAModel(nn.Module):
     def dim(self) -> int:
         return self.text.hidden_size
 
+    @property
+    def patch_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the vision tower's patch grid, row-major as ``w`` is laid out
+        (``None`` for variants that read no pixels)."""
+        if self.vision is None:
+            return None
+        side = self.vision.image_size // self.vision.model.config.patch_size
+        return side, side
+
     def scale(self) -> torch.Tensor:
         """exp(θ) clamped at ``logit_scale_max`` (a scalar tensor with gradient).
 
@@ -78,35 +87,47 @@ class CIEAModel(nn.Module):
         embeds = embeds.masked_scatter(patch_mask.unsqueeze(-1), patches.to(embeds.dtype))
         return F.normalize(self.text(attention_mask, inputs_embeds=embeds), dim=-1)
 
-    def _image_inputs(self, image: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (patches for the document, patches for the image-only encoding)."""
+    def _image_inputs(
+        self, image: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (patches for the document, patches for the image-only encoding, the
+        extractor's (B, N) weights ``w`` or ``None`` without an extractor)."""
         patches = self.project_patches(image["pixel_values"])  # (B, N, D)
         if self.extractor is None:
-            return patches, patches
+            return patches, patches, None
         caption_embeds = self.text.embed_tokens(image["input_ids"])  # (B, L, D)
-        refined = self.extractor(patches, caption_embeds, image["caption_mask"])
-        return refined, refined if self.config.image_only_extractor else patches
+        refined, w = self.extractor(patches, caption_embeds, image["caption_mask"], return_weights=True)
+        return refined, refined if self.config.image_only_extractor else patches, w
 
     def encode_image_documents(
-        self, image: dict[str, torch.Tensor], return_image_only: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, image: dict[str, torch.Tensor], return_image_only: bool = False, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Image + caption documents → (B, D); with ``return_image_only`` also the
-        image-only encodings (B, D) from the same vision forward pass."""
+        image-only encodings (B, D) from the same vision forward pass; with
+        ``return_weights`` also (last) the extractor's complementary weights ``w`` (B, N),
+        exactly those the document vector was computed with (``None`` for variants
+        without the extractor). ``w`` depends on the document only, never on a query,
+        so it can be stored next to the vector and shown later without the model."""
+        weights = None
         if self.config.is_dual_encoder:
             img = F.normalize(self.projector(self.vision.pooled(image["pixel_values"])), dim=-1)
             cap = self.encode_text(image["input_ids"], image["attention_mask"])
             doc = F.normalize(img + cap, dim=-1)
-            return (doc, img) if return_image_only else doc
-        doc_patches, io_patches = self._image_inputs(image)
-        doc = self.encode_patch_sequence(
-            image["input_ids"], image["attention_mask"], image["patch_mask"], doc_patches
-        )
-        if not return_image_only:
-            return doc
-        io = self.encode_patch_sequence(
-            image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"], io_patches
-        )
-        return doc, io
+            io = img
+        else:
+            doc_patches, io_patches, weights = self._image_inputs(image)
+            doc = self.encode_patch_sequence(
+                image["input_ids"], image["attention_mask"], image["patch_mask"], doc_patches
+            )
+            io = None
+            if return_image_only:
+                io = self.encode_patch_sequence(
+                    image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"], io_patches
+                )
+        out = (doc, io) if return_image_only else (doc,)
+        if return_weights:
+            out = (*out, weights)
+        return out if len(out) > 1 else doc
 
     def encode_image_only(self, image: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[<im_start>] + P̂ + [<im_end>]`` through the LM → (B, D), unit norm. The
@@ -116,23 +137,30 @@ class CIEAModel(nn.Module):
 
     # ---- mixed documents ----------------------------------------------------------------
     def encode_documents(
-        self, batch: DocumentBatch, return_image_only: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        self, batch: DocumentBatch, return_image_only: bool = False, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Mixed text/image documents → (B, D) in the batch's order.
 
         With ``return_image_only`` also returns the image-only encodings of the image
         sub-batch, (B_img, D) in ``batch.image_index`` order (``None`` if no images).
+        With ``return_weights`` also (last) the extractor's weights ``w`` of the image
+        sub-batch, (B_img, N) in ``batch.image_index`` order (``None`` if no images or
+        no extractor).
         """
         out: torch.Tensor | None = None
-        image_only = None
+        image_only = weights = None
         if batch.text is not None:
             t = self.encode_text(batch.text["input_ids"], batch.text["attention_mask"])
             out = t.new_zeros((batch.size, t.shape[-1]))
             out = out.index_copy(0, batch.text_index, t)
         if batch.image is not None:
-            res = self.encode_image_documents(batch.image, return_image_only=return_image_only)
-            d, image_only = res if return_image_only else (res, None)
+            res = self.encode_image_documents(
+                batch.image, return_image_only=return_image_only, return_weights=True
+            )
+            d, weights = res[0], res[-1]
+            image_only = res[1] if return_image_only else None
             if out is None:
                 out = d.new_zeros((batch.size, d.shape[-1]))
             out = out.index_copy(0, batch.image_index, d)
-        return (out, image_only) if return_image_only else out
+        extras = ((image_only,) if return_image_only else ()) + ((weights,) if return_weights else ())
+        return (out, *extras) if extras else out

@@ -255,7 +255,8 @@ def load_model_facts(checkpoint: str) -> dict[str, Any]:
     uses_images = model.config.uses_images
     transform = processor.image_transform
     facts = {"model_id": mid, "dim": model.dim, "variant": model.config.variant,
-             "transform": transform if uses_images else None, "image_side": transform.size if uses_images else 1}
+             "transform": transform if uses_images else None, "image_side": transform.size if uses_images else 1,
+             "patch_grid": model.patch_grid}
     del model, processor
     return facts
 
@@ -266,7 +267,9 @@ def _init_ray(cfg: EmbedConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": cfg.progress}
-    if cfg.ray.address:
+    # RAY_ADDRESS is set inside `ray job submit`: join that cluster (a local temp dir or CPU
+    # count would not match it, and ray.init would fail to find the node).
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         Path(cfg.ray.temp_dir).mkdir(parents=True, exist_ok=True)
@@ -328,9 +331,11 @@ def run(cfg: EmbedConfig, facts: dict[str, Any]) -> dict[str, Any]:
     documents_uri = Tables(cfg.input.root, opts).documents
     version = E.resolve_source(documents_uri, cfg.input.version, opts)
     mid, dim = facts["model_id"], facts["dim"]
+    # Recorded in the table metadata so that search can load the same model for queries.
+    checkpoint_uri = str(Path(cfg.model.checkpoint).resolve())
     table = L.VectorTable(cfg.db_uri, cfg.output.table, opts)
     table.check_model(mid, dim)
-    table.create_if_missing(mid, dim)
+    table.create_if_missing(mid, dim, patch_grid=facts.get("patch_grid"))
     res = resolve_resources(cfg, ray.cluster_resources())
 
     src = E.source_keys(documents_uri, version, opts)
@@ -375,7 +380,7 @@ def run(cfg: EmbedConfig, facts: dict[str, Any]) -> dict[str, Any]:
                    disable=not cfg.progress, file=sys.stderr)
 
         def after_commit(n: int) -> None:
-            table.update_metadata({L.META_SOURCE_VERSION: str(version)})
+            table.update_metadata({L.META_SOURCE_VERSION: str(version), L.META_CHECKPOINT: checkpoint_uri})
             if cfg.fault.crash_after_commits is not None and n >= cfg.fault.crash_after_commits:
                 raise SimulatedCrash(f"fault.crash_after_commits={n}: the job dies here (drill)")
 
@@ -406,7 +411,8 @@ def run(cfg: EmbedConfig, facts: dict[str, Any]) -> dict[str, Any]:
                               or (rows and not table.index_names())):
         t_idx = time.perf_counter()
         summary["indexes"] = table.build_indexes(ann, previous)
-        meta = {L.META_SOURCE_VERSION: str(version), L.META_INDEX_PLAN: ann.to_json() if ann else None}
+        meta = {L.META_SOURCE_VERSION: str(version), L.META_INDEX_PLAN: ann.to_json() if ann else None,
+                L.META_CHECKPOINT: checkpoint_uri}
         table.update_metadata(meta)
         summary["index_seconds"] = round(time.perf_counter() - t_idx, 2)
     summary["index_stats"] = table.index_stats()
@@ -487,3 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(run_dir / "summary.json", summary)
     print(format_summary(summary))
     return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":  # `python -m jobs.embed`, the `ray job submit` entrypoint
+    raise SystemExit(main())

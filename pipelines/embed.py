@@ -51,6 +51,7 @@ from pipelines.ingest import storage
 from pipelines.lance_store import (
     EMBEDDED_AT,
     MODEL_ID,
+    PATCH_WEIGHTS,
     SOURCE_VERSION,
     THUMBNAIL,
     VECTOR,
@@ -310,7 +311,10 @@ class Encoder:
             raise EmbedError(f"checkpoint {checkpoint} now has model_id {self.model_id}, the job "
                              f"started with {expected_model_id}: it changed during the run; re-run")
         self.dim = self.model.dim
-        self.schema = table_schema(self.dim)
+        grid = self.model.patch_grid
+        # patch_weights (the extractor's w) is a column wherever the model reads pixels.
+        self.patches = grid[0] * grid[1] if grid else None
+        self.schema = table_schema(self.dim, self.patches)
         self.bf16 = bf16 and device.startswith("cuda")
         self.source_version = source_version
         self.embedded_at = (embedded_at or datetime.now(timezone.utc)).replace(tzinfo=None)
@@ -334,6 +338,11 @@ class Encoder:
 
     def encode(self, batch: pa.Table) -> np.ndarray:
         """Rows without errors → (N, D) float32 unit vectors."""
+        return self.encode_with_weights(batch)[0]
+
+    def encode_with_weights(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows without errors → ((N, D) float32 unit vectors, (N, patches) float32 ``w``
+        with NaN rows where a document has none, or ``None`` when no document has)."""
         import torch
 
         from ciea_model import Document
@@ -358,8 +367,13 @@ class Encoder:
                                  caption=caption or "", image=image))
         collated = self.processor.collate_documents(docs).to(self.device)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model.encode_documents(collated)
-        return out.float().cpu().numpy()
+            out, w = self.model.encode_documents(collated, return_weights=True)
+        vectors = out.float().cpu().numpy()
+        if w is None or self.patches is None:
+            return vectors, None
+        weights = np.full((len(docs), self.patches), np.nan, np.float32)
+        weights[collated.image_index.cpu().numpy()] = w.float().cpu().numpy()
+        return vectors, weights
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
@@ -367,8 +381,16 @@ class Encoder:
         ok = pc.is_null(batch[ERROR]).to_numpy(zero_copy_only=False)
         good = batch.filter(pa.array(ok))
         n = good.num_rows
-        vectors = self.encode(good) if n else np.zeros((0, self.dim), np.float32)
+        vectors, weights = self.encode_with_weights(good) if n else (np.zeros((0, self.dim), np.float32), None)
         vec = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), self.dim)
+        extra = {}
+        if self.patches is not None:
+            if weights is None:
+                weights = np.full((n, self.patches), np.nan, np.float32)
+            has_w = ~np.isnan(weights).any(axis=1)
+            extra[PATCH_WEIGHTS] = pa.FixedSizeListArray.from_arrays(
+                pa.array(np.nan_to_num(weights).reshape(-1), pa.float32()), self.patches,
+                mask=pa.array(~has_w))
         out = pa.table({
             S.DOC_ID: good[S.DOC_ID], VECTOR: vec, S.MODALITY: good[S.MODALITY], S.TEXT: good[S.TEXT],
             S.CAPTION: good[S.CAPTION], THUMBNAIL: good[THUMBNAIL],
@@ -376,7 +398,7 @@ class Encoder:
             MODEL_ID: pa.array([self.model_id] * n, pa.string()),
             SOURCE_VERSION: pa.array([self.source_version] * n, pa.int64()),
             EMBEDDED_AT: pa.array([self.embedded_at] * n, pa.timestamp("us")),
-            S.METADATA: good[S.METADATA],
+            S.METADATA: good[S.METADATA], **extra,
         }, schema=self.schema)
         failed = batch.filter(pa.array(~ok))
         if failed.num_rows:
@@ -405,7 +427,8 @@ def write_fragments(batch: pa.Table, uri: str, schema: pa.Schema, data_storage_v
         ok = pc.is_null(batch[ERROR])
         good, bad = batch.filter(ok).drop_columns([ERROR]), batch.filter(pc.invert(ok))
     if not good.schema.equals(schema):
-        good = good.cast(schema)
+        # A table made before a column existed (patch_weights) keeps its own columns.
+        good = good.select(schema.names).cast(schema)
     frags = write_fragment([good], uri, schema=schema, data_storage_version=data_storage_version,
                            storage_options=storage_options or None) if good.num_rows else []
     n_f, n_b = len(frags), bad.num_rows

@@ -63,12 +63,18 @@ THUMBNAIL = "thumbnail"
 MODEL_ID = "model_id"
 SOURCE_VERSION = "source_version"
 EMBEDDED_AT = "embedded_at"
+#: The extractor's complementary weights ``w`` per patch (row-major over the patch grid).
+PATCH_WEIGHTS = "patch_weights"
 
 #: Table-metadata keys (Lance table metadata, versioned with the table).
 META_MODEL_ID = "ciea.model_id"
 META_DIM = "ciea.dim"
 META_SOURCE_VERSION = "ciea.source_version"
 META_INDEX_PLAN = "ciea.index_plan"
+#: "<rows>x<cols>" of the patch grid that ``patch_weights`` is laid out on (row-major).
+META_PATCH_GRID = "ciea.patch_grid"
+#: Absolute path of the checkpoint the vectors were made with (search loads it to encode queries).
+META_CHECKPOINT = "ciea.checkpoint"
 
 PUBLISHED_TAG = "published"
 ANN_INDEX = f"{VECTOR}_idx"
@@ -81,17 +87,28 @@ class ModelMismatchError(ValueError):
 
 
 @functools.cache
-def row_model(dim: int) -> type:
+def row_model(dim: int, patches: int | None = None) -> type:
     """The table's row schema as a pydantic ``LanceModel`` with a ``dim``-wide vector.
 
     Built per dimension (the vector width comes from the model), cached so that one
     process always gets the same class for the same ``dim``.
+
+    Args:
+        patches: the model's patch count ``N``: adds the nullable ``patch_weights``
+            column (``fixed_size_list<float32>[N]``: the extractor's ``w`` of each image
+            document, null for text documents and for variants without the extractor).
+            ``None`` (models that read no pixels, tables made before the column): none.
     """
     from lancedb.pydantic import LanceModel, Vector
 
     f = pydantic.Field
+    extra: dict[str, Any] = {}
+    if patches is not None:
+        extra[PATCH_WEIGHTS] = (Optional[Vector(patches)], f(  # noqa: UP045
+            None, description="image documents: the extractor's complementary weight w per patch "
+                              "(query-independent; row-major over ciea.patch_grid)"))
     return pydantic.create_model(
-        f"EmbeddingRow{dim}",
+        f"EmbeddingRow{dim}" + (f"P{patches}" if patches is not None else ""),
         __base__=LanceModel,
         __doc__=f"One embedded corpus document ({dim}-d unit vector) with its lineage.",
         doc_id=(str, f(description="document id, stable across re-ingests (the join key to Delta)")),
@@ -105,12 +122,13 @@ def row_model(dim: int) -> type:
         source_version=(int, f(description="corpus/documents Delta version the row was read from")),
         embedded_at=(datetime, f(description="when the vector was computed (UTC)")),
         metadata=(Optional[str], f(None, description="the source's metadata, a JSON object as text")),  # noqa: UP045
+        **extra,
     )
 
 
-def table_schema(dim: int) -> pa.Schema:
+def table_schema(dim: int, patches: int | None = None) -> pa.Schema:
     """Arrow schema of the table (vector as ``fixed_size_list<float32>[dim]``)."""
-    return row_model(dim).to_arrow_schema()
+    return row_model(dim, patches).to_arrow_schema()
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,13 +266,21 @@ class VectorTable:
                 f"LanceDB table {self.name!r} stores {have_dim}-d vectors; this model makes "
                 f"{dim}-d vectors: write to a new table.")
 
-    def create_if_missing(self, model_id: str, dim: int) -> bool:
-        """Creates the empty table stamped with ``model_id``; True if it was created."""
+    def create_if_missing(self, model_id: str, dim: int, patch_grid: tuple[int, int] | None = None) -> bool:
+        """Creates the empty table stamped with ``model_id``; True if it was created.
+
+        Args:
+            patch_grid: the model's (rows, cols) patch grid: adds ``patch_weights``.
+        """
         if self.exists():
             return False
-        self.db.create_table(self.name, schema=row_model(dim))
+        patches = patch_grid[0] * patch_grid[1] if patch_grid else None
+        self.db.create_table(self.name, schema=row_model(dim, patches))
         self._table = None
-        self.dataset().update_metadata({META_MODEL_ID: model_id, META_DIM: str(dim)})
+        meta = {META_MODEL_ID: model_id, META_DIM: str(dim)}
+        if patch_grid:
+            meta[META_PATCH_GRID] = f"{patch_grid[0]}x{patch_grid[1]}"
+        self.dataset().update_metadata(meta)
         logger.info("created LanceDB table %s/%s for model_id %s (%d-d)", self.db_uri, self.name, model_id, dim)
         return True
 

@@ -1,0 +1,226 @@
+"""The search page in a real browser: ``ciea serve`` started as a subprocess on a real
+``ciea embed`` table, driven by Selenium through Debian's headless Chromium.
+
+Types a query, submits, waits for the result cards, checks every thumbnail decoded
+(``naturalWidth > 0``), toggles the ``w`` overlay on and off, and checks that a bad request
+shows the server's error on the page.
+
+Skips when chromium / chromedriver are missing, unless ``CIEA_REQUIRE_BROWSER=1`` (CI sets
+it), in which case it fails: a CI image without the browser must not pass silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from embed_helpers import make_checkpoint, synthetic_records, write_corpus  # noqa: E402
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+CHROMIUM = os.environ.get("CIEA_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CIEA_CHROMEDRIVER", "/usr/bin/chromedriver")
+REPO = Path(__file__).resolve().parents[2]
+TABLE = "docs"
+N_IMAGES, N_TEXTS = 24, 8
+WAIT_S = 60
+
+
+def _browser_missing() -> str | None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (Path(p).is_file() and os.access(p, os.X_OK))]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    return ", ".join(missing) or None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _require_browser():
+    missing = _browser_missing()
+    if missing is None:
+        return
+    message = f"browser test needs {missing} (Debian: apt-get install chromium chromium-driver)"
+    if os.environ.get("CIEA_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"CIEA_REQUIRE_BROWSER=1 but {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> str:
+    """A real embedded table: Delta corpus → ``ciea embed`` (its own local Ray, shut down after)."""
+    from jobs import embed
+
+    tmp = tmp_path_factory.mktemp("serve-e2e")
+    records = synthetic_records(N_IMAGES, N_TEXTS, seed=11)
+    root = tmp / "data"
+    write_corpus(root, records)
+    ckpt = make_checkpoint(tmp, [r["caption"] or r["text"] for r in records], seed=0)
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        rc = embed.main(["--checkpoint", ckpt, "--root", str(root), "--table", TABLE, "--run-dir",
+                         str(tmp / "runs"), "--no-progress", "--num-cpus", "2", "--set", f"ray.temp_dir={ray_tmp}",
+                         "--set", "encode.threads=1", "--set", "encode.batch_size=32"])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert rc == 0
+    return str(root / "lancedb")
+
+
+@pytest.fixture(scope="module")
+def server(table, tmp_path_factory):
+    """``ciea serve`` as a separate process, as a user starts it."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "serve", "--db", table, "--table", TABLE, "--port", str(port),
+             "--set", "server.log_level=warning"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ciea serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/api/health", timeout=5) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ciea serve did not answer within 120 s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield {"base": base, "health": health}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1280,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    d.set_page_load_timeout(WAIT_S)
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+def _search(driver, base: str, query: str, modality: str = "any") -> list:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver.get(base + "/")
+    box = driver.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys(query)
+    Select(driver.find_element(By.ID, "modality")).select_by_value(modality)
+    driver.find_element(By.ID, "go").click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: "result" in d.find_element(By.ID, "status").text
+                                        or "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    status = driver.find_element(By.ID, "status")
+    assert "error" not in status.get_attribute("class"), status.text
+    return driver.find_elements(By.CSS_SELECTOR, "#results .card")
+
+
+def test_query_renders_result_images_and_the_w_overlay_toggles(driver, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cards = _search(driver, server["base"], "a red circle on a blue background")
+    assert len(cards) == 10  # the page's default k
+    assert [c.find_element(By.CSS_SELECTOR, ".rank").text for c in cards] == [f"#{i}" for i in range(1, 11)]
+    images = driver.find_elements(By.CSS_SELECTOR, "#results .card img")
+    assert images, "an image-and-text corpus should put image documents in the top 10"
+    # Every thumbnail actually decoded in the browser (a broken data: URI has naturalWidth 0).
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: all(d.execute_script("return arguments[0].complete", img) for img in images))
+    for img in images:
+        assert driver.execute_script("return arguments[0].naturalWidth", img) > 0
+        assert img.is_displayed()
+    header = driver.find_element(By.ID, "table-info").text
+    assert f"version {server['health']['version']}" in header and f"{N_IMAGES + N_TEXTS} documents" in header
+
+    card = next(c for c in cards if c.get_attribute("data-modality") == "image")
+    overlay = card.find_element(By.CSS_SELECTOR, ".overlay")
+    toggle = card.find_element(By.CSS_SELECTOR, ".toggle-w")
+    rows, cols = server["health"]["patch_grid"]
+    assert not overlay.is_displayed() and toggle.get_attribute("aria-pressed") == "false"
+    toggle.click()
+    assert overlay.is_displayed() and toggle.get_attribute("aria-pressed") == "true"
+    cells = overlay.find_elements(By.CSS_SELECTOR, ".cell")
+    assert len(cells) == rows * cols
+    # Drawn over the thumbnail: the overlay covers the image's box.
+    img_box = card.find_element(By.CSS_SELECTOR, "img").rect
+    ov_box = overlay.rect
+    assert abs(ov_box["width"] - img_box["width"]) < 2 and abs(ov_box["height"] - img_box["height"]) < 2
+    # The cells carry the hit's own weights (title "w = ...") and are coloured by them.
+    shown = [float(c.get_attribute("title").rsplit("=", 1)[1]) for c in cells]
+    assert all(0.0 <= w <= 1.0 for w in shown) and max(shown) > min(shown)
+    colours = {c.value_of_css_property("background-color") for c in cells}
+    assert len(colours) > 1
+    toggle.click()
+    assert not overlay.is_displayed() and toggle.get_attribute("aria-pressed") == "false"
+    # Text documents have no image and no toggle.
+    for c in cards:
+        if c.get_attribute("data-modality") == "text":
+            assert not c.find_elements(By.CSS_SELECTOR, "img")
+            assert not c.find_element(By.CSS_SELECTOR, ".wrow").is_displayed()
+
+    if os.environ.get("CIEA_SCREENSHOT"):  # docs/search-page.png is taken this way
+        for c in [c for c in cards if c.get_attribute("data-modality") == "image"][:3]:
+            c.find_element(By.CSS_SELECTOR, ".toggle-w").click()
+        driver.save_screenshot(os.environ["CIEA_SCREENSHOT"])
+
+
+def test_modality_filter_on_the_page(driver, server):
+    from selenium.webdriver.common.by import By
+
+    cards = _search(driver, server["base"], "a red circle", modality="text")
+    assert len(cards) == N_TEXTS
+    assert {c.find_element(By.CSS_SELECTOR, ".badge").text for c in cards} == {"text"}
+
+
+def test_bad_request_shows_the_servers_error_on_the_page(driver, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # A shared link with an out-of-range k: the page runs it and shows what to fix.
+    driver.get(server["base"] + "/?q=red&k=999")
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    assert "k must be a whole number from 1 to 50" in driver.find_element(By.ID, "status").text
+    assert not driver.find_elements(By.CSS_SELECTOR, "#results .card")
