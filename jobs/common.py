@@ -82,3 +82,34 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
             default = f.default if f.default_factory is None else f.default_factory()
             lines.append(f"  {prefix}{name} = {default!r}\n      {f.description or ''}")
     return lines
+
+
+def init_ray(*, address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None,
+             log_to_driver: bool = True, **kwargs: Any) -> bool:
+    """Joins or starts Ray unless this process already has it; True if this call did.
+
+    Inside ``ray job submit`` (``RAY_ADDRESS`` is set) or with ``address`` it joins that
+    cluster: a local CPU count or temp dir would not match it, and ``ray.init`` would fail
+    to find the node. Otherwise it starts a local Ray with its session files in
+    ``temp_dir`` (default: a new short ``/tmp/ray-*``; Ray's unix sockets need a short path)
+    and token authentication off, so nothing is written to ``~/.ray``.
+    """
+    import os
+    import tempfile
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = {"include_dashboard": False, "log_to_driver": log_to_driver, "configure_logging": False}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **common)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if temp_dir:
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    else:
+        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, **common, **kwargs)
+    return True

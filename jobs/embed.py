@@ -39,7 +39,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipelines.ingest import storage as storage_mod
 from pipelines.ingest.delta_store import Tables
 
-from .common import config_keys, deep_merge, load_config, parse_overrides, setup_logging, write_json
+from .common import (
+    config_keys,
+    deep_merge,
+    init_ray,
+    load_config,
+    parse_overrides,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger("ciea.embed")
 
@@ -262,19 +270,8 @@ def load_model_facts(checkpoint: str) -> dict[str, Any]:
 
 
 def _init_ray(cfg: EmbedConfig) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": cfg.progress}
-    # RAY_ADDRESS is set inside `ray job submit`: join that cluster (a local temp dir or CPU
-    # count would not match it, and ray.init would fail to find the node).
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        Path(cfg.ray.temp_dir).mkdir(parents=True, exist_ok=True)
-        ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=cfg.ray.temp_dir, **kwargs)
-    return True
+    return init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir,
+                    log_to_driver=cfg.progress)
 
 
 def resolve_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> dict[str, Any]:

@@ -54,7 +54,15 @@ from pipelines.ingest.sources import (
 from pipelines.ingest.validation import Limits
 from pipelines.synthetic import SyntheticConfig
 
-from .common import config_keys, deep_merge, load_config, parse_overrides, setup_logging, write_json
+from .common import (
+    config_keys,
+    deep_merge,
+    init_ray,
+    load_config,
+    parse_overrides,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger("ciea.ingest")
 
@@ -79,6 +87,10 @@ class SyntheticSettings(BaseModel):
     num_text_docs: int = Field(1000, ge=0, description="text documents")
     num_queries: tuple[int, int, int] = Field((2000, 200, 400), description="train, dev, test queries")
     image_size: int = Field(64, ge=16, le=1024, description="rendered image side (px)")
+    num_collections: int | None = Field(None, ge=1, le=40, description="collections in use (default: all 40)")
+    p_caption_states: float = Field(0.35, ge=0, lt=1, description="chance a caption states each optional attribute")
+    complementary_fraction: float = Field(0.5, ge=0, le=1, description="share of 'image' queries (need the image)")
+    text_query_fraction: float = Field(0.3, ge=0, le=1, description="share of 'text' queries (text-document answers)")
 
 
 class SourceSettings(BaseModel):
@@ -234,7 +246,10 @@ def make_source(cfg: IngestConfig) -> Source:
         syn = s.synthetic
         return SyntheticSource(
             SyntheticConfig(seed=syn.seed, num_image_docs=syn.num_image_docs, num_text_docs=syn.num_text_docs,
-                            num_queries=tuple(syn.num_queries), image_size=syn.image_size),
+                            num_queries=tuple(syn.num_queries), image_size=syn.image_size,
+                            p_caption_states=syn.p_caption_states, complementary_fraction=syn.complementary_fraction,
+                            text_query_fraction=syn.text_query_fraction,
+                            **({"num_collections": syn.num_collections} if syn.num_collections else {})),
             rows_per_shard=s.rows_per_shard, name=s.name, with_queries=s.queries)
     if s.kind == "webqa":
         return WebQASource(s.path, shard_bytes, s.name, opts, with_queries=s.queries)
@@ -247,19 +262,8 @@ def make_source(cfg: IngestConfig) -> Source:
 
 def _init_ray(cfg: IngestConfig) -> bool:
     """Starts (or connects to) Ray unless this process already has it; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        Path(cfg.ray.temp_dir).mkdir(parents=True, exist_ok=True)
-        if cfg.ray.object_store_mb:
-            kwargs["object_store_memory"] = cfg.ray.object_store_mb * 1024 * 1024
-        ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=cfg.ray.temp_dir, **kwargs)
-    return True
+    extra = {"object_store_memory": cfg.ray.object_store_mb * 1024 * 1024} if cfg.ray.object_store_mb else {}
+    return init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir, **extra)
 
 
 def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:

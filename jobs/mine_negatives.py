@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.ingest.storage import StorageOptions
 
-from .common import load_config, setup_logging, write_json
+from .common import init_ray, load_config, setup_logging, write_json
 
 logger = logging.getLogger("ciea.mine_negatives")
 
@@ -80,16 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"invalid config: checkpoint: {e}") from None
 
-    import os
 
-    import ray
 
     from pipelines.mining import mine, write_mined
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cfg.num_cpus, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-                 include_dashboard=False, log_to_driver=cfg.progress, configure_logging=False)
+    init_ray(num_cpus=cfg.num_cpus, log_to_driver=cfg.progress)
     t0 = time.perf_counter()
     table, summary = mine(cfg.checkpoint, cfg.root, cfg.split, k=cfg.k, storage_options=cfg.storage_options,
                           version=cfg.version, pool_size=cfg.pool_size, cpus_per_actor=cfg.cpus_per_actor,

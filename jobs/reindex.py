@@ -711,3 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     if "gate" in summary and not summary["gate"]["promote"]:
         return EXIT_GATE_REFUSED
     return 1 if summary.get("failed") else 0
+
+
+if __name__ == "__main__":  # `python -m jobs.reindex`, the RayCronJob / `ray job submit` entrypoint
+    raise SystemExit(main())

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from pipelines.train_loop import (
     train_loop_per_worker,
 )
 
-from .common import load_config, setup_logging, write_json
+from .common import init_ray, load_config, setup_logging, write_json
 
 logger = logging.getLogger("ciea.train")
 
@@ -155,16 +154,7 @@ def check_resume(cfg: TrainJobConfig, identity: dict[str, Any]) -> dict[str, Any
 
 
 def _ensure_ray(cfg: TrainJobConfig) -> None:
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # single-machine default: no ~/.ray token
-    temp = cfg.run.ray_temp_dir or tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(num_cpus=cfg.run.num_cpus, _temp_dir=temp, include_dashboard=False,
-             log_to_driver=cfg.run.progress, configure_logging=False)
+    init_ray(num_cpus=cfg.run.num_cpus, temp_dir=cfg.run.ray_temp_dir, log_to_driver=cfg.run.progress)
 
 
 def train_tokenizer(cfg: TrainJobConfig, path: Path) -> None:
