@@ -13,6 +13,12 @@ start-up, which are reported separately as end-to-end wall time.
 
     python -m bench.train_throughput                      # demo preset, 2 workers
     python -m bench.train_throughput --preset tiny --queries 256 --epochs 3
+    python -m bench.train_throughput --profile            # + per-phase CPU/wall per step
+
+``--profile`` prints, for Ray Train's rank 0 (``debug.profile``) and the in-process step
+(cut into the same phases), the mean per step of each phase's training-thread CPU time,
+whole-process CPU time and wall time: CPU time is what a phase costs even on a shared
+machine; wall minus CPU is waiting (for the other rank, a core, or data).
 
 GPU / MFU: with an accelerator, ``--gpu`` runs one Ray Train worker on it (bf16 autocast)
 and prints samples/s; model FLOPs utilisation is not computed here.
@@ -24,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,10 +58,33 @@ def run_ray(cfg) -> tuple[list[float], float, dict]:
     summary = train.run(cfg)
     wall = time.perf_counter() - t0
     records = read_metrics(cfg.run_dir / "metrics.jsonl")
+    summary["profiles"] = [r["profile"] for r in records if r["event"] == "step" and "profile" in r]
     return [r["samples_per_s"] for r in records if r["event"] == "epoch"], wall, summary
 
 
-def run_inprocess(cfg, threads: int) -> tuple[list[float], float]:
+def _summarise(profiles: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Mean per step of each phase's [thread_cpu, process_cpu, wall] in ms, leaving out
+    the first third of the steps (warm-up)."""
+    steady = profiles[len(profiles) // 3:] or profiles
+    phases: dict[str, list[float]] = {}
+    for p in steady:
+        for name, row in p.items():
+            acc = phases.setdefault(name, [0.0, 0.0, 0.0])
+            for i, x in enumerate(row):
+                acc[i] += x
+    return {k: [round(1000 * x / len(steady), 1) for x in v] for k, v in phases.items()}
+
+
+def print_profile(title: str, phases: dict[str, list[float]]) -> None:
+    total = [sum(v[i] for v in phases.values()) for i in range(3)]
+    print(f"\n{title} (ms per step, mean)")
+    print(f"  {'phase':<18}{'thread CPU':>11}{'process CPU':>13}{'wall':>9}{'% of CPU':>10}")
+    for name, (t, p, w) in sorted(phases.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:<18}{t:>11.1f}{p:>13.1f}{w:>9.1f}{100 * p / max(total[1], 1e-9):>9.0f}%")
+    print(f"  {'total':<18}{total[0]:>11.1f}{total[1]:>13.1f}{total[2]:>9.1f}")
+
+
+def run_inprocess(cfg, threads: int, profile: bool = False) -> tuple[list[float], float, list[dict]]:
     import pyarrow as pa
     import torch
     from deltalake import DeltaTable
@@ -64,12 +94,13 @@ def run_inprocess(cfg, threads: int) -> tuple[list[float], float]:
         OptimConfig,
         build_optimizer,
         build_scheduler,
+        compute_loss,
         iterate_batches,
         train_step,
     )
     from jobs.train import tokenizer_dir
     from pipelines.train_data import read_queries, rows_to_documents
-    from pipelines.train_loop import NEW_MODULES, model_config_for
+    from pipelines.train_loop import NEW_MODULES, StepProfile, model_config_for
     from pipelines.training_data import training_examples
 
     torch.set_num_threads(threads)
@@ -83,14 +114,45 @@ def run_inprocess(cfg, threads: int) -> tuple[list[float], float]:
                                                module_lr={p: cfg.train.new_lr for p in NEW_MODULES} if cfg.train.new_lr else {}))
     steps = math.ceil(len(examples) / cfg.train.batch_size) * cfg.train.epochs
     sched = build_scheduler(optim, steps)
-    rates = []
+    rates, profiles = [], []
+    prof = StepProfile(profile)
     for epoch in range(cfg.train.epochs):
         t_epoch, n = time.perf_counter(), 0
-        for batch in iterate_batches(examples, processor, cfg.train.batch_size, cfg.train.seed, epoch):
-            train_step(model, batch, optim, sched)
+        batches = iterate_batches(examples, processor, cfg.train.batch_size, cfg.train.seed, epoch)
+        while True:
+            with prof("collate"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            if profile:
+                _profiled_train_step(model, batch, optim, sched, prof, compute_loss)
+                profiles.append(prof.pop())
+            else:
+                train_step(model, batch, optim, sched)
             n += len(batch.targets)
         rates.append(n / (time.perf_counter() - t_epoch))
-    return rates, time.perf_counter() - t0
+    return rates, time.perf_counter() - t0, profiles
+
+
+def _profiled_train_step(model, batch, optim, sched, prof, compute_loss) -> None:
+    """``ciea_model.training.train_step`` cut into the phases the Ray worker reports."""
+    import math
+
+    import torch
+
+    model.train()
+    optim.zero_grad(set_to_none=True)
+    with prof("forward"):
+        out = compute_loss(model, batch)
+    with prof("backward"):
+        out.loss.backward()
+    with prof("optimizer"):
+        optim.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(model.config.logit_scale_max))
+        sched.step()
+    with prof("metrics"):
+        float(out.loss.detach()), float(model.scale().detach())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--inprocess-threads", type=int, help="torch threads of the in-process side (default: --workers)")
     p.add_argument("--gpu", action="store_true", help="one Ray Train worker on a GPU, bf16")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each side's per-phase CPU and wall time per step (debug.profile)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--keep", action="store_true", help="keep the corpus and checkpoints (~0.6 GB) in /tmp")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import os
@@ -124,20 +189,24 @@ def main(argv: list[str] | None = None) -> int:
                   "log_every": 10**6, "shuffle_buffer": 0},
         "scaling": {"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": 0.5, "use_gpu": args.gpu},
         "run": {"name": "bench", "storage_path": str(work / "runs"), "progress": False, "max_failures": 0},
-        "debug": {"probe": 0},
+        "debug": {"probe": 0, "profile": args.profile},
     }
     cfg = TrainJobConfig.model_validate(deep_merge(PRESETS[args.preset], overrides))
     ray.init(num_cpus=max(2, workers), _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
              include_dashboard=False, log_to_driver=False)
     try:
-        ray_rates, ray_wall, _ = run_ray(cfg)
+        ray_rates, ray_wall, ray_summary = run_ray(cfg)
     finally:
         ray.shutdown()
     results = {"preset": args.preset, "queries": args.queries, "epochs": args.epochs, "batch_size": args.batch_size,
                "ray_workers": workers, "ray_epoch_samples_per_s": ray_rates, "ray_wall_s": round(ray_wall, 1)}
+    if args.profile:
+        results["ray_profile_ms"] = _summarise(ray_summary["profiles"])
     if not args.gpu:
         threads = args.inprocess_threads or args.workers
-        local_rates, local_wall = run_inprocess(cfg, threads=threads)
+        local_rates, local_wall, local_profiles = run_inprocess(cfg, threads=threads, profile=args.profile)
+        if args.profile:
+            results["inprocess_profile_ms"] = _summarise(local_profiles)
         steady = lambda r: statistics.median(r[1:] if len(r) > 1 else r)  # noqa: E731
         results.update(inprocess_threads=threads, inprocess_epoch_samples_per_s=local_rates,
                        inprocess_wall_s=round(local_wall, 1), ray_steady=steady(ray_rates),
@@ -148,10 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process 1 × {threads} threads     : {results['inprocess_steady']:.1f} samples/s "
               f"(epochs {', '.join(f'{r:.1f}' for r in local_rates)}; end-to-end {local_wall:.0f} s)")
         print(f"ratio Ray / in-process: {results['ratio']:.2f} (goal ≥ 0.8)")
+        if args.profile:
+            print_profile(f"Ray Train rank 0 of {workers} (micro-batch {cfg.micro_batch})", results["ray_profile_ms"])
+            print_profile(f"in-process, {threads} threads (batch {cfg.train.batch_size})", results["inprocess_profile_ms"])
     else:
         print(f"Ray Train on GPU (bf16): epochs {ray_rates} samples/s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.keep:
+        print(f"corpus and checkpoints kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

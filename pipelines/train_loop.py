@@ -5,10 +5,11 @@ Data parallelism. The model's encoders are methods (``encode_query`` /
 ``encode_documents``), not ``forward``, so wrapping ``CIEAModel`` in
 ``DistributedDataParallel`` would sync nothing. We average gradients ourselves: one
 all-reduce of the flattened gradients after the last micro-batch of each optimiser step
-(:func:`allreduce_gradients`). Why not a DDP wrapper whose ``forward`` calls
-``compute_loss``: (1) ``compute_loss`` already makes identical collective calls on every
-rank (candidates gathered with gradient), and DDP's bucketed hooks would interleave their
-own all-reduces with those — legal, but a second ordering to keep consistent; (2) text-only
+(:class:`GradientReducer`; token embeddings get sparse gradients and reduce only the rows
+some rank touched). Why not a DDP wrapper whose ``forward`` calls ``compute_loss``: (1)
+``compute_loss`` already makes identical collective calls on every rank (candidates
+gathered with gradient), and DDP's bucketed hooks would interleave their own all-reduces
+with those — legal, but a second ordering to keep consistent; (2) text-only
 batches leave the vision side unused, which DDP only tolerates with
 ``find_unused_parameters=True`` (a graph walk per step); (3) gradient accumulation is then
 plain "all-reduce once per step", with no ``no_sync`` contexts. A zero is reduced for a
@@ -138,6 +139,7 @@ class DebugSettings(BaseModel):
     fail_at_step: int | None = Field(None, ge=1, description="fault injection: raise once in a worker right after this step")
     fail_rank: int = Field(0, ge=0)
     probe: int = Field(8, ge=0, description="dev queries and documents encoded into the final checkpoint (probe.safetensors)")
+    profile: bool = Field(False, description="record each step's per-phase CPU and wall time in metrics.jsonl (rank 0)")
 
 
 class TrainJobConfig(BaseModel):
@@ -306,19 +308,165 @@ class LoopState:
     finished: bool = False
 
 
-def allreduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Averages gradients over ranks in one flat all-reduce (see the module docstring)."""
-    if world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+#: Embedding matrices with at least this many rows get sparse gradients (see
+#: :class:`GradientReducer`); smaller ones (positions, token types) stay dense.
+SPARSE_EMBEDDING_MIN_ROWS = 1024
+
+
+class GradientReducer:
+    """Averages gradients over data-parallel ranks, as DDP's reducer does, shaped by where
+    a CPU step's time goes (the demo model, profiled per phase: BENCHMARKS.md).
+
+    Token embeddings. A vocabulary matrix (all-MiniLM's 30k × 384 is two thirds of the
+    demo model) is looked up about six times per step: queries, text documents, image
+    captions (twice: the sequence and the extractor's caption side), image-only sequences
+    and ``q_comp``. Dense, every lookup's backward fills a fresh 47 MB gradient and
+    autograd adds them up: ~30 % of a worker's CPU time per step, none of it proportional
+    to the batch, so data parallelism never amortises it. Here those modules run with
+    ``sparse=True``: the backward keeps only the rows a batch touched. The union of the
+    rows touched on any rank is agreed with one MAX all-reduce of per-row flags, only
+    those rows travel in the gradient all-reduce, and the result is written into a
+    persistent dense gradient whose other rows are zero (the rows of the previous step
+    are cleared, not the whole matrix). The optimiser, clipping and weight decay see
+    exactly the dense gradient they saw before.
+
+    Everything else is packed into one flat buffer, reduced in place in the same single
+    all-reduce, and handed back as views of it (no copy back, no per-step allocation).
+    A parameter without a gradient on a rank contributes zeros, as DDP's does, so every
+    rank makes the same collective calls whatever its batch held.
+
+    Args:
+        model: the model; its large trainable ``nn.Embedding`` modules are switched to
+            sparse gradients (forward results are unchanged).
+        world: ranks to average over; 1 skips the collectives.
+        min_rows: embeddings with fewer rows stay dense.
+    """
+
+    def __init__(self, model: torch.nn.Module, world: int, min_rows: int = SPARSE_EMBEDDING_MIN_ROWS) -> None:
+        self.world = world
+        holders: dict[int, list[torch.nn.Module]] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                holders.setdefault(id(p), []).append(module)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # A weight tied to anything but embeddings (an LM head) gets dense gradients there.
+        embeddings = {id(p): holders[id(p)] for p in trainable
+                      if all(isinstance(m, torch.nn.Embedding) and m.num_embeddings >= min_rows for m in holders[id(p)])}
+        for mods in embeddings.values():
+            for module in mods:
+                module.sparse = True
+        self.sparse = [p for p in trainable if id(p) in embeddings]
+        self.dense = [p for p in trainable if id(p) not in embeddings]
+        self._grad = {id(p): torch.zeros_like(p) for p in self.sparse}  # persistent dense gradients
+        self._rows: dict[int, torch.Tensor] = {}  # rows written into them last step
+        dtype = trainable[0].dtype if trainable else torch.float32
+        device = trainable[0].device if trainable else torch.device("cpu")
+        if any(p.dtype != dtype for p in trainable):
+            raise ValueError("GradientReducer needs one parameter dtype; cast the model (model.float()) first")
+        # Dense gradients plus the touched embedding rows; grown when a step touches more.
+        self._flat = torch.empty(0, dtype=dtype, device=device)
+
+    def _local_embedding_grad(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's gradient of ``p`` in its persistent dense tensor; and its touched rows."""
+        grad = self._grad[id(p)]
+        if id(p) in self._rows:
+            grad.index_fill_(0, self._rows[id(p)], 0)
+        g = p.grad
+        if g is None:
+            rows = torch.zeros(0, dtype=torch.long, device=grad.device)
+        elif g.is_sparse:
+            g = g.coalesce()
+            rows = g.indices()[0]
+            grad.index_copy_(0, rows, g.values())
+        else:  # a dense gradient after all (e.g. sparse switched off by the caller)
+            grad.copy_(g)
+            rows = g.reshape(g.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)
+        self._rows[id(p)] = rows
+        return grad, rows
+
+    def reduce(self) -> None:
+        """Replaces every ``.grad`` by its mean over ranks (dense tensors throughout)."""
+        if any(p.grad is not None and p.grad.untyped_storage().data_ptr() == self._flat.untyped_storage().data_ptr()
+               for p in self.dense[:1]) or any(p.grad is self._grad[id(p)] for p in self.sparse):
+            raise RuntimeError("gradients still hold last step's reduced values: call "
+                               "optimizer.zero_grad(set_to_none=True) before each step's backward")
+        local = [self._local_embedding_grad(p) for p in self.sparse]
+        if self.world == 1:
+            for p, (grad, _) in zip(self.sparse, local):
+                p.grad = grad
+            return
+        # The rows any rank touched: one small collective for all embedding matrices.
+        flags = torch.cat([torch.zeros(p.shape[0], dtype=torch.int32, device=p.device).index_fill_(0, rows, 1)
+                           for p, (_, rows) in zip(self.sparse, local)]) if local else None
+        if flags is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        union, start = [], 0
+        for p in self.sparse:
+            union.append(flags[start : start + p.shape[0]].nonzero().squeeze(1))
+            start += p.shape[0]
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.dense]
+        pieces += [grad.index_select(0, rows).reshape(-1) for (grad, _), rows in zip(local, union)]
+        n = sum(x.numel() for x in pieces)
+        if n > self._flat.numel():
+            self._flat = self._flat.new_empty(n + n // 4)
+        flat = self._flat[:n]
+        # Gradients are set to None at the start of every step, so nothing aliases the
+        # buffer while it is refilled.
+        torch.cat(pieces, out=flat)
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in self.dense:
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        for p, (grad, _), rows in zip(self.sparse, local, union):
+            k = rows.numel() * (p.numel() // p.shape[0])
+            grad.index_copy_(0, rows, flat[offset : offset + k].view(rows.numel(), *p.shape[1:]))
+            self._rows[id(p)] = rows
+            p.grad = grad
+            offset += k
+
+
+class StepProfile:
+    """Per-phase cost of training steps: CPU time of the training thread
+    (``time.thread_time``), of the whole process (``time.process_time``: Ray Data's
+    prefetch and gloo's threads included) and wall time, in seconds.
+
+    CPU time of the training thread is what a phase costs whatever else runs on the
+    machine, so phases are compared by it on a shared box; wall minus CPU is time spent
+    waiting (for the other rank at a collective, for a core, for data). Disabled, the
+    phases cost one ``if`` each."""
+
+    COLUMNS = ("thread_cpu", "process_cpu", "wall")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.totals: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        t, p, w = time.thread_time(), time.process_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            row = self.totals.setdefault(phase, [0.0, 0.0, 0.0])
+            row[0] += time.thread_time() - t
+            row[1] += time.process_time() - p
+            row[2] += time.perf_counter() - w
+
+    def start(self) -> None:
+        """Begins a step: forgets phases recorded since the last :meth:`pop` (e.g. the
+        fetch that found the epoch's data exhausted)."""
+        self.totals = {}
+
+    def pop(self) -> dict[str, list[float]]:
+        """The phases recorded since the last call, ``{phase: [thread_cpu, process_cpu, wall]}``."""
+        out = {k: [round(x, 6) for x in v] for k, v in self.totals.items()}
+        self.totals = {}
+        return out
 
 
 @contextlib.contextmanager
@@ -445,6 +593,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         model.vision.load_state_dict(load_file(cfg.model.vision_state))
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    reducer = GradientReducer(model, world if gather else 1)
     optim_cfg = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
                             module_lr={p: cfg.train.new_lr for p in NEW_MODULES} if cfg.train.new_lr else {})
     optimizer = build_optimizer(model, optim_cfg)
@@ -571,23 +720,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(7, dtype=torch.float64)
         for mb in micros:
-            batch = processor.collate_training(rows_to_examples(mb, storage_options)).to(device)
-            with autocast, observe_encodings(model) as seen:
+            with prof("rows"):
+                examples = rows_to_examples(mb, storage_options)
+            with prof("collate"):
+                batch = processor.collate_training(examples).to(device)
+            with prof("forward"), autocast, observe_encodings(model) as seen:
                 out = compute_loss(model, batch, gather=gather)
-            (out.loss / len(micros)).backward()
-            correct, count = in_batch_correct(seen["q"], seen["d"], batch, gather)
-            sums += torch.tensor([float(out.loss.detach()) * count, out.contrastive * count,
-                                  out.complementary * count, correct, count, 0, len(batch.doc_ids)],
-                                 dtype=torch.float64)
-        allreduce_gradients(trainable, world if gather else 1)
-        if cfg.train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-        optimizer.step()
-        with torch.no_grad():  # CLIP-style clamp of θ, as train_step does
-            model.logit_scale.clamp_(max=math.log(model.config.logit_scale_max))
-        scheduler.step()
-        if gather:
-            dist.all_reduce(sums)
+            with prof("backward"):
+                (out.loss / len(micros)).backward()
+            with prof("metrics"):
+                correct, count = in_batch_correct(seen["q"], seen["d"], batch, gather)
+                sums += torch.tensor([float(out.loss.detach()) * count, out.contrastive * count,
+                                      out.complementary * count, correct, count, 0, len(batch.doc_ids)],
+                                     dtype=torch.float64)
+        with prof("grad_allreduce"):
+            reducer.reduce()
+        with prof("optimizer"):
+            if cfg.train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():  # CLIP-style clamp of θ, as train_step does
+                model.logit_scale.clamp_(max=math.log(model.config.logit_scale_max))
+            scheduler.step()
+        with prof("metrics_allreduce"):
+            if gather:
+                dist.all_reduce(sums)
         sums[5] = 1
         return sums
 
@@ -605,6 +762,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.train.bf16
                 else contextlib.nullcontext())
+    prof = StepProfile(cfg.debug.profile and rank == 0)
     shard = ray.train.get_dataset_shard("train")
     stop = state.finished or state.stopped_early
     if not stop and state.step == 0 and state.evals == 0:
@@ -627,10 +785,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         exhausted = False
         while state.step < state.total_steps:
             t0 = time.perf_counter()
-            micros = [b for b in (next(it, None) for _ in range(cfg.train.grad_accum)) if b is not None]
+            prof.start()
+            with prof("fetch"):
+                micros = [b for b in (next(it, None) for _ in range(cfg.train.grad_accum)) if b is not None]
             n_micro = torch.tensor([len(micros)])
-            if gather:  # ranks agree on how many micro-batches (and so collective calls) follow
-                dist.all_reduce(n_micro, op=dist.ReduceOp.MIN)
+            with prof("agree"):
+                if gather:  # ranks agree on how many micro-batches (and so collective calls) follow
+                    dist.all_reduce(n_micro, op=dist.ReduceOp.MIN)
             if int(n_micro) == 0:
                 exhausted = True
                 break
@@ -642,12 +803,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             samples_window += int(sums[4])
             if rank == 0:
                 q = max(1.0, float(sums[4]))
-                log.write({"event": "step", "step": state.step, "epoch": state.epoch, "loss": sums[0].item() / q,
-                           "loss_c": sums[1].item() / q, "loss_comp": sums[2].item() / q,
-                           "in_batch_acc": sums[3].item() / q, "lr": optimizer.param_groups[0]["lr"],
-                           "samples_per_s": float(sums[4]) / dt, "queries": int(sums[4]), "seconds": dt,
-                           "candidates": int(sums[6]),
-                           "logit_scale": float(model.scale().detach())})
+                record = {"event": "step", "step": state.step, "epoch": state.epoch, "loss": sums[0].item() / q,
+                          "loss_c": sums[1].item() / q, "loss_comp": sums[2].item() / q,
+                          "in_batch_acc": sums[3].item() / q, "lr": optimizer.param_groups[0]["lr"],
+                          "samples_per_s": float(sums[4]) / dt, "queries": int(sums[4]), "seconds": dt,
+                          "candidates": int(sums[6]),
+                          "logit_scale": float(model.scale().detach())}
+                if prof.enabled:
+                    record["profile"] = prof.pop()
+                log.write(record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{sums[0].item() / q:.3f}", acc=f"{sums[3].item() / q:.2f}")

@@ -140,6 +140,7 @@ def test_stage1_two_workers_learn_and_agree(stage1, runs):
     assert all(s["candidates"] <= 16 for s in steps.values()), "stage 1: in-batch positives only"
     for key in ("loss", "loss_c", "loss_comp", "in_batch_acc", "lr", "samples_per_s"):
         assert all(np.isfinite(s[key]) for s in steps.values()), key
+    assert not any("profile" in s for s in steps.values()), "phases are recorded only with debug.profile"
     assert any(s["loss_comp"] > 0 for s in steps.values()), "L_comp is trained in stage 1"
     lrs = [steps[i]["lr"] for i in sorted(steps)]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0] / 10, "one cosine decay across the restart"
@@ -157,10 +158,24 @@ def test_demo_preset_two_workers_raise_dev_mrr(data_root, tmp_path):
         "--preset", "demo", "--root", str(data_root), "--storage-path", str(tmp_path), "--name", "demo",
         "--no-progress", "--set", "model.text_layers=1", "--set", "train.epochs=4",
         "--set", "train.batch_size=16", "--set", "train.eval_every=6", "--set", "train.log_every=6",
-        "--set", "train.checkpoint_every=1000"]) == 0
-    evals = [r for r in read_metrics(tmp_path / "demo" / METRICS_FILE) if r["event"] == "eval"]
+        "--set", "train.checkpoint_every=1000", "--set", "debug.profile=true"]) == 0
+    records = read_metrics(tmp_path / "demo" / METRICS_FILE)
+    evals = [r for r in records if r["event"] == "eval"]
     assert evals[0]["step"] == 0
     assert max(e["dev_mrr10"] for e in evals[1:]) > evals[0]["dev_mrr10"] + 0.1, evals
+    # MiniLM's 30k-row embedding trains with sparse gradients reduced row-wise: the two
+    # workers still end bit-identical.
+    end = next(r for r in records if r["event"] == "end")
+    assert len(end["rank_model_ids"]) == 2 and len(set(end["rank_model_ids"])) == 1
+    # debug.profile: every step carries its per-phase [thread CPU, process CPU, wall].
+    phases = {"fetch", "agree", "rows", "collate", "forward", "backward", "metrics", "grad_allreduce",
+              "optimizer", "metrics_allreduce"}
+    steps = [r for r in records if r["event"] == "step"]
+    for s in steps:
+        assert set(s["profile"]) == phases
+        assert all(len(v) == 3 and min(v) >= 0 for v in s["profile"].values())
+        assert sum(v[2] for v in s["profile"].values()) <= s["seconds"] * 1.01 + 1e-3
+        assert s["profile"]["forward"][0] > 0 and s["profile"]["backward"][0] > 0
 
 
 def test_stage1_checkpoint_reloads_into_the_same_encoder(stage1, data_root):
