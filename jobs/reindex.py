@@ -5,13 +5,23 @@
 records (``ciea.source_version``) to the current one, the change data feed says which
 documents were inserted, updated or deleted (collapsed to the last change per doc_id;
 ``pipelines/reindex.py``). Rows of updated and deleted documents are deleted, the inserted
-and updated ones are embedded on Ray (the ``ciea embed`` pipeline, restricted to them) and
+and updated ones are embedded (the ``ciea embed`` stages, restricted to them) and
 committed in one Lance commit, the new rows are folded into the indexes (the ANN index is
 retrained only when the table has drifted more than ``index.max_drift`` from the size it
 was trained at), the new source version is recorded, and the version is tagged and
 ``published``. When the feed cannot cover the range (vacuumed, disabled on a commit, log
 cleaned up) the change set comes from a full diff by ``content_sha256`` instead, with a
 warning; the result is the same.
+
+What is read and where it is embedded follows the size of the change (:func:`embed_route`):
+the changed documents' rows come from the feed's post-images (or a scan of the version's
+row groups that hold them, without a feed), and up to ``encode.in_process_max_docs``
+(1000) of them are embedded in this process — a Ray Data run's fixed start-up (encoder
+actor, checkpoint load) costs more than that many documents do; larger change sets go to
+Ray, as rows (up to ``changes.read_max_docs``) or read by Ray from the version. A local Ray
+is started only when a step needs it (a rebuild, a large change set): a scheduled run with
+a small change, or none, never starts one. Inside ``ray job submit`` (or with
+``--ray-address``) the job joins that cluster up front, and its resources decide the route.
 
 Crash safety: every step is planned against what the table holds *now*, and the source
 version is recorded only after the rows and indexes are complete. A run killed at any step
@@ -42,10 +52,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,6 +107,19 @@ class ChangeSettings(BaseModel):
     method: Literal["auto", "diff"] = Field(
         "auto", description="auto: the Delta change data feed, or a full diff by content_sha256 when the feed "
                             "cannot cover the range; diff: always the full diff")
+    read_max_docs: int = Field(
+        10_000, ge=0, description="up to this many documents to embed, the job reads their rows itself (from "
+                                  "the change feed's post-images, or a filtered scan of the version) and hands "
+                                  "them to the pipeline; above, Ray reads the whole version and keeps them "
+                                  "(the rows then never pass through the job's memory)")
+
+
+class ReindexEncodeSettings(EncodeSettings):
+    in_process_max_docs: int = Field(
+        1000, ge=0, description="up to this many documents to embed, they are embedded in the job's own process "
+                                "(same encoder and Lance writer, one commit) instead of a Ray Data run, whose "
+                                "actor start-up and checkpoint load cost more than encoding a small change set; "
+                                "needs encode.device usable here (cpu, or a local GPU). 0: always Ray")
 
 
 class GateSettings(BaseModel):
@@ -129,7 +154,7 @@ class ReindexConfig(BaseModel):
     output: ReindexOutputSettings = Field(default_factory=ReindexOutputSettings)
     changes: ChangeSettings = Field(default_factory=ChangeSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
-    encode: EncodeSettings = Field(default_factory=EncodeSettings)
+    encode: ReindexEncodeSettings = Field(default_factory=ReindexEncodeSettings)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     write: WriteSettings = Field(default_factory=WriteSettings)
     index: ReindexIndexSettings = Field(default_factory=ReindexIndexSettings)
@@ -261,6 +286,19 @@ def restore_version(table: Any, version: int) -> int:
     return table.version()
 
 
+@contextlib.contextmanager
+def _step(summary: dict[str, Any], name: str) -> Iterator[None]:
+    """Adds a step's wall-clock and this process's CPU seconds to the summary
+    (``steps``: {name: [wall, cpu]}): where a run's time goes, for the benchmark."""
+    t, c = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        steps = summary.setdefault("steps", {})
+        wall, cpu = steps.get(name, [0.0, 0.0])
+        steps[name] = [round(wall + time.perf_counter() - t, 3), round(cpu + time.process_time() - c, 3)]
+
+
 def _crash(cfg: ReindexConfig, point: str) -> None:
     if cfg.fault.crash_at == point:
         raise SimulatedCrash(f"fault.crash_at={point}: the job dies here (drill)")
@@ -284,18 +322,47 @@ def delta_row_count(documents_uri: str, version: int, storage_options: dict[str,
 # ---------------------------------------------------------------------------------------
 
 
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")  # not imported: certainly not initialised (and no import cost)
+    return ray is not None and ray.is_initialized()
+
+
+def _cluster_resources(cfg: ReindexConfig) -> dict[str, float]:
+    """Ray's resources once it is up; before, what a local ``ray.init`` would find here
+    (``ray.num_cpus`` or this machine's CPUs, its GPUs), so the embed route can be chosen
+    without starting Ray."""
+    if _ray_up():
+        import ray
+
+        return ray.cluster_resources()
+    import torch
+
+    return {"CPU": float(cfg.ray.num_cpus or len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
+
+
+def _ray_resources(cfg: ReindexConfig) -> dict[str, Any]:
+    """Joins or starts Ray (once: ``main`` shuts down what it did not find) and resolves the
+    encoder's resources against the real cluster."""
+    import ray
+
+    _init_ray(cfg)  # type: ignore[arg-type]
+    try:
+        return resolve_resources(cfg, ray.cluster_resources())  # type: ignore[arg-type]
+    except SystemExit as e:
+        raise _as_reindex_error(e) from None
+
+
 def _embed(cfg: ReindexConfig, facts: dict[str, Any], res: dict[str, Any], documents_uri: str, version: int,
            lance_uri: str, schema: Any, data_storage_version: str | None, doc_ids: Any, total: int,
-           commit: Any, commit_every_rows: int | None) -> Any:
-    import ray.data
+           commit: Any, commit_every_rows: int | None, rows: Any = None, in_process: bool = False) -> Any:
+    """Runs the embedding stage on ``doc_ids`` of the version (``None``: all), or on ``rows``
+    already read; ``in_process``: the same stages in this process, without Ray Data."""
     from tqdm import tqdm
 
     from pipelines import embed as E
 
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.retried_map_errors, ctx.max_map_retries)
-    ctx.enable_progress_bars = False
-    ctx.retried_map_errors, ctx.max_map_retries = bool(cfg.encode.max_retries), cfg.encode.max_retries
+    if not in_process:
+        res = _ray_resources(cfg)  # Ray joined or started here if this process has none yet
     opts = cfg.input.storage_options
     spec = E.PipelineSpec(
         documents_uri=documents_uri, source_version=version, storage_options=opts,
@@ -312,8 +379,20 @@ def _embed(cfg: ReindexConfig, facts: dict[str, Any], res: dict[str, Any], docum
         embedded_at=datetime.now(timezone.utc))
     bar = tqdm(total=total, unit="doc", desc=f"reindex → {cfg.output.table}", disable=not cfg.progress,
                file=sys.stderr)
+    if in_process:
+        # No retries here: an encoder error fails the run, and the re-run re-plans (crash-safe).
+        try:
+            return E.stream_to_table(E.iter_in_process(spec, rows), commit, commit_every_rows, on_rows=bar.update)
+        finally:
+            bar.close()
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.retried_map_errors, ctx.max_map_retries)
+    ctx.enable_progress_bars = False
+    ctx.retried_map_errors, ctx.max_map_retries = bool(cfg.encode.max_retries), cfg.encode.max_retries
     try:
-        return E.stream_to_table(E.build_dataset(spec, doc_ids), commit, commit_every_rows, on_rows=bar.update)
+        return E.stream_to_table(E.build_dataset(spec, doc_ids, rows), commit, commit_every_rows, on_rows=bar.update)
     finally:
         bar.close()
         ctx.enable_progress_bars, ctx.retried_map_errors, ctx.max_map_retries = saved
@@ -406,7 +485,8 @@ def _finish(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_version: i
                                                                       cfg.index.min_rows_for_ann)
         ann = ann_for(previous, wanted)
         t_idx = time.perf_counter()
-        summary["indexes"] = table.build_indexes(ann, previous)
+        with _step(summary, "index"):
+            summary["indexes"] = table.build_indexes(ann, previous)
         summary["index_seconds"] = round(time.perf_counter() - t_idx, 2)
         summary["ann_plan"] = ann.to_json() if ann else None
         _crash(cfg, "indexed")
@@ -453,6 +533,44 @@ def _finish(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_version: i
 def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents_uri: str, to_version: int,
                     res: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """Same model: apply the change set since the table's recorded version."""
+    from pipelines import embed as E
+    from pipelines import reindex as R
+
+    opts = cfg.input.storage_options
+    with _step(summary, "plan"):
+        plan, changes = _plan(cfg, table, documents_uri, to_version, summary)
+    _crash(cfg, "planned")
+    version_before = table.version()
+    with _step(summary, "delete"):
+        summary["deleted"] = table.delete_doc_ids(plan.stale) if plan.stale else 0
+    _crash(cfg, "deleted")
+    stream = E.StreamResult()
+    if len(plan.to_embed):
+        lds = table.dataset()
+        how = embed_route(len(plan.to_embed), cfg, res)
+        rows = None
+        if how != "ray-read":
+            with _step(summary, "read"):
+                rows, summary["rows_from"] = R.changed_documents(documents_uri, changes, plan.to_embed,
+                                                                 list(E.SOURCE_COLUMNS), opts)
+        summary["embed_route"] = how
+        with _step(summary, "embed"):
+            stream = _embed(cfg, facts, res, documents_uri, to_version, table.uri, lds.schema,
+                            lds.data_storage_version, plan.to_embed, len(plan.to_embed), table.commit_fragments,
+                            cfg.write.commit_every_rows, rows=rows, in_process=how == "in-process")
+    summary.update(embedded=stream.rows, commits=stream.commits, failed=len(stream.failed),
+                   failures=stream.failed[:100], embed_seconds=stream.seconds)
+    _crash(cfg, "committed")
+    with _step(summary, "check"):
+        _check_rows(table, documents_uri, to_version, opts, len(stream.failed), plan)
+    changed = table.version() != version_before or summary["from_version"] != to_version
+    return _finish(cfg, table, facts, to_version, changed, summary,
+                   lambda trained, wanted: R.ann_to_build(trained, wanted, cfg.index.max_drift))
+
+
+def _plan(cfg: ReindexConfig, table: Any, documents_uri: str, to_version: int,
+          summary: dict[str, Any]) -> tuple[Any, Any]:
+    """The change set since the table's recorded version and the plan against its rows now."""
     import pyarrow as pa
 
     from pipelines import embed as E
@@ -496,22 +614,34 @@ def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, docum
     logger.info("corpus/documents %s → %d (%s): %d inserted/updated, %d deleted; %d to embed, %d rows to delete, "
                 "%d already done", from_version, to_version, changes.method, changes.upserts.num_rows,
                 len(changes.deletes), len(plan.to_embed), len(plan.stale), plan.unchanged + plan.already_gone)
-    _crash(cfg, "planned")
-    version_before = table.version()
-    summary["deleted"] = table.delete_doc_ids(plan.stale) if plan.stale else 0
-    _crash(cfg, "deleted")
-    stream = E.StreamResult()
-    if len(plan.to_embed):
-        lds = table.dataset()
-        stream = _embed(cfg, facts, res, documents_uri, to_version, table.uri, lds.schema, lds.data_storage_version,
-                        plan.to_embed, len(plan.to_embed), table.commit_fragments, cfg.write.commit_every_rows)
-    summary.update(embedded=stream.rows, commits=stream.commits, failed=len(stream.failed),
-                   failures=stream.failed[:100], embed_seconds=stream.seconds)
-    _crash(cfg, "committed")
-    _check_rows(table, documents_uri, to_version, opts, len(stream.failed), plan)
-    changed = table.version() != version_before or from_version != to_version
-    return _finish(cfg, table, facts, to_version, changed, summary,
-                   lambda trained, wanted: R.ann_to_build(trained, wanted, cfg.index.max_drift))
+    return plan, changes
+
+
+def embed_route(n: int, cfg: ReindexConfig, res: dict[str, Any]) -> str:
+    """How ``n`` changed documents are embedded (the rule, with the settings that move it):
+
+    * ``in-process``: ``n <= encode.in_process_max_docs`` and the encoder's device works in
+      this process. A Ray Data run has a fixed cost (an actor started, torch imported and
+      the checkpoint loaded there, the pipeline planned) of several seconds that a small
+      change set never earns back; the rows are read here and embedded here.
+    * ``ray-rows``: ``n <= changes.read_max_docs``: the rows are read here (the feed's
+      post-images) and handed to the Ray pipeline, which fans them out to its actors.
+    * ``ray-read``: larger change sets: Ray reads the whole version and keeps the ``n``
+      documents, so they never pass through this process's memory.
+    """
+    if n <= cfg.encode.in_process_max_docs and _device_here(res["device"]):
+        return "in-process"
+    if n <= cfg.changes.read_max_docs:
+        return "ray-rows"
+    return "ray-read"
+
+
+def _device_here(device: str) -> bool:
+    if device == "cpu":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_rows(table: Any, documents_uri: str, version: int, opts: dict[str, str], failed: int, plan: Any) -> None:
@@ -575,9 +705,8 @@ def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents
 
 
 def run(cfg: ReindexConfig, facts: dict[str, Any]) -> dict[str, Any]:
-    """One re-index run (Ray initialised); returns the summary."""
-    import ray
-
+    """One re-index run; returns the summary. Ray is joined or started only when a step
+    needs it (:func:`_ray_resources`): a small change set embedded in-process never does."""
     from pipelines import embed as E
     from pipelines import lance_store as L
 
@@ -591,7 +720,7 @@ def run(cfg: ReindexConfig, facts: dict[str, Any]) -> dict[str, Any]:
                            f"--checkpoint {cfg.model.checkpoint} --table {cfg.output.table}`")
     mid = facts["model_id"]
     try:
-        res = resolve_resources(cfg, ray.cluster_resources())  # type: ignore[arg-type]
+        res = resolve_resources(cfg, _cluster_resources(cfg))  # type: ignore[arg-type]
     except SystemExit as e:
         raise _as_reindex_error(e) from None
     summary: dict[str, Any] = {"model_id": mid, "variant": facts["variant"], "dim": facts["dim"],
@@ -630,7 +759,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  changes since version {s.get('from_version')} ({how}): {s.get('upserts', 0)} inserted/updated, "
                      f"{s.get('deletes', 0)} deleted")
         lines.append(f"  embedded {s.get('embedded', 0)}, rows deleted {s.get('deleted', 0)}, already done "
-                     f"{s.get('unchanged', 0) + s.get('already_gone', 0)}, failed {s.get('failed', 0)}")
+                     f"{s.get('unchanged', 0) + s.get('already_gone', 0)}, failed {s.get('failed', 0)}"
+                     + (f" ({s['embed_route']})" if s.get("embed_route") else ""))
     if "gate" in s:
         g = s["gate"]
         lines.append(f"  publish gate ({g['metric']}, tolerance {g['tolerance']:g}): "
@@ -690,7 +820,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "reindex_config.json", cfg.model_dump(mode="json"))
-    started = _init_ray(cfg)  # type: ignore[arg-type]
+    had_ray = _ray_up()
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        _init_ray(cfg)  # type: ignore[arg-type]  # a cluster: join it now, its resources decide the route
+    # Otherwise a local Ray is started only when a step needs it (a rebuild, a change set
+    # too large to embed in-process): a scheduled run with a small change never pays for it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from pipelines.lance_store import ModelMismatchError
@@ -702,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ciea reindex: {e}", file=sys.stderr)
             return 2
     finally:
-        if started:
+        if not had_ray and _ray_up():
             import ray
 
             ray.shutdown()

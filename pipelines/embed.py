@@ -17,6 +17,11 @@ The pipeline, streamed end to end (nothing but fragment metadata reaches the dri
       → driver                     fragment metadata only → one Lance commit per run
                                    (or every ``commit_every_rows`` for long runs)
 
+:func:`iter_in_process` runs the same stages one after the other in the calling process,
+for change sets too small to pay for a Ray Data run (``ciea reindex`` of a few hundred
+documents); :func:`build_dataset` also takes rows the caller already read
+(``ray.data.from_arrow``) instead of reading the Delta version.
+
 Why tokenisation happens inside the actor, not in the preprocessing tasks: the processor
 lays image documents out as one padded batch (special tokens, patch slots, masks) in
 ``collate_documents``, the same call training uses, so the embedding stage cannot drift
@@ -37,7 +42,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -353,6 +358,9 @@ class Encoder:
         # .values ignores a slice's offset: take this array's own window of the child.
         child = pixels.values.slice(pixels.offset * size, len(pixels) * size)
         flat = child.to_numpy(zero_copy_only=False).reshape(-1, size) if len(pixels) else None
+        if flat is not None and not flat.flags.writeable:
+            # A zero-copy view of an Arrow buffer (the in-process path); torch wants to own it.
+            flat = flat.copy()
         valid = pixels.is_valid().to_numpy(zero_copy_only=False)
         if size != int(np.prod(self.image_shape)):  # a model that reads no pixels (text-only)
             valid[:] = False
@@ -483,20 +491,28 @@ def _preprocess_memory(rows: int, pixel_size: int) -> int:
     return 2 * rows * pixel_size * 4 + (512 << 20)
 
 
-def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None):
+def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table | None = None):
     """The lazy Ray dataset whose rows are fragment metadata (and failed documents).
 
     Args:
         spec: the resolved pipeline settings.
         doc_ids: keep only these documents (``None``: all of the version).
+        rows: the documents themselves (``SOURCE_COLUMNS``), already read by the caller —
+            a re-index hands over the few changed rows instead of having Ray read the
+            whole version to keep 1 % of it. ``doc_ids`` is then ignored.
     """
     import ray.data
 
-    columns = [c for c in SOURCE_COLUMNS]
-    ds = ray.data.read_delta(spec.documents_uri, version=spec.source_version, columns=columns,
-                             storage_options=spec.storage_options or None,
-                             override_num_blocks=spec.read_blocks)
-    if doc_ids is not None:
+    if rows is not None:
+        # Blocks of a preprocessing batch each, so several actors can share the work.
+        step = max(1, spec.preprocess_rows)
+        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)] or [rows])
+    else:
+        columns = [c for c in SOURCE_COLUMNS]
+        ds = ray.data.read_delta(spec.documents_uri, version=spec.source_version, columns=columns,
+                                 storage_options=spec.storage_options or None,
+                                 override_num_blocks=spec.read_blocks)
+    if doc_ids is not None and rows is None:
         ds = ds.map_batches(keep_documents, fn_kwargs={"doc_ids": doc_ids}, batch_format="pyarrow",
                             batch_size=None)
     pixel_size = 3 * spec.image_side * spec.image_side
@@ -522,6 +538,56 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None):
         fn_kwargs={"uri": spec.lance_uri, "schema": spec.lance_schema,
                    "data_storage_version": spec.data_storage_version,
                    "storage_options": spec.storage_options})
+
+
+def iter_in_process(spec: PipelineSpec, rows: pa.Table) -> Iterator[pa.Table]:
+    """The same stages as :func:`build_dataset`, run one after the other in this process.
+
+    For change sets too small to pay for a Ray Data run: that costs an encoder actor's
+    start-up (torch import, checkpoint load) and the planning of the read, several
+    seconds, where embedding a few hundred documents takes a fraction of that. The same
+    :func:`preprocess_batch`, :class:`Encoder` and :func:`write_fragments` run here, so
+    the rows written are the same; hand the result to :func:`stream_to_table`, which
+    commits the fragments as it does for the Ray pipeline.
+
+    Args:
+        spec: the resolved pipeline settings (``device`` must be usable in this process;
+            ``threads`` sets torch's thread count for the run, restored afterwards).
+        rows: the documents to embed (``SOURCE_COLUMNS``).
+
+    Yields:
+        :func:`write_fragments` outputs: fragment metadata and failed documents.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    encoder = Encoder(spec.checkpoint, spec.model_id, device=spec.device, threads=spec.threads, bf16=spec.bf16,
+                      source_version=spec.source_version, embedded_at=spec.embedded_at, fault=spec.fault)
+    pixel_size = 3 * spec.image_side * spec.image_side
+    pending: list[pa.Table] = []
+    pending_rows = 0
+
+    def write() -> pa.Table:
+        nonlocal pending, pending_rows
+        out = write_fragments(pa.concat_tables(pending), spec.lance_uri, spec.lance_schema,
+                              spec.data_storage_version, spec.storage_options)
+        pending, pending_rows = [], 0
+        return out
+
+    try:
+        for start in range(0, rows.num_rows, spec.preprocess_rows):
+            pre = preprocess_batch(rows.slice(start, spec.preprocess_rows), spec.transform, pixel_size,
+                                   spec.thumbnail_px, spec.thumbnail_quality, spec.storage_options)
+            for b in range(0, pre.num_rows, spec.batch_size):
+                encoded = encoder(pre.slice(b, spec.batch_size))
+                pending.append(encoded)
+                pending_rows += encoded.num_rows
+                if pending_rows >= spec.rows_per_fragment:
+                    yield write()
+        if pending:
+            yield write()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -550,7 +616,8 @@ def stream_to_table(
     (long runs: a crash then loses at most that many rows of work).
 
     Args:
-        ds: the dataset from :func:`build_dataset`.
+        ds: the dataset from :func:`build_dataset`, or the same rows from
+            :func:`iter_in_process` (Arrow tables, no Ray).
         commit: appends fragments in one commit, returns the new table version.
         commit_every_rows: commit as soon as this many rows are pending.
         on_rows: progress callback with each fragment's row count (and failures as 1).
@@ -577,7 +644,8 @@ def stream_to_table(
         if after_commit is not None:
             after_commit(res.commits)
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow") if hasattr(ds, "iter_batches") else ds
+    for batch in batches:
         for row in batch.to_pylist():
             if row[FRAGMENT] is not None:
                 frag = FragmentMetadata.from_json(row[FRAGMENT])

@@ -226,6 +226,154 @@ def diff_changes(source: pa.Table, table: pa.Table, from_version: int | None, to
 
 
 # ---------------------------------------------------------------------------------------
+# The changed documents themselves (what the embedding stage reads)
+# ---------------------------------------------------------------------------------------
+
+
+def _plain_table(t: pa.Table) -> pa.Table:
+    """View types (deltalake's feed, files written by merge) → plain string/binary."""
+    cols = []
+    for col in t.columns:
+        if pa.types.is_string_view(col.type) or pa.types.is_large_string(col.type):
+            col = col.cast(pa.string())
+        elif pa.types.is_binary_view(col.type) or pa.types.is_large_binary(col.type):
+            col = col.cast(pa.binary())
+        cols.append(col)
+    return pa.table(cols, names=t.column_names)
+
+
+def feed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array, columns: list[str],
+                   storage_options: dict[str, str] | None = None) -> pa.Table:
+    """The post-images of ``doc_ids`` from the change data feed: their rows at ``to_version``.
+
+    The feed carries whole rows, so the documents to re-embed need not be looked up in
+    the version (a scan of the whole corpus, whose rows are not sorted by doc_id): what is
+    read follows the size of the change. A row is taken only when its ``content_sha256`` is
+    the one the change set planned for the document (the last change in the range), the
+    latest such commit if several.
+
+    Args:
+        changes: a ``cdf`` change set (its range and planned hashes).
+        doc_ids: the documents wanted (a subset of ``changes.upserts``).
+        columns: the document columns to return.
+
+    Returns:
+        ``columns`` of the documents found, one row each; a document the feed does not
+        hold is left out (the caller reads it from the version: :func:`version_documents`).
+
+    Raises:
+        ChangeFeedUnavailable: the feed cannot be read for the range.
+    """
+    from deltalake import DeltaTable
+
+    if changes.method != "cdf" or changes.from_version is None:
+        raise ValueError(f"feed_documents needs a change set read from the feed, got method={changes.method}")
+    wanted = changes.upserts.filter(pc.is_in(changes.upserts[S.DOC_ID], value_set=doc_ids))
+    if wanted.num_rows == 0:
+        return _empty(columns, documents_uri, storage_options)
+    pairs = pc.binary_join_element_wise(wanted[S.DOC_ID], wanted[S.CONTENT_SHA256], "\x00").combine_chunks()
+    read = list(dict.fromkeys([*columns, S.DOC_ID, S.CONTENT_SHA256, CHANGE_TYPE, COMMIT_VERSION]))
+    parts = []
+    try:
+        dt = DeltaTable(documents_uri, storage_options=storage_options or None)
+        reader = dt.load_cdf(starting_version=changes.from_version + 1, ending_version=changes.to_version,
+                             columns=read, predicate=f"{CHANGE_TYPE} IN ('{INSERT}', '{UPDATE_POST}')")
+        for batch in pa.RecordBatchReader.from_stream(reader):
+            # Filtered batch by batch: the feed of a merge also holds pre-images, the
+            # feed of an append whole files; only the planned post-images are kept.
+            b = _plain_table(pa.Table.from_batches([batch.select(read)]))
+            pair = pc.binary_join_element_wise(b[S.DOC_ID], b[S.CONTENT_SHA256], "\x00")
+            keep = b.filter(pc.is_in(pair, value_set=pairs))
+            if keep.num_rows:
+                parts.append(keep)
+    except Exception as e:  # as in read_change_feed: any reason the feed cannot be read
+        raise ChangeFeedUnavailable(f"{type(e).__name__}: {e}") from e
+    if not parts:
+        return _empty(columns, documents_uri, storage_options)
+    rows = pa.concat_tables(parts)
+    rows = rows.set_column(rows.schema.get_field_index(COMMIT_VERSION), COMMIT_VERSION,
+                           rows[COMMIT_VERSION].cast(pa.int64()))
+    # The same content twice in the range (e.g. changed and changed back): the latest wins.
+    rows = rows.sort_by([(S.DOC_ID, "ascending"), (COMMIT_VERSION, "descending")])
+    ids = rows[S.DOC_ID].combine_chunks()
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))])
+    return rows.filter(first).select(columns)
+
+
+def _empty(columns: list[str], documents_uri: str, storage_options: dict[str, str] | None) -> pa.Table:
+    """No rows, with the columns' types as the Delta table declares them (plain, not views)."""
+    from deltalake import DeltaTable
+
+    schema = pa.schema(DeltaTable(documents_uri, storage_options=storage_options or None).schema().to_arrow())
+    return _plain_table(pa.schema([schema.field(c) for c in columns]).empty_table())
+
+
+def version_documents(documents_uri: str, version: int, doc_ids: pa.Array, columns: list[str],
+                      storage_options: dict[str, str] | None = None) -> pa.Table:
+    """``columns`` of ``doc_ids`` at a Delta version, reading only the row groups that hold them.
+
+    Each row group's ``doc_id`` column is read first (narrow); the other columns only of
+    row groups with a wanted document. Not a filter pushed into the scan: files written
+    by deltalake's merge carry ``string_view`` statistics, and pyarrow cannot compare
+    them with a plain-string filter (``greater_equal`` has no such kernel), so any
+    statistics-based pruning fails on them. Without a feed (the full-diff fallback) this
+    is how the changed rows are found; it reads more than :func:`feed_documents` when
+    changed documents are spread over every row group.
+    """
+    from deltalake import DeltaTable
+
+    if len(doc_ids) == 0:
+        return _empty(columns, documents_uri, storage_options)
+    wanted = _plain(doc_ids)
+    ds = DeltaTable(documents_uri, version=version, storage_options=storage_options or None).to_pyarrow_dataset()
+    parts = []
+    for fragment in ds.get_fragments():
+        pieces = fragment.split_by_row_group() if hasattr(fragment, "split_by_row_group") else [fragment]
+        for piece in pieces:
+            hit = pc.is_in(_plain(piece.to_table(schema=ds.schema, columns=[S.DOC_ID])[S.DOC_ID]), value_set=wanted)
+            if pc.any(hit).as_py():
+                # Same row group, same row order: the mask applies to the wide read.
+                parts.append(_plain_table(piece.to_table(schema=ds.schema, columns=columns)).filter(hit))
+    if not parts:
+        return _empty(columns, documents_uri, storage_options)
+    return pa.concat_tables(parts)
+
+
+def changed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array, columns: list[str],
+                      storage_options: dict[str, str] | None = None) -> tuple[pa.Table, dict[str, int]]:
+    """The rows of ``doc_ids`` at ``changes.to_version``: from the feed when the change set
+    came from it, the rest (or all, for a full diff) by a filtered scan of the version.
+
+    Returns:
+        (rows, {"feed": rows from the feed, "scan": rows from the version scan}).
+
+    Raises:
+        ValueError: a document is in neither (the corpus changed under the run).
+    """
+    rows = None
+    from_feed = 0
+    missing = doc_ids
+    if changes.method == "cdf" and changes.from_version is not None and len(doc_ids):
+        try:
+            rows = feed_documents(documents_uri, changes, doc_ids, columns, storage_options)
+            from_feed = rows.num_rows
+            missing = pc.filter(doc_ids, pc.invert(pc.is_in(doc_ids, value_set=rows[S.DOC_ID].combine_chunks())))
+        except ChangeFeedUnavailable as e:
+            logger.warning("reading the changed documents from the feed failed (%s): scanning version %d instead",
+                           e, changes.to_version)
+    if len(missing):
+        scanned = version_documents(documents_uri, changes.to_version, missing, columns, storage_options)
+        rows = scanned if rows is None else pa.concat_tables([rows, scanned.cast(rows.schema)])
+        if scanned.num_rows != len(missing):
+            lost = sorted(set(missing.to_pylist()) - set(scanned[S.DOC_ID].to_pylist()))
+            raise ValueError(f"{len(lost)} planned document(s) are not in corpus/documents@{changes.to_version} "
+                             f"(e.g. {lost[:3]}): the corpus changed during the run; re-run `ciea reindex`")
+    if rows is None:
+        rows = _empty(columns, documents_uri, storage_options)
+    return rows, {"feed": from_feed, "scan": rows.num_rows - from_feed}
+
+
+# ---------------------------------------------------------------------------------------
 # The plan against the table's current rows
 # ---------------------------------------------------------------------------------------
 

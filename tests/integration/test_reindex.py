@@ -7,12 +7,19 @@ model before training: randomly initialised weights, the deliberately worse one)
 table ``base`` is embedded at Delta version 0; then versions 1-3 update three documents,
 delete two and insert four; ``full`` is a fresh ``ciea embed`` of version 3 — what every
 re-index must equal. Each test re-indexes its own copy of ``base`` (or ``full``).
+
+The seven changed documents take the in-process route by default (read from the feed,
+embedded in the test's process); ``test_the_ray_routes_give_the_same_table`` forces the two
+Ray Data routes (the feed's rows handed to Ray; Ray reading the version itself).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -179,6 +186,8 @@ def test_reindex_equals_a_full_rebuild_embeds_only_the_changes_and_readers_see_w
     # Only the changed documents were embedded; the updated and deleted rows were removed.
     assert s["upserts"] == UPDATED + INSERTED and s["deletes"] == DELETED
     assert s["embedded"] == UPDATED + INSERTED and s["deleted"] == UPDATED + DELETED
+    # A change this small is embedded in-process, its rows read from the feed's post-images.
+    assert s["embed_route"] == "in-process" and s["rows_from"] == {"feed": UPDATED + INSERTED, "scan": 0}
     rows = rows_of(vt)
     assert_equal_tables(rows, rows_of(VectorTable(str(env["db"]), "full")))
     base_rows = rows_of(VectorTable(str(env["db"]), "base"))
@@ -194,6 +203,40 @@ def test_reindex_equals_a_full_rebuild_embeds_only_the_changes_and_readers_see_w
     # A second run has nothing to do.
     rc, again = run_reindex(env, "inc", env["trained"])
     assert rc == 0 and again["noop"] and again["embedded"] == 0 and vt.published_version() == s["published_version"]
+
+
+@pytest.mark.parametrize(("route", "settings"), [
+    ("ray-rows", ["encode.in_process_max_docs=0"]),
+    ("ray-read", ["encode.in_process_max_docs=0", "changes.read_max_docs=0"]),
+])
+def test_the_ray_routes_give_the_same_table(env, route, settings):
+    name = route.replace("-", "_")
+    vt = clone(env, "base", name)
+    rc, s = run_reindex(env, name, env["trained"], *[a for kv in settings for a in ("--set", kv)])
+    assert rc == 0, s
+    assert s["embed_route"] == route and s["embedded"] == UPDATED + INSERTED
+    assert ("rows_from" in s) == (route == "ray-rows")
+    assert_equal_tables(rows_of(vt), rows_of(VectorTable(str(env["db"]), "full")))
+    assert vt.published_version() == vt.version() and vt.metadata()[META_SOURCE_VERSION] == "3"
+
+
+def test_a_scheduled_run_with_a_small_change_starts_no_ray(env, tmp_path):
+    # A fresh process, as cron runs it: no Ray in it, none to join.
+    vt = clone(env, "base", "noray")
+    session = tmp_path / "ray-session"  # init_ray creates it before ray.init: absent = never started
+    cmd = [sys.executable, "-m", "jobs.reindex", "--checkpoint", env["trained"], "--root", str(env["root"]),
+           "--table", "noray", "--run-dir", str(tmp_path / "run"), "--no-progress",
+           "--set", f"ray.temp_dir={session}", "--set", "encode.threads=1"]
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=environ, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["embed_route"] == "in-process" and s["embedded"] == UPDATED + INSERTED
+    assert "(in-process)" in proc.stdout
+    assert not session.exists()
+    assert_equal_tables(rows_of(vt), rows_of(VectorTable(str(env["db"]), "full")))
+    assert vt.published_version() == vt.version()
 
 
 @pytest.mark.parametrize("step", ["planned", "deleted", "committed", "indexed", "recorded"])
@@ -229,6 +272,8 @@ def test_without_the_change_feed_it_falls_back_to_a_full_diff(env, tmp_path, cap
     assert rc == 0 and s["method"] == "diff" and "not enabled" in s["fallback_reason"]
     assert "falling back to a full diff" in caplog.text
     assert s["embedded"] == UPDATED + INSERTED and s["deleted"] == UPDATED + DELETED + 1
+    # No feed: the changed rows come from a scan of the version.
+    assert s["rows_from"] == {"feed": 0, "scan": UPDATED + INSERTED}
     want = rows_of(VectorTable(str(env["db"]), "full"))
     del want[gone]
     assert_equal_tables(rows_of(vt), want)

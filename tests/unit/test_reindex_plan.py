@@ -1,5 +1,6 @@
 """Re-index planning without Ray or LanceDB: collapsing a change feed, the full diff, the
-plan against the table's current rows, the ANN keep-or-rebuild rule and the publish gate.
+plan against the table's current rows, reading the changed documents (feed post-images or a
+filtered scan), the embed-route rule, the ANN keep-or-rebuild rule and the publish gate.
 The change feeds here are real ones, read from small Delta tables written in the test."""
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
+from jobs.reindex import ReindexConfig, embed_route
 from pipelines.lance_store import plan_ann_index
 from pipelines.reindex import (
     CHANGE_TYPE,
     COMMIT_VERSION,
     ChangeFeedUnavailable,
+    ChangeSet,
     ann_to_build,
+    changed_documents,
     collapse_changes,
     diff_changes,
+    feed_documents,
     gate_decision,
     plan_reindex,
     read_change_feed,
+    version_documents,
 )
 
 CDF = {"delta.enableChangeDataFeed": "true"}
@@ -154,3 +160,96 @@ def test_the_gate_promotes_only_within_the_tolerance():
     assert not refused.promote and "worse" in refused.reason and "0.7000" in refused.reason
     assert gate_decision(0.10, None, 0.0).promote
     assert not gate_decision(math.nan, 0.5, 0.1).promote
+
+
+# ---------------------------------------------------------------------------------------
+# The changed documents themselves
+# ---------------------------------------------------------------------------------------
+
+DOC_COLUMNS = ["doc_id", "content_sha256", "text", "image"]
+
+
+def docs(pairs: dict[str, str]) -> pa.Table:
+    """Documents whose text and image bytes are derived from their hash (so a row read back
+    can be checked against the content the plan expects)."""
+    return pa.table({"doc_id": list(pairs), "content_sha256": list(pairs.values()),
+                     "text": [f"text of {h}" for h in pairs.values()],
+                     "image": [h.encode() * 3 for h in pairs.values()]},
+                    schema=pa.schema([("doc_id", pa.string()), ("content_sha256", pa.string()),
+                                      ("text", pa.string()), ("image", pa.binary())]))
+
+
+def merge_docs(uri: str, pairs: dict[str, str]) -> None:
+    (DeltaTable(uri).merge(docs(pairs), "t.doc_id = s.doc_id", source_alias="s", target_alias="t")
+     .when_matched_update_all().when_not_matched_insert_all().execute())
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """0 create a,b,c; 1 merge (update b, insert d); 2 delete c; 3 append e; 4 update b again."""
+    uri = str(tmp_path / "corpus")
+    write_deltalake(uri, docs({"a": "a0", "b": "b0", "c": "c0"}), configuration=CDF)
+    merge_docs(uri, {"b": "b1", "d": "d1"})
+    DeltaTable(uri).delete("doc_id = 'c'")
+    write_deltalake(uri, docs({"e": "e3"}), mode="append")
+    merge_docs(uri, {"b": "b4"})
+    return uri
+
+
+def by_id(t: pa.Table) -> dict[str, dict]:
+    return {r["doc_id"]: r for r in t.to_pylist()}
+
+
+def test_changed_rows_come_from_the_feed_post_images_and_equal_the_version(corpus):
+    cs = collapse_changes(read_change_feed(corpus, 0, 4), 0, 4)
+    ids = cs.upserts["doc_id"].combine_chunks()
+    from_feed = feed_documents(corpus, cs, ids, DOC_COLUMNS)
+    scanned = version_documents(corpus, 4, ids, DOC_COLUMNS)
+    # b changed twice in the range: only its latest content (b4), once.
+    assert by_id(from_feed) == by_id(scanned) == by_id(docs({"b": "b4", "d": "d1", "e": "e3"}))
+    assert from_feed.column_names == DOC_COLUMNS
+    assert [f.type for f in from_feed.schema] == [pa.string(), pa.string(), pa.string(), pa.binary()]
+    # Only the documents asked for.
+    assert sorted(feed_documents(corpus, cs, pa.array(["d"]), DOC_COLUMNS)["doc_id"].to_pylist()) == ["d"]
+    rows, origin = changed_documents(corpus, cs, ids, DOC_COLUMNS)
+    assert origin == {"feed": 3, "scan": 0} and by_id(rows) == by_id(scanned)
+
+
+def test_a_full_diff_or_an_unreadable_feed_reads_the_changed_rows_from_the_version(corpus, caplog):
+    source = pa.table(DeltaTable(corpus).to_pyarrow_table(columns=["doc_id", "content_sha256"]))
+    diff = diff_changes(source, keys({"a": "a0", "b": "b0", "c": "c0"}), 0, 4)
+    ids = diff.upserts["doc_id"].combine_chunks()
+    rows, origin = changed_documents(corpus, diff, ids, DOC_COLUMNS)
+    assert origin == {"feed": 0, "scan": 3} and by_id(rows) == by_id(docs({"b": "b4", "d": "d1", "e": "e3"}))
+    # The feed's files vacuumed after planning: the rows still come, from the version.
+    write_deltalake(corpus, docs({"f": "f5"}), mode="append")  # 5: f's insert lives in this file
+    merge_docs(corpus, {"f": "f6"})                            # 6: rewrites that file
+    DeltaTable(corpus).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    cs = ChangeSet(4, 6, "cdf", keys({"f": "f6"}), pa.array([], pa.string()))
+    rows, origin = changed_documents(corpus, cs, pa.array(["f"]), DOC_COLUMNS)
+    assert origin == {"feed": 0, "scan": 1} and by_id(rows) == by_id(docs({"f": "f6"}))
+    assert "scanning version 6 instead" in caplog.text
+
+
+def test_a_planned_document_missing_from_the_version_is_an_error_that_says_rerun(corpus):
+    cs = ChangeSet(3, 4, "cdf", keys({"b": "b4", "zz": "z4"}), pa.array([], pa.string()))
+    with pytest.raises(ValueError, match="re-run `ciea reindex`"):
+        changed_documents(corpus, cs, pa.array(["b", "zz"]), DOC_COLUMNS)
+    # Nothing found is an empty table of the declared (plain) types, not an error.
+    none = version_documents(corpus, 4, pa.array(["zz"]), DOC_COLUMNS)
+    assert none.num_rows == 0 and none.schema == docs({}).schema
+
+
+def test_the_embed_route_follows_the_change_size_and_the_device():
+    cpu = {"device": "cpu"}
+    cfg = ReindexConfig.model_validate({"encode": {"in_process_max_docs": 100}, "changes": {"read_max_docs": 1000}})
+    assert embed_route(1, cfg, cpu) == embed_route(100, cfg, cpu) == "in-process"
+    assert embed_route(101, cfg, cpu) == embed_route(1000, cfg, cpu) == "ray-rows"
+    assert embed_route(1001, cfg, cpu) == "ray-read"
+    off = ReindexConfig.model_validate({"encode": {"in_process_max_docs": 0}, "changes": {"read_max_docs": 0}})
+    assert embed_route(1, off, cpu) == "ray-read"
+    import torch
+
+    # A GPU encoder runs in this process only where this process has the GPU.
+    gpu_route = embed_route(1, cfg, {"device": "cuda"})
+    assert gpu_route == ("in-process" if torch.cuda.is_available() else "ray-rows")
