@@ -209,7 +209,7 @@ def pretrain_vision(cfg: DemoConfig, tokenizer_dir: Path, out: Path) -> dict[str
     return None if path is None else load_file(path)
 
 
-def pretrained_vision_path(cfg: DemoConfig, tokenizer_dir: Path, out: Path) -> Path | None:
+def pretrained_vision_path(cfg: DemoConfig, tokenizer_dir: Path, out: Path, progress: bool = True) -> Path | None:
     """Pretrains the vision tower once per run (every variant and seed starts from the
     same "CLIP", as they would from ``openai/clip-vit-base-patch32``) and caches it in
     ``out``, keyed by everything that shapes it, so a re-run skips the work. Returns the
@@ -239,7 +239,7 @@ def pretrained_vision_path(cfg: DemoConfig, tokenizer_dir: Path, out: Path) -> P
     result = pretrain_vision_tower(
         model.vision, pixels[:n], features[:n], keys[:n],
         PretrainConfig(epochs=settings.epochs, batch_size=min(settings.batch_size, n), lr=settings.lr, seed=settings.seed),
-        heldout=(pixels[n:], features[n:]) if settings.heldout else None, progress=True,
+        heldout=(pixels[n:], features[n:]) if settings.heldout else None, progress=progress,
     )
     state = {k: v.detach().clone().contiguous() for k, v in model.vision.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)

@@ -231,31 +231,42 @@ def evaluate_args(cfg: DemoConfig, data: Path, db: Path, out: Path) -> list[str]
 
 
 def print_examples(cfg: DemoConfig, data: Path, db: Path) -> list[dict[str, Any]]:
-    """Image queries (what only the pixels show) with CIEA's top 3, and where text-only
-    ranks the answer — what the page shows, in the terminal."""
+    """Image queries (what only the pixels show) with CIEA's top 3 and where text-only
+    ranks the answer — what the page shows, in the terminal. Picks the queries where CIEA
+    gains most over text-only (ties: split order), so the examples show the difference."""
     from pipelines.evaluation import load_split
     from pipelines.search import Searcher
 
     queries, qrels = load_split(str(data), "test", {})
-    picked = [q for q in queries if q.get("kind") == "image"][: cfg.examples]
-    if not picked:
+    image = [q for q in queries if q.get("kind") == "image"]
+    if not image or not cfg.examples:
         return []
-    ciea = Searcher.open(str(db), table_name("ciea"))
-    other = Searcher.open(str(db), table_name("text-only")) if "text-only" in cfg.variants else None
-    shown = []
-    print("\nExample image queries (the answer's caption does not state what the query asks; ✓ = relevant):")
-    for q in picked:
+
+    def first_relevant(hits, q) -> int | None:
         relevant = set(qrels.get(q["qid"], {}))
-        hits = ciea.search(q["query"], k=10)
+        return next((h.rank for h in hits if h.doc_id in relevant), None)
+
+    texts = [q["query"] for q in image]
+    ciea = Searcher.open(str(db), table_name("ciea")).search_batch(texts, k=10)
+    other = (Searcher.open(str(db), table_name("text-only")).search_batch(texts, k=10)
+             if "text-only" in cfg.variants else [[] for _ in image])
+    ranks = [(first_relevant(c, q), first_relevant(o, q)) for q, c, o in zip(image, ciea, other)]
+    gain = [(o or 11) - (c or 11) for c, o in ranks]
+    picked = sorted(range(len(image)), key=lambda i: -gain[i])[: cfg.examples]
+    print("\nExample image queries (the relevant documents' captions do not state what the query asks; "
+          "✓ = relevant):")
+    shown = []
+    for i in picked:
+        q, hits = image[i], ciea[i]
+        relevant = set(qrels.get(q["qid"], {}))
         print(f"\n  “{q['query']}”")
         for h in hits[:3]:
             mark = "✓" if h.doc_id in relevant else " "
-            print(f"    {mark} {h.rank:>2}. {h.score:7.3f}  {h.doc_id:<14} {h.modality:<5}  {(h.caption or h.text or '')[:70]}")
-        ranks = {"ciea": next((h.rank for h in hits if h.doc_id in relevant), None)}
-        if other is not None:
-            ranks["text-only"] = next((h.rank for h in other.search(q["query"], k=10) if h.doc_id in relevant), None)
-            print("    first relevant: " + ", ".join(f"{v} at {r if r else '>10'}" for v, r in ranks.items()))
-        shown.append({"qid": q["qid"], "query": q["query"], "top": [h.doc_id for h in hits[:3]], "first_relevant": ranks})
+            print(f"    {mark} {h.rank:>2}. {h.score:6.3f}  {h.doc_id:<14} {(h.caption or h.text or '')[:72]}")
+        c, o = ranks[i]
+        where = {"ciea": c, **({"text-only": o} if "text-only" in cfg.variants else {})}
+        print("    first relevant: " + ", ".join(f"{v} at {r if r else '>10'}" for v, r in where.items()))
+        shown.append({"qid": q["qid"], "query": q["query"], "top": [h.doc_id for h in hits[:3]], "first_relevant": where})
     return shown
 
 
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n── pretrain the stand-in CLIP vision tower (once; cached)", flush=True)
         vision = compare.pretrained_vision_path(
             compare.DemoConfig(preset=cfg.preset, corpus=cfg.corpus, vision_pretrain=cfg.vision_pretrain),
-            out / "tokenizer", out)
+            out / "tokenizer", out, progress=cfg.progress)
         stages.seconds["pretrain vision"] = time.perf_counter() - t0
 
     trained = {v: train_variant(cfg, v, data, runs, vision, stages) for v in cfg.variants}
