@@ -7,15 +7,19 @@ NFC, limits), hash, write.
 
 * ``ray``: ``jobs.ingest.run`` — the job's own code path: Ray Data reads the shards and
   validates them on the workers, the driver applies the duplicate rule and streams the
-  accepted rows into the Delta MERGE on ``corpus/documents`` (change data feed on).
+  accepted rows into ``corpus/documents`` (change data feed on) — a fresh table, so the
+  job's bulk load: one streaming append commit (an existing table gets a MERGE).
 * ``plain``: one process, one thread of Python: ``iter_document_batches`` → the same
   ``validate_batch`` → ``write_deltalake(mode="append")`` from a streaming reader.
 
 Each measurement runs in a fresh child process; the parent samples the proportional set
 size (PSS, so Ray's shared object store is not counted twice) of the child's whole process
-tree — driver, Ray daemons and workers — every 0.2 s and reports the peak. Rows/s is over
-the ingest itself (Ray start-up, ~3–5 s, is reported separately). Rounds alternate the
-order (plain, ray, ray, plain, ...) so a neighbour's load hits both sides alike.
+tree — driver, Ray daemons and workers — every 0.2 s and reports the peak, and the CPU
+seconds of every process of the tree, split into driver, Ray workers (task workers and Ray
+Data's own actors) and Ray daemons (GCS, raylet, agents): CPU seconds hold up when a
+neighbour loads the machine, rows/s does not. Rows/s is over the ingest itself (Ray
+start-up, ~3–5 s, is reported separately, and in a second ratio that includes it). Rounds
+alternate the order (plain, ray, ray, plain, ...) so a neighbour's load hits both sides alike.
 
     python -m bench.ingest                                  # 100k rows, memory at 100k and 400k
     python -m bench.ingest --rows 20000 --memory-rows 20000,80000 --rounds 1   # ~1 min
@@ -111,17 +115,21 @@ def child_ray(args: argparse.Namespace) -> dict:
     })
     source = ingest.make_source(cfg)
     shards = source.plan()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ingest._init_ray(cfg)
     startup = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, c1, window_start = time.perf_counter(), time.process_time(), time.time()
     summary = ingest.run(cfg, source, shards)
     seconds = time.perf_counter() - t1
+    c2, window_end = time.process_time(), time.time()
     import ray
 
     ray.shutdown()
     assert summary["documents"]["inserted"] == args.rows, summary["documents"]
-    return {"mode": "ray", "rows": args.rows, "seconds": seconds, "ray_startup_s": startup,
+    # The driver's own CPU (all its threads: deltalake writes on a thread pool) per phase.
+    return {"mode": "ray", "rows": args.rows, "seconds": seconds, "ray_startup_s": startup, "shards": len(shards),
+            "driver_cpu_s": {"startup": round(c1 - c0, 2), "ingest": round(c2 - c1, 2)},
+            "window": [window_start, window_end], "write": summary["documents"]["write"],
             "table_rows": summary["documents"]["inserted"]}
 
 
@@ -170,12 +178,50 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK  # utime + stime
 
 
+def _by_role(cpu: dict[int, float], roles: dict[int, str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid, seconds in cpu.items():
+        role = roles.get(pid, "ray daemons")
+        out[role] = out.get(role, 0.0) + seconds
+    return dict(sorted(out.items()))
+
+
+def _name(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    # The script (or binary) says what a process is; the interpreter path does not.
+    words = [a.decode(errors="replace") for a in argv[:3] if a]
+    return " ".join(w if i == 0 and w.startswith("ray::") else w.rsplit("/", 1)[-1] for i, w in enumerate(words))[:60]
+
+
+def _role(pid: int, driver: int) -> str:
+    """``driver``, ``workers`` (Ray worker processes) or ``ray daemons`` (GCS, raylet, agents)."""
+    if pid == driver:
+        return "driver"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "ray daemons"
+    argv = cmdline.split(b"\0")
+    # Workers rename themselves ``ray::<task or actor>`` once they run (the per-node agents
+    # do too: ``ray::DashboardAgent``); before that their command line names Ray's worker
+    # entry point.
+    if argv[0].startswith(b"ray::"):
+        return "ray daemons" if argv[0].rstrip().endswith(b"Agent") else "workers"
+    if len(argv) > 1 and argv[1].endswith(b"default_worker.py"):
+        return "workers"
+    return "ray daemons"
+
+
 def measure(mode: str, rows: int, args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{mode}-", dir=args.tmp))
     ray_tmp = tempfile.mkdtemp(prefix="ray-b-", dir="/tmp")
     cmd = [sys.executable, "-m", "bench.ingest", "--child", mode, "--rows", str(rows),
            "--image-fraction", str(args.image_fraction), "--image-size", str(args.image_size),
-           "--rows-per-shard", str(args.rows_per_shard), "--num-cpus", str(args.num_cpus),
+           *(["--rows-per-shard", str(args.rows_per_shard)] if args.rows_per_shard else []),
+           "--num-cpus", str(args.num_cpus),
            "--object-store-mb", str(args.object_store_mb),
            "--root", str(work / "documents"), "--ray-tmp", ray_tmp]
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
@@ -183,6 +229,9 @@ def measure(mode: str, rows: int, args: argparse.Namespace) -> dict:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = {"kib": 0}
     cpu: dict[int, float] = {}  # last CPU seconds seen per process of the tree
+    roles: dict[int, str] = {}
+    names: dict[int, str] = {}
+    series: list[tuple[float, dict[str, float]]] = []  # (time, CPU seconds by role so far)
     done = threading.Event()
 
     def sample() -> None:
@@ -191,6 +240,9 @@ def measure(mode: str, rows: int, args: argparse.Namespace) -> dict:
             peak["kib"] = max(peak["kib"], sum(_pss_kib(p) for p in pids))
             for p in pids:
                 cpu[p] = max(cpu.get(p, 0.0), _cpu_s(p))
+                if not names.get(p, "").startswith("ray::"):  # a worker renames itself once it runs
+                    roles[p], names[p] = _role(p, proc.pid), _name(p)
+            series.append((time.time(), _by_role(cpu, roles)))
             time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -205,7 +257,19 @@ def measure(mode: str, rows: int, args: argparse.Namespace) -> dict:
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_pss_mib"] = peak["kib"] / 1024
     result["cpu_s"] = sum(cpu.values())  # whole tree, start-up included (sampled every 0.2 s)
+    result["cpu_s_by_role"] = {k: round(v, 2) for k, v in _by_role(cpu, roles).items()}
+    if "window" in result:
+        # CPU spent inside the timed ingest (Ray start-up excluded): the samples just before
+        # it began and just after it ended bracket it, to within the 0.2 s sampling period.
+        lo, hi = result["window"]
+        before = max((x for x in series if x[0] <= lo), default=(lo, {}), key=lambda x: x[0])[1]
+        after = min((x for x in series if x[0] >= hi), default=series[-1], key=lambda x: x[0])[1]
+        result["window_cpu_s_by_role"] = {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
+    result["processes"] = sorted(([roles.get(p), names.get(p, "?"), round(c, 2)] for p, c in cpu.items()),
+                                 key=lambda x: -x[2])
     result["rows_per_s"] = rows / result["seconds"]
+    # End to end, Ray's start-up included: what a user waits for.
+    result["rows_per_s_with_startup"] = rows / (result["seconds"] + result.get("ray_startup_s", 0.0))
     return result
 
 
@@ -218,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="throughput rounds per side (order alternates)")
     p.add_argument("--image-fraction", type=float, default=2 / 3, help="share of image documents")
     p.add_argument("--image-size", type=int, default=64, help="synthetic image side (px)")
-    p.add_argument("--rows-per-shard", type=int, default=2000, help="ray: documents per read shard")
+    p.add_argument("--rows-per-shard", type=int, default=None,
+                   help="ray: documents per read shard (default: the job's, ~8 shards of up to 10,000)")
     p.add_argument("--num-cpus", type=int, default=2, help="ray: CPUs of the local Ray")
     p.add_argument("--object-store-mb", type=int, default=512,
                    help="ray: object store size (MiB); bounds Ray Data's in-flight blocks (default 512)")
@@ -244,12 +309,19 @@ def main(argv: list[str] | None = None) -> int:
             res = measure(mode, args.rows, args)
             runs[mode].append(res)
             print(f"  round {r + 1} {mode:>5}: {res['rows_per_s']:8.0f} rows/s  ({res['seconds']:.1f} s"
-                  + (f", Ray start-up {res['ray_startup_s']:.1f} s" if mode == "ray" else "")
-                  + f", peak PSS {res['peak_pss_mib']:.0f} MiB, CPU {res['cpu_s']:.1f} s)", flush=True)
+                  + (f", {res['shards']} shards, Ray start-up {res['ray_startup_s']:.1f} s" if mode == "ray" else "")
+                  + f", peak PSS {res['peak_pss_mib']:.0f} MiB, CPU {res['cpu_s']:.1f} s: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in res["cpu_s_by_role"].items()) + ")"
+                  + ("\n" + " " * 20 + "CPU s inside the timed ingest: " + ", ".join(
+                      f"{k} {v:.1f}" for k, v in res["window_cpu_s_by_role"].items())
+                     if "window_cpu_s_by_role" in res else ""), flush=True)
     med = {m: statistics.median(x["rows_per_s"] for x in v) for m, v in runs.items()}
     ratio = med["ray"] / med["plain"]
+    e2e = statistics.median(x["rows_per_s_with_startup"] for x in runs["ray"])
+    cpu = {m: statistics.median(x["cpu_s"] for x in v) * 100_000 / args.rows for m, v in runs.items()}
     print(f"throughput (median of {args.rounds}): ray {med['ray']:.0f} rows/s, plain {med['plain']:.0f} rows/s "
-          f"→ ratio {ratio:.2f}×")
+          f"→ ratio {ratio:.2f}× (with Ray's start-up: {e2e / med['plain']:.2f}×); "
+          f"CPU s per 100k rows: ray {cpu['ray']:.1f}, plain {cpu['plain']:.1f}")
 
     memory = {}
     sizes = [int(s) for s in args.memory_rows.split(",") if s]
@@ -266,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         growth = None
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "median_rows_per_s": med, "ratio": ratio,
+                                               "ratio_with_ray_startup": e2e / med["plain"],
+                                               "cpu_s_per_100k": cpu,
                                                "memory": {str(k): v for k, v in memory.items()},
                                                "memory_growth": growth, "load_avg_start": load}, indent=2))
     return 0

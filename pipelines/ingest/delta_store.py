@@ -15,18 +15,27 @@ point — converges on the table one clean run writes:
 * quarantine: insert a ``quarantine_id`` not seen before, never rewrite one;
 * queries / qrels: insert new keys, update changed ones.
 
-A merge is one atomic Delta commit: a run killed mid-merge leaves the table at its previous
-version.
+One exception, the **bulk load**: when ``corpus/documents`` has no rows yet (a first ingest,
+or the re-run of a first ingest that was killed before its commit) there is nothing to
+compare with, so the documents are appended instead of merged — the same rows, the same
+single commit, the change data feed reads them as inserts, but the writer streams files out
+as rows arrive instead of joining against the (empty) target. Two bulk loads racing on one
+empty table cannot both commit: each carries the same Delta application transaction id, and
+the second one fails with a conflict.
+
+A merge or a bulk append is one atomic Delta commit: a run killed midway leaves the table at
+its previous version.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from . import schema as S
 from . import storage
@@ -38,6 +47,12 @@ CDF_CONFIG = {"delta.enableChangeDataFeed": "true"}
 #: it, so the target bounds the driver's memory during a merge (measured: 8 MiB keeps a
 #: 600k-row merge flat at ~270 MiB; deltalake's default ~100 MiB grows it past 800 MiB).
 DEFAULT_TARGET_FILE_BYTES = 16 * 1024 * 1024
+#: Delta application transaction id that every bulk load of ``corpus/documents`` commits
+#: with: a concurrent commit carrying the same id makes the later one fail (Delta's
+#: "concurrent transaction" conflict) instead of appending the corpus twice.
+BULK_LOAD_APP_ID = "ciea-ingest/bulk-load"
+WRITE_APPEND = "append"
+WRITE_MERGE = "merge"
 
 
 class Tables:
@@ -115,8 +130,79 @@ def plain_types(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
-def merge_documents(
+def has_rows(table: DeltaTable) -> bool:
+    """Whether the table holds any data file (a file is written only with rows in it)."""
+    return bool(table.file_uris())
+
+
+def write_documents(
     tables: Tables, source: pa.RecordBatchReader, full_snapshot_source: str | None = None
+) -> dict[str, Any]:
+    """Write accepted documents: bulk append into an empty table, else ``merge_documents``.
+
+    Args:
+        tables: Table locations.
+        source: Stream of accepted documents (``DOCUMENTS_SCHEMA``), unique by doc_id.
+        full_snapshot_source: As for ``merge_documents`` (an empty table has nothing to delete).
+
+    Returns:
+        ``num_target_rows_inserted`` / ``_updated`` / ``_deleted`` as deltalake's merge
+        reports them, and ``write``: ``"append"`` (bulk load) or ``"merge"``.
+
+    Raises:
+        RuntimeError: Another writer changed the empty table while this bulk load ran.
+    """
+    table = tables.ensure(tables.documents, S.DOCUMENTS_SCHEMA)
+    if has_rows(table):
+        return {**merge_documents(tables, source, full_snapshot_source, table=table), "write": WRITE_MERGE}
+    return {**append_documents(table, source), "write": WRITE_APPEND}
+
+
+def append_documents(table: DeltaTable, source: pa.RecordBatchReader) -> dict[str, Any]:
+    """Bulk load: append ``source`` to ``table`` (which must have no rows) in one commit.
+
+    Nothing is committed when the stream holds no rows (a merge of nothing commits nothing
+    either), so a run whose every record was quarantined leaves the version alone.
+    """
+    first = _next_batch(source)
+    if first is None:
+        return {"num_target_rows_inserted": 0, "num_target_rows_updated": 0, "num_target_rows_deleted": 0}
+    rows = {"n": 0}
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        batch: pa.RecordBatch | None = first
+        while batch is not None:
+            rows["n"] += batch.num_rows
+            yield batch
+            batch = _next_batch(source)
+
+    read_version = table.version()
+    commit = CommitProperties(app_transactions=[Transaction(app_id=BULK_LOAD_APP_ID, version=read_version + 1)])
+    try:
+        # The handle pins the version that was checked to be empty (and carries the table's
+        # storage options); the writer streams data files out as batches arrive and honours
+        # the table's delta.targetFileSize, so the driver holds about one file of rows.
+        write_deltalake(table, pa.RecordBatchReader.from_batches(source.schema, batches()), mode="append",
+                        commit_properties=commit)
+    except CommitFailedError as e:
+        if "oncurrent" not in str(e):  # not the race: let the store's own error through
+            raise
+        raise RuntimeError(
+            f"{table.table_uri}: another ingest bulk-loaded corpus/documents while this one did ({e}); "
+            "re-run this ingest: it will find the rows and merge into them") from e
+    return {"num_target_rows_inserted": rows["n"], "num_target_rows_updated": 0, "num_target_rows_deleted": 0}
+
+
+def _next_batch(reader: pa.RecordBatchReader) -> pa.RecordBatch | None:
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
+
+
+def merge_documents(
+    tables: Tables, source: pa.RecordBatchReader, full_snapshot_source: str | None = None,
+    table: DeltaTable | None = None,
 ) -> dict[str, Any]:
     """Merge accepted documents (``DOCUMENTS_SCHEMA``) into ``corpus/documents``.
 
@@ -125,11 +211,13 @@ def merge_documents(
         source: Stream of accepted documents, unique by doc_id.
         full_snapshot_source: When set, the stream is the complete current content of that
             source: its documents missing from the stream are deleted.
+        table: ``corpus/documents`` already opened (default: open or create it).
 
     Returns:
         deltalake's merge metrics (``num_target_rows_inserted`` / ``_updated`` / ``_deleted``).
     """
-    table = tables.ensure(tables.documents, S.DOCUMENTS_SCHEMA)
+    if table is None:
+        table = tables.ensure(tables.documents, S.DOCUMENTS_SCHEMA)
     merger = (
         table.merge(source, predicate="t.doc_id = s.doc_id", source_alias="s", target_alias="t")
         .when_matched_update_all(predicate="t.content_sha256 <> s.content_sha256")

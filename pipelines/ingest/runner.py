@@ -6,8 +6,9 @@ is read and validated by one task on a worker (``read_and_validate``; a reader y
 consumes the validated stream in source order (``preserve_order``) and never holds more
 than a few blocks of it:
 
-1. ``ok`` rows pass the duplicate rule and stream, as they arrive, into one Delta ``MERGE``
-   on ``corpus/documents`` (deltalake pulls them through an Arrow stream);
+1. ``ok`` rows pass the duplicate rule and stream, as they arrive, into one Delta commit on
+   ``corpus/documents`` (deltalake pulls them through an Arrow stream): a ``MERGE``, or an
+   append when the table has no rows yet (``delta_store.write_documents``);
 2. quarantined rows are spilled to a local Parquet file, merged into ``corpus/quarantine``
    after the documents and queries are committed (they are small: an excerpt, not the
    content).
@@ -201,8 +202,29 @@ class DocumentStream:
         for r in rows:
             self.counts.reject(r[S.REASON])
         ok = table.filter(is_ok)
+        ids = ok[S.DOC_ID].to_pylist()
+        if self.seen.isdisjoint(ids) and len(set(ids)) == len(ids):
+            # The usual block: no doc_id seen before, none twice — set operations in C, no
+            # Python loop per row.
+            self.seen.update(ids)
+            accepted = ok
+        else:
+            accepted = ok.filter(pa.array(self._first_wins(ok, ids, rows), pa.bool_()))
+        self.spill.add([{k: r.get(k) for k in (*S.QUARANTINE_SCHEMA.names, S.FINGERPRINT)} for r in rows])
+        self.counts.accepted += accepted.num_rows
+        if not accepted.num_rows:
+            return None
+        n = accepted.num_rows
+        cols = {name: accepted[name] for name in S.DOCUMENTS_SCHEMA.names
+                if name not in (S.RUN_ID, S.INGESTED_AT)}
+        cols[S.RUN_ID] = pa.repeat(pa.scalar(self.run_id, pa.string()), n)
+        cols[S.INGESTED_AT] = pa.repeat(pa.scalar(self.now, pa.timestamp("us", tz="UTC")), n)
+        return pa.table(cols).cast(S.DOCUMENTS_SCHEMA)
+
+    def _first_wins(self, ok: pa.Table, ids: list[str], rows: list[dict[str, Any]]) -> list[bool]:
+        """Keep-mask of ``ok`` under the duplicate rule; the duplicates go to ``rows``."""
         keep = []
-        for i, doc_id in enumerate(ok[S.DOC_ID].to_pylist()):
+        for i, doc_id in enumerate(ids):
             if doc_id in self.seen:
                 keep.append(False)
                 r = ok.slice(i, 1).to_pylist()[0]
@@ -218,17 +240,7 @@ class DocumentStream:
             else:
                 self.seen.add(doc_id)
                 keep.append(True)
-        self.spill.add([{k: r.get(k) for k in (*S.QUARANTINE_SCHEMA.names, S.FINGERPRINT)} for r in rows])
-        accepted = ok.filter(pa.array(keep, pa.bool_())) if not all(keep) else ok
-        self.counts.accepted += accepted.num_rows
-        if not accepted.num_rows:
-            return None
-        n = accepted.num_rows
-        cols = {name: accepted[name] for name in S.DOCUMENTS_SCHEMA.names
-                if name not in (S.RUN_ID, S.INGESTED_AT)}
-        cols[S.RUN_ID] = pa.array([self.run_id] * n, pa.string())
-        cols[S.INGESTED_AT] = pa.array([self.now] * n, pa.timestamp("us", tz="UTC"))
-        return pa.table(cols).cast(S.DOCUMENTS_SCHEMA)
+        return keep
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ingest_fixtures import image_bytes, write_bad_manifest
+from ingest_fixtures import image_bytes, jsonl, write_bad_manifest
 from ingest_helpers import reconcile, rows_by_id, run_ingest
 
 from pipelines.ingest.delta_store import Tables
@@ -107,3 +107,29 @@ def test_a_fixed_record_is_accepted_on_the_next_run(tmp_path):
     (src / "a.png").write_bytes(image_bytes((3, 3, 3)))
     second = run_ingest(tmp_path, tmp_path / "data", "--source", "manifest", "--path", str(src))
     assert second["documents"]["inserted"] == 1 and second["documents"]["quarantined"] == 0
+
+
+def test_duplicates_across_shards_of_a_bulk_load_keep_the_first(tmp_path):
+    """The duplicate rule runs before the writer, so a bulk load (append, no MERGE to
+    collapse keys) still stores one row per doc_id: the first in source order."""
+    src = tmp_path / "src"
+    src.mkdir()
+    first = [{"doc_id": f"d{i}", "text": f"first record {i}"} for i in range(40)]
+    # a.jsonl spans several byte-range shards; its last line repeats d0 from its first shard.
+    jsonl(src / "a.jsonl", [*first, {"doc_id": "d0", "text": "a later shard of the same file"}])
+    jsonl(src / "b.jsonl", [{"doc_id": f"d{i}", "text": f"second file {i}"} for i in range(0, 40, 3)]
+          + [{"doc_id": "only-in-b", "text": "new"}])
+    summary = run_ingest(tmp_path, tmp_path / "data", "--source", "manifest", "--path", str(src),
+                         "--set", "source.shard_mb=0.0005")  # ~500-byte shards
+    reconcile(summary)
+    d = summary["documents"]
+    assert summary["shards"] >= 4 and d["write"] == "append"
+    assert d["quarantined_by_reason"] == {"duplicate_doc_id": 1 + 14}
+    assert d["inserted"] == d["accepted"] == 41
+    tables = Tables(str(tmp_path / "data"))
+    ids = tables.read(tables.documents, columns=["doc_id"])["doc_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 41
+    docs = rows_by_id(tables.read(tables.documents))
+    assert all(docs[f"d{i}"]["text"] == f"first record {i}" for i in range(40))
+    dups = [r for r in tables.read(tables.quarantine).to_pylist() if r["reason"] == "duplicate_doc_id"]
+    assert sorted(r["record_ref"].split("@")[0] for r in dups) == ["a.jsonl"] + ["b.jsonl"] * 14

@@ -1,5 +1,7 @@
 """Crash safety: an ingest killed with SIGKILL — midway through the Ray read, or between
-its Delta commits — and then re-run leaves the same tables as one clean run."""
+its Delta commits — and then re-run leaves the same tables as one clean run. Both kills hit
+a first ingest, i.e. the bulk load (append instead of MERGE): killed mid-stream it commits
+nothing and the re-run bulk-loads again; killed after its commit the re-run merges."""
 
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ def test_killed_midway_through_the_read_then_rerun_equals_a_clean_run(tmp_path):
     assert killed.version(killed.documents) is None or killed.read(killed.documents).num_rows == 0
 
     rerun = run_ingest(tmp_path, root, *SYNTH)
+    assert rerun["documents"]["write"] == "append"  # still empty: bulk-loaded again
     clean_root = tmp_path / "clean"
     clean = run_ingest(tmp_path, clean_root, *SYNTH)
     assert rerun["documents"]["inserted"] == clean["documents"]["inserted"] == 3000
@@ -101,10 +104,12 @@ def test_killed_between_commits_then_rerun_equals_a_clean_run(tmp_path):
     root = tmp_path / "killed"
     _run_killed([*args, "--root", str(root)], tmp_path, "after_documents")
     killed = Tables(str(root))
-    assert killed.version(killed.documents) == 1  # documents committed ...
+    assert killed.version(killed.documents) == 1  # documents committed (a bulk append) ...
+    assert killed.open(killed.documents).history(1)[0]["operation"] == "WRITE"
     assert killed.version(killed.quarantine) is None  # ... quarantine not yet
 
     rerun = run_ingest(tmp_path, root, *args)
+    assert rerun["documents"]["write"] == "merge"  # the appended rows are compared, not re-added
     assert rerun["documents"]["unchanged"] == 3 and rerun["quarantine"]["inserted"] == 10
     clean_root = tmp_path / "clean"
     run_ingest(tmp_path, clean_root, *args)

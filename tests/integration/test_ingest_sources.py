@@ -159,8 +159,14 @@ def test_reingest_is_a_noop_and_three_changes_are_three_updates(tmp_path):
     tables = Tables(str(tmp_path / "data"))
     v1 = tables.version(tables.documents)
     assert first["documents"]["inserted"] == 10
+    # A first ingest is a bulk load: one append commit that the change feed reads as inserts.
+    assert first["documents"]["write"] == "append" and v1 == 1
+    inserted = tables.changes(tables.documents, starting_version=0).to_pylist()
+    assert sorted((r["_change_type"], r["_commit_version"], r["doc_id"]) for r in inserted) == sorted(
+        ("insert", 1, f"m{i}") for i in range(10))
 
     again = run_ingest(tmp_path, tmp_path / "data", "--source", "manifest", "--path", str(src))
+    assert again["documents"]["write"] == "merge"  # rows exist now: compared, not appended
     assert tables.version(tables.documents) == v1  # nothing committed
     assert (again["documents"]["inserted"], again["documents"]["updated"], again["documents"]["unchanged"]) == (0, 0, 10)
 

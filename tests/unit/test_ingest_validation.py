@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import zlib
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -14,9 +15,11 @@ import pytest
 from PIL import Image
 
 from jobs import cli, ingest
+from pipelines.ingest import delta_store
 from pipelines.ingest import schema as S
-from pipelines.ingest.sources.base import byte_ranges, iter_lines
+from pipelines.ingest.sources.base import BATCH_ROWS, SHARD_SHIFT, byte_ranges, iter_lines
 from pipelines.ingest.sources.manifest import ManifestSource
+from pipelines.ingest.sources.synthetic import SyntheticSource
 from pipelines.ingest.sources.webqa import read_tsv_line
 from pipelines.ingest.validation import (
     Limits,
@@ -28,6 +31,7 @@ from pipelines.ingest.validation import (
     validate_batch,
     validate_record,
 )
+from pipelines.synthetic import SyntheticConfig, iter_documents
 
 LIMITS = Limits()
 
@@ -263,3 +267,84 @@ def test_help_documents_every_option(capsys):
     for key in ("source.kind", "source.shard_mb", "source.synthetic.num_image_docs", "output.storage_options",
                 "limits.max_image_pixels", "ray.temp_dir", "ray.object_store_mb", "output.target_file_mb"):
         assert key in text
+
+
+# --- synthetic reader and the bulk load (no Ray: the stage functions and real Delta tables) --
+
+
+def test_synthetic_reader_builds_raw_rows_column_by_column():
+    cfg = SyntheticConfig(seed=5, num_image_docs=500, num_text_docs=300, num_queries=(0, 0, 0), image_size=16)
+    source = SyntheticSource(cfg, rows_per_shard=600, with_queries=False)  # > BATCH_ROWS per shard
+    shards = source.plan()
+    tables = [t for i, spec in enumerate(shards) for t in source.read(i, spec)]
+    assert all(t.schema == S.RAW_SCHEMA and t.num_rows <= BATCH_ROWS for t in tables)
+    rows = pa.concat_tables(tables).to_pylist()
+    generated = list(iter_documents(cfg))
+    assert len(rows) == len(generated) == 800
+    # Every record keeps its global index as its reference, and a unique seq in source order.
+    assert [r[S.RECORD_REF] for r in rows] == [f"synthetic:{i}" for i in range(800)]
+    assert [r[S.SEQ] for r in rows] == [(i // 600 << SHARD_SHIFT) | (i % 600) for i in range(800)]
+    for r, g in zip(rows, generated):
+        assert (r[S.DOC_ID], r[S.MODALITY], r[S.IMAGE], r[S.METADATA]) == (
+            g["doc_id"], g["modality"], g["image"], g["attributes"])
+        assert r[S.TEXT] == (g["text"] or None) and r[S.CAPTION] == (g["caption"] or None)
+        assert r[S.ERROR] is None and r[S.IMAGE_URI] is None
+
+
+def _documents(ids: list[str], text: str = "t") -> pa.RecordBatchReader:
+    now = datetime.now(timezone.utc)
+    n = len(ids)
+    table = pa.table({
+        S.DOC_ID: ids, S.MODALITY: ["text"] * n, S.TEXT: [f"{text} {i}" for i in ids], S.CAPTION: [None] * n,
+        S.IMAGE: pa.nulls(n, pa.binary()), S.IMAGE_URI: [None] * n, S.IMAGE_WIDTH: pa.nulls(n, pa.int32()),
+        S.IMAGE_HEIGHT: pa.nulls(n, pa.int32()), S.METADATA: [None] * n,
+        S.CONTENT_SHA256: [content_sha256(f"{text} {i}", None, None) for i in ids],
+        S.SOURCE: ["s"] * n, S.RECORD_REF: [f"f@{i}" for i in ids], S.RUN_ID: ["r"] * n,
+        S.INGESTED_AT: [now] * n,
+    }, schema=S.DOCUMENTS_SCHEMA)
+    return pa.RecordBatchReader.from_batches(S.DOCUMENTS_SCHEMA, table.to_batches(max_chunksize=3))
+
+
+def test_empty_documents_table_is_bulk_loaded_then_merged(tmp_path):
+    tables = delta_store.Tables(str(tmp_path))
+    # Nothing accepted on a first ingest: the (created) table gets no commit.
+    empty = delta_store.write_documents(tables, _documents([]))
+    assert empty["write"] == "append" and empty["num_target_rows_inserted"] == 0
+    assert tables.version(tables.documents) == 0
+    first = delta_store.write_documents(tables, _documents(["a", "b", "c", "d", "e"]))
+    assert first["write"] == "append" and first["num_target_rows_inserted"] == 5
+    assert tables.version(tables.documents) == 1
+    assert tables.open(tables.documents).history(1)[0]["operation"] == "WRITE"
+    cdf = tables.changes(tables.documents, starting_version=1).to_pylist()
+    assert sorted((r["_change_type"], r["doc_id"]) for r in cdf) == [("insert", i) for i in "abcde"]
+    # Rows exist now: the same documents plus one new and one changed are merged, not appended.
+    second = delta_store.write_documents(tables, _documents(["a", "b", "c", "d", "e", "f"]))
+    assert second["write"] == "merge" and second["num_target_rows_inserted"] == 1
+    ids = tables.read(tables.documents, columns=[S.DOC_ID])[S.DOC_ID].to_pylist()
+    assert sorted(ids) == list("abcdef")
+
+
+def test_two_bulk_loads_racing_on_one_empty_table_cannot_both_commit(tmp_path):
+    tables = delta_store.Tables(str(tmp_path))
+    tables.ensure(tables.documents, S.DOCUMENTS_SCHEMA)
+    # Both saw the empty version 0 (two ingests started together).
+    one, two = tables.open(tables.documents), tables.open(tables.documents)
+    assert delta_store.append_documents(one, _documents(["a", "b"]))["num_target_rows_inserted"] == 2
+    with pytest.raises(RuntimeError, match="re-run this ingest"):
+        delta_store.append_documents(two, _documents(["a", "b"], text="other"))
+    rows = tables.read(tables.documents, columns=[S.DOC_ID, S.TEXT]).to_pylist()
+    assert sorted((r[S.DOC_ID], r[S.TEXT]) for r in rows) == [("a", "t a"), ("b", "t b")]
+
+
+@pytest.mark.parametrize(("docs", "explicit", "shards"), [
+    (3_000, None, 6),  # small: at least 500 documents a shard
+    (20_000, None, 8),  # ~8 shards
+    (100_000, None, 10),  # large: at most 10,000 documents a shard
+    (100_000, 2_000, 50),  # a configured size is kept
+])
+def test_synthetic_shard_size(docs, explicit, shards):
+    cfg = SyntheticConfig(seed=0, num_image_docs=docs // 2, num_text_docs=docs - docs // 2, num_queries=(0, 0, 0))
+    plan = SyntheticSource(cfg, rows_per_shard=explicit, with_queries=False).plan()
+    assert len(plan) == shards
+    assert plan[0]["start"] == 0 and plan[-1]["stop"] == docs
+    assert all(a["stop"] == b["start"] for a, b in zip(plan, plan[1:]))
