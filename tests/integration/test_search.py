@@ -94,7 +94,7 @@ def test_opens_the_published_version_with_the_recorded_checkpoint(env, searcher)
     assert searcher.metadata[META_CHECKPOINT] == searcher.checkpoint
     # The stored plan's search settings are the defaults (300 rows: one partition, 2 sub-vectors).
     assert searcher.has_ann and searcher.plan.rows == len(env["ids"])
-    assert (searcher.nprobes, searcher.refine_factor) == (searcher.plan.nprobes, searcher.plan.refine_factor) == (1, 10)
+    assert (searcher.nprobes, searcher.refine_factor) == (searcher.plan.nprobes, searcher.plan.refine_factor) == (1, 5)
     assert set(searcher.fts_columns) == {"text", "caption"}
 
 

@@ -42,10 +42,10 @@ def test_plan_of_an_up_to_date_table_is_empty():
 
 
 @pytest.mark.parametrize(("rows", "dim", "parts", "subs", "refine"), [
-    (100_000, 768, 316, 48, 10),
-    (1_000_000, 768, 1000, 48, 10),
-    (10_000_000, 384, 3162, 24, 10),
-    (300, 32, 1, 2, 10),
+    (100_000, 768, 316, 48, 5),
+    (1_000_000, 768, 1000, 48, 5),
+    (10_000_000, 384, 3162, 24, 5),
+    (300, 32, 1, 2, 5),
     (5_000, 40, 19, 5, 5),  # 40 = 8 x 5: 8-dim sub-vectors → refine 5
     (5_000, 30, 19, 1, 20),  # 30 is not a multiple of 8: one code for the whole vector
 ])
@@ -53,7 +53,7 @@ def test_ann_rule(rows, dim, parts, subs, refine):
     plan = plan_ann_index(rows, dim, min_rows=256)
     assert (plan.num_partitions, plan.num_sub_vectors, plan.refine_factor) == (parts, subs, refine)
     assert plan.num_partitions * 256 <= rows  # every centroid trains on >= 256 vectors
-    assert plan.nprobes == min(plan.num_partitions, max(20, math.ceil(parts / 20)))
+    assert plan.nprobes == min(plan.num_partitions, max(20, math.ceil(parts / 50)))
 
 
 def test_no_ann_index_while_exact_search_is_as_fast_or_below_256_rows():
