@@ -113,3 +113,46 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, temp_di
         temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, **common, **kwargs)
     return True
+
+
+def yaml_str(value: str) -> str:
+    """``value`` as a single-quoted YAML scalar, so a flag's text stays a string after
+    ``--set`` parsing (a path like ``2024``, a name like ``on``)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def flag_overrides(args: Any, flags: dict[str, str], storage_key: str | None = None) -> list[str]:
+    """Dotted ``key=value`` overrides for the flags given on the command line.
+
+    ``flags`` maps argparse attributes to config keys; numbers stay numbers, text is quoted
+    (:func:`yaml_str`). With ``storage_key`` (e.g. ``input.storage_options``) every
+    ``--storage-option KEY=VALUE`` lands under it. Callers append their own extras and the
+    user's ``--set`` pairs after these, so ``--set`` wins.
+    """
+    out: list[str] = []
+    for attr, key in flags.items():
+        value = getattr(args, attr)
+        if value is not None:
+            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={yaml_str(value)}")
+    if storage_key:
+        for pair in getattr(args, "storage_option", None) or []:
+            if "=" not in pair:
+                raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
+            key, value = pair.split("=", 1)
+            out.append(f"{storage_key}.{key}={yaml_str(value)}")
+    return out
+
+
+def refuse_secrets(prog: str, config_path: str | None, overrides: list[str], storage_key: str) -> None:
+    """Rejects credentials in the storage options (``storage_key``, dotted) of the config file
+    and overrides *before* the config is parsed, so that no validation error echoes one."""
+    from pipelines.ingest.storage import check_storage_options
+
+    data: Any = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    for part in storage_key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    try:
+        check_storage_options(data if isinstance(data, dict) else {})
+    except ValueError as e:
+        raise SystemExit(f"{prog}: {e}") from None

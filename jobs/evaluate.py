@@ -45,7 +45,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.ingest import storage as storage_mod
 
-from .common import config_keys, deep_merge, load_config, parse_overrides, setup_logging, write_json
+from .common import (
+    config_keys,
+    flag_overrides,
+    load_config,
+    refuse_secrets,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger("ciea.evaluate")
 
@@ -239,23 +246,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _overrides(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    flags = {"root": "input.root", "split": "input.split", "corpus_version": "input.corpus_version",
-             "out": "output.out", "k": "search.k", "device": "search.device", "batch_size": "search.batch_size"}
-    for attr, key in flags.items():
-        value = getattr(args, attr)
-        if value is not None:
-            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={_yaml_str(value)}")
-    for pair in args.storage_option:
-        if "=" not in pair:
-            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
-        key, value = pair.split("=", 1)
-        out.append(f"input.storage_options.{key}={_yaml_str(value)}")
+    out = flag_overrides(args, {
+        "root": "input.root", "split": "input.split", "corpus_version": "input.corpus_version", "out": "output.out",
+        "k": "search.k", "device": "search.device", "batch_size": "search.batch_size"}, "input.storage_options")
     if args.variant:
         # JSON is YAML: the parsed list replaces `variants` from a config file.
         out.append("variants=" + json.dumps([parse_variant(v) for v in args.variant]))
@@ -264,23 +258,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.set)
 
 
-def _refuse_secrets(config_path: str | None, overrides: list[str]) -> None:
-    """Rejects credentials before the config is parsed, so no error echoes a secret."""
-    import yaml
-
-    data = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    options = (data.get("input") or {}).get("storage_options") or {}
-    try:
-        storage_mod.check_storage_options(options if isinstance(options, dict) else {})
-    except ValueError as e:
-        raise SystemExit(f"ciea evaluate: {e}") from None
-
-
 def parse_config(argv: list[str] | None) -> tuple[EvaluateConfig, argparse.Namespace]:
     args = _parser().parse_args(argv)
     overrides = _overrides(args)
-    _refuse_secrets(args.config, overrides)
+    refuse_secrets("ciea evaluate", args.config, overrides, "input.storage_options")
     cfg: EvaluateConfig = load_config(EvaluateConfig, args.config, overrides, PRESETS["default"])  # type: ignore[assignment]
     return cfg, args
 

@@ -58,10 +58,10 @@ from pipelines.synthetic import SyntheticConfig
 
 from .common import (
     config_keys,
-    deep_merge,
+    flag_overrides,
     init_ray,
     load_config,
-    parse_overrides,
+    refuse_secrets,
     setup_logging,
     write_json,
 )
@@ -215,21 +215,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+STORAGE_KEY = "output.storage_options"
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    flags = {"source": "source.kind", "path": "source.path", "name": "source.name",
-             "images_dir": "source.images_dir", "image_mode": "source.image_mode", "root": "output.root",
-             "run_dir": "output.run_dir", "ray_address": "ray.address", "num_cpus": "ray.num_cpus"}
-    for attr, key in flags.items():
-        value = getattr(args, attr)
-        if value is not None:
-            # Quoted so YAML keeps strings as strings (a path like 2024 or "on").
-            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={_yaml_str(value)}")
-    for pair in args.storage_option:
-        if "=" not in pair:
-            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
-        key, value = pair.split("=", 1)
-        out.append(f"output.storage_options.{key}={_yaml_str(value)}")
+    out = flag_overrides(args, {
+        "source": "source.kind", "path": "source.path", "name": "source.name", "images_dir": "source.images_dir",
+        "image_mode": "source.image_mode", "root": "output.root", "run_dir": "output.run_dir",
+        "ray_address": "ray.address", "num_cpus": "ray.num_cpus"}, STORAGE_KEY)
     if args.full_snapshot:
         out.append("source.full_snapshot=true")
     if args.no_queries:
@@ -237,10 +230,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if args.no_progress:
         out.append("progress=false")
     return out + list(args.set)
-
-
-def _yaml_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def make_source(cfg: IngestConfig) -> Source:
@@ -364,24 +353,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _refuse_secrets(config_path: str | None, overrides: list[str]) -> None:
-    """Rejects credentials in storage_options before the config is parsed, so the error
-    (unlike a validation error, which echoes its input) never prints the secret."""
-    import yaml
-
-    data = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    options = (data.get("output") or {}).get("storage_options") or {}
-    try:
-        storage_mod.check_storage_options(options if isinstance(options, dict) else {})
-    except ValueError as e:
-        raise SystemExit(f"ciea ingest: {e}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = _overrides(args)
-    _refuse_secrets(args.config, overrides)
+    refuse_secrets("ciea ingest", args.config, overrides, STORAGE_KEY)
     cfg: IngestConfig = load_config(IngestConfig, args.config, overrides, PRESETS[args.preset])  # type: ignore[assignment]
     setup_logging(args.verbose)
     for noisy in ("ray", "ray.data", "werkzeug"):

@@ -32,8 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.ingest import storage as storage_mod
 
-from .common import config_keys, load_config, setup_logging
-from .sql import display, format_text_table, refuse_secrets
+from .common import (
+    config_keys,
+    flag_overrides,
+    load_config,
+    refuse_secrets,
+    setup_logging,
+    yaml_str,
+)
+from .sql import display, format_text_table
 
 logger = logging.getLogger("ciea.search")
 
@@ -114,10 +121,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _overrides(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     flags = {"root": "table.root", "db": "table.db", "table": "table.name", "version": "table.version",
@@ -129,14 +132,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         if value is not None:
             # --version 12 stays a number; a tag name stays a string.
             numeric = isinstance(value, int) or (attr == "version" and value.isdigit())
-            out.append(f"{key}={value}" if numeric else f"{key}={_yaml_str(value)}")
+            out.append(f"{key}={value}" if numeric else f"{key}={yaml_str(value)}")
     if args.where:
-        out.append("query.where=[" + ", ".join(_yaml_str(w) for w in args.where) + "]")
-    for pair in args.storage_option:
-        if "=" not in pair:
-            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
-        key, value = pair.split("=", 1)
-        out.append(f"table.storage_options.{key}={_yaml_str(value)}")
+        out.append("query.where=[" + ", ".join(yaml_str(w) for w in args.where) + "]")
+    out += flag_overrides(args, {}, "table.storage_options")
     if args.json:
         out.append("output.json_output=true")
     return out + list(args.set)
@@ -180,7 +179,7 @@ def run(cfg: SearchConfig, queries: list[str]) -> tuple[Any, list[list[Any]]]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = _overrides(args)
-    refuse_secrets(args.config, overrides, "ciea search", key=("table", "storage_options"))
+    refuse_secrets("ciea search", args.config, overrides, "table.storage_options")
     cfg: SearchConfig = load_config(SearchConfig, args.config, overrides, {})  # type: ignore[assignment]
     setup_logging(args.verbose)
     if not args.verbose:

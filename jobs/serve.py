@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.ingest import storage as storage_mod
 
-from .common import config_keys, load_config, setup_logging
+from .common import config_keys, flag_overrides, load_config, setup_logging
 
 logger = logging.getLogger("ciea.serve")
 
@@ -201,24 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _overrides(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
     flags = {"db": "input.db", "table": "input.table", "version": "input.version", "tag": "input.tag",
              "checkpoint": "model.checkpoint", "host": "server.host", "port": "server.port"}
-    for attr, key in flags.items():
-        value = getattr(args, attr)
-        if value is not None:
-            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={_yaml_str(value)}")
-    for pair in args.storage_option:
-        if "=" not in pair:
-            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
-        key, value = pair.split("=", 1)
-        out.append(f"input.storage_options.{key}={_yaml_str(value)}")
-    return out + list(args.set)
+    return flag_overrides(args, flags, "input.storage_options") + list(args.set)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.ingest import storage as storage_mod
 
-from .common import config_keys, deep_merge, load_config, parse_overrides
+from .common import config_keys, flag_overrides, load_config, refuse_secrets, yaml_str
 
 Format = Literal["table", "csv", "json", "markdown"]
 
@@ -301,49 +301,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _overrides(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    for attr, key in {"root": "root", "db": "db", "at": "at", "format": "format", "max_rows": "max_rows"}.items():
-        value = getattr(args, attr)
-        if value is not None:
-            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={_yaml_str(value)}")
+    flags = {"root": "root", "db": "db", "at": "at", "format": "format", "max_rows": "max_rows"}
+    out = flag_overrides(args, flags, "storage_options")
     if args.table:
-        out.append("tables=[" + ", ".join(_yaml_str(t) for t in args.table) + "]")
-    for pair in args.storage_option:
-        if "=" not in pair:
-            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
-        key, value = pair.split("=", 1)
-        out.append(f"storage_options.{key}={_yaml_str(value)}")
+        out.append("tables=[" + ", ".join(yaml_str(t) for t in args.table) + "]")
     return out + list(args.set)
-
-
-def refuse_secrets(config_path: str | None, overrides: list[str], prog: str,
-                   key: tuple[str, ...] = ("storage_options",)) -> None:
-    """Rejects credentials in the storage options (at ``key`` in the config) before the config
-    is parsed, so that no validation error echoes a secret."""
-    from pathlib import Path
-
-    import yaml
-
-    node: Any = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
-    node = deep_merge(node, parse_overrides(overrides))
-    for part in key:
-        node = node.get(part) if isinstance(node, dict) else None
-    options = node or {}
-    try:
-        storage_mod.check_storage_options(options if isinstance(options, dict) else {})
-    except ValueError as e:
-        raise SystemExit(f"{prog}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = _overrides(args)
-    refuse_secrets(args.config, overrides, "ciea sql")
+    refuse_secrets("ciea sql", args.config, overrides, "storage_options")
     cfg: SqlConfig = load_config(SqlConfig, args.config, overrides, {})  # type: ignore[assignment]
     notes: list[str] = []
     try:
