@@ -25,8 +25,8 @@ runs/ciea.txt`` reproduces the numbers), and the resolved config.
 Examples::
 
     ciea evaluate --variant ciea=table:data/lancedb/documents --variant bm25=fts:data/lancedb/documents
-    ciea evaluate --split dev --variant ciea=checkpoint:runs/demo/ciea/checkpoint \\
-        --variant text-only=checkpoint:runs/demo/text-only/checkpoint --out runs/eval-dev
+    ciea evaluate --split dev --variant ciea=checkpoint:runs/demo/train/ciea-s2/model \\
+        --variant text-only=checkpoint:runs/demo/train/text-only-s2/model --out runs/eval-dev
     ciea evaluate --variant old=table:data/lancedb/documents@3 --variant new=table:data/lancedb/documents
     ciea evaluate --config eval.yaml --set metrics.group_by=[Qcate] --set metrics.charts=[MRR@10,Recall@5]
 """
@@ -88,7 +88,7 @@ class VariantSettings(BaseModel):
     def _check(self) -> VariantSettings:
         if (self.table is None) == (self.checkpoint is None):
             raise ValueError(f"variant {self.name!r}: give exactly one of table (e.g. table:data/lancedb/documents) "
-                             "or checkpoint (e.g. checkpoint:runs/demo/ciea/checkpoint)")
+                             "or checkpoint (e.g. checkpoint:runs/demo/train/ciea-s2/model)")
         if self.checkpoint is not None and self.mode != "vector":
             raise ValueError(f"variant {self.name!r}: a checkpoint variant ranks by vector only; mode "
                              f"{self.mode!r} needs a table (--variant {self.name}={self.mode}:<db>/<table>)")
@@ -217,7 +217,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         raise SystemExit(
             f"--variant {text!r}: expected NAME=KIND:WHERE with KIND one of {', '.join(VARIANT_KINDS)}, e.g. "
             "ciea=table:data/lancedb/documents, bm25=fts:data/lancedb/documents, "
-            "base=checkpoint:runs/demo/ciea/checkpoint")
+            "base=checkpoint:runs/demo/train/ciea-s2/model")
     if kind == "checkpoint":
         return {"name": name, "checkpoint": where}
     return {"name": name, "table": where, "mode": TABLE_KINDS[kind]}
