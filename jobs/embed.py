@@ -41,10 +41,10 @@ from pipelines.ingest.delta_store import Tables
 
 from .common import (
     config_keys,
-    deep_merge,
+    flag_overrides,
     init_ray,
     load_config,
-    parse_overrides,
+    refuse_secrets,
     setup_logging,
     write_json,
 )
@@ -203,41 +203,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _overrides(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    flags = {"checkpoint": "model.checkpoint", "root": "input.root", "version": "input.version",
-             "db": "output.db", "table": "output.table", "tag": "output.tag", "device": "encode.device",
-             "batch_size": "encode.batch_size", "actors": "encode.actors", "run_dir": "output.run_dir",
-             "ray_address": "ray.address", "num_cpus": "ray.num_cpus"}
-    for attr, key in flags.items():
-        value = getattr(args, attr)
-        if value is not None:
-            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={_yaml_str(value)}")
-    for pair in args.storage_option:
-        if "=" not in pair:
-            raise SystemExit(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. AWS_REGION=us-east-1")
-        key, value = pair.split("=", 1)
-        out.append(f"input.storage_options.{key}={_yaml_str(value)}")
+    out = flag_overrides(args, {
+        "checkpoint": "model.checkpoint", "root": "input.root", "version": "input.version", "db": "output.db",
+        "table": "output.table", "tag": "output.tag", "device": "encode.device", "batch_size": "encode.batch_size",
+        "actors": "encode.actors", "run_dir": "output.run_dir", "ray_address": "ray.address",
+        "num_cpus": "ray.num_cpus"}, "input.storage_options")
     if args.no_progress:
         out.append("progress=false")
     return out + list(args.set)
-
-
-def _refuse_secrets(config_path: str | None, overrides: list[str]) -> None:
-    """Rejects credentials before the config is parsed, so no error echoes a secret."""
-    import yaml
-
-    data = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    options = (data.get("input") or {}).get("storage_options") or {}
-    try:
-        storage_mod.check_storage_options(options if isinstance(options, dict) else {})
-    except ValueError as e:
-        raise SystemExit(f"ciea embed: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -452,7 +426,7 @@ def format_summary(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = _overrides(args)
-    _refuse_secrets(args.config, overrides)
+    refuse_secrets("ciea embed", args.config, overrides, "input.storage_options")
     cfg: EmbedConfig = load_config(EmbedConfig, args.config, overrides, PRESETS["default"])  # type: ignore[assignment]
     setup_logging(args.verbose)
     for noisy in ("ray", "ray.data"):
