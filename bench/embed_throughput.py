@@ -253,16 +253,27 @@ def _loop(documents_uri: str, checkpoint: str, db: str, table: str, batch_size: 
     return {"docs": n, "seconds": round(secs, 3), "docs_per_s": round(n / secs, 1)}
 
 
+#: The pipeline variants ``--pipelines`` can time: where images are decoded, and the
+#: encoder actors (``None``: the job's default, one single-thread actor per CPU).
+PIPELINES = {
+    "fused": ("actor", None),
+    "tasks": ("tasks", None),
+    "one-actor": ("actor", {"actors": 1, "cpus_per_actor": 1}),  # the default before 2026-12
+}
+
+
 def run_pipeline(root: str, checkpoint: str, db: str, table: str, batch_size: int, threads: int,
-                 thumbnail_px: int, in_tasks: bool) -> dict[str, Any]:
+                 thumbnail_px: int, variant: str) -> dict[str, Any]:
     from jobs.embed import EmbedConfig, load_model_facts, run
 
+    placement, actors = PIPELINES[variant]
+    # The job's own actor default, or the one-actor variant with the loop's thread count.
+    encode = {"device": "cpu", "batch_size": batch_size, **({**actors, "threads": threads} if actors else {})}
     cfg = EmbedConfig.model_validate({
         "input": {"root": root}, "model": {"checkpoint": checkpoint},
         "output": {"db": db, "table": table, "run_dir": str(Path(db) / "runs")},
-        "encode": {"device": "cpu", "batch_size": batch_size, "actors": 1, "cpus_per_actor": 1,
-                   "threads": threads},
-        "preprocess": {"thumbnail_px": thumbnail_px, "placement": "tasks" if in_tasks else "actor"},
+        "encode": encode,
+        "preprocess": {"thumbnail_px": thumbnail_px, "placement": placement},
         "index": {"enabled": False}, "progress": False})
     facts = load_model_facts(checkpoint)
     with CpuMeter() as meter:
@@ -278,6 +289,9 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     documents_uri = make_corpus(root, args.docs, args.image_size)
     ckpt = make_checkpoint(work, args.model, args.image_size)
     db = str(work / "lancedb")
+    unknown = set(args.pipelines.split(",")) - set(PIPELINES)
+    if unknown:
+        raise SystemExit(f"--pipelines: unknown variant(s) {sorted(unknown)}; choose from {sorted(PIPELINES)}")
     pipes = [f"pipeline_{p}" for p in args.pipelines.split(",")]
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in ["loop", *pipes]}
     order: list[str] = []
@@ -289,7 +303,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             res = run_loop(documents_uri, ckpt, db, name, args.batch_size, args.threads, args.thumbnail_px)
         else:
             res = run_pipeline(str(root), ckpt, db, name, args.batch_size, args.threads, args.thumbnail_px,
-                               which == "pipeline_tasks")
+                               which.removeprefix("pipeline_"))
         res["load_1m"] = round(_load(), 2)
         res["docs_per_cpu_s"] = round(res["docs"] / res["cpu_seconds"], 2)
         results[which].append(res)
@@ -452,8 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--rounds", type=int, default=2, help="loop/pipeline pairs, interleaved")
     p.add_argument("--thumbnail-px", type=int, default=96, help="thumbnail side (both sides)")
-    p.add_argument("--pipelines", default="fused,tasks",
-                   help="pipeline variants, comma list: tasks (decode in CPU tasks), fused (inside the actor)")
+    p.add_argument("--pipelines", default="fused,one-actor",
+                   help="pipeline variants, comma list: fused (the CPU default: decoding inside one "
+                        "single-thread actor per CPU), tasks (decoding in CPU tasks beside those actors), "
+                        "one-actor (decoding inside one actor of 1 CPU and --threads threads)")
     p.add_argument("--vectors", type=int, default=1_000_000, help="write part: rows")
     p.add_argument("--dim", type=int, default=768, help="write part: vector width")
     p.add_argument("--rows-per-fragment", type=int, default=65536, help="write part: rows per fragment / block")

@@ -27,7 +27,8 @@ def contrastive_loss(
     logit_scale: torch.Tensor | float,
     candidate_keys: torch.Tensor | None = None,
     ignore: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_correct: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """In-batch (+ hard negative) cross-entropy.
 
     Args:
@@ -39,9 +40,11 @@ def contrastive_loss(
             duplicate: it is removed from the softmax and targets move to the first copy.
         ignore: (B, C) true where a candidate is relevant to the query but not its target;
             such candidates are removed from that query's softmax.
+        return_correct: also return how many queries score their target highest among
+            the same candidates (the in-batch accuracy's numerator; no gradient).
 
     Returns:
-        The mean loss over queries (a scalar).
+        The mean loss over queries (a scalar); with ``return_correct``, ``(loss, correct)``.
     """
     logits = logit_scale * queries @ candidates.T  # (B, C)
     if candidate_keys is not None:
@@ -56,7 +59,12 @@ def contrastive_loss(
     if ignore is not None:
         keep_target = F.one_hot(targets, logits.shape[1]).bool()
         logits = logits.masked_fill(ignore & ~keep_target, float("-inf"))
-    return F.cross_entropy(logits, targets)
+    loss = F.cross_entropy(logits, targets)
+    if not return_correct:
+        return loss
+    with torch.no_grad():
+        correct = (logits.argmax(dim=1) == targets).sum()
+    return loss, correct
 
 
 class _AllGather(torch.autograd.Function):
@@ -80,29 +88,42 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank()]
 
 
-def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_with_grad(tensor: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """All-gathers (C_r, ...) rows from every worker, keeping the gradient of the local part,
     so negatives scale with the global batch. Ranks may hold different row counts.
 
+    Args:
+        tensor: this rank's rows.
+        more: further tensors with the same number of rows (e.g. the candidates' keys):
+            they share the one exchange of row counts, so each costs a single collective.
+
     Returns:
-        (sum C_r, ...) rows in rank order and the offset of this rank's rows. Without an
-        initialised process group (or with one process) returns ``(tensor, 0)``.
+        ``(gathered, offset)``: (sum C_r, ...) rows in rank order and the offset of this
+        rank's rows; with ``more``, ``(gathered, *more_gathered, offset)``. Without an
+        initialised process group (or with one process) the tensors come back as they are,
+        with offset 0.
     """
+    tensors = (tensor, *more)
+    if any(t.shape[0] != tensor.shape[0] for t in more):
+        raise ValueError(f"gather_with_grad: tensors must have the same row count, got "
+                         f"{[t.shape[0] for t in tensors]}")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor, 0
+        return (*tensors, 0)
     world, rank = dist.get_world_size(), dist.get_rank()
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
     counts = [int(s.item()) for s in sizes]
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded = torch.cat([tensor, padded[tensor.shape[0]:]]) if tensor.shape[0] < max(counts) else tensor
-    if tensor.is_floating_point() and tensor.requires_grad:
-        parts = list(_AllGather.apply(padded))
-    else:
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-    # The local slot is the live tensor, so gradient flows to this worker's encoder.
-    parts[rank] = padded
-    gathered = torch.cat([p[:n] for p, n in zip(parts, counts)])
-    return gathered, sum(counts[:rank])
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((max(counts), *t.shape[1:]))
+        padded = torch.cat([t, padded[t.shape[0]:]]) if t.shape[0] < max(counts) else t
+        if t.is_floating_point() and t.requires_grad:
+            parts = list(_AllGather.apply(padded))
+        else:
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+        # The local slot is the live tensor, so gradient flows to this worker's encoder.
+        parts[rank] = padded
+        out.append(torch.cat([p[:n] for p, n in zip(parts, counts)]))
+    return (*out, sum(counts[:rank]))

@@ -134,6 +134,10 @@ class LossOutput:
     complementary: float
     comp_queries: int
     comp_skipped: int
+    #: Queries whose positive scores highest among L_c's candidates (the whole gathered
+    #: pool, duplicates and other relevant documents excluded), and the queries scored.
+    correct: int = 0
+    queries: int = 0
 
 
 def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> LossOutput:
@@ -156,11 +160,10 @@ def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> L
     docs, image_only = docs if want_io else (docs, None)  # (C, D), (C_img, D)
     keys, targets, ignore = batch.doc_keys, batch.targets, batch.ignore
     if gather:
-        docs, offset = gather_with_grad(docs)
-        keys, _ = gather_with_grad(keys)
+        docs, keys, offset = gather_with_grad(docs, keys)
         targets = targets + offset
         ignore = _widen(ignore, offset, docs.shape[0])
-    l_c = contrastive_loss(q, docs, targets, scale, keys, ignore)
+    l_c, correct = contrastive_loss(q, docs, targets, scale, keys, ignore, return_correct=True)
     loss, l_comp = l_c, torch.zeros(())
     if want_io:
         if image_only is None:  # this rank's batch has no image documents
@@ -168,8 +171,7 @@ def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> L
         image_keys = batch.doc_keys[batch.documents.image_index]
         image_offset = 0
         if gather:
-            image_only, image_offset = gather_with_grad(image_only)
-            image_keys, _ = gather_with_grad(image_keys)
+            image_only, image_keys, image_offset = gather_with_grad(image_only, image_keys)
         if has_comp:
             qc = model.encode_query(**batch.comp_queries)  # (Bc, D)
             comp_targets = batch.comp_targets + image_offset
@@ -182,7 +184,7 @@ def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> L
     return LossOutput(
         loss=loss, contrastive=float(l_c.detach()), complementary=float(l_comp.detach()),
         comp_queries=0 if batch.comp_targets is None else int(batch.comp_targets.numel()),
-        comp_skipped=batch.stats.get("comp_skipped", 0),
+        comp_skipped=batch.stats.get("comp_skipped", 0), correct=int(correct), queries=int(q.shape[0]),
     )
 
 

@@ -81,9 +81,11 @@ class EncodeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs")
     batch_size: int = Field(64, ge=1, description="documents per encoder call (GPU: 256-1024)")
-    actors: int | None = Field(None, ge=1, description="encoder actors (default: one per GPU; CPU: as many "
-                                                      "as the 2-CPU deadlock rule allows)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per CPU actor (Ray resource)")
+    actors: int | None = Field(None, ge=1, description="encoder actors (default: one per GPU; CPU: one per "
+                                                      "CPU, each single-threaded)")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs reserved per CPU actor (Ray resource; default: one single-thread actor "
+                                "per CPU, sharing all but one CPU between them, at most 1 each)")
     threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (default: cpus_per_actor, at least 1)")
     bf16: bool = Field(True, description="GPU: autocast to bfloat16")
     max_retries: int = Field(2, ge=0, description="in-place retries of a failed batch (model stays loaded); "
@@ -271,12 +273,19 @@ def resolve_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> dict[str, 
                              f"per GPU: set encode.actors <= {gpus}")
         return {"device": "cuda", "actors": actors, "cpus_per_actor": min(1.0, max(cpus - 1, 0.5) / actors),
                 "gpus_per_actor": 1.0, "threads": 1}
-    per = e.cpus_per_actor
-    actors = e.actors or max(1, int((cpus - 1) // per))
+    if e.cpus_per_actor is None:
+        # One single-thread actor per core: 1-thread matmuls waste nothing on intra-op
+        # synchronisation, and each actor decodes its own images while the others
+        # encode (measured: BENCHMARKS.md). Their Ray reservations leave 1 CPU for tasks.
+        actors = e.actors or max(1, int(cpus))
+        per = min(1.0, max(cpus - 1, 0.0) / actors) or 1.0
+    else:
+        per = e.cpus_per_actor
+        actors = e.actors or max(1, int((cpus - 1) // per))
     if actors * per + 1 > cpus:
         fit = max(0.0, (cpus - 1) / actors)
         raise SystemExit(
-            f"ciea embed: {actors} encoder actor(s) x {per} CPU + 1 CPU for the read/preprocess/write tasks "
+            f"ciea embed: {actors} encoder actor(s) x {per:g} CPU + 1 CPU for the read/preprocess/write tasks "
             f"> the cluster's {cpus:g} CPUs — Ray Data would wait forever. Set encode.cpus_per_actor <= "
             f"{fit:.2f} or encode.actors <= {max(1, int((cpus - 1) // per))}")
     threads = e.threads or max(1, round(per))

@@ -520,9 +520,15 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table |
     # args), which serialises decoding with encoding inside the actor. Declaring the
     # tasks' memory (which they do use: decoded pixels) makes the args differ and keeps
     # decoding in tasks beside the actors (PipelineSpec.preprocess_in_tasks).
-    unfuse = {"memory": _preprocess_memory(spec.preprocess_rows, pixel_size)} if spec.preprocess_in_tasks else {}
+    # Fused (CPU), the other way round: Ray Data fuses a task stage into an actor stage
+    # only when their resource arguments are equal, so the tasks ask for exactly what an
+    # encoder actor holds (fractional on 2 CPUs, where each actor has half a CPU).
+    if spec.preprocess_in_tasks:
+        placement = {"memory": _preprocess_memory(spec.preprocess_rows, pixel_size)}
+    else:
+        placement = {"num_cpus": spec.cpus_per_actor}
     ds = ds.map_batches(
-        preprocess_batch, batch_format="pyarrow", batch_size=spec.preprocess_rows, **unfuse,
+        preprocess_batch, batch_format="pyarrow", batch_size=spec.preprocess_rows, **placement,
         fn_kwargs={"transform": spec.transform, "pixel_size": pixel_size, "thumbnail_px": spec.thumbnail_px,
                    "thumbnail_quality": spec.thumbnail_quality, "storage_options": spec.storage_options})
     ds = ds.map_batches(

@@ -469,53 +469,6 @@ class StepProfile:
         return out
 
 
-@contextlib.contextmanager
-def observe_encodings(model):
-    """Records the first ``encode_query`` and ``encode_documents`` outputs made inside the
-    block. ``compute_loss`` owns the order of the collective calls, so the in-batch
-    accuracy reads the encodings it made rather than encoding the batch a second time."""
-    seen: dict[str, Any] = {}
-    enc_q, enc_d = model.encode_query, model.encode_documents
-
-    def q(*args, **kwargs):
-        out = enc_q(*args, **kwargs)
-        seen.setdefault("q", out)
-        return out
-
-    def d(*args, **kwargs):
-        out = enc_d(*args, **kwargs)
-        seen.setdefault("d", out[0] if isinstance(out, tuple) else out)
-        return out
-
-    model.encode_query, model.encode_documents = q, d
-    try:
-        yield seen
-    finally:
-        del model.encode_query, model.encode_documents
-
-
-@torch.no_grad()
-def in_batch_correct(q: torch.Tensor, docs: torch.Tensor, batch, gather: bool) -> tuple[int, int]:
-    """(queries whose top-scored candidate is their positive, queries), over the global
-    candidate pool (duplicates and other relevant documents excluded, as in L_c)."""
-    from ciea_model.losses import first_occurrence, gather_with_grad
-
-    docs, keys, targets, ignore = docs.detach().float(), batch.doc_keys, batch.targets, batch.ignore
-    if gather:
-        docs, offset = gather_with_grad(docs)
-        keys, _ = gather_with_grad(keys)
-        targets = targets + offset
-        wide = ignore.new_zeros((ignore.shape[0], docs.shape[0]))
-        wide[:, offset : offset + ignore.shape[1]] = ignore
-        ignore = wide
-    logits = q.detach().float() @ docs.T
-    first = first_occurrence(keys)
-    dup = first != torch.arange(first.shape[0], device=first.device)
-    keep_target = torch.nn.functional.one_hot(first[targets], logits.shape[1]).bool()
-    logits = logits.masked_fill(dup.unsqueeze(0) | (ignore & ~keep_target), float("-inf"))
-    return int((logits.argmax(dim=1) == first[targets]).sum()), int(q.shape[0])
-
-
 class _MetricsLog:
     """JSON lines written by rank 0 beside the checkpoints (and copied into each)."""
 
@@ -724,12 +677,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 examples = rows_to_examples(mb, storage_options)
             with prof("collate"):
                 batch = processor.collate_training(examples).to(device)
-            with prof("forward"), autocast, observe_encodings(model) as seen:
+            with prof("forward"), autocast:
                 out = compute_loss(model, batch, gather=gather)
             with prof("backward"):
                 (out.loss / len(micros)).backward()
             with prof("metrics"):
-                correct, count = in_batch_correct(seen["q"], seen["d"], batch, gather)
+                # In-batch accuracy over the global pool, from L_c's own logits (no second gather).
+                correct, count = out.correct, out.queries
                 sums += torch.tensor([float(out.loss.detach()) * count, out.contrastive * count,
                                       out.complementary * count, correct, count, 0, len(batch.doc_ids)],
                                      dtype=torch.float64)

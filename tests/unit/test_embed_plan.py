@@ -103,10 +103,20 @@ def test_preprocess_transforms_images_makes_thumbnails_and_flags_unreadable_ones
 
 def test_resources_obey_the_two_cpu_deadlock_rule():
     cfg = EmbedConfig.model_validate({"model": {"checkpoint": "x"}})
+    # CPU default: one single-thread actor per CPU, their reservations leaving 1 CPU for tasks.
     assert resolve_resources(cfg, {"CPU": 2}) == {
-        "device": "cpu", "actors": 1, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0, "threads": 1}
+        "device": "cpu", "actors": 2, "cpus_per_actor": 0.5, "gpus_per_actor": 0.0, "threads": 1}
+    assert resolve_resources(cfg, {"CPU": 16}) == {
+        "device": "cpu", "actors": 16, "cpus_per_actor": 15 / 16, "gpus_per_actor": 0.0, "threads": 1}
+    with pytest.raises(SystemExit, match="wait forever"):
+        resolve_resources(cfg, {"CPU": 1})
+    three = EmbedConfig.model_validate({"model": {"checkpoint": "x"}, "encode": {"actors": 3}})
+    assert resolve_resources(three, {"CPU": 4})["cpus_per_actor"] == 1.0
+    one = EmbedConfig.model_validate({"model": {"checkpoint": "x"}, "encode": {"cpus_per_actor": 1, "threads": 2}})
+    assert resolve_resources(one, {"CPU": 2}) == {
+        "device": "cpu", "actors": 1, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0, "threads": 2}
     assert resolve_resources(cfg, {"CPU": 16, "GPU": 2})["actors"] == 2
-    bad = EmbedConfig.model_validate({"model": {"checkpoint": "x"}, "encode": {"actors": 2}})
+    bad = EmbedConfig.model_validate({"model": {"checkpoint": "x"}, "encode": {"actors": 2, "cpus_per_actor": 1}})
     with pytest.raises(SystemExit, match="wait forever.*cpus_per_actor <= 0.50"):
         resolve_resources(bad, {"CPU": 2})
     half = EmbedConfig.model_validate({"model": {"checkpoint": "x"}, "encode": {"actors": 2, "cpus_per_actor": 0.5}})

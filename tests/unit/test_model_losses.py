@@ -138,6 +138,20 @@ def test_ignore_on_a_duplicate_applies_to_its_first_copy():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
+def test_correct_counts_duplicates_and_ignores():
+    q = torch.eye(3)
+    # Candidates: query 0's positive, a duplicate of it (never a rival), the positive of
+    # queries 1 and 2, and a document relevant to query 2 (not its target) that it scores highest.
+    docs = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    keys, targets = torch.tensor([1, 1, 2, 3]), torch.tensor([0, 2, 2])
+    ignore = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    loss, correct = contrastive_loss(q, docs, targets, 10.0, keys, ignore, return_correct=True)
+    # q0 → a (correct); q1 → b (correct); q2's best (c) is ignored, then a and b tie at 0 and
+    # argmax takes a: wrong.
+    assert int(correct) == 2 and not correct.requires_grad
+    assert torch.equal(loss, contrastive_loss(q, docs, targets, 10.0, keys, ignore))
+
+
 # --------------------------------------------------------------------------- gather
 
 
@@ -149,3 +163,7 @@ def test_gather_without_process_group_is_identity():
     keys = torch.tensor([1, 2, 3])
     out, offset = gather_with_grad(keys)
     assert out is keys and offset == 0
+    out, out_keys, offset = gather_with_grad(x, keys)
+    assert out is x and out_keys is keys and offset == 0
+    with pytest.raises(ValueError, match="same row count"):
+        gather_with_grad(x, torch.tensor([1, 2]))

@@ -50,7 +50,11 @@ def _gather_and_backward(losses, rank: int) -> dict:
     gathered, offset = losses.gather_with_grad(x)
     keys, key_offset = losses.gather_with_grad(torch.arange(ROWS[rank]) + 10 * rank)
     frozen, _ = losses.gather_with_grad(_local_rows(rank))  # no grad: plain all_gather
+    # Rows and their keys in one call: one exchange of row counts, then one gather each.
+    x2 = _local_rows(rank).requires_grad_(True)
+    paired, paired_keys, paired_offset = losses.gather_with_grad(x2, torch.arange(ROWS[rank]) + 10 * rank)
     (gathered * _loss_weights(rank)).sum().backward()
+    (paired * _loss_weights(rank)).sum().backward()
     return {
         "gathered": gathered.detach().tolist(),
         "offset": offset,
@@ -60,6 +64,10 @@ def _gather_and_backward(losses, rank: int) -> dict:
         "frozen_requires_grad": frozen.requires_grad,
         "requires_grad": gathered.requires_grad,
         "grad": x.grad.tolist(),
+        "paired": paired.detach().tolist(),
+        "paired_keys": paired_keys.tolist(),
+        "paired_offset": paired_offset,
+        "paired_grad": x2.grad.tolist(),
     }
 
 
@@ -107,3 +115,7 @@ def test_gather_with_grad_two_gloo_processes(tmp_path):
         expected_grad = _loss_weights(0)[lo:hi] + _loss_weights(1)[lo:hi]
         assert torch.tensor(res["grad"]).shape == (ROWS[rank], DIM)
         assert torch.equal(torch.tensor(res["grad"]), expected_grad)
+        # Several tensors in one call: the same rows, keys, offset and gradient.
+        assert torch.equal(torch.tensor(res["paired"]), expected_rows)
+        assert res["paired_keys"] == [0, 1, 10, 11, 12] and res["paired_offset"] == res["offset"]
+        assert torch.equal(torch.tensor(res["paired_grad"]), expected_grad)

@@ -26,7 +26,6 @@ from pipelines.train_loop import (
     StepProfile,
     TrainJobConfig,
     check_identity,
-    in_batch_correct,
     resume_identity,
 )
 
@@ -134,22 +133,6 @@ def test_job_config_is_validated(data, message):
 def test_micro_batch_splits_the_global_batch():
     cfg = TrainJobConfig.model_validate({"train": {"batch_size": 64, "grad_accum": 2}, "scaling": {"num_workers": 4}})
     assert cfg.micro_batch == 8
-
-
-def test_in_batch_correct_counts_duplicates_and_ignores():
-    from ciea_model.processor import TrainBatch
-
-    q = torch.eye(3)
-    # Candidates: query 0's positive, a duplicate of it (never a rival), the positive of
-    # queries 1 and 2, and a document relevant to query 2 (not its target) that it scores highest.
-    docs = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
-    batch = TrainBatch(
-        queries={}, documents=None, doc_ids=["a", "a2", "b", "c"],  # type: ignore[arg-type]
-        doc_keys=torch.tensor([1, 1, 2, 3]), targets=torch.tensor([0, 2, 2]),
-        ignore=torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool))
-    # q0 → a (correct); q1 → b (correct); q2's best (c) is ignored, then a and b tie at 0 and
-    # argmax takes a: wrong.
-    assert in_batch_correct(q, docs, batch, gather=False) == (2, 3)
 
 
 @pytest.mark.parametrize("job", ["jobs.train", "jobs.mine_negatives"])
