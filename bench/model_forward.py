@@ -24,7 +24,7 @@ What is measured
 How
     Models are built at random (``create_model_and_processor(cfg, pretrained=False,
     seed=0)``) with a WordPiece tokenizer trained offline on synthetic captions and queries
-    (:mod:`pipelines.synthetic`), so nothing is downloaded. The documents are synthetic image
+    (:mod:`pipelines.ingest.sources.synthetic.generator`), so nothing is downloaded. The documents are synthetic image
     documents rendered at the vision tower's input size; collation happens once, before
     timing. After ``--warmup`` untimed calls of each variant, the variants are interleaved
     for ``--rounds`` rounds in ABBA order (the first variant alternates each round), which
@@ -88,7 +88,11 @@ from ciea_model import (
 from ciea_model.processor import CIEAProcessor
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from ciea_model.training import OptimConfig, build_optimizer, compute_loss
-from pipelines.synthetic import SyntheticConfig, generate_queries, iter_documents
+from pipelines.ingest.sources.synthetic.generator import (
+    SyntheticConfig,
+    generate_queries,
+    iter_documents,
+)
 
 logger = logging.getLogger("bench.model_forward")
 

@@ -2,7 +2,7 @@
 
 What is measured
     ``--rows`` (1M) synthetic ``--dim`` (768) float32 unit vectors are written to a LanceDB
-    table with the project's own code (:class:`pipelines.lance_store.VectorTable`: the
+    table with the project's own code (:class:`pipelines.store.lance_tables.VectorTable`: the
     table schema, fragments of ``--rows-per-fragment`` rows as ``ciea embed`` writes them,
     one commit), and indexed the way ``ciea embed`` indexes: :func:`plan_ann_index` picks
     the IVF_PQ partitions / sub-vectors and :meth:`VectorTable.build_indexes` builds it
@@ -271,7 +271,7 @@ def write_table(db: str, name: str, base: np.ndarray, rows_per_fragment: int = 1
     from lance.fragment import write_fragments
     from tqdm import tqdm
 
-    from pipelines.lance_store import VectorTable
+    from pipelines.store.lance_tables import VectorTable
 
     vt = VectorTable(db, name)
     if vt.exists():
@@ -295,7 +295,7 @@ def write_table(db: str, name: str, base: np.ndarray, rows_per_fragment: int = 1
 def build_indexes(vt: Any, plan: Any) -> dict[str, float]:
     """Builds the table's indexes as ``ciea embed`` does; seconds for the scalar/full-text
     indexes and for the ANN index apart (they are one call in the job)."""
-    from pipelines.lance_store import ANN_INDEX, META_INDEX_PLAN
+    from pipelines.store.lance_tables import ANN_INDEX, META_INDEX_PLAN
 
     t = time.perf_counter()
     vt.build_indexes(None, None)  # no ANN plan: doc_id BTree + full-text indexes only
@@ -334,7 +334,7 @@ class SearchPoint:
 
 def lance_query(table: Any, q: np.ndarray, k: int, point: SearchPoint) -> Any:
     """The LanceDB query (vector search, cosine, top ``k``, ``doc_id`` only) for ``point``."""
-    from pipelines.lance_store import VECTOR
+    from pipelines.store.lance_tables import VECTOR
 
     b = table.search(q, vector_column_name=VECTOR).distance_type("cosine").limit(k).select(["doc_id", "_distance"])
     if point.exact:
@@ -503,7 +503,12 @@ def neighbour_stats(queries: np.ndarray, base: np.ndarray, truth: np.ndarray) ->
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns every number (also printed as it goes)."""
-    from pipelines.lance_store import META_INDEX_PLAN, VectorTable, plan_ann_index, plan_from_json
+    from pipelines.store.lance_tables import (
+        META_INDEX_PLAN,
+        VectorTable,
+        plan_ann_index,
+        plan_from_json,
+    )
 
     progress = not args.no_progress
     k = args.k

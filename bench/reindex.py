@@ -150,8 +150,8 @@ def change_corpus(root: str, n_changed: int, mix: tuple[float, float, float], se
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
-    from pipelines.ingest import schema as S
-    from pipelines.ingest.delta_store import Tables, plain_types
+    from pipelines.store import schema as S
+    from pipelines.store.delta_tables import Tables, plain_types
 
     uri = Tables(root).documents
     rng = random.Random(seed)
@@ -184,7 +184,7 @@ def verify(db: str, a: str, b: str) -> dict[str, Any]:
     import lance
     import numpy as np
 
-    from pipelines.lance_store import VectorTable
+    from pipelines.store.lance_tables import VectorTable
 
     def rows(name: str) -> dict[str, Any]:
         t = lance.dataset(VectorTable(db, name).uri).to_table(columns=["doc_id", "vector"])

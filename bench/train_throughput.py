@@ -44,7 +44,7 @@ def _write_corpus(root: Path, queries: int, seed: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
     from train_fixtures import write_synthetic
 
-    from pipelines.synthetic import SyntheticConfig
+    from pipelines.ingest.sources.synthetic.generator import SyntheticConfig
 
     write_synthetic(root, SyntheticConfig(seed=seed, num_image_docs=max(200, queries), num_text_docs=max(60, queries // 4),
                                           num_queries=(queries, 16, 4), image_size=32))
@@ -52,7 +52,7 @@ def _write_corpus(root: Path, queries: int, seed: int) -> None:
 
 def run_ray(cfg) -> tuple[list[float], float, dict]:
     from jobs import train
-    from pipelines.train_loop import read_metrics
+    from pipelines.train.worker import read_metrics
 
     t0 = time.perf_counter()
     summary = train.run(cfg)
@@ -103,9 +103,9 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
         train_step,
     )
     from jobs.train import tokenizer_dir
-    from pipelines.train_data import read_queries, rows_to_documents
-    from pipelines.train_loop import NEW_MODULES, GradientReducer, StepProfile, model_config_for
-    from pipelines.training_data import training_examples
+    from pipelines.train.dataset import read_queries, rows_to_documents
+    from pipelines.train.examples import training_examples
+    from pipelines.train.worker import NEW_MODULES, GradientReducer, StepProfile, model_config_for
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.common import deep_merge
     from jobs.train import PRESETS
-    from pipelines.train_loop import TrainJobConfig
+    from pipelines.train.worker import TrainJobConfig
 
     work = Path(tempfile.mkdtemp(prefix="ciea-bench-train-"))
     _write_corpus(work / "data", args.queries, seed=11)

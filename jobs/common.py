@@ -146,7 +146,7 @@ def flag_overrides(args: Any, flags: dict[str, str], storage_key: str | None = N
 def refuse_secrets(prog: str, config_path: str | None, overrides: list[str], storage_key: str) -> None:
     """Rejects credentials in the storage options (``storage_key``, dotted) of the config file
     and overrides *before* the config is parsed, so that no validation error echoes one."""
-    from pipelines.ingest.storage import check_storage_options
+    from pipelines.store.storage import check_storage_options
 
     data: Any = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
     data = deep_merge(data, parse_overrides(overrides))

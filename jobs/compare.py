@@ -50,16 +50,16 @@ from ciea_model.pretrain import PretrainConfig, pretrain_vision_tower
 from ciea_model.processor import ImageTransform, doc_key
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, warmup_vision
-from pipelines.evaluation import evaluate
-from pipelines.hard_negatives import mine_hard_negatives, with_hard_negatives
-from pipelines.metrics import RetrievalReport
-from pipelines.synthetic import (
+from pipelines.ingest.sources.synthetic.generator import (
     SyntheticConfig,
     generate_queries,
     iter_documents,
     iter_image_text_pairs,
 )
-from pipelines.training_data import to_document, training_examples
+from pipelines.query.evaluation import evaluate
+from pipelines.query.metrics import RetrievalReport
+from pipelines.train.examples import to_document, training_examples
+from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
 
 from .common import load_config, setup_logging, write_json
 

@@ -234,8 +234,8 @@ def print_examples(cfg: DemoConfig, data: Path, db: Path) -> list[dict[str, Any]
     """Image queries (what only the pixels show) with CIEA's top 3 and where text-only
     ranks the answer — what the page shows, in the terminal. Picks the queries where CIEA
     gains most over text-only (ties: split order), so the examples show the difference."""
-    from pipelines.evaluation import load_split
-    from pipelines.search import Searcher
+    from pipelines.query.evaluation import load_split
+    from pipelines.query.search import Searcher
 
     queries, qrels = load_split(str(data), "test", {})
     image = [q for q in queries if q.get("kind") == "image"]

@@ -6,7 +6,7 @@ encodes (the checkpoint loaded once per actor; CPU actors with a set thread coun
 actors one per GPU in bf16), and workers write Lance fragments that the driver commits in
 one commit. Then: a BTree index on doc_id, full-text indexes on text and caption, an ANN
 index when the table is large enough for one to beat exact search (the rule is in
-``pipelines/lance_store.py``), and the version is tagged ``<tag>`` and ``published``.
+``pipelines/store/lance_tables.py``), and the version is tagged ``<tag>`` and ``published``.
 
 Every row records the checkpoint's ``model_id`` and the Delta ``source_version``; a table
 never mixes two model ids (another checkpoint is refused — use another ``--table``).
@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.ingest import storage as storage_mod
-from pipelines.ingest.delta_store import Tables
+from pipelines.store import storage as storage_mod
+from pipelines.store.delta_tables import Tables
 
 from .common import (
     config_keys,
@@ -303,8 +303,8 @@ def run(cfg: EmbedConfig, facts: dict[str, Any]) -> dict[str, Any]:
     import ray.data
     from tqdm import tqdm
 
-    from pipelines import embed as E
-    from pipelines import lance_store as L
+    from pipelines.index import embed as E
+    from pipelines.store import lance_tables as L
 
     t0 = time.perf_counter()
     opts = cfg.input.storage_options
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"ciea embed: checkpoint {cfg.model.checkpoint} is not a directory: pass the folder "
                          "written by ciea_model.save_checkpoint (it holds ciea_checkpoint.json)")
     facts = load_model_facts(cfg.model.checkpoint)
-    from pipelines import embed as E
+    from pipelines.index import embed as E
 
     try:
         E.resolve_source(Tables(cfg.input.root, cfg.input.storage_options).documents, cfg.input.version,
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _init_ray(cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from pipelines.lance_store import ModelMismatchError
+        from pipelines.store.lance_tables import ModelMismatchError
 
         try:
             summary = run(cfg, facts)

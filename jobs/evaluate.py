@@ -5,7 +5,7 @@ variants side by side in one report.
 A variant is a name and where its ranking comes from (``--variant NAME=KIND:WHERE``):
 
 * ``table:<db>/<table>[@version|@tag]`` — a LanceDB table written by ``ciea embed``,
-  searched by vector through :class:`pipelines.search.Searcher` (ANN index included, as
+  searched by vector through :class:`pipelines.query.search.Searcher` (ANN index included, as
   readers get it); the ``published`` version unless a version or tag is given;
 * ``fts:<db>/<table>[@...]`` — the same table's full-text (BM25) search: the BM25 baseline;
 * ``hybrid:<db>/<table>[@...]`` — reciprocal-rank fusion of the two;
@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.ingest import storage as storage_mod
+from pipelines.store import storage as storage_mod
 
 from .common import (
     config_keys,
@@ -126,7 +126,7 @@ class MetricSettings(BaseModel):
 
     @property
     def names(self) -> list[str]:
-        from pipelines.metrics import metric_names
+        from pipelines.query.metrics import metric_names
 
         return metric_names(self.mrr, self.ndcg, self.recall)
 
@@ -291,7 +291,7 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
     Raises:
         EvaluationError / SearchError: with the fix.
     """
-    from pipelines.evaluation import (
+    from pipelines.query.evaluation import (
         EvaluationError,
         check_coverage,
         corpus_doc_ids,
@@ -318,7 +318,7 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
                 "corpus_version": cfg.input.corpus_version, "missing_relevant_docs": len(missing)}
         return Prepared(spec, info)
 
-    from pipelines.search import Searcher
+    from pipelines.query.search import Searcher
 
     db, table, version = spec.table_spec
     key = (db, table, version, spec.query_checkpoint)
@@ -340,7 +340,7 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
 def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any]],
                 qrels: dict[str, dict[str, int]]) -> dict[str, list[str]]:
     """The ranked run of one variant (qid → doc ids); updates ``prep.info`` with what happened."""
-    from pipelines import evaluation as E
+    from pipelines.query import evaluation as E
 
     t0 = time.perf_counter()
     if prep.searcher is not None:
@@ -354,7 +354,7 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
         run = sr.run
     else:
         from ciea_model import load_checkpoint
-        from pipelines.ingest.delta_store import Tables
+        from pipelines.store.delta_tables import Tables
 
         model, processor = load_checkpoint(prep.spec.checkpoint, map_location=cfg.search.device)
         corpus = E.encode_delta_corpus(
@@ -381,7 +381,7 @@ def write_trec(out: Path, qrels: dict[str, dict[str, int]], runs: dict[str, dict
     """``qrels.txt`` and ``runs/<variant>.txt`` in TREC format. Scores are ``k - rank``
     (trec_eval orders by score, so the file keeps each ranking's order). Relevance is
     written binary (grade > 0 → 1): the report's NDCG uses binary gains
-    (:mod:`pipelines.metrics`), and trec_eval on these files gives the same numbers."""
+    (:mod:`pipelines.query.metrics`), and trec_eval on these files gives the same numbers."""
     lines = [f"{q} 0 {d} {int(r > 0)}" for q in sorted(qrels) for d, r in sorted(qrels[q].items())]
     (out / "qrels.txt").write_text("\n".join(lines) + "\n")
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -398,8 +398,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     Raises:
         EvaluationError / SearchError: bad input, with the fix.
     """
-    from pipelines import evaluation as E
-    from pipelines import report as R
+    from pipelines.query import evaluation as E
+    from pipelines.query import report as R
 
     t0 = time.perf_counter()
     queries, qrels = E.load_split(cfg.input.root, cfg.input.split, cfg.input.storage_options,
@@ -432,7 +432,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def format_summary(doc: dict[str, Any], metrics: list[str]) -> str:
-    from pipelines.metrics import OVERALL
+    from pipelines.query.metrics import OVERALL
 
     meta = doc["meta"]
     lines = [f"evaluate split {meta['split']} of {meta['root']}: {meta['judged_queries']} judged queries, "
@@ -465,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(cfg.search.threads)
     out = Path(cfg.output.out)
-    from pipelines.evaluation import EvaluationError
-    from pipelines.search import SearchError
+    from pipelines.query.evaluation import EvaluationError
+    from pipelines.query.search import SearchError
 
     try:
         doc = evaluate(cfg)

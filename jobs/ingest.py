@@ -42,8 +42,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.ingest import delta_store
-from pipelines.ingest import storage as storage_mod
 from pipelines.ingest.runner import DocumentStream, QuarantineSpill, build_dataset, ingest_queries
 from pipelines.ingest.sources import (
     EDISSource,
@@ -53,8 +51,10 @@ from pipelines.ingest.sources import (
     SyntheticSource,
     WebQASource,
 )
+from pipelines.ingest.sources.synthetic.generator import SyntheticConfig
 from pipelines.ingest.validation import Limits
-from pipelines.synthetic import SyntheticConfig
+from pipelines.store import delta_tables
+from pipelines.store import storage as storage_mod
 
 from .common import (
     config_keys,
@@ -267,7 +267,7 @@ def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict
     t0 = time.perf_counter()
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    tables = delta_store.Tables(cfg.output.root, cfg.output.storage_options,
+    tables = delta_tables.Tables(cfg.output.root, cfg.output.storage_options,
                                 cfg.output.target_file_mb * 1024 * 1024)
     limits = cfg.limits.limits()
     spill = QuarantineSpill(run_id, now)
@@ -289,7 +289,7 @@ def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict
                                 run_id, now, progress=progress)
         version_before = tables.version(tables.documents)
         # An empty corpus/documents is bulk-loaded (appended), anything else merged into.
-        metrics = delta_store.write_documents(
+        metrics = delta_tables.write_documents(
             tables, stream.reader(), source.name if cfg.source.full_snapshot else None)
         bar.close()
         counts = stream.counts
@@ -309,10 +309,10 @@ def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict
 
         reader = spill.reader()
         if reader is not None:
-            qm = delta_store.merge_quarantine(tables, reader)
+            qm = delta_tables.merge_quarantine(tables, reader)
             summary["quarantine"] = {"rows_this_run": spill.rows, "inserted": qm["num_target_rows_inserted"]}
         else:
-            tables.ensure(tables.quarantine, delta_store.S.QUARANTINE_SCHEMA)
+            tables.ensure(tables.quarantine, delta_tables.S.QUARANTINE_SCHEMA)
             summary["quarantine"] = {"rows_this_run": 0, "inserted": 0}
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
@@ -337,7 +337,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"+ unchanged {d['unchanged']}" + (f"   (deleted {d['deleted']})" if d["deleted"] else ""),
         f"             corpus/documents version "
         f"{'(new)' if d['version_before'] is None else d['version_before']} → {d['version_after']}"
-        f"  ({'bulk load: appended' if d.get('write') == delta_store.WRITE_APPEND else 'merged'})",
+        f"  ({'bulk load: appended' if d.get('write') == delta_tables.WRITE_APPEND else 'merged'})",
     ]
     for reason, n in d["quarantined_by_reason"].items():
         lines.append(f"    quarantined {reason}: {n}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.ingest.storage import StorageOptions
+from pipelines.store.storage import StorageOptions
 
 from .common import init_ray, load_config, setup_logging, write_json
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
-    from pipelines.mining import mine, write_mined
+    from pipelines.train.negatives import mine, write_mined
 
     init_ray(num_cpus=cfg.num_cpus, log_to_driver=cfg.progress)
     t0 = time.perf_counter()

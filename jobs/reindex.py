@@ -4,7 +4,7 @@
 **Same checkpoint as the table** (the scheduled case): from the Delta version the table
 records (``ciea.source_version``) to the current one, the change data feed says which
 documents were inserted, updated or deleted (collapsed to the last change per doc_id;
-``pipelines/reindex.py``). Rows of updated and deleted documents are deleted, the inserted
+``pipelines/index/reindex_plan.py``). Rows of updated and deleted documents are deleted, the inserted
 and updated ones are embedded (the ``ciea embed`` stages, restricted to them) and
 committed in one Lance commit, the new rows are folded into the indexes (the ANN index is
 retrained only when the table has drifted more than ``index.max_drift`` from the size it
@@ -65,8 +65,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.ingest import storage as storage_mod
-from pipelines.ingest.delta_store import Tables
+from pipelines.store import storage as storage_mod
+from pipelines.store.delta_tables import Tables
 
 from .common import (
     config_keys,
@@ -247,7 +247,7 @@ def table_state(table: Any) -> TableState:
     """Reads the head's and the published version's lineage (metadata, one row)."""
     import lance
 
-    from pipelines import lance_store as L
+    from pipelines.store import lance_tables as L
 
     ds = table.dataset()
     one = ds.to_table(columns=[L.MODEL_ID], limit=1)[L.MODEL_ID].to_pylist()
@@ -343,7 +343,7 @@ def _embed(cfg: ReindexConfig, facts: dict[str, Any], res: dict[str, Any], docum
     already read; ``in_process``: the same stages in this process, without Ray Data."""
     from tqdm import tqdm
 
-    from pipelines import embed as E
+    from pipelines.index import embed as E
 
     if not in_process:
         res = _ray_resources(cfg)  # Ray joined or started here if this process has none yet
@@ -392,15 +392,15 @@ def evaluate_version(db_uri: str, table: str, version: int, checkpoint: str | No
     """MRR@k (and NDCG@k, Recall@k) of one pinned table version on a query split.
 
     Queries are encoded by ``checkpoint`` (default: the one the version records), searched
-    with the version's own index settings (``pipelines.search.Searcher``) and scored by
-    ``pipelines.metrics.evaluate_run``: the same path ``ciea search`` takes.
+    with the version's own index settings (``pipelines.query.search.Searcher``) and scored by
+    ``pipelines.query.metrics.evaluate_run``: the same path ``ciea search`` takes.
 
     Raises:
         FileNotFoundError: the split does not exist under ``root``.
     """
-    from pipelines.metrics import evaluate_run
-    from pipelines.search import Searcher
-    from pipelines.train_data import read_queries
+    from pipelines.query.metrics import evaluate_run
+    from pipelines.query.search import Searcher
+    from pipelines.train.dataset import read_queries
 
     queries = [q for q in read_queries(root, split, storage_options) if q["positive_doc_ids"]]
     if max_queries is not None:
@@ -416,7 +416,7 @@ def evaluate_version(db_uri: str, table: str, version: int, checkpoint: str | No
 
 def run_gate(cfg: ReindexConfig, state: TableState, candidate: int) -> tuple[Any, dict[str, Any]]:
     """Scores the candidate and the published version; returns (GateResult, details)."""
-    from pipelines import reindex as R
+    from pipelines.index import reindex_plan as R
 
     g = cfg.gate
     metric = f"MRR@{g.k}"
@@ -455,7 +455,7 @@ def _finish(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_version: i
     When documents failed to embed, the version is still published (with the changes that
     did go in) but the source version is not advanced, so the next run retries them.
     """
-    from pipelines import lance_store as L
+    from pipelines.store import lance_tables as L
 
     record = {L.META_SOURCE_VERSION: str(to_version)} if not summary.get("failed") else {}
 
@@ -517,8 +517,8 @@ def _finish(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_version: i
 def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents_uri: str, to_version: int,
                     res: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """Same model: apply the change set since the table's recorded version."""
-    from pipelines import embed as E
-    from pipelines import reindex as R
+    from pipelines.index import embed as E
+    from pipelines.index import reindex_plan as R
 
     opts = cfg.input.storage_options
     with _step(summary, "plan"):
@@ -557,9 +557,9 @@ def _plan(cfg: ReindexConfig, table: Any, documents_uri: str, to_version: int,
     """The change set since the table's recorded version and the plan against its rows now."""
     import pyarrow as pa
 
-    from pipelines import embed as E
-    from pipelines import lance_store as L
-    from pipelines import reindex as R
+    from pipelines.index import embed as E
+    from pipelines.index import reindex_plan as R
+    from pipelines.store import lance_tables as L
 
     opts = cfg.input.storage_options
     recorded = table.metadata().get(L.META_SOURCE_VERSION)
@@ -634,7 +634,7 @@ def _check_rows(table: Any, documents_uri: str, version: int, opts: dict[str, st
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipelines import reindex as R
+    from pipelines.index import reindex_plan as R
 
     expected = delta_row_count(documents_uri, version, opts) - failed
     rows = table.count_rows()
@@ -653,7 +653,7 @@ def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents
     """A new model: every document embedded into one Overwrite commit, then the gate."""
     import lance
 
-    from pipelines import lance_store as L
+    from pipelines.store import lance_tables as L
 
     opts = cfg.input.storage_options
     mid, dim, grid = facts["model_id"], facts["dim"], facts.get("patch_grid")
@@ -691,8 +691,8 @@ def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents
 def run(cfg: ReindexConfig, facts: dict[str, Any]) -> dict[str, Any]:
     """One re-index run; returns the summary. Ray is joined or started only when a step
     needs it (:func:`_ray_resources`): a small change set embedded in-process never does."""
-    from pipelines import embed as E
-    from pipelines import lance_store as L
+    from pipelines.index import embed as E
+    from pipelines.store import lance_tables as L
 
     t0 = time.perf_counter()
     opts = cfg.input.storage_options
@@ -766,7 +766,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def _default_checkpoint(cfg: ReindexConfig) -> str:
     """The checkpoint the table records, for scheduled runs that name none."""
-    from pipelines import lance_store as L
+    from pipelines.store import lance_tables as L
 
     table = L.VectorTable(cfg.db_uri, cfg.output.table, cfg.input.storage_options)
     recorded = table.metadata().get(L.META_CHECKPOINT) if table.exists() else None
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     for noisy in ("ray", "ray.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from pipelines import embed as E
+    from pipelines.index import embed as E
 
     # Everything that can fail on the config, the checkpoint or the corpus fails here, before Ray.
     try:
@@ -811,8 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     # too large to embed in-process): a scheduled run with a small change never pays for it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from pipelines.lance_store import ModelMismatchError
-        from pipelines.search import SearchError
+        from pipelines.query.search import SearchError
+        from pipelines.store.lance_tables import ModelMismatchError
 
         try:
             summary = run(cfg, facts)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.ingest import storage as storage_mod
+from pipelines.store import storage as storage_mod
 
 from .common import (
     config_keys,
@@ -142,7 +142,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def hit_record(hit: Any) -> dict[str, Any]:
-    """A :class:`pipelines.search.Hit` as JSON-able fields (thumbnail as its size, no weights)."""
+    """A :class:`pipelines.query.search.Hit` as JSON-able fields (thumbnail as its size, no weights)."""
     return {"rank": hit.rank, "doc_id": hit.doc_id, "score": hit.score, "modality": hit.modality,
             "text": hit.text, "caption": hit.caption, "metadata": hit.metadata,
             "thumbnail_bytes": len(hit.thumbnail) if hit.thumbnail else 0}
@@ -163,7 +163,7 @@ def format_results(queries: list[str], results: list[list[Any]], header: str, wi
 
 def run(cfg: SearchConfig, queries: list[str]) -> tuple[Any, list[list[Any]]]:
     """Opens the searcher and runs the batch; returns (searcher, results)."""
-    from pipelines.search import Filter, Searcher, parse_filter_pairs
+    from pipelines.query.search import Filter, Searcher, parse_filter_pairs
 
     searcher = Searcher.open(cfg.db_uri, cfg.table.name, version=cfg.table.version, checkpoint=cfg.model.checkpoint,
                              storage_options=cfg.table.storage_options or None, device=cfg.model.device)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # The result table is the output; model-building chatter only with -v.
         logging.getLogger().setLevel(logging.WARNING)
-    from pipelines.search import SearchError
+    from pipelines.query.search import SearchError
 
     try:
         searcher, results = run(cfg, list(args.queries))

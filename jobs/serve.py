@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.ingest import storage as storage_mod
+from pipelines.store import storage as storage_mod
 
 from .common import config_keys, flag_overrides, load_config, setup_logging
 
@@ -117,12 +117,12 @@ def resolve_allowed_hosts(cfg: ServerSettings) -> list[str] | None:
 
 
 def open_searcher(cfg: ServeConfig) -> Any:
-    """Opens the :class:`pipelines.search.Searcher` the config names.
+    """Opens the :class:`pipelines.query.search.Searcher` the config names.
 
     Raises:
         SystemExit: no such table / version / tag, or no usable checkpoint, with the fix.
     """
-    from pipelines.search import Searcher, SearchError
+    from pipelines.query.search import Searcher, SearchError
 
     version: int | str | None = cfg.input.version if cfg.input.version is not None else cfg.input.tag
     try:
@@ -136,7 +136,7 @@ def serve_info(searcher: Any, storage_options: dict[str, str] | None = None) -> 
     """What the page reports about the searcher's pinned table version."""
     import lancedb
 
-    from pipelines.lance_store import META_PATCH_GRID, PATCH_WEIGHTS
+    from pipelines.store.lance_tables import META_PATCH_GRID, PATCH_WEIGHTS
     from pipelines.web import ServeInfo, parse_patch_grid
 
     table = lancedb.connect(searcher.db_uri, storage_options=storage_options or None).open_table(searcher.name)

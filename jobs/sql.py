@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.ingest import storage as storage_mod
+from pipelines.store import storage as storage_mod
 
 from .common import config_keys, flag_overrides, load_config, refuse_secrets, yaml_str
 

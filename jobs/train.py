@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.train_loop import (
+from pipelines.train.worker import (
     METRICS_FILE,
     CheckpointMismatchError,
     TrainJobConfig,
@@ -162,8 +162,8 @@ def train_tokenizer(cfg: TrainJobConfig, path: Path) -> None:
     streamed from Ray Data (never collected). Kept in the run directory, so a resumed run
     uses the very same vocabulary (the trainer breaks ties in hash-map order)."""
     from ciea_model.tokenizer import train_wordpiece_tokenizer
-    from pipelines.ingest import schema as S
-    from pipelines.train_data import read_documents, read_queries
+    from pipelines.store import schema as S
+    from pipelines.train.dataset import read_documents, read_queries
 
     if (path / "tokenizer_config.json").exists():
         return
@@ -185,8 +185,8 @@ def build_datasets(cfg: TrainJobConfig) -> tuple[Any, Any, list[dict], dict[str,
     """(train rows, dev documents, dev queries, counts): materialised in the object store
     (not the driver) before the workers start, so no Ray Data task waits for a CPU that
     the train workers hold."""
-    from pipelines.mining import read_mined
-    from pipelines.train_data import build_train_dataset, dev_documents_dataset, read_queries
+    from pipelines.train.dataset import build_train_dataset, dev_documents_dataset, read_queries
+    from pipelines.train.negatives import read_mined
 
     mined = None
     if cfg.train.stage == 2:

@@ -8,7 +8,7 @@ than a few blocks of it:
 
 1. ``ok`` rows pass the duplicate rule and stream, as they arrive, into one Delta commit on
    ``corpus/documents`` (deltalake pulls them through an Arrow stream): a ``MERGE``, or an
-   append when the table has no rows yet (``delta_store.write_documents``);
+   append when the table has no rows yet (``delta_tables.write_documents``);
 2. quarantined rows are spilled to a local Parquet file, merged into ``corpus/quarantine``
    after the documents and queries are committed (they are small: an excerpt, not the
    content).
@@ -37,10 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import delta_store
-from . import schema as S
-from .sources.base import Query, Source
-from .validation import (
+from pipelines.ingest.sources.base import Query, Source
+from pipelines.ingest.validation import (
     Limits,
     Rejected,
     content_sha256,
@@ -48,6 +46,8 @@ from .validation import (
     quarantine_id,
     validate_batch,
 )
+from pipelines.store import delta_tables
+from pipelines.store import schema as S
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def validate_query(q: Query, limits: Limits, max_query_chars: int) -> dict[str, 
             S.RECORD_REF: q.record_ref}
 
 
-def ingest_queries(source: Source, split: str, tables: delta_store.Tables, limits: Limits,
+def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limits: Limits,
                    max_query_chars: int, spill: QuarantineSpill, run_id: str, now: datetime,
                    known_doc_ids: set[str] | None) -> dict[str, Any]:
     """Validate, dedupe and merge one split's queries and qrels; returns its summary."""
@@ -297,7 +297,7 @@ def ingest_queries(source: Source, split: str, tables: delta_store.Tables, limit
     counts.check(f"queries/{split}")
     spill.add(bad)
     summary: dict[str, Any] = counts.to_dict()
-    metrics = delta_store.merge_queries(tables, split, pa.Table.from_pylist(rows, schema=S.QUERIES_SCHEMA))
+    metrics = delta_tables.merge_queries(tables, split, pa.Table.from_pylist(rows, schema=S.QUERIES_SCHEMA))
     summary.update(inserted=metrics["num_target_rows_inserted"], updated=metrics["num_target_rows_updated"])
     summary["unchanged"] = counts.accepted - summary["inserted"] - summary["updated"]
 
@@ -313,7 +313,7 @@ def ingest_queries(source: Source, split: str, tables: delta_store.Tables, limit
         S.RELEVANCE: pa.array(list(pairs.values()), pa.int32()),
         S.SOURCE: [source.name] * len(pairs), S.RUN_ID: [run_id] * len(pairs),
     }, schema=S.QRELS_SCHEMA)
-    qmetrics = delta_store.merge_qrels(tables, split, qrels)
+    qmetrics = delta_tables.merge_qrels(tables, split, qrels)
     summary["qrels"] = {
         "rows": len(pairs), "repeated_pairs_collapsed": repeated,
         "inserted": qmetrics["num_target_rows_inserted"], "updated": qmetrics["num_target_rows_updated"],

@@ -45,8 +45,8 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from . import schema as S
-from . import storage
+from pipelines.store import schema as S
+from pipelines.store import storage
 
 # Every control character except tab and newline (C0, DEL, C1).
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -1,5 +1,5 @@
 """The read-only search page behind ``ciea serve``: a FastAPI app over one
-:class:`pipelines.search.Searcher` and the static page in ``static/``."""
+:class:`pipelines.query.search.Searcher` and the static page in ``static/``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The search page's HTTP app: ``GET /`` (the page), ``GET /api/search``, ``GET /api/health``.
 
-Read-only by construction: the app holds one :class:`pipelines.search.Searcher` (which reads
+Read-only by construction: the app holds one :class:`pipelines.query.search.Searcher` (which reads
 a pinned LanceDB version) and registers GET routes only; every other method gets a 405.
 Nothing here writes to the table, the disk or anywhere else.
 
@@ -183,7 +183,7 @@ def _excerpt(text: str | None) -> str | None:
 
 
 def hit_to_json(hit: Any, patch_grid: tuple[int, int] | None) -> dict[str, Any]:
-    """One :class:`pipelines.search.Hit` → the JSON a card is drawn from."""
+    """One :class:`pipelines.query.search.Hit` → the JSON a card is drawn from."""
     thumb = getattr(hit, "thumbnail", None)
     weights = getattr(hit, "patch_weights", None)
     w = None
@@ -214,7 +214,7 @@ def hit_to_json(hit: Any, patch_grid: tuple[int, int] | None) -> dict[str, Any]:
 
 
 def _default_filter(modality: str | None) -> Any:
-    from pipelines.search import Filter
+    from pipelines.query.search import Filter
 
     return None if modality is None else Filter(modality=modality)
 
@@ -229,7 +229,7 @@ def create_app(
     """The FastAPI app over one open searcher.
 
     Args:
-        searcher: a :class:`pipelines.search.Searcher` (anything with its ``search``).
+        searcher: a :class:`pipelines.query.search.Searcher` (anything with its ``search``).
         info: what the health endpoint and page header report.
         make_filter: modality (or ``None``) → the searcher's ``where`` filter.
         allowed_hosts: ``Host`` header values to accept (a loopback server refuses other

@@ -15,9 +15,9 @@ from ciea_model import create_model_and_processor, save_checkpoint
 from ciea_model.presets import tiny_config
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from jobs import embed
-from pipelines.ingest import schema as S
-from pipelines.ingest.delta_store import CDF_CONFIG, Tables
-from pipelines.synthetic import SyntheticConfig, iter_documents
+from pipelines.ingest.sources.synthetic.generator import SyntheticConfig, iter_documents
+from pipelines.store import schema as S
+from pipelines.store.delta_tables import CDF_CONFIG, Tables
 
 
 def synthetic_records(num_image_docs: int, num_text_docs: int, seed: int = 3) -> list[dict]:
@@ -81,11 +81,11 @@ def run_embed(tmp: Path, root: Path, checkpoint: str, table: str, *extra: str) -
 def write_query_split(root: Path, split: str, queries: list[dict]) -> None:
     """Writes ``queries/<split>`` and ``qrels/<split>`` through the ingest merges.
 
-    ``queries`` are shaped like ``pipelines.synthetic.generate_queries`` output (``qid``,
+    ``queries`` are shaped like ``pipelines.ingest.sources.synthetic.generator.generate_queries`` output (``qid``,
     ``query``, ``positive_doc_ids``, optional ``kind``); ``kind`` goes into the metadata as
     the synthetic source writes it. An empty list makes an empty split.
     """
-    from pipelines.ingest.delta_store import merge_qrels, merge_queries
+    from pipelines.store.delta_tables import merge_qrels, merge_queries
 
     tables = Tables(str(root))
     now = datetime.now(timezone.utc)

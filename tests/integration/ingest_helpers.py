@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from jobs import ingest
-from pipelines.ingest.delta_store import Tables
+from pipelines.store.delta_tables import Tables
 
 
 def run_ingest(tmp: Path, root: Path | str, *args: str) -> dict:

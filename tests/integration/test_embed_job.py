@@ -18,8 +18,8 @@ from PIL import Image
 from ciea_model import load_checkpoint
 from ciea_model.inference import encode_documents
 from jobs.embed import SimulatedCrash
-from pipelines.lance_store import VectorTable
-from pipelines.training_data import to_document
+from pipelines.store.lance_tables import VectorTable
+from pipelines.train.examples import to_document
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -23,9 +23,9 @@ from embed_helpers import (
 from PIL import Image
 
 from jobs import evaluate as job
-from pipelines.evaluation import EvaluationError, evaluate_searcher, load_split
-from pipelines.metrics import OVERALL
-from pipelines.synthetic import SyntheticConfig, generate_queries
+from pipelines.ingest.sources.synthetic.generator import SyntheticConfig, generate_queries
+from pipelines.query.evaluation import EvaluationError, evaluate_searcher, load_split
+from pipelines.query.metrics import OVERALL
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -225,7 +225,7 @@ def test_one_query_the_search_refuses_scores_zero_and_the_rest_are_scored(env):
 
 
 def test_evaluate_searcher_is_the_same_numbers_as_the_job(env, full):
-    from pipelines.search import Searcher
+    from pipelines.query.search import Searcher
 
     queries, qrels = load_split(str(env["root"]), "test")
     searcher = Searcher.open(env["db"], "docs")

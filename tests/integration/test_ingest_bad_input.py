@@ -12,7 +12,7 @@ import pytest
 from ingest_fixtures import image_bytes, jsonl, write_bad_manifest
 from ingest_helpers import reconcile, rows_by_id, run_ingest
 
-from pipelines.ingest.delta_store import Tables
+from pipelines.store.delta_tables import Tables
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -17,7 +17,7 @@ import pytest
 from ingest_fixtures import write_bad_manifest
 from ingest_helpers import content, run_ingest
 
-from pipelines.ingest.delta_store import Tables
+from pipelines.store.delta_tables import Tables
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -11,7 +11,7 @@ import pytest
 from ingest_fixtures import image_bytes
 
 from jobs import ingest
-from pipelines.ingest.delta_store import Tables
+from pipelines.store.delta_tables import Tables
 
 BUCKET = "ciea-ingest-test"
 CREDS = {"AWS_ACCESS_KEY_ID": "moto-test-key", "AWS_SECRET_ACCESS_KEY": "moto-test-secret-value"}

@@ -22,9 +22,14 @@ from ingest_fixtures import (
 from ingest_helpers import reconcile, rows_by_id, run_ingest
 from PIL import Image
 
-from pipelines.ingest.delta_store import Tables
+from pipelines.ingest.sources.synthetic.generator import (
+    SyntheticConfig,
+    generate_queries,
+    iter_documents,
+    write_qrels,
+)
 from pipelines.ingest.validation import content_sha256
-from pipelines.synthetic import SyntheticConfig, generate_queries, iter_documents, write_qrels
+from pipelines.store.delta_tables import Tables
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

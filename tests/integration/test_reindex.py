@@ -41,8 +41,8 @@ from ciea_model.inference import encode_documents
 from ciea_model.processor import TrainExample
 from ciea_model.training import OptimConfig, TrainConfig, Trainer
 from jobs import reindex
-from pipelines.lance_store import META_MODEL_ID, META_SOURCE_VERSION, VectorTable
-from pipelines.training_data import to_document
+from pipelines.store.lance_tables import META_MODEL_ID, META_SOURCE_VERSION, VectorTable
+from pipelines.train.examples import to_document
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -154,7 +154,7 @@ def assert_equal_tables(got: dict[str, dict], want: dict[str, dict]) -> None:
 
 
 def test_reindex_equals_a_full_rebuild_embeds_only_the_changes_and_readers_see_whole_versions(env):
-    from pipelines.search import Searcher
+    from pipelines.query.search import Searcher
 
     vt = clone(env, "base", "inc")
     published_before = vt.published_version()

@@ -21,8 +21,7 @@ from ciea_model import load_checkpoint
 from ciea_model.inference import encode_queries
 from jobs import search as search_job
 from jobs import sql as sql_job
-from pipelines.lance_store import META_CHECKPOINT, VectorTable
-from pipelines.search import (
+from pipelines.query.search import (
     CheckpointMismatchError,
     Filter,
     FilterError,
@@ -30,6 +29,7 @@ from pipelines.search import (
     SearchError,
     reciprocal_rank_fusion,
 )
+from pipelines.store.lance_tables import META_CHECKPOINT, VectorTable
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -1,5 +1,5 @@
 """``ciea serve``'s API on a real server: a real ``ciea embed`` table (local Ray, Delta
-corpus, LanceDB), the real :class:`pipelines.search.Searcher`, the real FastAPI app served by
+corpus, LanceDB), the real :class:`pipelines.query.search.Searcher`, the real FastAPI app served by
 uvicorn on a free loopback port, requests made with urllib (httpx, which FastAPI's
 TestClient needs, is not a dependency).
 
@@ -28,9 +28,9 @@ from PIL import Image
 
 from ciea_model import complementary_weights, load_checkpoint
 from jobs import serve
-from pipelines.lance_store import META_PATCH_GRID, PATCH_WEIGHTS, VectorTable
-from pipelines.search import Searcher
-from pipelines.training_data import to_document
+from pipelines.query.search import Searcher
+from pipelines.store.lance_tables import META_PATCH_GRID, PATCH_WEIGHTS, VectorTable
+from pipelines.train.examples import to_document
 from pipelines.web import MAX_K, MAX_QUERY_CHARS
 
 N_IMAGES, N_TEXTS = 40, 20

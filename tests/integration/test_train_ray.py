@@ -27,7 +27,7 @@ from deltalake import DeltaTable
 from safetensors import safe_open
 
 from jobs import mine_negatives, train
-from pipelines.train_loop import METRICS_FILE, PROBE_FILE, read_metrics
+from pipelines.train.worker import METRICS_FILE, PROBE_FILE, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import write_documents, write_split, write_synthetic  # noqa: E402
@@ -181,7 +181,7 @@ def test_demo_preset_two_workers_raise_dev_mrr(data_root, tmp_path):
 def test_stage1_checkpoint_reloads_into_the_same_encoder(stage1, data_root):
     from ciea_model import load_checkpoint, model_id
     from ciea_model.inference import encode_documents, encode_queries
-    from pipelines.train_data import read_queries, rows_to_documents
+    from pipelines.train.dataset import read_queries, rows_to_documents
 
     with safe_open(str(Path(stage1["checkpoint"]) / PROBE_FILE), "pt") as f:
         meta = f.metadata()
@@ -277,8 +277,8 @@ def known_corpus(tmp_path_factory) -> tuple[Path, str]:
 def test_mining_finds_the_known_negatives(known_corpus, tmp_path):
     from ciea_model import load_checkpoint
     from ciea_model.inference import encode_documents, encode_queries
-    from pipelines.mining import read_mined
-    from pipelines.train_data import plan_examples, rows_to_documents
+    from pipelines.train.dataset import plan_examples, rows_to_documents
+    from pipelines.train.negatives import read_mined
 
     root, ckpt = known_corpus
     out = tmp_path / "negatives"

@@ -1,5 +1,5 @@
 """Delta tables for the training tests, written directly with ``write_deltalake`` in the
-ingest schemas (``pipelines.ingest.schema``), so these tests do not depend on the ingest
+ingest schemas (``pipelines.store.schema``), so these tests do not depend on the ingest
 job's runtime: ``corpus/documents``, ``queries/<split>``, ``qrels/<split>``."""
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ from pathlib import Path
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from pipelines.ingest import schema as S
-from pipelines.synthetic import SyntheticConfig, generate_queries, iter_documents
+from pipelines.ingest.sources.synthetic.generator import (
+    SyntheticConfig,
+    generate_queries,
+    iter_documents,
+)
+from pipelines.store import schema as S
 
 TRAIN_CORPUS = SyntheticConfig(seed=3, num_image_docs=120, num_text_docs=40, num_queries=(96, 24, 8), image_size=32)
 NOW = datetime(2026, 11, 25, tzinfo=timezone.utc)

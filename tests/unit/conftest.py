@@ -3,7 +3,7 @@ and a factory of tiny random-init CIEA models (every variant, four LM families).
 
 Everything here runs offline in well under a second per model on CPU:
 
-* ``synthetic_corpus`` — documents and queries from :mod:`pipelines.synthetic`.
+* ``synthetic_corpus`` — documents and queries from :mod:`pipelines.ingest.sources.synthetic.generator`.
 * ``tokenizer_dirs`` — ``{"t5": dir, "bert": dir}`` trained once per session with
   :func:`ciea_model.tokenizer.train_wordpiece_tokenizer`.
 * ``make_config`` / ``make_model`` — ``make_model(variant="ciea", family="t5",
@@ -38,7 +38,11 @@ from ciea_model import (
     create_model_and_processor,
 )
 from ciea_model.tokenizer import train_wordpiece_tokenizer
-from pipelines.synthetic import SyntheticConfig, generate_queries, iter_documents
+from pipelines.ingest.sources.synthetic.generator import (
+    SyntheticConfig,
+    generate_queries,
+    iter_documents,
+)
 
 HIDDEN = 32
 """Width of every tiny LM (and so of the shared embedding space)."""

@@ -18,7 +18,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from bench import query as Q  # noqa: E402
-from pipelines.lance_store import ANN_INDEX, VectorTable, plan_ann_index  # noqa: E402
+from pipelines.store.lance_tables import ANN_INDEX, VectorTable, plan_ann_index  # noqa: E402
 
 
 def test_recall_at_k_by_hand():

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from jobs.embed import EmbedConfig, resolve_resources
-from pipelines.embed import ERROR, PIXELS, plan_work, preprocess_batch
-from pipelines.ingest.schema import CONTENT_SHA256, DOC_ID
-from pipelines.lance_store import plan_ann_index, table_schema
+from pipelines.index.embed import ERROR, PIXELS, plan_work, preprocess_batch
+from pipelines.store.lance_tables import plan_ann_index, table_schema
+from pipelines.store.schema import CONTENT_SHA256, DOC_ID
 
 
 def keys(*pairs: tuple[str, str]) -> pa.Table:
@@ -149,7 +149,7 @@ def test_a_missing_corpus_or_version_names_the_fix(tmp_path):
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from pipelines.embed import EmbedError, resolve_source
+    from pipelines.index.embed import EmbedError, resolve_source
 
     with pytest.raises(EmbedError, match="run `ciea ingest"):
         resolve_source(str(tmp_path / "nope"), None, {})

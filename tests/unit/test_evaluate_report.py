@@ -18,11 +18,11 @@ from deltalake import write_deltalake
 from PIL import Image
 
 from jobs import evaluate as job
-from pipelines import evaluation as E
-from pipelines import report as R
-from pipelines.ingest import schema as S
-from pipelines.ingest.delta_store import Tables
-from pipelines.metrics import OVERALL, RetrievalReport, evaluate_run
+from pipelines.query import evaluation as E
+from pipelines.query import report as R
+from pipelines.query.metrics import OVERALL, RetrievalReport, evaluate_run
+from pipelines.store import schema as S
+from pipelines.store.delta_tables import Tables
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -203,7 +203,7 @@ def test_grouped_metrics_and_trec_files_equal_pytrec_eval_on_random_runs(tmp_pat
         for line in (out / "qrels.txt").read_text().splitlines():
             qid, _, doc, rel = line.split()
             trec_qrels[qid][doc] = int(rel)
-        # Grades are written binary: the report's NDCG has binary gains (pipelines.metrics).
+        # Grades are written binary: the report's NDCG has binary gains (pipelines.query.metrics).
         assert trec_qrels == {q: {d: 1 for d in docs} for q, docs in qrels.items()}
         expected = _pytrec_per_query(dict(trec_qrels), dict(trec_run))
         assert report.per_query.keys() == expected.keys()

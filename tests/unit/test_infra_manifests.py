@@ -284,7 +284,7 @@ def test_volumes_mounted_exist_and_claims_are_declared():
 
 
 def test_credentials_come_only_from_the_secret():
-    from pipelines.ingest.storage import SECRET_KEYS
+    from pipelines.store.storage import SECRET_KEYS
 
     secretish = re.compile(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY)", re.I)
     for where, c in _containers():

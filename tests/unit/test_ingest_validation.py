@@ -15,11 +15,10 @@ import pytest
 from PIL import Image
 
 from jobs import cli, ingest
-from pipelines.ingest import delta_store
-from pipelines.ingest import schema as S
 from pipelines.ingest.sources.base import BATCH_ROWS, SHARD_SHIFT, byte_ranges, iter_lines
 from pipelines.ingest.sources.manifest import ManifestSource
-from pipelines.ingest.sources.synthetic import SyntheticSource
+from pipelines.ingest.sources.synthetic.generator import SyntheticConfig, iter_documents
+from pipelines.ingest.sources.synthetic.source import SyntheticSource
 from pipelines.ingest.sources.webqa import read_tsv_line
 from pipelines.ingest.validation import (
     Limits,
@@ -31,7 +30,8 @@ from pipelines.ingest.validation import (
     validate_batch,
     validate_record,
 )
-from pipelines.synthetic import SyntheticConfig, iter_documents
+from pipelines.store import delta_tables
+from pipelines.store import schema as S
 
 LIMITS = Limits()
 
@@ -306,32 +306,32 @@ def _documents(ids: list[str], text: str = "t") -> pa.RecordBatchReader:
 
 
 def test_empty_documents_table_is_bulk_loaded_then_merged(tmp_path):
-    tables = delta_store.Tables(str(tmp_path))
+    tables = delta_tables.Tables(str(tmp_path))
     # Nothing accepted on a first ingest: the (created) table gets no commit.
-    empty = delta_store.write_documents(tables, _documents([]))
+    empty = delta_tables.write_documents(tables, _documents([]))
     assert empty["write"] == "append" and empty["num_target_rows_inserted"] == 0
     assert tables.version(tables.documents) == 0
-    first = delta_store.write_documents(tables, _documents(["a", "b", "c", "d", "e"]))
+    first = delta_tables.write_documents(tables, _documents(["a", "b", "c", "d", "e"]))
     assert first["write"] == "append" and first["num_target_rows_inserted"] == 5
     assert tables.version(tables.documents) == 1
     assert tables.open(tables.documents).history(1)[0]["operation"] == "WRITE"
     cdf = tables.changes(tables.documents, starting_version=1).to_pylist()
     assert sorted((r["_change_type"], r["doc_id"]) for r in cdf) == [("insert", i) for i in "abcde"]
     # Rows exist now: the same documents plus one new and one changed are merged, not appended.
-    second = delta_store.write_documents(tables, _documents(["a", "b", "c", "d", "e", "f"]))
+    second = delta_tables.write_documents(tables, _documents(["a", "b", "c", "d", "e", "f"]))
     assert second["write"] == "merge" and second["num_target_rows_inserted"] == 1
     ids = tables.read(tables.documents, columns=[S.DOC_ID])[S.DOC_ID].to_pylist()
     assert sorted(ids) == list("abcdef")
 
 
 def test_two_bulk_loads_racing_on_one_empty_table_cannot_both_commit(tmp_path):
-    tables = delta_store.Tables(str(tmp_path))
+    tables = delta_tables.Tables(str(tmp_path))
     tables.ensure(tables.documents, S.DOCUMENTS_SCHEMA)
     # Both saw the empty version 0 (two ingests started together).
     one, two = tables.open(tables.documents), tables.open(tables.documents)
-    assert delta_store.append_documents(one, _documents(["a", "b"]))["num_target_rows_inserted"] == 2
+    assert delta_tables.append_documents(one, _documents(["a", "b"]))["num_target_rows_inserted"] == 2
     with pytest.raises(RuntimeError, match="re-run this ingest"):
-        delta_store.append_documents(two, _documents(["a", "b"], text="other"))
+        delta_tables.append_documents(two, _documents(["a", "b"], text="other"))
     rows = tables.read(tables.documents, columns=[S.DOC_ID, S.TEXT]).to_pylist()
     assert sorted((r[S.DOC_ID], r[S.TEXT]) for r in rows) == [("a", "t a"), ("b", "t b")]
 

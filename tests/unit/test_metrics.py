@@ -1,4 +1,4 @@
-"""Unit tests for pipelines.metrics (fast, no Ray)."""
+"""Unit tests for pipelines.query.metrics (fast, no Ray)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from pipelines.metrics import (
+from pipelines.query.metrics import (
     OVERALL,
     RetrievalReport,
     evaluate_run,
@@ -104,7 +104,7 @@ def test_duplicates_keep_first_occurrence():
 def test_duplicates_warn_once_per_run(caplog):
     run = {"q1": ["a", "a", "b"], "q2": ["c", "c"], "q3": ["x"]}
     qrels = {"q1": {"b"}, "q2": {"c"}, "q3": {"x"}}
-    with caplog.at_level(logging.WARNING, logger="pipelines.metrics"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.query.metrics"):
         report = evaluate_run(run, qrels, ks_mrr=(2,), ks_ndcg=(), ks_recall=())
     dup_warnings = [r for r in caplog.records if "duplicate" in r.getMessage()]
     assert len(dup_warnings) == 1
@@ -397,7 +397,7 @@ def test_topk_matches_full_argsort_random():
 
 
 def test_topk_chunked(monkeypatch):
-    import pipelines.metrics as m
+    import pipelines.query.metrics as m
 
     monkeypatch.setattr(m, "_TOPK_CHUNK_ELEMENTS", 50)  # forces several row chunks
     rng = np.random.default_rng(1)

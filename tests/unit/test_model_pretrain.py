@@ -9,7 +9,7 @@ import torch
 from ciea_model.config import CLIP_MEAN, CLIP_STD
 from ciea_model.pretrain import PretrainConfig, pretrain_vision_tower
 from ciea_model.processor import ImageTransform
-from pipelines.synthetic import BACKGROUND_RGB, iter_image_text_pairs
+from pipelines.ingest.sources.synthetic.generator import BACKGROUND_RGB, iter_image_text_pairs
 
 BACKGROUNDS = tuple(BACKGROUND_RGB)
 

@@ -12,8 +12,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from jobs.reindex import ReindexConfig, embed_route
-from pipelines.lance_store import plan_ann_index
-from pipelines.reindex import (
+from pipelines.index.reindex_plan import (
     CHANGE_TYPE,
     COMMIT_VERSION,
     ChangeFeedUnavailable,
@@ -28,6 +27,7 @@ from pipelines.reindex import (
     read_change_feed,
     version_documents,
 )
+from pipelines.store.lance_tables import plan_ann_index
 
 CDF = {"delta.enableChangeDataFeed": "true"}
 

@@ -15,8 +15,7 @@ from jobs.sql import (
     format_markdown,
     format_text_table,
 )
-from pipelines.lance_store import table_schema
-from pipelines.search import (
+from pipelines.query.search import (
     RRF_K,
     Filter,
     FilterError,
@@ -24,6 +23,7 @@ from pipelines.search import (
     parse_filter_pairs,
     reciprocal_rank_fusion,
 )
+from pipelines.store.lance_tables import table_schema
 
 SCHEMA = table_schema(8)
 

@@ -1,4 +1,4 @@
-"""Unit tests for the synthetic corpus (pipelines/synthetic.py)."""
+"""Unit tests for the synthetic corpus (pipelines/ingest/sources/synthetic/generator.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines import synthetic as syn
-from pipelines.synthetic import (
+from pipelines.ingest.sources.synthetic import generator as syn
+from pipelines.ingest.sources.synthetic.generator import (
     ALWAYS_STATED,
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
@@ -46,7 +46,7 @@ from pipelines.synthetic import (
     value_words,
     write_qrels,
 )
-from pipelines.synthetic import (
+from pipelines.ingest.sources.synthetic.generator import (
     COLLECTIONS as ALL_COLLECTIONS,
 )
 

@@ -17,10 +17,14 @@ import torch.multiprocessing as mp
 from pydantic import ValidationError
 
 from ciea_model.processor import Document, TrainExample
-from pipelines.hard_negatives import with_hard_negatives
-from pipelines.mining import RunningTopK, mined_table, split_by_modality
-from pipelines.train_data import plan_examples, rows_to_examples
-from pipelines.train_loop import (
+from pipelines.train.dataset import plan_examples, rows_to_examples
+from pipelines.train.negatives import (
+    RunningTopK,
+    mined_table,
+    split_by_modality,
+    with_hard_negatives,
+)
+from pipelines.train.worker import (
     CheckpointMismatchError,
     GradientReducer,
     StepProfile,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.hard_negatives import mine_hard_negatives, with_hard_negatives
-from pipelines.training_data import to_document, training_examples
+from pipelines.train.examples import to_document, training_examples
+from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
 
 
 def _docs(synthetic_corpus):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .base import Query, Source
-from .edis import EDISSource
-from .folder import FolderSource
-from .manifest import ManifestSource
-from .synthetic import SyntheticSource
-from .webqa import WebQASource
+from pipelines.ingest.sources.base import Query, Source
+from pipelines.ingest.sources.edis import EDISSource
+from pipelines.ingest.sources.folder import FolderSource
+from pipelines.ingest.sources.manifest import ManifestSource
+from pipelines.ingest.sources.synthetic.source import SyntheticSource
+from pipelines.ingest.sources.webqa import WebQASource
 
 __all__ = ["EDISSource", "FolderSource", "ManifestSource", "Query", "Source", "SyntheticSource",
            "WebQASource"]

@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .. import schema as S
-from .. import storage
+from pipelines.store import schema as S
+from pipelines.store import storage
 
 #: Rows per emitted Arrow table: bounds worker memory with inline images.
 BATCH_ROWS = 256

@@ -24,8 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .. import storage
-from .base import (
+from pipelines.ingest.sources.base import (
     Query,
     RawBuilder,
     Source,
@@ -37,6 +36,7 @@ from .base import (
     parse_json_line,
     text_excerpt,
 )
+from pipelines.store import storage
 
 CANDIDATES_FILE = "candidates_full.json"
 SPLIT_FILES = {"train": ("train.json",), "dev": ("dev.json", "val.json"), "test": ("test.json",)}

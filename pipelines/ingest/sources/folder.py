@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .. import storage
-from .base import RawBuilder, Source, text_excerpt
+from pipelines.ingest.sources.base import RawBuilder, Source, text_excerpt
+from pipelines.store import storage
 
 logger = logging.getLogger(__name__)
 

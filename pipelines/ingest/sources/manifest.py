@@ -21,8 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .. import storage
-from .base import (
+from pipelines.ingest.sources.base import (
     RawBuilder,
     Source,
     int_or_str_id,
@@ -32,6 +31,7 @@ from .base import (
     relative_name,
     text_excerpt,
 )
+from pipelines.store import storage
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -29,8 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .. import storage
-from .base import (
+from pipelines.ingest.sources.base import (
     Query,
     RawBuilder,
     Source,
@@ -42,6 +41,7 @@ from .base import (
     parse_json_line,
     text_excerpt,
 )
+from pipelines.store import storage
 
 DOCS_FILE = "all_docs.json"
 IMGS_FILE = "all_imgs.json"

@@ -1,6 +1,6 @@
 """Training examples for Ray Train, built with Ray Data from the Delta tables that ingest
 writes (``corpus/documents``, ``queries/<split>``, ``qrels/<split>``) and, in stage 2, the
-mined hard negatives (:mod:`pipelines.mining`).
+mined hard negatives (:mod:`pipelines.train.negatives`).
 
 What the driver holds: the queries and qrels of a split (orders of magnitude smaller than
 the corpus, as ingest treats them) and, for stage 2, each query's top-``depth`` mined ids.
@@ -14,9 +14,9 @@ on the cluster, so each row carries everything one :class:`TrainExample` needs::
 Workers turn rows into ``TrainExample`` objects (:func:`rows_to_examples`) and collate them
 with the model's processor. Rules reused from the in-memory path, not re-invented: the
 positive is the query's ``target_doc_id`` when given, else its first image positive, else
-its first positive (:func:`pipelines.training_data.training_examples`); stage-2 negatives are
+its first positive (:func:`pipelines.train.examples.training_examples`); stage-2 negatives are
 one image + one text drawn from the top ``depth`` of each modality, falling back to the
-other modality (:func:`pipelines.hard_negatives.with_hard_negatives`).
+other modality (:func:`pipelines.train.negatives.with_hard_negatives`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ciea_model.processor import Document, TrainExample
-from pipelines.hard_negatives import with_hard_negatives
-from pipelines.ingest import schema as S
-from pipelines.ingest import storage
+from pipelines.store import schema as S
+from pipelines.store import storage
+from pipelines.train.negatives import with_hard_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def row_document(row: Mapping[str, Any], prefix: str, storage_options: dict[str,
 
 def rows_to_examples(batch: pa.Table | Mapping[str, Sequence[Any]], storage_options: dict[str, str] | None = None) -> list[TrainExample]:
     """Joined rows → :class:`TrainExample` objects (``q_comp`` against the positive's caption,
-    as :func:`pipelines.training_data.training_examples` does)."""
+    as :func:`pipelines.train.examples.training_examples` does)."""
     rows = batch.to_pylist() if isinstance(batch, pa.Table) else [
         dict(zip(batch, values)) for values in zip(*batch.values())]
     out = []

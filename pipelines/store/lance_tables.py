@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pydantic
 
-from pipelines.ingest.schema import CAPTION, CONTENT_SHA256, DOC_ID, TEXT
+from pipelines.store.schema import CAPTION, CONTENT_SHA256, DOC_ID, TEXT
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,24 @@
-"""Hard-negative mining for stage 2 at corpus scale: embed the corpus with a stage-1
-checkpoint on a Ray Data actor pool, score every query exactly against every document,
-drop each query's positives, keep the top ``k`` (mixed corpus) and write them, labelled by
-modality, to a Delta table.
+"""Hard negatives for stage 2 (ANCE): mine them with a stage-1 checkpoint, then attach them
+to the training examples.
 
-The corpus is never held in the driver: document vectors stream from the actors in
-batches, and the driver keeps only a running top-``k`` per query (queries × k entries).
-Scores are exact (a dense matrix product per batch): this is the reference search; a
-corpus too large for it goes through the LanceDB index instead.
+Mining ranks the mixed corpus for every training query, drops the query's positives and
+keeps the top ``k``, labelled by modality. Two forms of it give the same lists:
+
+* :func:`mine` — at corpus scale: embed the corpus with a stage-1 checkpoint on a Ray Data
+  actor pool, score every query exactly against every document and write the result to a
+  Delta table (``ciea mine-negatives``). The corpus is never held in the driver: document
+  vectors stream from the actors in batches, and the driver keeps only a running top-``k``
+  per query (queries × k entries). Scores are exact (a dense matrix product per batch):
+  this is the reference search; a corpus too large for it goes through the LanceDB index
+  instead.
+* :func:`mine_hard_negatives` — in memory, for corpora that fit in RAM (``ciea compare``).
 
 Output table (``MINED_SCHEMA``): one row per (query, negative), ``rank`` 0-based within the
-query's mixed top-k, so ``rank < depth`` per modality reproduces the in-memory
-:func:`pipelines.hard_negatives.mine_hard_negatives`.
+query's mixed top-k, so ``rank < depth`` per modality reproduces the in-memory lists.
+
+Stage 2 then trains each query with one positive plus one image and one text hard
+negative ("modality-balanced"), falling back to the other modality when one runs out
+(:func:`with_hard_negatives`).
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.ingest import schema as S
+from ciea_model.model import CIEAModel
+from ciea_model.processor import CIEAProcessor, Document, TrainExample
+from pipelines.store import schema as S
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +65,7 @@ class DocumentEncoder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ciea_model.inference import encode_documents
-        from pipelines.train_data import rows_to_documents
+        from pipelines.train.dataset import rows_to_documents
 
         docs = rows_to_documents(batch, self.storage_options)
         vectors = encode_documents(self.model, self.processor, docs, batch_size=len(docs) or 1)
@@ -135,7 +145,7 @@ def mined_table(qids: Sequence[str], ranked: Sequence[Sequence[tuple[str, str, f
 
 def split_by_modality(table: pa.Table, depth: int | None = None) -> dict[str, dict[str, list[str]]]:
     """Mined rows → qid → {"image": [...], "text": [...]} best first, each cut at ``depth``."""
-    from pipelines.train_data import _plain
+    from pipelines.train.dataset import _plain
 
     table = _plain(table).sort_by([(S.QID, "ascending"), (RANK, "ascending")])
     out: dict[str, dict[str, list[str]]] = {}
@@ -186,7 +196,7 @@ def mine(
 
     from ciea_model import load_checkpoint, model_id
     from ciea_model.inference import encode_queries
-    from pipelines.train_data import read_documents, read_queries
+    from pipelines.train.dataset import read_documents, read_queries
 
     model, processor = load_checkpoint(checkpoint)
     mid = model_id(model)
@@ -235,3 +245,49 @@ def write_mined(table: pa.Table, uri: str, storage_options: dict[str, str] | Non
 
 def mined_for(mined: Mapping[str, Mapping[str, Sequence[str]]], qid: str) -> dict[str, list[str]]:
     return {m: list(mined.get(qid, {}).get(m, ())) for m in ("image", "text")}
+
+
+def mine_hard_negatives(
+    model: CIEAModel, processor: CIEAProcessor, documents: Sequence[Document],
+    queries: Sequence[Mapping[str, Any]], k: int = 100,
+) -> dict[str, dict[str, list[str]]]:
+    """In memory (a corpus that fits in RAM: ``ciea compare``): qid → {"image": [...],
+    "text": [...]}, the top-``k`` non-relevant documents, best first."""
+    from pipelines.query.evaluation import encode_corpus, rank
+
+    modality = {d.doc_id: d.modality for d in documents}
+    corpus = encode_corpus(model, processor, documents)
+    ranked = rank(model, processor, corpus, queries, k=k + max(len(q["positive_doc_ids"]) for q in queries))
+    mined: dict[str, dict[str, list[str]]] = {}
+    for q in queries:
+        positives = set(q["positive_doc_ids"])
+        out: dict[str, list[str]] = {"image": [], "text": []}
+        for doc_id in (d for d in ranked[q["qid"]] if d not in positives):
+            if sum(map(len, out.values())) >= k:
+                break
+            out[modality[doc_id]].append(doc_id)
+        mined[q["qid"]] = out
+    return mined
+
+
+def with_hard_negatives(
+    examples: Sequence[TrainExample], mined: Mapping[str, Mapping[str, Sequence[str]]],
+    documents: Mapping[str, Document], seed: int, depth: int = 10,
+) -> list[TrainExample]:
+    """Adds one image and one text hard negative per example, each drawn from the top
+    ``depth`` of its modality; when a modality has none, both come from the other."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for ex in examples:
+        pools = {m: list(mined.get(ex.qid, {}).get(m, ()))[:depth] for m in ("image", "text")}
+        picks: list[str] = []
+        for m, other in (("image", "text"), ("text", "image")):
+            pool = [d for d in (pools[m] or pools[other]) if d not in picks]
+            if pool:
+                picks.append(pool[int(rng.integers(len(pool)))])
+        out.append(TrainExample(
+            qid=ex.qid, query=ex.query, positive=ex.positive,
+            negatives=tuple(documents[d] for d in picks), relevant_ids=ex.relevant_ids,
+            positive_captions=ex.positive_captions,
+        ))
+    return out

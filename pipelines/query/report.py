@@ -5,7 +5,7 @@ one bar per variant).
 The Markdown and the charts are rendered from the JSON document alone, so a report can be
 re-rendered (or merged with another) without re-running any search. Values are fractions
 in the JSON and percentages (x100, two decimals) in the Markdown and the charts, like
-:func:`pipelines.metrics.format_table`.
+:func:`pipelines.query.metrics.format_table`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .metrics import OVERALL, RetrievalReport
+from pipelines.query.metrics import OVERALL, RetrievalReport
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def build_report(
     Returns:
         ``{"version", "created_at", "meta", "metrics", "groups", "variants": {name:
         {"info", "num_queries", "metrics", "by_group", "group_counts", ...}}}`` where
-        ``groups`` lists :data:`~pipelines.metrics.OVERALL` then every group label seen.
+        ``groups`` lists :data:`~pipelines.query.metrics.OVERALL` then every group label seen.
     """
     groups: list[str] = [OVERALL]
     for rep in reports.values():

@@ -1,4 +1,4 @@
-"""The synthetic corpus (``pipelines.synthetic``) as an ingest source.
+"""The synthetic corpus (``pipelines.ingest.sources.synthetic.generator``) as an ingest source.
 
 Documents are generated on the workers, shard by shard over index ranges (any range is
 independent of the rest), with PNG images inline. Queries and qrels come from
@@ -14,10 +14,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.synthetic import SPLITS, SyntheticConfig, generate_queries, iter_document_batches
-
-from .. import schema as S
-from .base import BATCH_ROWS, SHARD_SHIFT, Query, Source
+from pipelines.ingest.sources.base import BATCH_ROWS, SHARD_SHIFT, Query, Source
+from pipelines.ingest.sources.synthetic.generator import (
+    SPLITS,
+    SyntheticConfig,
+    generate_queries,
+    iter_document_batches,
+)
+from pipelines.store import schema as S
 
 #: Automatic shard size (``rows_per_shard=None``): the corpus in about ``AUTO_SHARDS``
 #: shards, each ``AUTO_MIN_ROWS`` .. ``AUTO_MAX_ROWS`` documents. Measured on 2 idle cores
@@ -88,7 +92,7 @@ class SyntheticSource(Source):
 
 
 def raw_table(source: str, batch: pa.RecordBatch, first_index: int, first_seq: int) -> pa.Table:
-    """A ``RAW_SCHEMA`` table from a batch of ``pipelines.synthetic.DOCUMENT_SCHEMA`` rows.
+    """A ``RAW_SCHEMA`` table from a batch of ``pipelines.ingest.sources.synthetic.generator.DOCUMENT_SCHEMA`` rows.
 
     Args:
         source: Source name stored with every row.

@@ -51,9 +51,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.ingest import schema as S
-from pipelines.ingest import storage
-from pipelines.lance_store import (
+from pipelines.store import schema as S
+from pipelines.store import storage
+from pipelines.store.lance_tables import (
     EMBEDDED_AT,
     MODEL_ID,
     PATCH_WEIGHTS,

@@ -34,8 +34,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.ingest import schema as S
-from pipelines.lance_store import AnnPlan
+from pipelines.store import schema as S
+from pipelines.store.lance_tables import AnnPlan
 
 logger = logging.getLogger(__name__)
 

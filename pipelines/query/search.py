@@ -43,8 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from pipelines.ingest.schema import CAPTION, DOC_ID, METADATA, MODALITIES, MODALITY, TEXT
-from pipelines.lance_store import (
+from pipelines.store.lance_tables import (
     ANN_INDEX,
     FTS_COLUMNS,
     META_CHECKPOINT,
@@ -58,6 +57,7 @@ from pipelines.lance_store import (
     AnnPlan,
     plan_from_json,
 )
+from pipelines.store.schema import CAPTION, DOC_ID, METADATA, MODALITIES, MODALITY, TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Filter:
     Every condition must hold (they are ANDed).
 
     Attributes:
-        modality: ``"image"`` or ``"text"`` (``pipelines.ingest.schema.MODALITIES``).
+        modality: ``"image"`` or ``"text"`` (``pipelines.store.schema.MODALITIES``).
         equals: ``column == value`` per item; columns checked against the table schema,
             values against the column's type.
         in_: ``column IN (values)`` per item (same checks; at least one value).
@@ -592,7 +592,7 @@ class Searcher:
         if where is None:
             return None
         if not isinstance(where, Filter):
-            raise FilterError(f"where must be a pipelines.search.Filter, got {type(where).__name__}: build one "
+            raise FilterError(f"where must be a pipelines.query.search.Filter, got {type(where).__name__}: build one "
                               "from structured values (user text is never accepted as SQL)")
         return where.to_sql(self.schema)
 

@@ -37,8 +37,8 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from . import schema as S
-from . import storage
+from pipelines.store import schema as S
+from pipelines.store import storage
 
 logger = logging.getLogger(__name__)
 

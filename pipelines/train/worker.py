@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.ingest.storage import StorageOptions
+from pipelines.store.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         compute_loss,
         seed_everything,
     )
-    from pipelines.train_data import rows_to_documents, rows_to_examples
+    from pipelines.train.dataset import rows_to_documents, rows_to_examples
 
     cfg = TrainJobConfig.model_validate(config["job"])
     ctx = ray.train.get_context()
@@ -875,7 +875,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def dev_mrr10(model, processor, documents, queries, device: torch.device | str = "cpu") -> float:
     """MRR@10 of ``queries`` ranked exhaustively over ``documents`` (on ``device``)."""
     from ciea_model.inference import encode_documents, encode_queries
-    from pipelines.metrics import evaluate_run, topk_from_scores
+    from pipelines.query.metrics import evaluate_run, topk_from_scores
 
     d = encode_documents(model, processor, documents, device=device)
     q = encode_queries(model, processor, [x["query"] for x in queries], device=device)

@@ -1,9 +1,9 @@
 """Retrieval evaluation: query splits from Delta, runs from a search table or an in-process
-checkpoint, scores from :mod:`pipelines.metrics`.
+checkpoint, scores from :mod:`pipelines.query.metrics`.
 
 Two ways to produce a run (query id → ranked doc ids):
 
-* **a LanceDB table** through :class:`pipelines.search.Searcher` (vector, full-text or
+* **a LanceDB table** through :class:`pipelines.query.search.Searcher` (vector, full-text or
   hybrid mode): what readers of a published table actually get, ANN index included.
   :func:`evaluate_searcher` is also the publish gate of ``ciea reindex``.
 * **a checkpoint** that encodes the corpus in-process and ranks exhaustively by cosine
@@ -31,12 +31,11 @@ import pyarrow as pa
 from ciea_model.inference import encode_documents, encode_queries
 from ciea_model.model import CIEAModel
 from ciea_model.processor import CIEAProcessor, Document
-
-from .ingest import schema as S
-from .metrics import RetrievalReport, evaluate_run, topk_from_scores
+from pipelines.query.metrics import RetrievalReport, evaluate_run, topk_from_scores
+from pipelines.store import schema as S
 
 if TYPE_CHECKING:
-    from .search import Searcher
+    from pipelines.query.search import Searcher
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +107,8 @@ def _iter_delta_documents(
     image that cannot be read becomes a failure, not an exception."""
     from deltalake import DeltaTable
 
-    from .ingest import storage
-    from .ingest.delta_store import plain_types
+    from pipelines.store import storage
+    from pipelines.store.delta_tables import plain_types
 
     dt = DeltaTable(documents_uri, version=version, storage_options=dict(storage_options or {}) or None)
     columns = [S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE, S.IMAGE_URI]
@@ -209,7 +208,7 @@ def _splits_under(root: str, storage_options: Mapping[str, str] | None) -> list[
     """Names of the query splits under ``<root>/queries`` (for error messages)."""
     import pyarrow.fs as pafs
 
-    from .ingest import storage
+    from pipelines.store import storage
 
     try:
         fs, path = storage.filesystem(storage.join(storage.normalise_uri(root), "queries"), dict(storage_options or {}))
@@ -234,7 +233,7 @@ def load_split(
 
     Returns:
         ``(queries, qrels)``. ``queries`` is a list (ordered by qid) of dicts shaped like
-        :func:`pipelines.synthetic.generate_queries` output, so :func:`evaluate` and
+        :func:`pipelines.ingest.sources.synthetic.generator.generate_queries` output, so :func:`evaluate` and
         :func:`rank` take them too: ``qid``, ``query``, ``positive_doc_ids`` (relevance
         > 0, sorted), ``modality`` (answer modality: ``image``, ``text``, ``mixed`` or
         ``unknown``; ``None`` without judgments), ``metadata`` (dict) and every scalar
@@ -247,7 +246,7 @@ def load_split(
     """
     from deltalake.exceptions import TableNotFoundError
 
-    from .ingest.delta_store import Tables, plain_types
+    from pipelines.store.delta_tables import Tables, plain_types
 
     tables = Tables(root, dict(storage_options or {}))
     try:
@@ -320,7 +319,7 @@ def _document_modalities(
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    from .ingest.delta_store import plain_types
+    from pipelines.store.delta_tables import plain_types
 
     try:
         dt = DeltaTable(documents_uri, version=version, storage_options=dict(storage_options or {}) or None)
@@ -341,7 +340,7 @@ def corpus_doc_ids(root: str, version: int | None = None,
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    from .ingest.delta_store import Tables, plain_types
+    from pipelines.store.delta_tables import Tables, plain_types
 
     uri = Tables(root).documents
     opts = dict(storage_options or {}) or None
@@ -393,7 +392,7 @@ def evaluate_grouped(
     ks_mrr: Sequence[int] = DEFAULT_KS_MRR, ks_ndcg: Sequence[int] = DEFAULT_KS_NDCG,
     ks_recall: Sequence[int] = DEFAULT_KS_RECALL,
 ) -> RetrievalReport:
-    """:func:`pipelines.metrics.evaluate_run` with several groupings in one report.
+    """:func:`pipelines.query.metrics.evaluate_run` with several groupings in one report.
 
     Group labels are ``"<grouping>=<label>"``, e.g. ``"kind=image"`` and
     ``"modality=text"``; ``num_ungrouped`` is the most any grouping left out.
@@ -449,7 +448,7 @@ def check_coverage(qrels: Mapping[str, Mapping[str, int]], doc_ids: set[str] | f
 
 @dataclass
 class SearchRun:
-    """A run from a :class:`~pipelines.search.Searcher`.
+    """A run from a :class:`~pipelines.query.search.Searcher`.
 
     Attributes:
         run: qid → doc ids, best first (a query whose search failed has ``[]``: it is
@@ -514,7 +513,7 @@ def searcher_doc_ids(searcher: Searcher, storage_options: Mapping[str, str] | No
     """Doc ids of the table version a searcher is pinned to (one narrow column)."""
     import lance
 
-    from .lance_store import VectorTable
+    from pipelines.store.lance_tables import VectorTable
 
     opts = dict(storage_options or {})
     uri = VectorTable(searcher.db_uri, searcher.name, opts).uri
@@ -533,7 +532,7 @@ def evaluate_searcher(
     """Scores an opened table on a query split: the publish gate of ``ciea reindex``.
 
     Args:
-        searcher: an opened :class:`~pipelines.search.Searcher` (the version to judge).
+        searcher: an opened :class:`~pipelines.query.search.Searcher` (the version to judge).
         queries, qrels: from :func:`load_split`.
         k: documents retrieved per query; at least the largest cutoff.
         mode: ``vector``, ``fts`` (BM25) or ``hybrid``.

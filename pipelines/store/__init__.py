@@ -1,0 +1,7 @@
+"""Storage every phase shares: the only place phases meet.
+
+``storage`` (local and ``s3://`` URIs, storage options), ``schema`` (column names and Arrow
+schemas of every Delta table), ``delta_tables`` (the Delta table handle and the merges
+that make ingest idempotent), ``lance_tables`` (the LanceDB vector table: layout, lineage
+guard, distributed commits, indexes, published versions).
+"""
