@@ -147,12 +147,15 @@ class ExtractorConfig:
         num_heads: attention heads; must divide the LM width.
         ffn_dim: hidden width of the feed-forward block.
         dropout: dropout on the attention probabilities.
+        output_dropout: dropout on the attention block's output, before the residual
+            (``X = LN(P + Dropout(Attn(P)))``), as the authors' release applies it.
         mask_threshold: key patches with weight ``w < mask_threshold`` are masked (−∞).
     """
 
     num_heads: int = 8
     ffn_dim: int = 2048
     dropout: float = 0.05
+    output_dropout: float = 0.05
     mask_threshold: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -161,6 +164,10 @@ class ExtractorConfig:
         _check(
             0.0 <= self.dropout < 1.0,
             f"extractor.dropout={self.dropout} must be in [0, 1).",
+        )
+        _check(
+            0.0 <= self.output_dropout < 1.0,
+            f"extractor.output_dropout={self.output_dropout} must be in [0, 1).",
         )
         _check(
             0.0 <= self.mask_threshold < 1.0,

@@ -27,21 +27,25 @@ def complementary_weights(
         caption_mask: (B, T) true/1 at real caption tokens, false/0 at padding.
 
     Returns:
-        (B, N) weights in [0, 1]; differentiable in both inputs.
+        (B, N) float32 weights in [0, 1]; differentiable in both inputs.
+
+    Always computed in float32, autocast or not: in bfloat16 the "fully covered" mask
+    ``w < 1e-5`` would fire from cos > ~0.998 instead of cos > 0.99998.
     """
-    p = F.normalize(patches, dim=-1)
-    e = F.normalize(caption_embeds, dim=-1)
-    s = (1.0 + torch.einsum("bth,bnh->btn", e, p)) / 2.0  # (B, T, N), in [0, 1]
-    # Padded tokens score 0, which can never win the max since real scores are >= 0.
-    s = s * caption_mask.unsqueeze(-1).to(s.dtype)
-    return 1.0 - s.max(dim=1).values
+    with torch.autocast(device_type=patches.device.type, enabled=False):
+        p = F.normalize(patches.float(), dim=-1)
+        e = F.normalize(caption_embeds.float(), dim=-1)
+        s = (1.0 + torch.einsum("bth,bnh->btn", e, p)) / 2.0  # (B, T, N), in [0, 1]
+        # Padded tokens score 0, which can never win the max since real scores are >= 0.
+        s = s * caption_mask.unsqueeze(-1).to(s.dtype)
+        return 1.0 - s.max(dim=1).values
 
 
 class ComplementaryInformationExtractor(nn.Module):
     """One post-LN transformer layer over the patches only (text is never key/value).
 
     ``logits = (Q Kᵀ / √d) · w[k]²`` per key patch ``k``; keys with ``w[k] < threshold`` are
-    masked (−∞); ``X = LN(P + Attn(P))``; ``P̂ = X + FFN(X)`` with a LeakyReLU FFN.
+    masked (−∞); ``X = LN(P + Dropout(Attn(P)))``; ``P̂ = X + FFN(X)`` with a LeakyReLU FFN.
     """
 
     def __init__(self, hidden_size: int, cfg: ExtractorConfig) -> None:
@@ -59,6 +63,7 @@ class ComplementaryInformationExtractor(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
         self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.output_dropout = nn.Dropout(cfg.output_dropout)
         self.norm = nn.LayerNorm(hidden_size)
         self.ffn = nn.Sequential(
             nn.Linear(hidden_size, cfg.ffn_dim), nn.LeakyReLU(), nn.Linear(cfg.ffn_dim, hidden_size)
@@ -72,17 +77,20 @@ class ComplementaryInformationExtractor(nn.Module):
             return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(patches)), heads(self.k_proj(patches)), heads(self.v_proj(patches))
-        logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, heads, N, N)
-        key_w = weights[:, None, None, :]  # broadcast over heads and query patches
-        logits = logits * key_w.pow(2)
-        masked = key_w < self.mask_threshold
-        logits = logits.masked_fill(masked, float("-inf"))
-        # A row whose every key is masked would softmax to NaN (and poison the backward):
-        # it attends to nothing instead, so the residual passes P through unchanged.
-        none_left = masked.all(dim=-1, keepdim=True)
-        probs = torch.softmax(logits.masked_fill(none_left, 0.0), dim=-1)
-        probs = probs.masked_fill(none_left, 0.0)
-        probs = self.attn_dropout(probs)
+        # The w²-scaled, masked logits and their softmax in float32 even under autocast
+        # (w itself is float32): a bfloat16 w² would blur the scaling the method relies on.
+        with torch.autocast(device_type=patches.device.type, enabled=False):
+            logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, heads, N, N)
+            key_w = weights.float()[:, None, None, :]  # broadcast over heads and query patches
+            logits = logits * key_w.pow(2)
+            masked = key_w < self.mask_threshold
+            logits = logits.masked_fill(masked, float("-inf"))
+            # A row whose every key is masked would softmax to NaN (and poison the backward):
+            # it attends to nothing instead, so the residual passes P through unchanged.
+            none_left = masked.all(dim=-1, keepdim=True)
+            probs = torch.softmax(logits.masked_fill(none_left, 0.0), dim=-1)
+            probs = probs.masked_fill(none_left, 0.0)
+        probs = self.attn_dropout(probs.to(v.dtype))
         out = (probs @ v).transpose(1, 2).reshape(b, n, h)
         return self.out_proj(out)
 
@@ -103,6 +111,6 @@ class ComplementaryInformationExtractor(nn.Module):
             (B, N, H) ``P̂`` (and ``w`` when asked).
         """
         w = complementary_weights(patches, caption_embeds, caption_mask)
-        x = self.norm(patches + self.attention(patches, w))
+        x = self.norm(patches + self.output_dropout(self.attention(patches, w)))
         out = x + self.ffn(x)
         return (out, w) if return_weights else out

@@ -242,3 +242,69 @@ def test_gradient_flows_through_w_to_caption_embeddings():
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match=r"num_heads=3 does not divide the LM width 32"):
         ComplementaryInformationExtractor(32, ExtractorConfig(num_heads=3))
+
+
+# --------------------------------------------------------------------------- release details
+def test_output_dropout_applies_before_the_residual():
+    """X = LN(P + Dropout(Attn(P))): with only the output dropout on, the block's input to
+    the norm is P plus the dropped-out attention output (a hook sees what the norm gets)."""
+    torch.manual_seed(3)
+    ext = ComplementaryInformationExtractor(
+        8, ExtractorConfig(num_heads=2, ffn_dim=16, dropout=0.0, output_dropout=0.5))
+    p, e = torch.randn(1, 6, 8), torch.randn(1, 4, 8)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    seen = []
+    ext.norm.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
+    ext.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ext(p, e, mask)
+    w = complementary_weights(p, e, mask)
+    with torch.no_grad():
+        attn = ext.attention(p, w)
+    residual = seen[0] - p
+    # Each element of the attention output was either zeroed or scaled by 1 / (1 - 0.5).
+    zeroed = residual.abs() < 1e-7
+    assert zeroed.any() and (~zeroed).any()
+    torch.testing.assert_close(residual[~zeroed], 2 * attn[~zeroed])
+    ext.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ext(p, e, mask), ext(p, e, mask))
+    assert ExtractorConfig().output_dropout == 0.05  # the release's value is the default
+
+
+def test_weights_under_bf16_autocast_equal_fp32():
+    """w (and the fully-covered mask it drives) must not move under bfloat16 autocast."""
+    torch.manual_seed(4)
+    p, e = torch.randn(3, 49, 64), torch.randn(3, 12, 64)
+    e[0, 2] = p[0, 5] * 2.0 + 1e-3 * torch.randn(64)  # a patch almost fully covered by a token
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    fp32 = complementary_weights(p, e, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = complementary_weights(p, e, mask)
+        # the inputs as an autocast model hands them over: bfloat16 activations
+        from_bf16 = complementary_weights(p.bfloat16(), e.bfloat16(), mask)
+    assert bf16.dtype == torch.float32 and torch.equal(bf16, fp32)
+    assert from_bf16.dtype == torch.float32
+    # A bf16 einsum would have rounded the near-1 cosine; the fp32 path keeps w tiny but > 0.
+    assert 0 < fp32[0, 5] < 1e-3
+
+
+def test_masked_logits_stay_fp32_under_autocast():
+    """The extractor's output under bf16 autocast is close to fp32, and a key whose w is
+    below the threshold in fp32 is masked under autocast too (no attention mass on it)."""
+    torch.manual_seed(5)
+    ext = ComplementaryInformationExtractor(16, ExtractorConfig(num_heads=2, ffn_dim=32)).eval()
+    p = torch.randn(1, 5, 16)
+    w = torch.tensor([[1e-6, 0.5, 0.9, 2e-5, 0.3]])  # key 0 masked; key 3 just above 1e-5
+    seen = []
+    ext.attn_dropout.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().float()))
+    with torch.no_grad():
+        ext.attention(p, w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ext.attention(p, w)
+    fp32, autocast = seen
+    assert torch.all(fp32[..., 0] == 0) and torch.all(autocast[..., 0] == 0)
+    assert torch.all(autocast[..., 3] > 0)
+    torch.testing.assert_close(autocast, fp32, atol=1e-2, rtol=0)
