@@ -51,7 +51,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,6 +307,38 @@ _ARRAY_CHUNK = 1 << 20
 # ---------------------------------------------------------------------------
 
 
+def _invalid(field: str, value: Any, allowed: str, fix: str) -> ValueError:
+    return ValueError(f"SyntheticConfig.{field}={value!r} is invalid: allowed {allowed}. {fix}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_fraction(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+
+#: (field, check, allowed values, fix) for each field of :class:`SyntheticConfig` on its own.
+_FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
+    ("seed", lambda v: _is_int(v) and 0 <= v < 2**63, "an int in [0, 2**63)",
+     "Use a non-negative integer seed."),
+    ("num_image_docs", lambda v: _is_int(v) and v >= 1, "an int >= 1",
+     "Queries need at least one image document to target."),
+    ("num_text_docs", lambda v: _is_int(v) and v >= 0, "an int >= 0", "Use 0 for no text distractors."),
+    ("num_queries", lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_int(n) and n >= 0 for n in v),
+     "a tuple of three ints >= 0 (train, dev, test)", "Pass e.g. num_queries=(2000, 200, 400)."),
+    ("num_collections", lambda v: _is_int(v) and 1 <= v <= len(COLLECTIONS), f"an int in [1, {len(COLLECTIONS)}]",
+     "It is how many of COLLECTIONS are in use."),
+    ("image_size", lambda v: _is_int(v) and _MIN_IMAGE_SIZE <= v <= _MAX_IMAGE_SIZE,
+     f"an int in [{_MIN_IMAGE_SIZE}, {_MAX_IMAGE_SIZE}]",
+     "Smaller images cannot show the shapes; larger ones waste storage."),
+    ("p_caption_states", _is_fraction, "a float in [0, 1]", "It is a probability per optional attribute."),
+    ("complementary_fraction", _is_fraction, "a float in [0, 1]", "It is the share of queries of kind 'image'."),
+    ("text_query_fraction", _is_fraction, "a float in [0, 1]", "It is the share of queries of kind 'text'."),
+)
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Parameters of the synthetic corpus.
@@ -339,106 +371,23 @@ class SyntheticConfig:
     text_query_fraction: float = 0.3
 
     def __post_init__(self) -> None:
-        def bad(field: str, value: Any, allowed: str, fix: str) -> ValueError:
-            return ValueError(
-                f"SyntheticConfig.{field}={value!r} is invalid: allowed {allowed}. {fix}"
-            )
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_real(v: Any) -> bool:
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise bad("seed", self.seed, "an int in [0, 2**63)", "Use a non-negative integer seed.")
-        if not is_int(self.num_image_docs) or self.num_image_docs < 1:
-            raise bad(
-                "num_image_docs",
-                self.num_image_docs,
-                "an int >= 1",
-                "Queries need at least one image document to target.",
-            )
-        if not is_int(self.num_text_docs) or self.num_text_docs < 0:
-            raise bad(
-                "num_text_docs", self.num_text_docs, "an int >= 0", "Use 0 for no text distractors."
-            )
-        nq = self.num_queries
-        if (
-            not isinstance(nq, (tuple, list))
-            or len(nq) != 3
-            or not all(is_int(n) and n >= 0 for n in nq)
-        ):
-            raise bad(
-                "num_queries",
-                nq,
-                "a tuple of three ints >= 0 (train, dev, test)",
-                "Pass e.g. num_queries=(2000, 200, 400).",
-            )
-        if not is_int(self.num_collections) or not 1 <= self.num_collections <= len(COLLECTIONS):
-            raise bad(
-                "num_collections",
-                self.num_collections,
-                f"an int in [1, {len(COLLECTIONS)}]",
-                "It is how many of COLLECTIONS are in use.",
-            )
-        if not is_int(self.image_size) or not _MIN_IMAGE_SIZE <= self.image_size <= _MAX_IMAGE_SIZE:
-            raise bad(
-                "image_size",
-                self.image_size,
-                f"an int in [{_MIN_IMAGE_SIZE}, {_MAX_IMAGE_SIZE}]",
-                "Smaller images cannot show the shapes; larger ones waste storage.",
-            )
-        if not is_real(self.p_caption_states) or not 0.0 <= self.p_caption_states <= 1.0:
-            raise bad(
-                "p_caption_states",
-                self.p_caption_states,
-                "a float in [0, 1]",
-                "It is a probability per optional attribute.",
-            )
-        if (
-            not is_real(self.complementary_fraction)
-            or not 0.0 <= self.complementary_fraction <= 1.0
-        ):
-            raise bad(
-                "complementary_fraction",
-                self.complementary_fraction,
-                "a float in [0, 1]",
-                "It is the share of queries of kind 'image'.",
-            )
+        for name, ok, allowed, fix in _FIELD_RULES:
+            if not ok(getattr(self, name)):
+                raise _invalid(name, getattr(self, name), allowed, fix)
         if self.complementary_fraction > 0 and self.p_caption_states >= 1.0:
-            # Every caption would state everything, leaving nothing for an
-            # "image" query to ask about.
-            raise bad(
-                "complementary_fraction",
-                self.complementary_fraction,
-                "0 when p_caption_states == 1",
-                "Lower p_caption_states below 1 or set complementary_fraction=0.",
-            )
-
-        if not is_real(self.text_query_fraction) or not 0.0 <= self.text_query_fraction <= 1.0:
-            raise bad(
-                "text_query_fraction",
-                self.text_query_fraction,
-                "a float in [0, 1]",
-                "It is the share of queries of kind 'text'.",
-            )
+            # Every caption would state everything, leaving nothing for an "image" query.
+            raise _invalid("complementary_fraction", self.complementary_fraction,
+                           "0 when p_caption_states == 1",
+                           "Lower p_caption_states below 1 or set complementary_fraction=0.")
         if self.complementary_fraction + self.text_query_fraction > 1.0 + 1e-9:
-            raise bad(
-                "text_query_fraction",
-                self.text_query_fraction,
-                f"at most 1 - complementary_fraction = {1.0 - self.complementary_fraction:g}",
-                "complementary_fraction ('image' share) plus text_query_fraction ('text' "
-                "share) must not exceed 1; lower one of them.",
-            )
+            raise _invalid("text_query_fraction", self.text_query_fraction,
+                           f"at most 1 - complementary_fraction = {1.0 - self.complementary_fraction:g}",
+                           "complementary_fraction ('image' share) plus text_query_fraction ('text' "
+                           "share) must not exceed 1; lower one of them.")
         if self.text_query_fraction > 0 and self.num_text_docs == 0:
-            raise bad(
-                "text_query_fraction",
-                self.text_query_fraction,
-                "0 when num_text_docs == 0",
-                "Text queries need text documents: set num_text_docs >= 1 or "
-                "text_query_fraction=0.",
-            )
+            raise _invalid("text_query_fraction", self.text_query_fraction, "0 when num_text_docs == 0",
+                           "Text queries need text documents: set num_text_docs >= 1 or "
+                           "text_query_fraction=0.")
 
     @property
     def num_documents(self) -> int:
@@ -1134,6 +1083,28 @@ def _stated_by_a_positive(
     return bool(codes["stated"][positives][:, cols].any())
 
 
+def _draw_query(
+    kind: str, cfg: SyntheticConfig, rng: np.random.Generator, codes: dict[str, np.ndarray],
+    index: _RelevanceIndex, text_codes: dict[str, np.ndarray],
+) -> tuple[int, dict[str, Any], str] | None:
+    """One attempt at a query of ``kind``: (target index, constraints, text), or None when
+    the drawn target cannot carry such a query (the caller draws again)."""
+    if kind == "text":
+        target = int(rng.integers(cfg.num_text_docs))
+        constraints = _make_text_query(_text_params_from_codes(text_codes, target), rng)
+        return target, constraints, text_query_for(constraints, rng)
+    target = int(rng.integers(cfg.num_image_docs))
+    attrs = _attrs_from_codes(codes, target)
+    constraints = _make_query(attrs, kind, rng)
+    if constraints is None:
+        return None
+    if kind == "image" and cfg.strict_complementary and _stated_by_a_positive(
+        codes, index.positives(constraints), constraints, attrs
+    ):
+        return None
+    return target, constraints, query_text_for(constraints, rng)
+
+
 def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     """Generate train/dev/test queries with exhaustive binary relevance.
 
@@ -1174,8 +1145,7 @@ def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
         queries: list[dict] = []
         max_attempts = 1000 + 100 * n
         attempts = 0
-        for kind in kinds:
-            kind = str(kind)
+        for kind in map(str, kinds):
             while True:
                 attempts += 1
                 if attempts > max_attempts:
@@ -1186,26 +1156,10 @@ def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
                         f"p_caption_states={cfg.p_caption_states}) is too small for "
                         f"num_queries={cfg.num_queries}"
                     )
-                constraints: dict[str, Any] | None
-                if kind == "text":
-                    target = int(rng.integers(cfg.num_text_docs))
-                    params = _text_params_from_codes(text_codes, target)
-                    constraints = _make_text_query(params, rng)
-                    text = text_query_for(constraints, rng)
-                else:
-                    target = int(rng.integers(cfg.num_image_docs))
-                    attrs = _attrs_from_codes(codes, target)
-                    constraints = _make_query(attrs, kind, rng)
-                    if constraints is None:
-                        continue
-                    if kind == "image" and cfg.strict_complementary and _stated_by_a_positive(
-                        codes, index.positives(constraints), constraints, attrs
-                    ):
-                        continue
-                    text = query_text_for(constraints, rng)
-                if text in seen:
-                    continue
-                break
+                drawn = _draw_query(kind, cfg, rng, codes, index, text_codes)
+                if drawn is not None and drawn[2] not in seen:
+                    break
+            target, constraints, text = drawn
             seen.add(text)
             if kind == "text":
                 target_id = text_doc_id(target)
