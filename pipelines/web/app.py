@@ -219,6 +219,73 @@ def _default_filter(modality: str | None) -> Any:
     return None if modality is None else Filter(modality=modality)
 
 
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if param:
+        body["param"] = param
+    return JSONResponse(body, status_code=status)
+
+
+def _add_guards(app: FastAPI, allowed_hosts: Sequence[str] | None) -> None:
+    """Host check, security headers on every response, and errors that name the fix."""
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return _error(404, f"no page at {request.url.path[:100]}: the page is /, the API is "
+                               "/api/search?q=... and /api/health")
+        if exc.status_code == 405:
+            return _error(405, f"{request.method} is not allowed: this server is read-only, use GET")
+        return _error(exc.status_code, str(exc.detail))
+
+
+def _search_route(searcher: Any, info: ServeInfo, make_filter: Callable[[str | None], Any]):
+    """``GET /api/search``: parameters checked, one search at a time, hits as JSON."""
+    # The searcher's model and Lance handles are not documented thread-safe, and FastAPI
+    # runs plain ``def`` routes on a thread pool: one search at a time.
+    lock = threading.Lock()
+
+    def search(request: Request):
+        params = {key: request.query_params.getlist(key) for key in request.query_params.keys()}
+        try:
+            req = parse_search_params(params)
+            where = make_filter(req.modality)
+        except BadRequest as e:
+            return _error(400, str(e), e.param)
+        except ValueError as e:  # the searcher's FilterError: still the user's input
+            return _error(400, str(e))
+        t0 = time.perf_counter()
+        try:
+            with lock:
+                hits = searcher.search(req.q, k=req.k, mode=req.mode, where=where)
+        except ValueError as e:
+            # The searcher refuses what it cannot do with valid-looking input (e.g. a
+            # full-text query its parser rejects): the user can change the query.
+            return _error(400, f"cannot run this {req.mode} search: {e}", "q")
+        except Exception:
+            logger.exception("search failed for a %s query of %d characters", req.mode, len(req.q))
+            return _error(500, "the search failed on the server (see its log); try again or "
+                               "another mode")
+        took_ms = round((time.perf_counter() - t0) * 1000, 1)
+        return {
+            "query": req.q, "k": req.k, "mode": req.mode, "modality": req.modality or "any",
+            "table": info.table, "version": info.version, "model_id": info.model_id,
+            "patch_grid": list(info.patch_grid) if info.patch_grid else None, "took_ms": took_ms,
+            "hits": [hit_to_json(h, info.patch_grid) for h in hits],
+        }
+
+    return search
+
+
 def create_app(
     searcher: Any,
     info: ServeInfo,
@@ -240,34 +307,7 @@ def create_app(
         their scripts from a CDN, and the machine may be offline).
     """
     app = FastAPI(title="ciea search", docs_url=None, redoc_url=None, openapi_url=None)
-    # The searcher's model and Lance handles are not documented thread-safe, and FastAPI
-    # runs plain ``def`` routes on a thread pool: one search at a time.
-    lock = threading.Lock()
-
-    if allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next):
-        response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
-
-    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-        body: dict[str, Any] = {"error": message}
-        if param:
-            body["param"] = param
-        return JSONResponse(body, status_code=status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            return error(404, f"no page at {request.url.path[:100]}: the page is /, the API is "
-                              "/api/search?q=... and /api/health")
-        if exc.status_code == 405:
-            return error(405, f"{request.method} is not allowed: this server is read-only, use GET")
-        return error(exc.status_code, str(exc.detail))
+    _add_guards(app, allowed_hosts)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -284,34 +324,5 @@ def create_app(
                     max_query_chars=MAX_QUERY_CHARS)
         return body
 
-    @app.get("/api/search")
-    def search(request: Request):
-        params = {key: request.query_params.getlist(key) for key in request.query_params.keys()}
-        try:
-            req = parse_search_params(params)
-            where = make_filter(req.modality)
-        except BadRequest as e:
-            return error(400, str(e), e.param)
-        except ValueError as e:  # the searcher's FilterError: still the user's input
-            return error(400, str(e))
-        t0 = time.perf_counter()
-        try:
-            with lock:
-                hits = searcher.search(req.q, k=req.k, mode=req.mode, where=where)
-        except ValueError as e:
-            # The searcher refuses what it cannot do with valid-looking input (e.g. a
-            # full-text query its parser rejects): the user can change the query.
-            return error(400, f"cannot run this {req.mode} search: {e}", "q")
-        except Exception:
-            logger.exception("search failed for a %s query of %d characters", req.mode, len(req.q))
-            return error(500, "the search failed on the server (see its log); try again or "
-                              "another mode")
-        took_ms = round((time.perf_counter() - t0) * 1000, 1)
-        return {
-            "query": req.q, "k": req.k, "mode": req.mode, "modality": req.modality or "any",
-            "table": info.table, "version": info.version, "model_id": info.model_id,
-            "patch_grid": list(info.patch_grid) if info.patch_grid else None, "took_ms": took_ms,
-            "hits": [hit_to_json(h, info.patch_grid) for h in hits],
-        }
-
+    app.get("/api/search")(_search_route(searcher, info, make_filter))
     return app
