@@ -9,7 +9,7 @@ What is measured
     * ``loop``: one process, torch with ``--threads`` threads: read the Delta table in
       batches of ``--batch-size`` → ``to_document`` with the processor's image transform →
       ``collate_documents`` → ``encode_documents`` → thumbnails → one ``table.add``.
-    * ``pipeline``: ``jobs.embed.run`` on a local Ray with ``--num-cpus`` CPUs — read_delta,
+    * ``pipeline``: ``pipelines.index.build.run`` on a local Ray with ``--num-cpus`` CPUs — read_delta,
       preprocessing tasks, one encoder actor (``--threads`` torch threads), fragment-writing
       tasks, one commit. Timed from the start of the Ray Data execution to the commit
       (actor start-up and model load included, as the loop's model load is).
@@ -264,7 +264,8 @@ PIPELINES = {
 
 def run_pipeline(root: str, checkpoint: str, db: str, table: str, batch_size: int, threads: int,
                  thumbnail_px: int, variant: str) -> dict[str, Any]:
-    from jobs.embed import EmbedConfig, load_model_facts, run
+    from pipelines.index.build import load_model_facts, run
+    from pipelines.index.config import EmbedConfig
 
     placement, actors = PIPELINES[variant]
     # The job's own actor default, or the one-actor variant with the loop's thread count.

@@ -23,6 +23,20 @@ alternate the order (plain, ray, ray, plain, ...) so a neighbour's load hits bot
 
     python -m bench.ingest                                  # 100k rows, memory at 100k and 400k
     python -m bench.ingest --rows 20000 --memory-rows 20000,80000 --rounds 1   # ~1 min
+
+Two more suites (issue 17), each its own run:
+
+* ``--suite webdataset``: the Ray ingest of WebDataset tar shards (1,000 samples of a
+  64 px PNG + caption + json per shard, written before the clock starts): rows/s, CPU s
+  and peak PSS at each of ``--memory-rows`` (goal: flat within 1.2× from 100k to 400k);
+* ``--suite urls``: ``--urls`` image URLs fetched from the loopback test server
+  (``tests/http_faults.py``) with ``--latency-ms`` added to every response: the Ray URL
+  ingest (fetch + validate + Delta) vs a sequential fetch loop (one ``httpx2.Client``,
+  one GET after the other) over the same list: fetches/s and CPU s (goal ≥ 20×). All
+  URLs are on one host, so the ingest runs with ``per_host`` = ``concurrency``.
+
+    python -m bench.ingest --suite webdataset --memory-rows 100000,400000
+    python -m bench.ingest --suite urls --urls 2000 --latency-ms 50
 """
 
 from __future__ import annotations
@@ -103,6 +117,7 @@ def child_plain(args: argparse.Namespace) -> dict:
 
 def child_ray(args: argparse.Namespace) -> dict:
     from jobs import ingest
+    from jobs.common import start_ray
 
     cfg = ingest.IngestConfig.model_validate({
         "source": {"kind": "synthetic", "queries": False, "rows_per_shard": args.rows_per_shard,
@@ -116,7 +131,7 @@ def child_ray(args: argparse.Namespace) -> dict:
     source = ingest.make_source(cfg)
     shards = source.plan()
     t0, c0 = time.perf_counter(), time.process_time()
-    ingest._init_ray(cfg)
+    start_ray(cfg.ray)
     startup = time.perf_counter() - t0
     t1, c1, window_start = time.perf_counter(), time.process_time(), time.time()
     summary = ingest.run(cfg, source, shards)
@@ -215,10 +230,10 @@ def _role(pid: int, driver: int) -> str:
     return "ray daemons"
 
 
-def measure(mode: str, rows: int, args: argparse.Namespace) -> dict:
+def measure(mode: str, rows: int, args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{mode}-", dir=args.tmp))
     ray_tmp = tempfile.mkdtemp(prefix="ray-b-", dir="/tmp")
-    cmd = [sys.executable, "-m", "bench.ingest", "--child", mode, "--rows", str(rows),
+    cmd = [sys.executable, "-m", "bench.ingest", "--child", mode, "--rows", str(rows), *extra,
            "--image-fraction", str(args.image_fraction), "--image-size", str(args.image_size),
            *(["--rows-per-shard", str(args.rows_per_shard)] if args.rows_per_shard else []),
            "--num-cpus", str(args.num_cpus),
@@ -289,15 +304,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="ray: object store size (MiB); bounds Ray Data's in-flight blocks (default 512)")
     p.add_argument("--tmp", default="/tmp", help="scratch folder for the Delta tables")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--child", choices=["ray", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--suite", choices=["synthetic", "webdataset", "urls"], default="synthetic",
+                   help="synthetic: Ray vs plain writer (default); webdataset: tar shards; urls: URL fetching")
+    p.add_argument("--urls", type=int, default=2000, help="urls: URLs in the list")
+    p.add_argument("--latency-ms", type=float, default=50.0, help="urls: latency the server adds per response")
+    p.add_argument("--concurrency", type=int, default=64, help="urls: requests in flight per read task")
+    p.add_argument("--shard-kb", type=int, default=32, help="urls: URL-list bytes per read task (KiB)")
+    p.add_argument("--child", choices=["ray", "plain", "wds", "urls", "urls-seq"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--ray-tmp", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
-        result = child_ray(args) if args.child == "ray" else child_plain(args)
-        print(json.dumps(result))
+        children = {"ray": child_ray, "plain": child_plain, "wds": child_wds, "urls": child_urls,
+                    "urls-seq": child_urls_sequential}
+        print(json.dumps(children[args.child](args)))
         return 0
+    if args.suite == "webdataset":
+        return suite_webdataset(args)
+    if args.suite == "urls":
+        return suite_urls(args)
 
     load = os.getloadavg()[0]
     print(f"ingest bench: {args.rows} rows ({args.image_fraction:.0%} image docs, {args.image_size}px PNG), "
@@ -342,6 +369,149 @@ def main(argv: list[str] | None = None) -> int:
                                                "cpu_s_per_100k": cpu,
                                                "memory": {str(k): v for k, v in memory.items()},
                                                "memory_growth": growth, "load_avg_start": load}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# WebDataset shards and URL lists (issue 17)
+# ---------------------------------------------------------------------------------------
+
+
+def _ray_ingest(args: argparse.Namespace, source: dict) -> dict:
+    """``jobs.ingest.run`` on ``source`` settings into ``args.root``, timed as in child_ray."""
+    from jobs import ingest
+    from jobs.common import start_ray
+
+    cfg = ingest.IngestConfig.model_validate({
+        "source": {"queries": False, **source},
+        "output": {"root": args.root, "run_dir": str(Path(args.root).parent / "runs")},
+        "ray": {"num_cpus": args.num_cpus, "temp_dir": args.ray_tmp, "object_store_mb": args.object_store_mb},
+        "progress": False,
+    })
+    src = ingest.make_source(cfg)
+    shards = src.plan()
+    t0 = time.perf_counter()
+    start_ray(cfg.ray)
+    startup = time.perf_counter() - t0
+    t1, window_start = time.perf_counter(), time.time()
+    summary = ingest.run(cfg, src, shards)
+    seconds = time.perf_counter() - t1
+    window_end = time.time()
+    import ray
+
+    ray.shutdown()
+    return {"rows": args.rows, "seconds": seconds, "ray_startup_s": startup, "shards": len(shards),
+            "window": [window_start, window_end], "documents": summary["documents"],
+            "fetch": summary.get("fetch")}
+
+
+def child_wds(args: argparse.Namespace) -> dict:
+    res = _ray_ingest(args, {"kind": "webdataset", "path": args.path})
+    assert res["documents"]["inserted"] == args.rows, res["documents"]
+    return {"mode": "wds", **res}
+
+
+def child_urls(args: argparse.Namespace) -> dict:
+    res = _ray_ingest(args, {"kind": "urls", "path": args.path, "fetch": {
+        "concurrency": args.concurrency, "per_host": args.concurrency, "shard_kb": args.shard_kb}})
+    assert res["documents"]["inserted"] == args.rows, res["documents"]
+    return {"mode": "urls", **res}
+
+
+def child_urls_sequential(args: argparse.Namespace) -> dict:
+    """The baseline: one client, one GET after the other, body read and kept in memory."""
+    import httpx2
+
+    urls = [json.loads(line)["url"] for line in Path(args.path).read_text().splitlines()]
+    t0 = time.perf_counter()
+    n_bytes = 0
+    with httpx2.Client(timeout=10.0) as client:
+        for url in urls:
+            r = client.get(url)
+            r.raise_for_status()
+            n_bytes += len(r.content)
+    return {"mode": "urls-seq", "rows": len(urls), "seconds": time.perf_counter() - t0, "bytes": n_bytes}
+
+
+def write_shards(out: Path, samples: int, per_shard: int = 1000) -> None:
+    """``samples`` WebDataset samples (64 px PNG, caption, json) in shards of ``per_shard``."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(256):  # distinct images to decode; reused across samples
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (i, 255 - i, (i * 7) % 256)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for s in range(0, samples, per_shard):
+        with tarfile.open(out / f"{s // per_shard:06d}.tar", "w") as tar:
+            for i in range(s, min(s + per_shard, samples)):
+                key = f"{i:09d}"
+                add(tar, f"{key}.png", images[i % len(images)])
+                add(tar, f"{key}.txt", f"sample {i}: a coloured square".encode())
+                add(tar, f"{key}.json", json.dumps({"width": 64, "height": 64, "i": i}).encode())
+
+
+def suite_webdataset(args: argparse.Namespace) -> int:
+    sizes = [int(s) for s in args.memory_rows.split(",") if s]
+    print(f"webdataset bench: {sizes} samples, 1,000 per shard, {os.cpu_count()} CPUs, "
+          f"load avg {os.getloadavg()[0]:.2f}", flush=True)
+    results = {}
+    for n in sizes:
+        shards = Path(tempfile.mkdtemp(prefix="bench-wds-", dir=args.tmp))
+        write_shards(shards, n)
+        try:
+            res = measure("wds", n, args, ("--path", str(shards)))
+        finally:
+            shutil.rmtree(shards, ignore_errors=True)
+        results[n] = res
+        print(f"  {n} samples: {res['rows_per_s']:.0f} rows/s ({res['seconds']:.1f} s, {res['shards']} tasks, "
+              f"Ray start-up {res['ray_startup_s']:.1f} s), CPU {res['cpu_s']:.1f} s "
+              f"(inside the ingest: {sum(res['window_cpu_s_by_role'].values()):.1f} s), "
+              f"peak PSS {res['peak_pss_mib']:.0f} MiB", flush=True)
+    if len(sizes) >= 2:
+        print(f"peak memory {sizes[-1]} vs {sizes[0]} samples: "
+              f"{results[sizes[-1]]['peak_pss_mib'] / results[sizes[0]]['peak_pss_mib']:.2f}×")
+    if args.json:
+        Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+    return 0
+
+
+def suite_urls(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(REPO / "tests"))  # the loopback server the URL tests use
+    from http_faults import FaultServer
+
+    with FaultServer(delay_s=args.latency_ms / 1000) as server:
+        work = Path(tempfile.mkdtemp(prefix="bench-urls-", dir=args.tmp))
+        lst = work / "urls.jsonl"
+        lst.write_text("".join(json.dumps({"url": f"{server.url}/img/{i}.png", "caption": f"image {i}"}) + "\n"
+                               for i in range(args.urls)))
+        print(f"urls bench: {args.urls} URLs, +{args.latency_ms:g} ms per response, concurrency "
+              f"{args.concurrency} per task, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}", flush=True)
+        ray_res = measure("urls", args.urls, args, ("--path", str(lst), "--concurrency", str(args.concurrency),
+                                                    "--shard-kb", str(args.shard_kb)))
+        seq = measure("urls-seq", args.urls, args, ("--path", str(lst),))
+        shutil.rmtree(work, ignore_errors=True)
+    f = ray_res["fetch"]
+    print(f"  ray URL ingest: {ray_res['rows_per_s']:.0f} fetches/s ({ray_res['seconds']:.1f} s, "
+          f"{ray_res['shards']} tasks, {f['requests']} requests, {f['bytes']} bytes; Ray start-up "
+          f"{ray_res['ray_startup_s']:.1f} s), CPU {ray_res['cpu_s']:.1f} s "
+          f"(inside the ingest: {sum(ray_res['window_cpu_s_by_role'].values()):.1f} s), "
+          f"peak PSS {ray_res['peak_pss_mib']:.0f} MiB", flush=True)
+    print(f"  sequential loop: {seq['rows_per_s']:.1f} fetches/s ({seq['seconds']:.1f} s), CPU {seq['cpu_s']:.1f} s")
+    print(f"ratio: {ray_res['rows_per_s'] / seq['rows_per_s']:.1f}× "
+          f"(with Ray's start-up: {ray_res['rows_per_s_with_startup'] / seq['rows_per_s']:.1f}×)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ray": ray_res, "sequential": seq}, indent=2))
     return 0
 
 

@@ -4,11 +4,11 @@ changes.
 What is measured
     A corpus of ``--docs`` synthetic documents (2/3 image with small inline PNGs, 1/3
     text) is written to Delta (version 0) and embedded into a LanceDB table with the
-    ``tiny`` preset checkpoint by ``jobs.embed.run`` — indexes included (BTree, two FTS, and
+    ``tiny`` preset checkpoint by ``pipelines.index.build.run`` — indexes included (BTree, two FTS, and
     IVF_PQ once the rule asks for one): that is the **full rebuild**. Then ``--changed``
     (default 1 %) of the documents change in three Delta commits, as ingest writes them:
     updates (a merge that rewrites captions/texts), deletes, inserts of new doc_ids, in
-    the proportions ``--mix``. ``jobs.reindex.run`` brings the table to the new version:
+    the proportions ``--mix``. ``pipelines.index.reindex.run`` brings the table to the new version:
     the **re-index** (change feed → delete → embed the changed documents on Ray → commit →
     fold into the indexes → record → publish). Both are timed end to end by the jobs'
     own summaries (Ray start-up excluded from both: one local Ray serves the run).
@@ -21,7 +21,7 @@ What is measured
     fresh table and checks that each re-indexed table has the same ids and vectors.
 
     ``--routes`` re-indexes copies of the same table by several embed routes
-    (``jobs.reindex.embed_route``): ``auto`` (the job's own choice: in-process for 1 % of
+    (``pipelines.index.reindex.embed_route``): ``auto`` (the job's own choice: in-process for 1 % of
     100k), ``in-process``, ``ray-rows`` (the changed rows read by the job, embedded on Ray)
     and ``ray-read`` (Ray reads the whole version and keeps the changed documents: what
     re-index did before), so before and after are measured in the same run.
@@ -117,7 +117,8 @@ def _encode_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def full_build(root: str, checkpoint: str, db: str, table: str, args: argparse.Namespace) -> dict[str, Any]:
-    from jobs.embed import EmbedConfig, load_model_facts, run
+    from pipelines.index.build import load_model_facts, run
+    from pipelines.index.config import EmbedConfig
 
     cfg = EmbedConfig.model_validate({
         "input": {"root": root}, "model": {"checkpoint": checkpoint},
@@ -129,10 +130,10 @@ def full_build(root: str, checkpoint: str, db: str, table: str, args: argparse.N
 
 def reindex(root: str, checkpoint: str, db: str, table: str, args: argparse.Namespace,
             overrides: list[str] | None = None) -> dict[str, Any]:
-    """``jobs.reindex.run``; ``overrides`` are ``--set`` pairs (e.g. the embed route's thresholds)."""
+    """``pipelines.index.reindex.run``; ``overrides`` are ``--set`` pairs (e.g. the embed route's thresholds)."""
     from jobs.common import deep_merge, parse_overrides
-    from jobs.embed import load_model_facts
-    from jobs.reindex import ReindexConfig, run
+    from pipelines.index.build import load_model_facts
+    from pipelines.index.reindex import ReindexConfig, run
 
     cfg = ReindexConfig.model_validate(deep_merge({
         "input": {"root": root}, "model": {"checkpoint": checkpoint},

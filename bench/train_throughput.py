@@ -52,7 +52,7 @@ def _write_corpus(root: Path, queries: int, seed: int) -> None:
 
 def run_ray(cfg) -> tuple[list[float], float, dict]:
     from jobs import train
-    from pipelines.train.worker import read_metrics
+    from pipelines.train.curves import read_metrics
 
     t0 = time.perf_counter()
     summary = train.run(cfg)
@@ -103,9 +103,11 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
         train_step,
     )
     from jobs.train import tokenizer_dir
+    from pipelines.train.config import NEW_MODULES, model_config_for
     from pipelines.train.dataset import read_queries, rows_to_documents
     from pipelines.train.examples import training_examples
-    from pipelines.train.worker import NEW_MODULES, GradientReducer, StepProfile, model_config_for
+    from pipelines.train.gradients import GradientReducer
+    from pipelines.train.profiling import StepProfile
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.common import deep_merge
     from jobs.train import PRESETS
-    from pipelines.train.worker import TrainJobConfig
+    from pipelines.train.config import TrainJobConfig
 
     work = Path(tempfile.mkdtemp(prefix="ciea-bench-train-"))
     _write_corpus(work / "data", args.queries, seed=11)

@@ -1,6 +1,6 @@
 """A pure-torch training step and a small in-process trainer.
 
-The distributed trainer (Ray Train) reuses :func:`compute_loss`, :func:`train_step`,
+The distributed trainer (Ray Train) reuses :func:`compute_loss`, :func:`optimizer_step`,
 :func:`build_optimizer` and :func:`build_scheduler`; none of them knows it runs in Ray.
 Defaults follow the authors' release: AdamW lr 5e-6, betas (0.9, 0.98), eps 1e-6, weight
 decay 0.2 on ≥2-D weights only, cosine schedule without warm-up, batch 64, early stopping
@@ -203,6 +203,33 @@ def _widen(ignore: torch.Tensor, offset: int, total: int) -> torch.Tensor:
     return out
 
 
+def optimizer_step(
+    model: CIEAModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    max_grad_norm: float | None = None,
+) -> None:
+    """The tail of a training step, once the gradients are final (after the backward, and
+    after any averaging over workers): clip, step, clamp θ, advance the schedule, clear.
+
+    Args:
+        model: the model whose gradients are set.
+        optimizer: from :func:`build_optimizer`.
+        scheduler: advanced by one step; ``None`` keeps the learning rate.
+        max_grad_norm: clip the global gradient norm to this; ``None`` does not clip.
+    """
+    if max_grad_norm is not None:
+        # Frozen parameters have no gradient and so add nothing to the norm.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    with torch.no_grad():  # CLIP-style: keep θ at or below the clamp, where it has gradient
+        model.logit_scale.clamp_(max=math.log(model.config.logit_scale_max))
+    if scheduler is not None:
+        scheduler.step()
+    # Gradients are not held between steps (nor through a dev evaluation that follows).
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(
     model: CIEAModel,
     batch: TrainBatch,
@@ -216,13 +243,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     out = compute_loss(model, batch, gather=gather)
     out.loss.backward()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    with torch.no_grad():  # CLIP-style: keep θ at or below the clamp, where it has gradient
-        model.logit_scale.clamp_(max=math.log(model.config.logit_scale_max))
-    if scheduler is not None:
-        scheduler.step()
+    optimizer_step(model, optimizer, scheduler, max_grad_norm)
     return {
         "loss": float(out.loss.detach()), "loss_c": out.contrastive, "loss_comp": out.complementary,
         "comp_queries": out.comp_queries, "comp_skipped": out.comp_skipped,

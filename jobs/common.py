@@ -1,23 +1,86 @@
-"""Helpers shared by job entry points: logging set-up, YAML configs with dotted overrides."""
+"""The job shell every ``jobs/<name>.py`` shares: logging set-up, the parser of the shared
+flags, YAML configs with dotted overrides, and Ray (:class:`RaySettings`, one spelling)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+#: Loggers whose INFO lines are ours and reach the terminal; everything else (Ray, Ray
+#: Data, Lance, transformers) shows only warnings there, and the rest goes to the run log.
+OWN_LOGGERS = ("jobs", "pipelines", "ciea_model", "bench", "__main__")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _RayDataNoise(logging.Filter):
+    """Drops Ray Data's notice that its progress bars are off: our jobs turn them off to
+    draw their own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+class _TerminalFilter(logging.Filter):
+    """Our INFO lines, everyone's warnings: what a person at the terminal needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return record.name.split(".", 1)[0] in OWN_LOGGERS
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-    )
+    """The terminal shows our progress and summaries; Ray's and the libraries' own INFO
+    lines go only to the run log (:func:`log_to_file`). ``-v`` shows everything."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_ciea_terminal", False):
+            root.removeHandler(h)
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    terminal._ciea_terminal = True  # type: ignore[attr-defined]
+    if not verbose:
+        terminal.addFilter(_TerminalFilter())
+    root.addHandler(terminal)
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def log_to_file(path: str | Path, verbose: bool = False) -> Path:
+    """Also writes every log line (ours, Ray's, Ray Train's, Ray Data's) to ``path``, the run
+    log, and keeps Ray's own terminal handlers to warnings unless ``verbose``. Idempotent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler._ciea_run_log = True  # type: ignore[attr-defined]
+    # Ray and Ray Data configure their loggers at import: own terminal handlers, propagate off.
+    for name in ("", "ray", "ray.data"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if getattr(h, "_ciea_run_log", False):
+                lg.removeHandler(h)
+                h.close()
+        lg.addHandler(handler)
+        if name and not verbose:
+            for h in lg.handlers:
+                if type(h).__name__ == "PlainRayHandler":  # Ray's terminal handler
+                    h.setLevel(logging.WARNING)
+                    if not any(isinstance(f, _RayDataNoise) for f in h.filters):
+                        h.addFilter(_RayDataNoise())
+    return path
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -85,7 +148,7 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def init_ray(*, address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None,
-             log_to_driver: bool = True, **kwargs: Any) -> bool:
+             log_to_driver: bool = True, log_file: str | Path | None = None, **kwargs: Any) -> bool:
     """Joins or starts Ray unless this process already has it; True if this call did.
 
     Inside ``ray job submit`` (``RAY_ADDRESS`` is set) or with ``address`` it joins that
@@ -93,6 +156,9 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, temp_di
     to find the node. Otherwise it starts a local Ray with its session files in
     ``temp_dir`` (default: a new short ``/tmp/ray-*``; Ray's unix sockets need a short path)
     and token authentication off, so nothing is written to ``~/.ray``.
+
+    Ray's and Ray Data's log lines then go to the run log, ``log_file`` (default: ``ciea.log``
+    in the session's log folder), not the terminal: :func:`log_to_file`.
     """
     import os
     import tempfile
@@ -101,9 +167,11 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, temp_di
 
     if ray.is_initialized():
         return False
+    verbose = logging.getLogger().level <= logging.DEBUG
     common = {"include_dashboard": False, "log_to_driver": log_to_driver, "configure_logging": False}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **common)
+        _announce_run_log(log_file, verbose)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -112,7 +180,24 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, temp_di
     else:
         temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, **common, **kwargs)
+    _announce_run_log(log_file, verbose)
     return True
+
+
+def _announce_run_log(log_file: str | Path | None, verbose: bool) -> None:
+    import tempfile
+
+    import ray
+    import ray.data  # noqa: F401  (configures its logger at import; adjust it after)
+
+    if log_file is None:
+        try:  # the session folder holds Ray's own logs: keep ours beside them
+            session = ray._private.worker._global_node.get_session_dir_path()
+        except AttributeError:
+            session = tempfile.mkdtemp(prefix="ciea-")
+        log_file = Path(session) / "logs" / "ciea.log"
+    path = log_to_file(log_file, verbose)
+    logging.getLogger(__name__).info("Ray's own log lines: %s", path)
 
 
 def yaml_str(value: str) -> str:
@@ -156,3 +241,218 @@ def refuse_secrets(prog: str, config_path: str | None, overrides: list[str], sto
         check_storage_options(data if isinstance(data, dict) else {})
     except ValueError as e:
         raise SystemExit(f"{prog}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The job shell: shared flags → the typed config; Ray, spelled one way
+# ---------------------------------------------------------------------------------------
+
+
+class RaySettings(BaseModel):
+    """Where a job's Ray runs: the ``ray`` section of every job config that starts Ray."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="Ray cluster address; default: start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray: CPUs to use (default: all)")
+    temp_dir: str | None = Field("/tmp/ciea-ray", description="local Ray: session files (keep the path short; "
+                                                              "null: a new /tmp/ray-*)")
+    object_store_mb: int | None = Field(
+        None, ge=64, description="local Ray: object store size (MiB); default Ray's (30% of RAM). "
+        "Ray Data keeps in-flight blocks within it")
+
+
+def move_legacy_keys(data: Any, moved: dict[str, str]) -> Any:
+    """For a ``model_validator(mode="before")``: top-level keys that moved (``num_cpus`` →
+    ``ray.num_cpus``) are taken from where older configs put them; the new place wins."""
+    if not isinstance(data, dict) or not any(k in data for k in moved):
+        return data
+    data = dict(data)
+    for old, new in moved.items():
+        if old in data:
+            value = data.pop(old)
+            section, leaf = new.split(".", 1)
+            inner = data.get(section)
+            inner = inner.model_dump() if isinstance(inner, BaseModel) else dict(inner or {})
+            inner.setdefault(leaf, value)
+            data[section] = inner
+    return data
+
+
+#: ``--ray-*`` flags → ``ray.*`` keys.
+RAY_FLAGS = {"ray_address": "ray.address", "num_cpus": "ray.num_cpus", "ray_temp_dir": "ray.temp_dir"}
+
+
+def job_parser(prog: str, doc: str | None, config: type[BaseModel] | None = None, *,
+               presets: dict[str, Any] | None = None, default_preset: str | None = None,
+               preset_help: str = "defaults to start from", storage: str | None = None, ray: bool = False,
+               progress: str | None = "no progress bar (progress=false)", set_example: str = "",
+               verbose: bool = True) -> argparse.ArgumentParser:
+    """A job's parser with the flags every job spells the same way, in one group:
+    ``--preset``, ``--config``, ``--storage-option`` (into ``storage``, dotted), the Ray flags
+    (``--ray-address``, ``--num-cpus``, ``--ray-temp-dir``), ``--no-progress``, ``--set`` and
+    ``-v``. The job adds its own flags; ``--help`` ends with every config key and default.
+    :func:`parse_job_config` turns the result into the typed config."""
+    epilog = None
+    if config is not None:
+        epilog = "config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(config_keys(config))
+    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("options every job shares")
+    if presets:
+        g.add_argument("--preset", choices=sorted(presets), default=default_preset, help=preset_help)
+    name = config.__name__ if config is not None else "config"
+    g.add_argument("--config", help=f"YAML file with {name} fields" + (" (overrides the preset)" if presets else ""))
+    if storage:
+        g.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"object-store setting, repeatable, e.g. AWS_REGION=eu-west-1 ({storage}; never "
+                            "credentials: those come from the environment)")
+    if ray:
+        g.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one (ray.address)")
+        g.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (ray.num_cpus)")
+        g.add_argument("--ray-temp-dir", help="session folder of the local Ray (ray.temp_dir; keep it short)")
+    if progress:
+        g.add_argument("--no-progress", action="store_true", help=progress)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key" + (f", e.g. --set {set_example}" if set_example else "")
+                        + " (repeatable)")
+    if verbose:
+        g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def job_overrides(args: argparse.Namespace, flags: dict[str, str], *, storage: str | None = None,
+                  extra: list[str] | None = None, progress_key: str = "progress") -> list[str]:
+    """The dotted overrides of a job's command line: its own ``flags`` (argparse attribute →
+    config key), the storage options, the Ray flags, ``extra`` pairs, ``--no-progress``, and
+    the user's ``--set`` pairs last, so ``--set`` wins."""
+    ray = {a: k for a, k in RAY_FLAGS.items() if hasattr(args, a)}
+    out = flag_overrides(args, {**flags, **ray}, storage) + list(extra or [])
+    if getattr(args, "no_progress", False):
+        out.append(f"{progress_key}=false")
+    return out + list(args.set)
+
+
+def parse_job_config(prog: str, model: type[BaseModel], args: argparse.Namespace, overrides: list[str], *,
+                     storage: str | None = None, presets: dict[str, Any] | None = None) -> Any:
+    """The typed config of a parsed command line: preset defaults ← ``--config`` YAML ←
+    overrides. Credentials in the storage options are refused first, so no error echoes
+    one; every validation error is listed before anything runs (``SystemExit``)."""
+    if storage:
+        refuse_secrets(prog, args.config, overrides, storage)
+    base = presets[args.preset] if presets else {}
+    return load_config(model, args.config, overrides, base)
+
+
+def job_logging(verbose: bool) -> None:
+    """:func:`setup_logging` for a job: our lines on the terminal, Ray's in the run log
+    once Ray starts (:func:`init_ray`)."""
+    setup_logging(verbose)
+
+
+def ray_up() -> bool:
+    """Whether this process runs Ray (without importing it when it does not)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def start_ray(settings: RaySettings, log_to_driver: bool = True) -> bool:
+    """:func:`init_ray` with a job's ``ray`` settings; True if this call joined or started Ray."""
+    extra = {"object_store_memory": settings.object_store_mb * 1024 * 1024} if settings.object_store_mb else {}
+    return init_ray(address=settings.address, num_cpus=settings.num_cpus, temp_dir=settings.temp_dir,
+                    log_to_driver=log_to_driver, **extra)
+
+
+@contextlib.contextmanager
+def ray_owned() -> Iterator[None]:
+    """Shuts down, on the way out, a Ray that this process did not run on the way in."""
+    had = ray_up()
+    try:
+        yield
+    finally:
+        if not had and ray_up():
+            import ray
+
+            ray.shutdown()
+
+
+class RayCluster:
+    """Ray as a job's settings say, started only when a run asks for it
+    (``pipelines.index.build.RayAccess``)."""
+
+    def __init__(self, settings: RaySettings, log_to_driver: bool = True) -> None:
+        self.settings = settings
+        self.log_to_driver = log_to_driver
+
+    @property
+    def remote(self) -> bool:
+        """A cluster to join (``ray.address``, or ``RAY_ADDRESS`` inside ``ray job submit``)."""
+        return bool(self.settings.address or os.environ.get("RAY_ADDRESS"))
+
+    def resources(self) -> dict[str, float]:
+        """Ray's resources once it is up; before, what a local start would find here
+        (``ray.num_cpus`` or this machine's CPUs, its GPUs), without starting it."""
+        if ray_up():
+            import ray
+
+            return ray.cluster_resources()
+        import torch
+
+        return {"CPU": float(self.settings.num_cpus or len(os.sched_getaffinity(0))),
+                "GPU": float(torch.cuda.device_count())}
+
+    def start(self) -> dict[str, float]:
+        import ray
+
+        start_ray(self.settings, self.log_to_driver)
+        return ray.cluster_resources()
+
+
+def preset_defaults(model: type[BaseModel], presets: dict[str, Any] | None = None,
+                    preset: str | None = None) -> Any:
+    """The config a job builds from a preset alone (no file, no flags)."""
+    return load_config(model, None, [], presets[preset] if presets and preset else {})
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dump as dotted keys; lists and empty dicts stay whole."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            plain = yaml.safe_load(value) == value  # a path stays a string as it is
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else yaml_str(value)
+    return json.dumps(value)  # numbers, booleans, null, lists: JSON is YAML
+
+
+def command_args(cfg: BaseModel, defaults: BaseModel, flags: dict[str, str], *, progress_key: str = "progress",
+                 skip: tuple[str, ...] = (), always: tuple[str, ...] = ()) -> list[str]:
+    """The command line a user would type for ``cfg``: the job's own flag where it has one,
+    ``--no-progress``, and ``--set KEY=VALUE`` for the rest — only what differs from
+    ``defaults`` (the job's preset), and the keys in ``always``. Keys under ``skip`` are left
+    to the caller (flags that build a list, like ``--variant``). Parsing the result gives
+    ``cfg`` back."""
+    want = _leaves(cfg.model_dump(mode="json"))
+    have = _leaves(defaults.model_dump(mode="json"))
+    flag_of = {key: attr for attr, key in flags.items()}
+    argv: list[str] = []
+    sets: list[str] = []
+    for key, value in want.items():
+        if (key in have and have[key] == value and key not in always) \
+                or any(key == s or key.startswith(f"{s}.") for s in skip):
+            continue
+        if key == progress_key and value is False:
+            argv.append("--no-progress")
+        elif key in flag_of and value is not None:
+            argv += [f"--{flag_of[key].replace('_', '-')}", str(value)]
+        else:
+            sets += ["--set", f"{key}={_yaml_value(value)}"]
+    return argv + sets

@@ -61,7 +61,7 @@ from pipelines.query.metrics import RetrievalReport
 from pipelines.train.examples import to_document, training_examples
 from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
 
-from .common import load_config, setup_logging, write_json
+from .common import job_logging, job_overrides, job_parser, parse_job_config, write_json
 
 logger = logging.getLogger("ciea.compare")
 
@@ -114,6 +114,20 @@ class VisionPretrainSettings(BaseModel):
     freeze: bool = Field(True, description="freeze the pretrained tower in retrieval training, as the method does")
 
 
+def distinct_variants(v: list[str]) -> list[str]:
+    """Each variant listed once (a field validator shared with ``ciea demo``)."""
+    if len(set(v)) != len(v):
+        raise ValueError(f"variants {v} repeat a name; list each once")
+    return v
+
+
+def check_vision_seed(vision: VisionPretrainSettings, corpus: CorpusSettings) -> None:
+    """The pretraining images must not be the corpus's own (shared with ``ciea demo``)."""
+    if vision.pairs and vision.seed == corpus.seed:
+        raise ValueError(f"vision_pretrain.seed={vision.seed} equals corpus.seed: the pretraining images "
+                         "would be the corpus's own images; pick another vision_pretrain.seed")
+
+
 class DemoConfig(BaseModel):
     """The whole demo, validated before anything runs."""
 
@@ -135,21 +149,13 @@ class DemoConfig(BaseModel):
     output_dir: str = Field("runs/compare", description="where results, config and checkpoint go")
     save_checkpoint: bool = True
 
-    @field_validator("variants")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"variants {v} repeat a name; list each once")
-        return v
+    _unique = field_validator("variants")(distinct_variants)
 
     @model_validator(mode="after")
     def _check_splits(self) -> DemoConfig:
         if min(self.corpus.num_queries) < 1:
             raise ValueError(f"corpus.num_queries={self.corpus.num_queries}: every split needs >= 1 query")
-        if self.vision_pretrain.pairs and self.vision_pretrain.seed == self.corpus.seed:
-            raise ValueError(
-                f"vision_pretrain.seed={self.vision_pretrain.seed} equals corpus.seed: the pretraining "
-                "images would be the corpus's own images; pick another vision_pretrain.seed")
+        check_vision_seed(self.vision_pretrain, self.corpus)
         return self
 
 
@@ -165,19 +171,25 @@ PRESETS: dict[str, dict] = {
 }
 
 
+PROG = "ciea compare"
+FLAGS = {"output_dir": "output_dir"}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ciea compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="defaults to start from")
-    p.add_argument("--config", help="YAML file with DemoConfig fields (overrides the preset)")
+    p = job_parser(PROG, __doc__, DemoConfig, presets=PRESETS, default_preset="demo", progress=None,
+                   set_example="train.epochs=5")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--seeds", help="comma-separated training seeds, e.g. 1234,1235,1236")
     p.add_argument("--output-dir", help="output directory (default runs/compare)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def parse_config(argv: list[str] | None) -> tuple[DemoConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing run yet); exits with the errors."""
+    args = _parser().parse_args(argv)
+    extra = ([f"variants=[{args.variants}]"] if args.variants else []) + \
+        ([f"seeds=[{args.seeds}]"] if args.seeds else [])
+    return parse_job_config(PROG, DemoConfig, args, job_overrides(args, FLAGS, extra=extra), presets=PRESETS), args
 
 
 def _text_model_path(cfg: DemoConfig) -> str:
@@ -348,28 +360,15 @@ def train_variant(
     return model, processor, fits
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = list(args.set)
-    if args.variants:
-        overrides.append(f"variants=[{args.variants}]")
-    if args.seeds:
-        overrides.append(f"seeds=[{args.seeds}]")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    cfg: DemoConfig = load_config(DemoConfig, args.config, overrides, PRESETS[args.preset])  # type: ignore[assignment]
-    setup_logging(args.verbose)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
-    t_start = time.perf_counter()
-
+def load_corpus(cfg: DemoConfig, out: Path) -> tuple[Path, list[Document], list[TrainExample], dict[str, list[dict]]]:
+    """The synthetic corpus in memory: (tokenizer dir, documents, training examples, queries
+    by split); the tiny preset's tokenizer trained on it once."""
+    c = cfg.corpus
     corpus = SyntheticConfig(
-        seed=cfg.corpus.seed, num_image_docs=cfg.corpus.num_image_docs,
-        num_text_docs=cfg.corpus.num_text_docs, num_queries=cfg.corpus.num_queries,
-        image_size=cfg.corpus.image_size, complementary_fraction=cfg.corpus.complementary_fraction,
-        text_query_fraction=cfg.corpus.text_query_fraction,
-        num_collections=cfg.corpus.num_collections, p_caption_states=cfg.corpus.p_caption_states,
+        seed=c.seed, num_image_docs=c.num_image_docs, num_text_docs=c.num_text_docs, num_queries=c.num_queries,
+        image_size=c.image_size, complementary_fraction=c.complementary_fraction,
+        text_query_fraction=c.text_query_fraction, num_collections=c.num_collections,
+        p_caption_states=c.p_caption_states,
     )
     records = list(iter_documents(corpus))
     queries = generate_queries(corpus)
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         _train_tokenizer_once(texts, tokenizer_dir)
     # Images are decoded and transformed once, not every epoch; every preset's vision
     # tower takes the corpus image size.
-    transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
+    transform = ImageTransform(c.image_size, CLIP_MEAN, CLIP_STD)
     documents = [to_document(r, transform) for r in records]
     examples, counts = training_examples(queries["train"], {d.doc_id: d for d in documents})
     logger.info(
@@ -387,7 +386,29 @@ def main(argv: list[str] | None = None) -> int:
         len(documents), corpus.num_image_docs, *(len(queries[s]) for s in ("train", "dev", "test")),
         counts["used"],
     )
+    return tokenizer_dir, documents, examples, queries
 
+
+def print_results(cfg: DemoConfig, runs: dict[str, list[RetrievalReport]], table: str, num_test: int) -> None:
+    print(f"\nTest split ({num_test} queries; 'caption' queries are answerable from "
+          f"the caption, 'image' queries need what only the image shows, 'text' queries are "
+          f"answered by text documents), ×100"
+          + (f", mean ± std over {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else "") + ":\n")
+    print(table)
+    if "ciea" in runs and "text-only" in runs:
+        gap = statistics.fmean(100 * r.value("MRR@10", "image") for r in runs["ciea"]) - statistics.fmean(
+            100 * r.value("MRR@10", "image") for r in runs["text-only"])
+        print(f"\nCIEA − text-only on image queries: {gap:+.2f} MRR@10 points")
+
+
+def execute(cfg: DemoConfig) -> int:
+    """Trains and scores every variant and seed on a parsed config, writes results.json and
+    prints the table. Returns the exit code (1: a metric came out NaN)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    t_start = time.perf_counter()
+    tokenizer_dir, documents, examples, queries = load_corpus(cfg, out)
     vision_state = pretrain_vision(cfg, tokenizer_dir, out) if any(v != "text-only" for v in cfg.variants) else None
 
     runs: dict[str, list[RetrievalReport]] = {}
@@ -416,18 +437,16 @@ def main(argv: list[str] | None = None) -> int:
 
     table = summarise(runs, ["MRR@10", "NDCG@10", "Recall@10"], ["all", "caption", "image", "text"])
     write_json(out / "results.json", {"config": cfg.model_dump(), "runs": results, "table": table})
-    print(f"\nTest split ({len(queries['test'])} queries; 'caption' queries are answerable from "
-          f"the caption, 'image' queries need what only the image shows, 'text' queries are "
-          f"answered by text documents), ×100"
-          + (f", mean ± std over {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else "") + ":\n")
-    print(table)
-    if "ciea" in runs and "text-only" in runs:
-        gap = statistics.fmean(100 * r.value("MRR@10", "image") for r in runs["ciea"]) - statistics.fmean(
-            100 * r.value("MRR@10", "image") for r in runs["text-only"])
-        print(f"\nCIEA − text-only on image queries: {gap:+.2f} MRR@10 points")
+    print_results(cfg, runs, table, len(queries["test"]))
     minutes = (time.perf_counter() - t_start) / 60
     print(f"\nresults: {out / 'results.json'}   ({minutes:.1f} min)")
     return 0 if all(math.isfinite(r.value("MRR@10")) for rs in runs.values() for r in rs) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
+    return execute(cfg)
 
 
 if __name__ == "__main__":

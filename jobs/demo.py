@@ -1,6 +1,7 @@
 """``ciea demo``: the whole ciea pipeline on the embedded synthetic corpus, on one machine,
-exactly as a data team runs it on a cluster — every stage is the real job, called with the
-arguments a user would type, all sharing one local Ray:
+exactly as a data team runs it on a cluster — every stage is the real job, run on the typed
+config the job would parse (the command a user would type for it is printed first), all
+sharing one local Ray:
 
 1. ``ciea ingest``  — generate the corpus and merge it into Delta Lake with Ray Data;
 2. pretrain the stand-in "CLIP" vision tower once (cached; no pretrained CLIP installs offline);
@@ -30,18 +31,28 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import compare
-from .common import init_ray, load_config, setup_logging, write_json
+from .common import (
+    RaySettings,
+    deep_merge,
+    job_logging,
+    job_overrides,
+    job_parser,
+    load_config,
+    move_legacy_keys,
+    parse_job_config,
+    start_ray,
+    write_json,
+)
 
 logger = logging.getLogger("ciea.demo")
-
-Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr"]
 
 
 class TrainStages(BaseModel):
@@ -57,7 +68,7 @@ class DemoConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: Literal["demo", "tiny"] = Field("demo", description="model size (`ciea train` preset)")
-    variants: list[Variant] = Field(
+    variants: list[compare.Variant] = Field(
         default_factory=lambda: ["ciea", "text-only", "marvel"], min_length=1,
         description="trained and embedded variants; BM25 (the CIEA table's full-text index) is always scored too")
     seed: int = Field(1234, description="training seed")
@@ -66,26 +77,27 @@ class DemoConfig(BaseModel):
     train: TrainStages = Field(default_factory=TrainStages)
     examples: int = Field(3, ge=0, le=20, description="example queries printed with their top results")
     output_dir: str = Field("runs/demo", description="everything goes under here: data/, train/, lancedb/, eval/")
-    num_cpus: int | None = Field(None, ge=2, description="CPUs of the local Ray (default: all)")
+    ray: RaySettings = Field(default_factory=RaySettings, description="the one Ray every stage shares "
+                                                                      "(ray.num_cpus: also the old num_cpus)")
     progress: bool = Field(True, description="progress bars")
 
-    @field_validator("variants")
+    _unique = field_validator("variants")(compare.distinct_variants)
+
+    @model_validator(mode="before")
     @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"variants {v} repeat a name; list each once")
-        return v
+    def _moved(cls, data: Any) -> Any:
+        return move_legacy_keys(data, {"num_cpus": "ray.num_cpus"})
 
     @model_validator(mode="after")
     def _check(self) -> DemoConfig:
         if "ciea" not in self.variants:
             raise ValueError(f"variants {self.variants} must include ciea: the demo compares it with the baselines")
-        if self.vision_pretrain.pairs and self.vision_pretrain.seed == self.corpus.seed:
-            raise ValueError(f"vision_pretrain.seed={self.vision_pretrain.seed} equals corpus.seed: pick another "
-                             "vision_pretrain.seed so the pretraining images are not the corpus's own")
+        compare.check_vision_seed(self.vision_pretrain, self.corpus)
         if self.preset == "tiny" and self.vision_pretrain.pairs:
             raise ValueError("the tiny preset trains its tokenizer per run, so it cannot share a pretrained "
                              "vision tower: set vision_pretrain.pairs=0")
+        if self.ray.num_cpus is not None and self.ray.num_cpus < 2:
+            raise ValueError(f"ray.num_cpus={self.ray.num_cpus}: the demo's Ray Train stage needs >= 2 CPUs")
         return self
 
 
@@ -101,78 +113,127 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+PROG = "ciea demo"
+FLAGS = {"output_dir": "output_dir"}
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ciea demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="defaults to start from")
-    p.add_argument("--config", help="YAML file with DemoConfig fields (overrides the preset)")
+    p = job_parser(PROG, __doc__, DemoConfig, presets=PRESETS, default_preset="demo", ray=True,
+                   progress="no progress bars", set_example="train.stage2_epochs=0")
     p.add_argument("--variants", help="comma-separated: ciea plus any of text-only, marvel, univl-dr, ciea-no-cie, ciea-no-comp")
     p.add_argument("--output-dir", help="output directory (default runs/demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field, e.g. --set train.stage2_epochs=0 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
+def parse_config(argv: list[str] | None) -> tuple[DemoConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing run yet); exits with the errors."""
+    args = _parser().parse_args(argv)
+    overrides = job_overrides(args, FLAGS, extra=[f"variants=[{args.variants}]"] if args.variants else [])
+    return parse_job_config(PROG, DemoConfig, args, overrides, presets=PRESETS), args
+
+
+# ---------------------------------------------------------------------------------------
+# The stages: each a job's typed config, run by the job itself
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobCall:
+    """One stage: the job's typed config, the job's ``execute``, and the command a user
+    would type for the same config (``ciea <command> <args>``)."""
+
+    command: str
+    config: Any
+    args: list[str]
+    execute: Callable[[Any], int]
+
+
 class Stage:
-    """Prints each stage's command line (what a user would type) and times it."""
+    """Prints each stage's command line (what a user would type), runs it and times it."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def run(self, label: str, command: str, argv: Sequence[str], main: Callable[[list[str]], int]) -> None:
-        print(f"\n── {label}\n$ ciea {command} {shlex.join(argv)}", flush=True)
+    def run(self, label: str, call: JobCall) -> None:
+        print(f"\n── {label}\n$ ciea {call.command} {shlex.join(call.args)}", flush=True)
         t0 = time.perf_counter()
-        rc = main(list(argv))
+        rc = call.execute(call.config)
         self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
         if rc != 0:
             raise SystemExit(f"ciea demo: stage {label!r} failed (exit {rc}); fix it and re-run `ciea demo` — "
                              "finished stages are not repeated")
 
 
-def _init_ray(cfg: DemoConfig) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    init_ray(num_cpus=cfg.num_cpus, log_to_driver=False)
+def _typed(model: type[BaseModel], values: dict[str, Any], base: dict[str, Any] | None = None,
+           sets: list[str] | None = None) -> Any:
+    """A job's config from its preset ``base``, the demo's ``values`` and ``--set`` pairs
+    (exits listing every error, as the job itself would)."""
+    return load_config(model, None, list(sets or []), deep_merge(base or {}, values))
 
 
-def ingest_args(cfg: DemoConfig, data: Path) -> list[str]:
+def ingest_call(cfg: DemoConfig, data: Path) -> JobCall:
+    from . import ingest
+
     c = cfg.corpus
-    sets = {
-        "source.synthetic.seed": c.seed, "source.synthetic.num_image_docs": c.num_image_docs,
-        "source.synthetic.num_text_docs": c.num_text_docs,
-        "source.synthetic.num_queries": "[" + ",".join(map(str, c.num_queries)) + "]",
-        "source.synthetic.image_size": c.image_size, "source.synthetic.num_collections": c.num_collections,
-        "source.synthetic.p_caption_states": c.p_caption_states,
-        "source.synthetic.complementary_fraction": c.complementary_fraction,
-        "source.synthetic.text_query_fraction": c.text_query_fraction,
-    }
-    argv = ["--source", "synthetic", "--root", str(data), "--run-dir", str(data.parent / "ingest")]
-    for key, value in sets.items():
-        argv += ["--set", f"{key}={value}"]
-    return argv + ([] if cfg.progress else ["--no-progress"])
+    synthetic = c.model_dump(include={"seed", "num_image_docs", "num_text_docs", "num_queries", "image_size",
+                                      "num_collections", "p_caption_states", "complementary_fraction",
+                                      "text_query_fraction"})
+    job = _typed(ingest.IngestConfig, {
+        "source": {"kind": "synthetic", "synthetic": synthetic},
+        "output": {"root": str(data), "run_dir": str(data.parent / "ingest")}, "progress": cfg.progress,
+    }, ingest.PRESETS["default"])
+    return JobCall("ingest", job, ingest.command(job, always=("source.kind",)), ingest.execute)
 
 
-def train_args(cfg: DemoConfig, variant: str, data: Path, runs: Path, stage: int,
-               vision: Path | None, init_from: str | None = None, negatives: Path | None = None,
-               tokenizer: str | None = None) -> list[str]:
-    name = f"{variant}-s{stage}"
-    epochs = cfg.train.stage1_epochs if stage == 1 else cfg.train.stage2_epochs
-    argv = ["--preset", cfg.preset, "--root", str(data), "--storage-path", str(runs), "--name", name,
-            "--variant", variant, "--stage", str(stage), "--workers", str(cfg.train.workers),
-            "--set", f"train.epochs={epochs}", "--set", f"train.seed={cfg.seed}"]
+def train_call(cfg: DemoConfig, variant: str, data: Path, runs: Path, stage: int, vision: Path | None,
+               init_from: str | None = None, negatives: Path | None = None, tokenizer: str | None = None) -> JobCall:
+    from . import train
+
+    model: dict[str, Any] = {"variant": variant}
     if vision is not None:
-        argv += ["--set", f"model.vision_state={vision}", "--set", f"model.freeze_vision={cfg.vision_pretrain.freeze}"]
-    if init_from:
-        argv += ["--set", f"train.init_from={init_from}"]
-    if negatives is not None:
-        argv += ["--set", f"train.negatives={negatives}"]
+        model.update(vision_state=str(vision), freeze_vision=cfg.vision_pretrain.freeze)
     if tokenizer:
-        argv += ["--set", f"model.tokenizer={tokenizer}"]
-    for extra in cfg.train.set:
-        argv += ["--set", extra]
-    return argv + ([] if cfg.progress else ["--no-progress"])
+        model["tokenizer"] = tokenizer
+    epochs = cfg.train.stage1_epochs if stage == 1 else cfg.train.stage2_epochs
+    steps: dict[str, Any] = {"stage": stage, "epochs": epochs, "seed": cfg.seed}
+    if init_from:
+        steps["init_from"] = init_from
+    if negatives is not None:
+        steps["negatives"] = str(negatives)
+    job = _typed(train.TrainJobConfig, {
+        "data": {"root": str(data)}, "model": model, "train": steps, "scaling": {"num_workers": cfg.train.workers},
+        "run": {"storage_path": str(runs), "name": f"{variant}-s{stage}", "progress": cfg.progress},
+    }, train.PRESETS[cfg.preset], cfg.train.set)
+    return JobCall("train", job, train.command(job, always=("model.variant", "train.stage")), train.execute)
+
+
+def mine_call(cfg: DemoConfig, checkpoint: str, data: Path, negatives: Path) -> JobCall:
+    from . import mine_negatives
+
+    job = _typed(mine_negatives.MineConfig, {"checkpoint": checkpoint, "root": str(data), "output": str(negatives),
+                                             "cpus_per_actor": 0.5, "progress": cfg.progress})
+    return JobCall("mine-negatives", job, mine_negatives.command(job, always=("root",)), mine_negatives.execute)
+
+
+def embed_call(cfg: DemoConfig, variant: str, model_dir: str, data: Path, db: Path, out: Path) -> JobCall:
+    from . import embed
+
+    job = _typed(embed.EmbedJobConfig, {
+        "input": {"root": str(data)}, "model": {"checkpoint": model_dir},
+        "output": {"db": str(db), "table": table_name(variant), "run_dir": str(out / "embed" / variant)},
+        "progress": cfg.progress})
+    return JobCall("embed", job, embed.command(job), embed.execute)
+
+
+def evaluate_call(cfg: DemoConfig, data: Path, db: Path, out: Path) -> JobCall:
+    from . import evaluate
+
+    variants = [{"name": v, "table": f"{db}/{table_name(v)}", "mode": "vector"} for v in cfg.variants]
+    variants.append({"name": "bm25", "table": f"{db}/{table_name('ciea')}", "mode": "fts"})
+    job = _typed(evaluate.EvaluateConfig, {"input": {"root": str(data), "split": "test"},
+                                           "output": {"out": str(out / "eval")}, "variants": variants,
+                                           "progress": cfg.progress})
+    return JobCall("evaluate", job, evaluate.command(job, always=("input.split",)), evaluate.execute)
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:
@@ -187,21 +248,17 @@ def train_variant(cfg: DemoConfig, variant: str, data: Path, runs: Path, vision:
                   stages: Stage) -> dict[str, Any]:
     """Stage 1 → mine → stage 2 through the real jobs; returns the better stage's summary
     (the method keeps whichever stage scored best on dev)."""
-    from . import mine_negatives, train
-
-    stages.run(f"train {variant} (stage 1)", "train", train_args(cfg, variant, data, runs, 1, vision), train.main)
+    stages.run(f"train {variant} (stage 1)", train_call(cfg, variant, data, runs, 1, vision))
     s1 = _summary(runs / f"{variant}-s1")
     best = {**s1, "stage": 1}
     if not cfg.train.stage2_epochs:
         return best
     negatives = runs / f"{variant}-negatives"
-    mine = ["--checkpoint", s1["model_dir"], "--root", str(data), "--output", str(negatives),
-            "--set", "cpus_per_actor=0.5"] + ([] if cfg.progress else ["--no-progress"])
     if not (negatives / "_delta_log").is_dir() or _mined_by(negatives) != s1["model_id"]:
-        stages.run(f"mine negatives for {variant}", "mine-negatives", mine, mine_negatives.main)
+        stages.run(f"mine negatives for {variant}", mine_call(cfg, s1["model_dir"], data, negatives))
     tokenizer = str(Path(s1["model_dir"]) / "tokenizer") if cfg.preset == "tiny" else None
-    stages.run(f"train {variant} (stage 2)", "train",
-               train_args(cfg, variant, data, runs, 2, vision, s1["model_dir"], negatives, tokenizer), train.main)
+    stages.run(f"train {variant} (stage 2)",
+               train_call(cfg, variant, data, runs, 2, vision, s1["model_dir"], negatives, tokenizer))
     s2 = _summary(runs / f"{variant}-s2")
     if _best_dev(s2) >= _best_dev(s1):
         best = {**s2, "stage": 2}
@@ -213,21 +270,8 @@ def _mined_by(negatives: Path) -> str | None:
     return json.loads(summary.read_text()).get("model_id") if summary.is_file() else None
 
 
-def embed_args(cfg: DemoConfig, variant: str, model_dir: str, data: Path, db: Path, out: Path) -> list[str]:
-    return ["--root", str(data), "--checkpoint", model_dir, "--db", str(db), "--table", table_name(variant),
-            "--run-dir", str(out / "embed" / variant)] + ([] if cfg.progress else ["--no-progress"])
-
-
 def table_name(variant: str) -> str:
     return variant.replace("-", "_")
-
-
-def evaluate_args(cfg: DemoConfig, data: Path, db: Path, out: Path) -> list[str]:
-    argv = ["--root", str(data), "--split", "test", "--out", str(out / "eval")]
-    for variant in cfg.variants:
-        argv += ["--variant", f"{variant}=table:{db}/{table_name(variant)}"]
-    argv += ["--variant", f"bm25=fts:{db}/{table_name('ciea')}"]
-    return argv + ([] if cfg.progress else ["--no-progress"])
 
 
 def print_examples(cfg: DemoConfig, data: Path, db: Path) -> list[dict[str, Any]]:
@@ -270,45 +314,35 @@ def print_examples(cfg: DemoConfig, data: Path, db: Path) -> list[dict[str, Any]
     return shown
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = list(args.set)
-    if args.variants:
-        overrides.append(f"variants=[{args.variants}]")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.no_progress:
-        overrides.append("progress=false")
-    cfg: DemoConfig = load_config(DemoConfig, args.config, overrides, PRESETS[args.preset])  # type: ignore[assignment]
-    setup_logging(args.verbose)
-    for noisy in ("ray", "ray.data", "ray.train"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def pretrain_vision(cfg: DemoConfig, out: Path, stages: Stage) -> Path | None:
+    """The stand-in CLIP vision tower, pretrained once and cached (``None``: not pretrained)."""
+    if not cfg.vision_pretrain.pairs:
+        return None
+    t0 = time.perf_counter()
+    print("\n── pretrain the stand-in CLIP vision tower (once; cached)", flush=True)
+    vision = compare.pretrained_vision_path(
+        compare.DemoConfig(preset=cfg.preset, corpus=cfg.corpus, vision_pretrain=cfg.vision_pretrain),
+        out / "tokenizer", out, progress=cfg.progress)
+    stages.seconds["pretrain vision"] = time.perf_counter() - t0
+    return vision
+
+
+def execute(cfg: DemoConfig) -> int:
+    """Runs every stage on a parsed config and prints where to go next. Returns the exit code."""
     out = Path(cfg.output_dir).resolve()
     data, runs, db = out / "data", out / "train", out / "lancedb"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo_config.json", cfg.model_dump(mode="json"))
     t_start = time.perf_counter()
     stages = Stage()
-
-    from . import embed, evaluate, ingest
-
-    _init_ray(cfg)
-    stages.run("ingest the corpus into Delta", "ingest", ingest_args(cfg, data), ingest.main)
-
-    vision = None
-    if cfg.vision_pretrain.pairs:
-        t0 = time.perf_counter()
-        print("\n── pretrain the stand-in CLIP vision tower (once; cached)", flush=True)
-        vision = compare.pretrained_vision_path(
-            compare.DemoConfig(preset=cfg.preset, corpus=cfg.corpus, vision_pretrain=cfg.vision_pretrain),
-            out / "tokenizer", out, progress=cfg.progress)
-        stages.seconds["pretrain vision"] = time.perf_counter() - t0
-
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start_ray(cfg.ray, log_to_driver=False)
+    stages.run("ingest the corpus into Delta", ingest_call(cfg, data))
+    vision = pretrain_vision(cfg, out, stages)
     trained = {v: train_variant(cfg, v, data, runs, vision, stages) for v in cfg.variants}
     for variant, summary in trained.items():
-        stages.run(f"embed with {variant}", "embed", embed_args(cfg, variant, summary["model_dir"], data, db, out),
-                   embed.main)
-    stages.run("evaluate on the test split", "evaluate", evaluate_args(cfg, data, db, out), evaluate.main)
+        stages.run(f"embed with {variant}", embed_call(cfg, variant, summary["model_dir"], data, db, out))
+    stages.run("evaluate on the test split", evaluate_call(cfg, data, db, out))
     examples = print_examples(cfg, data, db)
 
     minutes = (time.perf_counter() - t_start) / 60
@@ -324,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Query it:    ciea sql \"SELECT modality, count(*) FROM {table_name('ciea')} GROUP BY 1\" --db {db}")
     print(f"Open the page: ciea serve --db {db} --table {table_name('ciea')}   → http://127.0.0.1:8000")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
+    return execute(cfg)
 
 
 if __name__ == "__main__":

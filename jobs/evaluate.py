@@ -1,5 +1,6 @@
 """``ciea evaluate``: score tables and checkpoints on a query split — MRR@10/@20,
-NDCG@10/@20, Recall@1/5/20/100, overall, by query kind and by answer modality — several
+NDCG@10/@20, graded NDCG gNDCG@10/@20 (gain = the qrels grade, trec_eval's ndcg_cut),
+Recall@1/5/20/100, overall, by query kind and by answer modality — several
 variants side by side in one report.
 
 A variant is a name and where its ranking comes from (``--variant NAME=KIND:WHERE``):
@@ -46,11 +47,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipelines.store import storage as storage_mod
 
 from .common import (
-    config_keys,
-    flag_overrides,
-    load_config,
-    refuse_secrets,
-    setup_logging,
+    command_args,
+    job_logging,
+    job_overrides,
+    job_parser,
+    parse_job_config,
     write_json,
 )
 
@@ -106,13 +107,15 @@ class MetricSettings(BaseModel):
     mrr: list[int] = Field([10, 20], description="MRR cutoffs")
     ndcg: list[int] = Field([10, 20], description="NDCG cutoffs")
     recall: list[int] = Field([1, 5, 20, 100], description="Recall cutoffs")
+    graded_ndcg: list[int] = Field([10, 20], description="graded NDCG cutoffs (gNDCG@k: trec_eval ndcg_cut "
+                                   "with gain = the qrels grade)")
     group_by: list[str] = Field(["kind"], description="query metadata keys to split the report by (synthetic: kind)")
     answer_modality: bool = Field(True, description="also split by the modality of the relevant documents")
     charts: list[str] = Field(["MRR@10"], description="metrics drawn as PNG bar charts (groups x variants)")
 
     @model_validator(mode="after")
     def _check(self) -> MetricSettings:
-        for name in ("mrr", "ndcg", "recall"):
+        for name in ("mrr", "ndcg", "recall", "graded_ndcg"):
             bad = [k for k in getattr(self, name) if k < 1]
             if bad:
                 raise ValueError(f"metrics.{name} cutoffs must be >= 1, got {bad}")
@@ -128,11 +131,11 @@ class MetricSettings(BaseModel):
     def names(self) -> list[str]:
         from pipelines.query.metrics import metric_names
 
-        return metric_names(self.mrr, self.ndcg, self.recall)
+        return metric_names(self.mrr, self.ndcg, self.recall, self.graded_ndcg)
 
     @property
     def max_k(self) -> int:
-        return max((*self.mrr, *self.ndcg, *self.recall), default=1)
+        return max((*self.mrr, *self.ndcg, *self.recall, *self.graded_ndcg), default=1)
 
 
 class SearchSettings(BaseModel):
@@ -187,9 +190,6 @@ class EvaluateConfig(BaseModel):
         return self.search.k or self.metrics.max_k
 
 
-PRESETS: dict[str, dict[str, Any]] = {"default": {}}
-
-
 def parse_table_spec(spec: str) -> tuple[str, str, int | str | None]:
     """``"<db>/<table>[@version|@tag]"`` → ``(db_uri, table, version)``; ``version`` is an int,
     a tag name, or ``None`` (the published version).
@@ -223,47 +223,51 @@ def parse_variant(text: str) -> dict[str, Any]:
     return {"name": name, "table": where, "mode": TABLE_KINDS[kind]}
 
 
+def format_variant(spec: VariantSettings) -> str:
+    """The ``--variant NAME=KIND:WHERE`` text of a variant (the inverse of :func:`parse_variant`)."""
+    if spec.checkpoint is not None:
+        return f"{spec.name}=checkpoint:{spec.checkpoint}"
+    kind = next(k for k, mode in TABLE_KINDS.items() if mode == spec.mode)
+    return f"{spec.name}={kind}:{spec.table}"
+
+
+PROG = "ciea evaluate"
+STORAGE = "input.storage_options"
+#: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
+FLAGS = {"root": "input.root", "split": "input.split", "corpus_version": "input.corpus_version", "out": "output.out",
+         "k": "search.k", "device": "search.device", "batch_size": "search.batch_size"}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ciea evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(config_keys(EvaluateConfig)))
-    p.add_argument("--config", help="YAML file with EvaluateConfig fields")
+    p = job_parser(PROG, __doc__, EvaluateConfig, storage=STORAGE, progress="no progress bars (progress=false)",
+                   set_example="metrics.charts=[MRR@10,NDCG@10]")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KIND:WHERE",
                    help=f"a variant to score, repeatable; KIND: {', '.join(VARIANT_KINDS)} (replaces `variants`)")
     p.add_argument("--root", help="data root with queries/, qrels/ and corpus/ (input.root)")
     p.add_argument("--split", help="query split, e.g. test or dev (input.split)")
     p.add_argument("--corpus-version", type=int, help="corpus/documents version (input.corpus_version)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="object-store setting, repeatable (input.storage_options; never credentials)")
     p.add_argument("--out", help="output folder (output.out)")
     p.add_argument("--k", type=int, help="documents retrieved per query (search.k)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="encoding device (search.device)")
     p.add_argument("--batch-size", type=int, help="queries per search call (search.batch_size)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (progress=false)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key below, e.g. --set metrics.charts=[MRR@10,NDCG@10]")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = flag_overrides(args, {
-        "root": "input.root", "split": "input.split", "corpus_version": "input.corpus_version", "out": "output.out",
-        "k": "search.k", "device": "search.device", "batch_size": "search.batch_size"}, "input.storage_options")
-    if args.variant:
-        # JSON is YAML: the parsed list replaces `variants` from a config file.
-        out.append("variants=" + json.dumps([parse_variant(v) for v in args.variant]))
-    if args.no_progress:
-        out.append("progress=false")
-    return out + list(args.set)
-
-
 def parse_config(argv: list[str] | None) -> tuple[EvaluateConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing opened yet); exits with the errors."""
     args = _parser().parse_args(argv)
-    overrides = _overrides(args)
-    refuse_secrets("ciea evaluate", args.config, overrides, "input.storage_options")
-    cfg: EvaluateConfig = load_config(EvaluateConfig, args.config, overrides, PRESETS["default"])  # type: ignore[assignment]
-    return cfg, args
+    # JSON is YAML: the parsed list replaces `variants` from a config file.
+    variants = ["variants=" + json.dumps([parse_variant(v) for v in args.variant])] if args.variant else []
+    overrides = job_overrides(args, FLAGS, storage=STORAGE, extra=variants)
+    return parse_job_config(PROG, EvaluateConfig, args, overrides, storage=STORAGE), args
+
+
+def command(cfg: EvaluateConfig, always: tuple[str, ...] = ()) -> list[str]:
+    """The arguments of ``ciea evaluate`` that give ``cfg`` (what ``ciea demo`` prints)."""
+    as_flags = all(v.query_checkpoint is None for v in cfg.variants)
+    args = command_args(cfg, EvaluateConfig.model_construct(), FLAGS, skip=("variants",) if as_flags else (),
+                        always=always)
+    return args + [a for v in cfg.variants for a in ("--variant", format_variant(v))] if as_flags else args
 
 
 # ---------------------------------------------------------------------------------------
@@ -381,9 +385,12 @@ def write_trec(out: Path, qrels: dict[str, dict[str, int]], runs: dict[str, dict
     """``qrels.txt`` and ``runs/<variant>.txt`` in TREC format. Scores are ``k - rank``
     (trec_eval orders by score, so the file keeps each ranking's order). Relevance is
     written binary (grade > 0 → 1): the report's NDCG uses binary gains
-    (:mod:`pipelines.query.metrics`), and trec_eval on these files gives the same numbers."""
+    (:mod:`pipelines.query.metrics`), and trec_eval on these files gives the same numbers;
+    ``qrels.graded.txt`` keeps the grades, for ``gNDCG@k`` (trec_eval's ``ndcg_cut``)."""
     lines = [f"{q} 0 {d} {int(r > 0)}" for q in sorted(qrels) for d, r in sorted(qrels[q].items())]
     (out / "qrels.txt").write_text("\n".join(lines) + "\n")
+    graded = [f"{q} 0 {d} {int(r)}" for q in sorted(qrels) for d, r in sorted(qrels[q].items())]
+    (out / "qrels.graded.txt").write_text("\n".join(graded) + "\n")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():
         rows = [f"{q} Q0 {d} {i + 1} {len(ranked) - i} {name}"
@@ -417,7 +424,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     for prep in prepared:
         logger.info("variant %s: %s", prep.spec.name, prep.info["source"])
         runs[prep.spec.name] = run_variant(cfg, prep, queries, qrels)
-        reports[prep.spec.name] = E.evaluate_grouped(runs[prep.spec.name], qrels, groupings, m.mrr, m.ndcg, m.recall)
+        reports[prep.spec.name] = E.evaluate_grouped(runs[prep.spec.name], qrels, groupings, m.mrr, m.ndcg, m.recall,
+                                                     m.graded_ndcg)
         prep.searcher = None  # release the model before the next variant loads its own
 
     meta = {"split": cfg.input.split, "root": storage_mod.normalise_uri(cfg.input.root), "queries": len(queries),
@@ -457,9 +465,10 @@ def format_summary(doc: dict[str, Any], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv)
-    setup_logging(args.verbose)
+def execute(cfg: EvaluateConfig) -> int:
+    """Runs the job on a parsed config (what ``main`` does after parsing, and what
+    ``ciea demo`` calls): :func:`evaluate`, the resolved config, the printed tables.
+    Returns the exit code."""
     if cfg.search.threads:
         import torch
 
@@ -476,3 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "evaluate_config.json", cfg.model_dump(mode="json"))
     print(format_summary(doc, cfg.metrics.names))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
+    return execute(cfg)

@@ -15,7 +15,9 @@ Sources (``--source``): ``synthetic`` (the generated demo corpus), ``webqa`` (th
 UniVL-DR release folder: all_docs.json, all_imgs.json, imgs.tsv + imgs.lineidx.new,
 train/dev/test.json), ``edis`` (candidates_full.json, train/dev/test.json, images/),
 ``manifest`` (JSONL / Parquet files with doc_id, text, caption, image), ``folder`` (images
-with sidecar .txt captions).
+with sidecar .txt captions), ``webdataset`` (tar shards: a folder, a glob or a brace range).
+Manifest, folder and webdataset sources take queries and graded qrels in the BEIR layout
+(``--queries DIR``: queries.jsonl + qrels/<split>.tsv).
 
 Examples::
 
@@ -24,6 +26,7 @@ Examples::
     ciea ingest --source webqa --path /data/WebQA --root s3://corpus/webqa \\
         --storage-option AWS_REGION=eu-west-1                # credentials from the environment
     ciea ingest --source manifest --path docs.jsonl --image-mode uri
+    ciea ingest --source webdataset --path 's3://corpus/shards/{00000..00099}.tar' --queries beir/
     ciea ingest --config ingest.yaml --set limits.max_text_chars=50000
 """
 
@@ -49,26 +52,32 @@ from pipelines.ingest.sources import (
     ManifestSource,
     Source,
     SyntheticSource,
+    UrlSource,
+    WebDatasetSource,
     WebQASource,
 )
+from pipelines.ingest.sources.beir import BeirQueries
 from pipelines.ingest.sources.synthetic.generator import SyntheticConfig
 from pipelines.ingest.validation import Limits
 from pipelines.store import delta_tables
 from pipelines.store import storage as storage_mod
 
 from .common import (
-    config_keys,
-    flag_overrides,
-    init_ray,
-    load_config,
-    refuse_secrets,
-    setup_logging,
+    RaySettings,
+    command_args,
+    job_logging,
+    job_overrides,
+    job_parser,
+    parse_job_config,
+    preset_defaults,
+    ray_owned,
+    start_ray,
     write_json,
 )
 
 logger = logging.getLogger("ciea.ingest")
 
-SourceKind = Literal["synthetic", "webqa", "edis", "manifest", "folder"]
+SourceKind = Literal["synthetic", "webqa", "edis", "manifest", "folder", "webdataset", "urls"]
 #: Crash-test hook, a real SIGKILL of this process at a chosen point:
 #: ``documents_after_rows=N`` once N records have streamed into the documents MERGE (mid-run,
 #: nothing committed), ``after_documents`` right after the documents commit.
@@ -95,9 +104,35 @@ class SyntheticSettings(BaseModel):
     text_query_fraction: float = Field(0.3, ge=0, le=1, description="share of 'text' queries (text-document answers)")
 
 
+class FetchOptions(BaseModel):
+    """urls: how images are fetched (``pipelines.ingest.fetch``), per Ray Data read task."""
+
+    model_config = ConfigDict(extra="forbid")
+    concurrency: int = Field(16, ge=1, le=512, description="requests in flight per read task")
+    per_host: int = Field(4, ge=1, description="requests in flight per host, per read task")
+    connect_timeout_s: float = Field(5.0, gt=0, description="connect timeout (s)")
+    read_timeout_s: float = Field(10.0, gt=0, description="timeout between two reads of a response (s)")
+    total_timeout_s: float = Field(30.0, gt=0, description="deadline of one attempt, body included (s)")
+    retries: int = Field(3, ge=0, le=20, description="more attempts on 429, 408, 5xx, timeouts, broken bodies")
+    backoff_s: float = Field(0.5, ge=0, description="first backoff (s); doubles, full jitter")
+    max_backoff_s: float = Field(8.0, ge=0, description="longest backoff (s)")
+    max_retry_after_s: float = Field(30.0, ge=0, description="longest Retry-After honoured; a longer one gives up")
+    max_redirects: int = Field(5, ge=0, description="redirects followed")
+    max_mb: float = Field(16.0, gt=0, description="largest body (MiB), enforced while streaming")
+    shard_kb: int = Field(256, ge=1, description="JSON-lines URL lists: bytes per read task (KiB)")
+    refetch_failed: bool = Field(False, description="fetch again the URLs whose fetch failed in an earlier run")
+
+    def settings(self):
+        from pipelines.ingest.fetch import FetchSettings
+
+        return FetchSettings(**self.model_dump(exclude={"max_mb", "shard_kb", "refetch_failed"}),
+                             max_bytes=int(self.max_mb * (1 << 20)))
+
+
 class SourceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: SourceKind = Field("synthetic", description="source format: synthetic, webqa, edis, manifest, folder")
+    kind: SourceKind = Field("synthetic", description="source format: synthetic, webqa, edis, manifest, folder, "
+                                                      "webdataset, urls")
     path: str | None = Field(None, description="source folder/file (local path or s3:// URI); not for synthetic")
     name: str | None = Field(None, description="label stored with every row (default: the kind)")
     images_dir: str | None = Field(None, description="edis: folder of candidate images (default <path>/images)")
@@ -108,11 +143,18 @@ class SourceSettings(BaseModel):
         None, ge=1, description="synthetic: documents per read shard (default: the corpus in ~8 shards of "
                                 "500..10000; Ray Data idles a worker ~0.2 s between tasks, so small shards cost)")
     files_per_shard: int = Field(500, ge=1, description="folder: images per read shard")
+    shards_per_task: int = Field(1, ge=1, description="webdataset: tar shards per Ray Data read task")
+    max_member_mb: float = Field(64.0, gt=0, description="webdataset: largest tar member (MiB); a larger one "
+                                 "quarantines its sample unread")
     queries: bool = Field(True, description="also ingest queries and qrels when the source has them")
+    queries_path: str | None = Field(
+        None, description="BEIR queries folder (queries.jsonl + qrels/<split>.tsv, graded scores kept) for "
+                          "manifest, folder, webdataset and urls sources; local or s3://")
     full_snapshot: bool = Field(
         False, description="the source is complete: delete this source's documents that it no longer has "
                            "(a record that is now quarantined counts as gone)")
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
+    fetch: FetchOptions = Field(default_factory=FetchOptions)
 
     @model_validator(mode="after")
     def _check(self) -> SourceSettings:
@@ -120,9 +162,12 @@ class SourceSettings(BaseModel):
             raise ValueError(f"source.kind={self.kind!r} needs source.path (--path): the folder or file to read")
         if self.kind == "synthetic" and self.path:
             raise ValueError("source.path is not used by the synthetic source; drop --path or pick --source")
-        if self.image_mode == "uri" and self.kind in ("synthetic", "webqa"):
+        if self.queries_path and self.kind in ("synthetic", "webqa", "edis"):
+            raise ValueError(f"source.queries_path (--queries) is for manifest, folder, webdataset and urls "
+                             f"sources; {self.kind} reads its own queries — drop --queries")
+        if self.image_mode == "uri" and self.kind in ("synthetic", "webqa", "webdataset", "urls"):
             raise ValueError(f"source.image_mode=uri needs images addressable by URI; {self.kind} images "
-                             "are generated or packed in imgs.tsv — use inline")
+                             "are generated or packed in imgs.tsv or tar shards — use inline")
         return self
 
 
@@ -153,16 +198,6 @@ class LimitsSettings(BaseModel):
         return Limits(**self.model_dump(exclude={"max_query_chars"}))
 
 
-class RaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    address: str | None = Field(None, description="Ray cluster address; default: start a local Ray")
-    num_cpus: int | None = Field(None, ge=1, description="local Ray: CPUs to use (default: all)")
-    temp_dir: str = Field("/tmp/ciea-ray", description="local Ray: session files (keep the path short)")
-    object_store_mb: int | None = Field(
-        None, ge=64, description="local Ray: object store size (MiB); default Ray's (30% of RAM). "
-        "Ray Data keeps in-flight blocks within it")
-
-
 class IngestConfig(BaseModel):
     """The whole ingest, validated before Ray starts."""
 
@@ -181,17 +216,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                                       "num_queries": (60, 20, 20), "image_size": 32}}},
 }
 
+PROG = "ciea ingest"
+STORAGE = "output.storage_options"
+#: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
+FLAGS = {"source": "source.kind", "path": "source.path", "name": "source.name", "images_dir": "source.images_dir",
+         "image_mode": "source.image_mode", "root": "output.root", "run_dir": "output.run_dir",
+         "queries": "source.queries_path"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ciea ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n"
-               + "\n".join(config_keys(IngestConfig)))
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="defaults to start from (tiny: a 260-document synthetic corpus)")
-    p.add_argument("--config", help="YAML file with IngestConfig fields (overrides the preset)")
-    p.add_argument("--source", choices=["synthetic", "webqa", "edis", "manifest", "folder"],
+    p = job_parser(PROG, __doc__, IngestConfig, presets=PRESETS, default_preset="default",
+                   preset_help="defaults to start from (tiny: a 260-document synthetic corpus)", storage=STORAGE,
+                   ray=True, progress="no progress bars (progress=false)", set_example="limits.max_text_chars=50000")
+    p.add_argument("--source", choices=["synthetic", "webqa", "edis", "manifest", "folder", "webdataset", "urls"],
                    help="source format (source.kind)")
     p.add_argument("--path", help="source folder or file, local or s3:// (source.path)")
     p.add_argument("--name", help="source label stored with every row (source.name)")
@@ -199,40 +236,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-mode", choices=["inline", "uri"],
                    help="store image bytes (inline) or URIs (uri) (source.image_mode)")
     p.add_argument("--root", help="data root for the Delta tables, local or s3:// (output.root)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="object-store setting, repeatable, e.g. AWS_ENDPOINT_URL=http://127.0.0.1:9000 "
-                        "(output.storage_options; never credentials: those come from the environment)")
     p.add_argument("--full-snapshot", action="store_true",
                    help="the source is complete: delete its documents it no longer has")
     p.add_argument("--no-queries", action="store_true", help="skip queries and qrels (source.queries=false)")
+    p.add_argument("--queries", help="BEIR folder: queries.jsonl + qrels/<split>.tsv (source.queries_path)")
     p.add_argument("--run-dir", help="local folder for summary.json and the resolved config (output.run_dir)")
-    p.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one (ray.address)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (ray.num_cpus)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (progress=false)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key below, e.g. --set limits.max_text_chars=50000")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-STORAGE_KEY = "output.storage_options"
+def parse_config(argv: list[str] | None) -> tuple[IngestConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing opened yet); exits with the errors."""
+    args = _parser().parse_args(argv)
+    extra = (["source.full_snapshot=true"] if args.full_snapshot else []) + \
+        (["source.queries=false"] if args.no_queries else [])
+    overrides = job_overrides(args, FLAGS, storage=STORAGE, extra=extra)
+    return parse_job_config(PROG, IngestConfig, args, overrides, storage=STORAGE, presets=PRESETS), args
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = flag_overrides(args, {
-        "source": "source.kind", "path": "source.path", "name": "source.name", "images_dir": "source.images_dir",
-        "image_mode": "source.image_mode", "root": "output.root", "run_dir": "output.run_dir",
-        "ray_address": "ray.address", "num_cpus": "ray.num_cpus"}, STORAGE_KEY)
-    if args.full_snapshot:
-        out.append("source.full_snapshot=true")
-    if args.no_queries:
-        out.append("source.queries=false")
-    if args.no_progress:
-        out.append("progress=false")
-    return out + list(args.set)
+def command(cfg: IngestConfig, always: tuple[str, ...] = ()) -> list[str]:
+    """The arguments of ``ciea ingest`` that give ``cfg`` (what ``ciea demo`` prints): what
+    differs from the default preset, and the keys in ``always``."""
+    return command_args(cfg, preset_defaults(IngestConfig, PRESETS, "default"), FLAGS, always=always)
 
 
 def make_source(cfg: IngestConfig) -> Source:
+    source = _make_source(cfg)
+    if cfg.source.queries_path and cfg.source.queries:
+        queries = BeirQueries(cfg.source.queries_path, cfg.output.storage_options)
+        queries.check()
+        source.attach_queries(queries)
+    return source
+
+
+def _make_source(cfg: IngestConfig) -> Source:
     s, opts = cfg.source, cfg.output.storage_options
     shard_bytes = int(s.shard_mb * (1 << 20))
     if s.kind == "synthetic":
@@ -250,13 +286,12 @@ def make_source(cfg: IngestConfig) -> Source:
         return EDISSource(s.path, s.images_dir, shard_bytes, s.name, opts, s.image_mode, with_queries=s.queries)
     if s.kind == "manifest":
         return ManifestSource(s.path, shard_bytes, s.name, opts, s.image_mode)
+    if s.kind == "urls":
+        return UrlSource(s.path, s.fetch.settings(), cfg.output.root, s.fetch.shard_kb * 1024, s.name, opts,
+                         s.fetch.refetch_failed)
+    if s.kind == "webdataset":
+        return WebDatasetSource(s.path, s.shards_per_task, s.name, opts, int(s.max_member_mb * (1 << 20)))
     return FolderSource(s.path, s.files_per_shard, s.name, opts, s.image_mode)
-
-
-def _init_ray(cfg: IngestConfig) -> bool:
-    """Starts (or connects to) Ray unless this process already has it; True if we started it."""
-    extra = {"object_store_memory": cfg.ray.object_store_mb * 1024 * 1024} if cfg.ray.object_store_mb else {}
-    return init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir, **extra)
 
 
 def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -300,6 +335,9 @@ def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict
         docs["unchanged"] = counts.accepted - docs["inserted"] - docs["updated"]
         docs["version_before"], docs["version_after"] = version_before, tables.version(tables.documents)
         summary["documents"] = docs
+        fetch = source.fetch_report(time.perf_counter() - t0)
+        if fetch is not None:
+            summary["fetch"] = fetch
         _failpoint("after_documents")
 
         summary["queries"] = {}
@@ -325,7 +363,8 @@ def _iter_validated(source: Source, shards: list[dict[str, Any]], limits: Limits
     if not shards:
         return
     ds = build_dataset(source, shards, limits)
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield source.observe(table)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -341,6 +380,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for reason, n in d["quarantined_by_reason"].items():
         lines.append(f"    quarantined {reason}: {n}")
+    if "fetch" in summary:
+        f = summary["fetch"]
+        lines.append(f"  fetch      fetched {f['fetched']}, failed {f['failed']}, skipped {f['skipped_stored']} "
+                     f"stored + {f['skipped_failed']} failed before; {f['bytes']} bytes, {f['requests']} requests "
+                     f"({f['requests_per_s']} req/s)")
     for split, q in summary["queries"].items():
         lines.append(f"  queries/{split}  read {q['read']} = accepted {q['accepted']} + quarantined "
                      f"{q['quarantined']}; inserted {q['inserted']}, updated {q['updated']}, "
@@ -353,30 +397,21 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = _overrides(args)
-    refuse_secrets("ciea ingest", args.config, overrides, STORAGE_KEY)
-    cfg: IngestConfig = load_config(IngestConfig, args.config, overrides, PRESETS[args.preset])  # type: ignore[assignment]
-    setup_logging(args.verbose)
-    for noisy in ("ray", "ray.data", "werkzeug"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def execute(cfg: IngestConfig) -> int:
+    """Runs the job on a parsed config (what ``main`` does after parsing, and what
+    ``ciea demo`` calls): the source planned, Ray, :func:`run`, the summaries written and
+    printed. Returns the exit code."""
     # Everything that can fail on the config or the source layout fails here, before Ray.
     try:
         source = make_source(cfg)
         shards = source.plan()
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"ciea ingest: {e}") from None
+        raise SystemExit(f"{PROG}: {e}") from None
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = _init_ray(cfg)
-    try:
+    with ray_owned():
+        start_ray(cfg.ray)
         summary = run(cfg, source, shards)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     out = run_dir / summary["run_id"]
     write_json(out / "ingest_config.json", cfg.model_dump())
     write_json(out / "summary.json", summary)
@@ -384,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     print(f"summary: {out / 'summary.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
+    return execute(cfg)
 
 
 if __name__ == "__main__":

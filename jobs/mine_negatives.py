@@ -17,14 +17,29 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.store.storage import StorageOptions
 
-from .common import init_ray, load_config, setup_logging, write_json
+from .common import (
+    RaySettings,
+    command_args,
+    job_logging,
+    job_overrides,
+    job_parser,
+    move_legacy_keys,
+    parse_job_config,
+    start_ray,
+    write_json,
+)
 
 logger = logging.getLogger("ciea.mine_negatives")
+
+PROG = "ciea mine-negatives"
+#: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
+FLAGS = {"checkpoint": "checkpoint", "root": "root", "split": "split", "output": "output", "k": "k"}
 
 
 class MineConfig(BaseModel):
@@ -42,48 +57,50 @@ class MineConfig(BaseModel):
     cpus_per_actor: float = Field(1.0, gt=0, description="keep pool_size × cpus_per_actor + 1 <= CPUs (read tasks need one)")
     threads: int | None = Field(None, ge=1, description="torch threads per encoder actor")
     batch_size: int = Field(64, ge=1, description="documents per encoder call")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
+    ray: RaySettings = Field(default_factory=RaySettings, description="Ray of the job (ray.num_cpus: also "
+                                                                      "accepted as the old top-level num_cpus)")
     summary: str | None = Field(None, description="where to write the JSON summary (default <output>_summary.json when local)")
     progress: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return move_legacy_keys(data, {"num_cpus": "ray.num_cpus"})
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ciea mine-negatives", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(PROG, __doc__, MineConfig, ray=True, progress="no progress bar (progress=false)")
     p.add_argument("--checkpoint", help="stage-1 model directory")
     p.add_argument("--root", help="data root")
     p.add_argument("--split", help="query split (default train)")
     p.add_argument("--output", help="Delta table of mined negatives")
     p.add_argument("--k", type=int, help="negatives per query (default 100)")
-    p.add_argument("--config", help="YAML file with MineConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_config(argv: list[str] | None) -> tuple[MineConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing opened yet); exits with the errors."""
     args = _parser().parse_args(argv)
-    overrides = list(args.set)
-    for key in ("checkpoint", "root", "split", "output", "k"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    if args.no_progress:
-        overrides.append("progress=false")
-    cfg: MineConfig = load_config(MineConfig, args.config, overrides, {})  # type: ignore[assignment]
-    setup_logging(args.verbose)
+    return parse_job_config(PROG, MineConfig, args, job_overrides(args, FLAGS)), args
+
+
+def command(cfg: MineConfig, always: tuple[str, ...] = ()) -> list[str]:
+    """The arguments of ``ciea mine-negatives`` that give ``cfg`` (what ``ciea demo`` prints)."""
+    return command_args(cfg, MineConfig.model_construct(), FLAGS, always=always)
+
+
+def execute(cfg: MineConfig) -> int:
+    """Runs the job on a parsed config: mines with the checkpoint, writes the Delta table
+    and the summary. Returns the exit code."""
     from ciea_model.checkpoint import read_manifest
 
     try:
         read_manifest(cfg.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"invalid config: checkpoint: {e}") from None
-
-
-
     from pipelines.train.negatives import mine, write_mined
 
-    init_ray(num_cpus=cfg.num_cpus, log_to_driver=cfg.progress)
+    start_ray(cfg.ray, log_to_driver=cfg.progress)
     t0 = time.perf_counter()
     table, summary = mine(cfg.checkpoint, cfg.root, cfg.split, k=cfg.k, storage_options=cfg.storage_options,
                           version=cfg.version, pool_size=cfg.pool_size, cpus_per_actor=cfg.cpus_per_actor,
@@ -96,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mined {summary['rows']} negatives for {summary['queries']} queries "
           f"({summary['by_modality']}) with model {summary['model_id']} → {cfg.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
+    return execute(cfg)
 
 
 if __name__ == "__main__":

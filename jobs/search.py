@@ -32,14 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.store import storage as storage_mod
 
-from .common import (
-    config_keys,
-    flag_overrides,
-    load_config,
-    refuse_secrets,
-    setup_logging,
-    yaml_str,
-)
+from .common import job_logging, job_overrides, job_parser, parse_job_config, yaml_str
 from .sql import display, format_text_table
 
 logger = logging.getLogger("ciea.search")
@@ -94,12 +87,18 @@ class SearchConfig(BaseModel):
         return self.table.db or storage_mod.join(storage_mod.normalise_uri(self.table.root), "lancedb")
 
 
+PROG = "ciea search"
+STORAGE = "table.storage_options"
+#: Flags of this job → config keys (the shared ones are in ``jobs/common.py``; ``--version``
+#: is a number or a tag, ``--where`` a list: both below).
+FLAGS = {"root": "table.root", "db": "table.db", "table": "table.name", "checkpoint": "model.checkpoint",
+         "device": "model.device", "k": "query.k", "mode": "query.mode", "where_modality": "query.where_modality",
+         "nprobes": "query.nprobes", "refine_factor": "query.refine_factor"}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ciea search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(config_keys(SearchConfig)))
+    p = job_parser(PROG, __doc__, SearchConfig, storage=STORAGE, progress=None, set_example="query.nprobes=40")
     p.add_argument("queries", nargs="+", metavar="QUERY", help="query text (several: searched as one batch)")
-    p.add_argument("--config", help="YAML file with SearchConfig fields")
     p.add_argument("--root", help="data root (table.root; the database is <root>/lancedb)")
     p.add_argument("--db", help="LanceDB database folder, local or s3:// (table.db)")
     p.add_argument("--table", help="table name (table.name)")
@@ -114,31 +113,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobes", type=int, help="ANN partitions probed (query.nprobes)")
     p.add_argument("--refine-factor", type=int, help="ANN re-rank factor (query.refine_factor)")
     p.add_argument("--json", action="store_true", help="print JSON (output.json_output)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="object-store setting, repeatable (table.storage_options; never credentials)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key below")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    flags = {"root": "table.root", "db": "table.db", "table": "table.name", "version": "table.version",
-             "checkpoint": "model.checkpoint", "device": "model.device", "k": "query.k", "mode": "query.mode",
-             "where_modality": "query.where_modality", "nprobes": "query.nprobes",
-             "refine_factor": "query.refine_factor"}
-    for attr, key in flags.items():
-        value = getattr(args, attr)
-        if value is not None:
-            # --version 12 stays a number; a tag name stays a string.
-            numeric = isinstance(value, int) or (attr == "version" and value.isdigit())
-            out.append(f"{key}={value}" if numeric else f"{key}={yaml_str(value)}")
+def parse_config(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing opened yet); exits with the errors."""
+    args = _parser().parse_args(argv)
+    extra = []
+    if args.version is not None:
+        # --version 12 stays a number; a tag name stays a string.
+        extra.append(f"table.version={args.version if args.version.isdigit() else yaml_str(args.version)}")
     if args.where:
-        out.append("query.where=[" + ", ".join(yaml_str(w) for w in args.where) + "]")
-    out += flag_overrides(args, {}, "table.storage_options")
+        extra.append("query.where=[" + ", ".join(yaml_str(w) for w in args.where) + "]")
     if args.json:
-        out.append("output.json_output=true")
-    return out + list(args.set)
+        extra.append("output.json_output=true")
+    overrides = job_overrides(args, FLAGS, storage=STORAGE, extra=extra)
+    return parse_job_config(PROG, SearchConfig, args, overrides, storage=STORAGE), args
 
 
 def hit_record(hit: Any) -> dict[str, Any]:
@@ -177,11 +167,8 @@ def run(cfg: SearchConfig, queries: list[str]) -> tuple[Any, list[list[Any]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = _overrides(args)
-    refuse_secrets("ciea search", args.config, overrides, "table.storage_options")
-    cfg: SearchConfig = load_config(SearchConfig, args.config, overrides, {})  # type: ignore[assignment]
-    setup_logging(args.verbose)
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
     if not args.verbose:
         # The result table is the output; model-building chatter only with -v.
         logging.getLogger().setLevel(logging.WARNING)

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.store import storage as storage_mod
 
-from .common import config_keys, flag_overrides, load_config, setup_logging
+from .common import job_logging, job_overrides, job_parser, parse_job_config
 
 logger = logging.getLogger("ciea.serve")
 
@@ -179,39 +179,37 @@ def check_port_free(host: str, port: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+PROG = "ciea serve"
+STORAGE = "input.storage_options"
+#: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
+FLAGS = {"db": "input.db", "table": "input.table", "version": "input.version", "tag": "input.tag",
+         "checkpoint": "model.checkpoint", "host": "server.host", "port": "server.port"}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ciea serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(config_keys(ServeConfig)))
-    p.add_argument("--config", help="YAML file with ServeConfig fields")
+    p = job_parser(PROG, __doc__, ServeConfig, storage=STORAGE, progress=None, set_example="server.log_level=warning")
     p.add_argument("--db", help="LanceDB folder, local or s3:// (input.db)")
     p.add_argument("--table", help="table name (input.table; default documents)")
     p.add_argument("--version", type=int, help="serve this table version (input.version; default: 'published')")
     p.add_argument("--tag", help="serve the version with this tag (input.tag)")
     p.add_argument("--checkpoint", help="checkpoint for the queries (model.checkpoint; default: the table's)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="object-store setting, repeatable (input.storage_options; never credentials)")
     p.add_argument("--host", help="listen address (server.host; default 127.0.0.1, this machine only — "
                                   "another address exposes the page, without authentication, to the network: "
                                   "the operator's choice)")
     p.add_argument("--port", type=int, help="TCP port (server.port; default 8000)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key below, e.g. --set server.log_level=warning")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"db": "input.db", "table": "input.table", "version": "input.version", "tag": "input.tag",
-             "checkpoint": "model.checkpoint", "host": "server.host", "port": "server.port"}
-    return flag_overrides(args, flags, "input.storage_options") + list(args.set)
+def parse_config(argv: list[str] | None) -> tuple[ServeConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing opened yet); exits with the errors."""
+    args = _parser().parse_args(argv)
+    overrides = job_overrides(args, FLAGS, storage=STORAGE)
+    return parse_job_config(PROG, ServeConfig, args, overrides, storage=STORAGE), args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    # StorageOptions refuses credentials, and config errors never echo storage_options values.
-    cfg: ServeConfig = load_config(ServeConfig, args.config, _overrides(args), {})  # type: ignore[assignment]
-    setup_logging(args.verbose)
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
     check_port_free(cfg.server.host, cfg.server.port)
     if cfg.model.device == "cpu":
         import torch

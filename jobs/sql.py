@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.store import storage as storage_mod
 
-from .common import config_keys, flag_overrides, load_config, refuse_secrets, yaml_str
+from .common import job_overrides, job_parser, parse_job_config, yaml_str
 
 Format = Literal["table", "csv", "json", "markdown"]
 
@@ -283,37 +283,34 @@ def render(columns: Sequence[str], rows: Sequence[tuple], fmt: Format, width: in
 # ---------------------------------------------------------------------------------------
 
 
+PROG = "ciea sql"
+STORAGE = "storage_options"
+#: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
+FLAGS = {"root": "root", "db": "db", "at": "at", "format": "format", "max_rows": "max_rows"}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ciea sql", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file or --set KEY=VALUE), with defaults:\n" + "\n".join(config_keys(SqlConfig)))
+    p = job_parser(PROG, __doc__, SqlConfig, storage=STORAGE, progress=None, verbose=False, set_example="width=80")
     p.add_argument("sql", help="one read-only statement: SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE")
-    p.add_argument("--config", help="YAML file with SqlConfig fields")
     p.add_argument("--root", help="data root (root; the database is <root>/lancedb)")
     p.add_argument("--db", help="LanceDB database folder, local or s3:// (db)")
     p.add_argument("--table", action="append", default=[], help="expose only this table; repeatable (tables)")
     p.add_argument("--at", help="tag to read each table at, or `latest` (at; default published)")
     p.add_argument("--format", choices=["table", "csv", "json", "markdown"], help="output format (format)")
     p.add_argument("--max-rows", type=int, help="print at most this many rows (max_rows)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="object-store setting, repeatable (storage_options; never credentials)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key below")
     return p
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"root": "root", "db": "db", "at": "at", "format": "format", "max_rows": "max_rows"}
-    out = flag_overrides(args, flags, "storage_options")
-    if args.table:
-        out.append("tables=[" + ", ".join(yaml_str(t) for t in args.table) + "]")
-    return out + list(args.set)
+def parse_config(argv: list[str] | None) -> tuple[SqlConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing opened yet); exits with the errors."""
+    args = _parser().parse_args(argv)
+    tables = ["tables=[" + ", ".join(yaml_str(t) for t in args.table) + "]"] if args.table else []
+    overrides = job_overrides(args, FLAGS, storage=STORAGE, extra=tables)
+    return parse_job_config(PROG, SqlConfig, args, overrides, storage=STORAGE), args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = _overrides(args)
-    refuse_secrets("ciea sql", args.config, overrides, "storage_options")
-    cfg: SqlConfig = load_config(SqlConfig, args.config, overrides, {})  # type: ignore[assignment]
+    cfg, args = parse_config(argv)
     notes: list[str] = []
     try:
         columns, rows, more = run_sql(cfg, args.sql, notes)

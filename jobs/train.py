@@ -29,20 +29,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.train.worker import (
-    METRICS_FILE,
+from pipelines.train.checkpoints import latest_checkpoint
+from pipelines.train.config import (
     CheckpointMismatchError,
     TrainJobConfig,
     check_identity,
     fingerprint,
-    latest_checkpoint,
     model_config_for,
-    plot_curve,
     resume_identity,
-    train_loop_per_worker,
 )
+from pipelines.train.curves import METRICS_FILE, plot_curve
+from pipelines.train.worker import train_loop_per_worker
 
-from .common import init_ray, load_config, setup_logging, write_json
+from .common import (
+    RaySettings,
+    command_args,
+    job_logging,
+    job_overrides,
+    job_parser,
+    parse_job_config,
+    preset_defaults,
+    start_ray,
+    write_json,
+)
 
 logger = logging.getLogger("ciea.train")
 
@@ -76,36 +85,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PROG = "ciea train"
+#: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
+FLAGS = {"root": "data.root", "name": "run.name", "storage_path": "run.storage_path", "stage": "train.stage",
+         "variant": "model.variant", "workers": "scaling.num_workers"}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ciea train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="defaults to start from")
-    p.add_argument("--config", help="YAML file with TrainJobConfig fields (overrides the preset)")
+    p = job_parser(PROG, __doc__, TrainJobConfig, presets=PRESETS, default_preset="tiny",
+                   progress="no progress bar (log lines only)", set_example="train.epochs=5")
     p.add_argument("--root", help="data root with corpus/, queries/, qrels/ (data.root)")
     p.add_argument("--name", help="run name (run.name); the same name resumes")
     p.add_argument("--storage-path", help="where checkpoints go (run.storage_path; local or s3://)")
     p.add_argument("--stage", type=int, choices=(1, 2), help="train.stage")
     p.add_argument("--variant", help="model.variant")
     p.add_argument("--workers", type=int, help="scaling.num_workers")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainJobConfig, argparse.Namespace]:
+    """The command line → the validated config (nothing opened yet); exits with the errors."""
     args = _parser().parse_args(argv)
-    overrides = list(args.set)
-    for flag, key in (("root", "data.root"), ("name", "run.name"), ("storage_path", "run.storage_path"),
-                      ("stage", "train.stage"), ("variant", "model.variant"), ("workers", "scaling.num_workers")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if args.no_progress:
-        overrides.append("run.progress=false")
-    cfg = load_config(TrainJobConfig, args.config, overrides, PRESETS[args.preset])
-    return cfg, args  # type: ignore[return-value]
+    overrides = job_overrides(args, FLAGS, progress_key="run.progress")
+    return parse_job_config(PROG, TrainJobConfig, args, overrides, presets=PRESETS), args
+
+
+def command(cfg: TrainJobConfig, always: tuple[str, ...] = ()) -> list[str]:
+    """The arguments of ``ciea train`` that give ``cfg`` (what ``ciea demo`` prints): the
+    preset, then what differs from it (and the keys in ``always``)."""
+    defaults = preset_defaults(TrainJobConfig, PRESETS, cfg.preset)
+    return ["--preset", cfg.preset, *command_args(cfg, defaults, FLAGS, progress_key="run.progress", always=always)]
 
 
 def tokenizer_dir(cfg: TrainJobConfig) -> str | None:
@@ -154,7 +163,7 @@ def check_resume(cfg: TrainJobConfig, identity: dict[str, Any]) -> dict[str, Any
 
 
 def _ensure_ray(cfg: TrainJobConfig) -> None:
-    init_ray(num_cpus=cfg.run.num_cpus, temp_dir=cfg.run.ray_temp_dir, log_to_driver=cfg.run.progress)
+    start_ray(RaySettings(num_cpus=cfg.run.num_cpus, temp_dir=cfg.run.ray_temp_dir), log_to_driver=cfg.run.progress)
 
 
 def train_tokenizer(cfg: TrainJobConfig, path: Path) -> None:
@@ -181,11 +190,13 @@ def train_tokenizer(cfg: TrainJobConfig, path: Path) -> None:
     train_wordpiece_tokenizer(texts(), path, vocab_size=400, style="t5")
 
 
-def build_datasets(cfg: TrainJobConfig) -> tuple[Any, Any, list[dict], dict[str, Any]]:
-    """(train rows, dev documents, dev queries, counts): materialised in the object store
-    (not the driver) before the workers start, so no Ray Data task waits for a CPU that
-    the train workers hold."""
-    from pipelines.train.dataset import build_train_dataset, dev_documents_dataset, read_queries
+def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any, list[dict], dict[str, Any]]:
+    """(train rows: one dataset per worker, dev documents, dev queries, counts): materialised
+    in the object store (not the driver) before the workers start, so no Ray Data task waits
+    for a CPU that the train workers hold. The train rows cover the epochs from
+    ``start_epoch`` (a resumed run's) on, each with its own draws."""
+    from pipelines.train.dataset import build_train_shards, dev_documents_dataset, read_queries
+    from pipelines.train.draws import DrawSettings
     from pipelines.train.negatives import read_mined
 
     mined = None
@@ -197,15 +208,11 @@ def build_datasets(cfg: TrainJobConfig) -> tuple[Any, Any, list[dict], dict[str,
             expect = read_manifest(cfg.train.init_from)["model_id"]
         mined = read_mined(cfg.train.negatives, cfg.data.storage_options, depth=cfg.train.negative_depth,
                            expect_model_id=expect)
-    train, counts = build_train_dataset(
+    train, counts = build_train_shards(
         cfg.data.root, cfg.data.train_split, cfg.data.storage_options, version=cfg.data.version, mined=mined,
-        seed=cfg.train.seed, depth=cfg.train.negative_depth, max_queries=cfg.data.max_train_queries,
+        settings=DrawSettings.from_train(cfg.train), epochs=range(min(start_epoch, cfg.train.epochs - 1), cfg.train.epochs),
+        num_shards=cfg.scaling.num_workers, max_queries=cfg.data.max_train_queries,
         num_partitions=cfg.data.join_partitions)
-    train = train.materialize()
-    counts["rows"] = train.count()
-    # Queries whose given target is not in the corpus fall out of the inner join.
-    counts["skipped_no_positive"] += counts["used"] - counts["rows"]
-    counts["used"] = counts["rows"]
     dev_queries = [q for q in read_queries(cfg.data.root, cfg.data.dev_split, cfg.data.storage_options)
                    if q["positive_doc_ids"]][: cfg.data.max_dev_queries]
     if not dev_queries:
@@ -241,7 +248,7 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.preset == "tiny" and not cfg.model.tokenizer:
         train_tokenizer(cfg, Path(tokenizer_dir(cfg)))
-    train, dev, dev_queries, counts = build_datasets(cfg)
+    train, dev, dev_queries, counts = build_datasets(cfg, start_epoch=(resume or {}).get("loop", {}).get("epoch", 0))
     logger.info("training rows %d (%s), dev: %d queries over %d documents; data ready in %.1fs",
                 counts["rows"], counts, counts["dev_queries"], counts["dev_documents"], time.perf_counter() - t0)
     if counts["rows"] < cfg.scaling.num_workers * cfg.micro_batch:
@@ -267,8 +274,8 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
         ),
-        datasets={"train": train, "dev": dev},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets={**train, "dev": dev},  # each worker reads its own train dataset, in epoch order
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -306,9 +313,9 @@ def finish(cfg: TrainJobConfig, result: Any, counts: dict[str, Any], seconds: fl
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv)
-    setup_logging(args.verbose)
+def execute(cfg: TrainJobConfig) -> int:
+    """Runs the job on a parsed config (what ``main`` does after parsing, and what
+    ``ciea demo`` calls): :func:`run`, then the printed result. Returns the exit code."""
     summary = run(cfg)
     final = summary.get("final_metrics") or {}
     print(f"\nrun {cfg.run.name}: stage {cfg.train.stage}, {final.get('step', '?')} steps, "
@@ -316,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(initial {final.get('initial_dev_mrr10') or float('nan'):.4f})\n"
           f"model: {summary.get('model_dir')}\nmetrics: {summary.get('metrics')}\ncurve: {summary.get('curve')}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv)
+    job_logging(args.verbose)
+    return execute(cfg)
 
 
 if __name__ == "__main__":

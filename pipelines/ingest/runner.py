@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.ingest.sources.base import Query, Source
+from pipelines.ingest.sources.base import BadQrel, Query, Source
 from pipelines.ingest.validation import (
     Limits,
     Rejected,
@@ -303,11 +303,20 @@ def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limi
 
     pairs: dict[tuple[str, str], int] = {}
     repeated = 0
-    for qid, doc_id, rel in source.iter_qrels(split):
+    bad_qrels: list[dict[str, Any]] = []
+    for item in source.iter_qrels(split):
+        if isinstance(item, BadQrel):
+            bad_qrels.append({S.SOURCE: source.name, S.RECORD_REF: item.record_ref, S.DOC_ID: None,
+                              S.STAGE: S.STAGE_QUERY, S.REASON: item.reason, S.DETAIL: item.detail,
+                              S.EXCERPT: (item.excerpt or "")[:200],
+                              S.FINGERPRINT: f"{split}\x1fqrel\x1f{item.excerpt}"})
+            continue
+        qid, doc_id, rel = item
         if (qid, doc_id) in pairs:
             repeated += 1
             continue
         pairs[(qid, doc_id)] = rel
+    spill.add(bad_qrels)
     qrels = pa.table({
         S.QID: [k[0] for k in pairs], S.DOC_ID: [k[1] for k in pairs],
         S.RELEVANCE: pa.array(list(pairs.values()), pa.int32()),
@@ -315,7 +324,7 @@ def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limi
     }, schema=S.QRELS_SCHEMA)
     qmetrics = delta_tables.merge_qrels(tables, split, qrels)
     summary["qrels"] = {
-        "rows": len(pairs), "repeated_pairs_collapsed": repeated,
+        "rows": len(pairs), "repeated_pairs_collapsed": repeated, "quarantined": len(bad_qrels),
         "inserted": qmetrics["num_target_rows_inserted"], "updated": qmetrics["num_target_rows_updated"],
         "unknown_qid": sum(1 for k in pairs if k[0] not in seen),
     }

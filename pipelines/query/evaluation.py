@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ANSWER_MODALITY",
     "DEFAULT_KS_MRR",
+    "DEFAULT_KS_GRADED_NDCG",
     "DEFAULT_KS_NDCG",
     "DEFAULT_KS_RECALL",
     "EncodedCorpus",
@@ -65,6 +66,8 @@ __all__ = [
 DEFAULT_KS_MRR: tuple[int, ...] = (10, 20)
 DEFAULT_KS_NDCG: tuple[int, ...] = (10, 20)
 DEFAULT_KS_RECALL: tuple[int, ...] = (1, 5, 20, 100)
+#: Graded NDCG (``gNDCG@k``, gain = the qrels grade) beside the binary measures (issue 17).
+DEFAULT_KS_GRADED_NDCG: tuple[int, ...] = (10, 20)
 
 #: Query field and grouping name for the modality of a query's relevant documents.
 ANSWER_MODALITY = "modality"
@@ -390,17 +393,18 @@ def query_groupings(
 def evaluate_grouped(
     run: Mapping[str, Sequence[str]], qrels: Mapping[str, Any], groupings: Mapping[str, Mapping[str, str]],
     ks_mrr: Sequence[int] = DEFAULT_KS_MRR, ks_ndcg: Sequence[int] = DEFAULT_KS_NDCG,
-    ks_recall: Sequence[int] = DEFAULT_KS_RECALL,
+    ks_recall: Sequence[int] = DEFAULT_KS_RECALL, ks_graded_ndcg: Sequence[int] = (),
 ) -> RetrievalReport:
     """:func:`pipelines.query.metrics.evaluate_run` with several groupings in one report.
 
     Group labels are ``"<grouping>=<label>"``, e.g. ``"kind=image"`` and
     ``"modality=text"``; ``num_ungrouped`` is the most any grouping left out.
     """
-    report = evaluate_run(run, qrels, ks_mrr, ks_ndcg, ks_recall)
+    report = evaluate_run(run, qrels, ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg=ks_graded_ndcg)
     for name, labels in groupings.items():
         part = evaluate_run(run, qrels, ks_mrr, ks_ndcg, ks_recall,
-                            groups={qid: f"{name}={label}" for qid, label in labels.items()})
+                            groups={qid: f"{name}={label}" for qid, label in labels.items()},
+                            ks_graded_ndcg=ks_graded_ndcg)
         for label in sorted(part.by_group):
             report.by_group[label] = part.by_group[label]
             report.group_counts[label] = part.group_counts[label]
@@ -525,6 +529,7 @@ def evaluate_searcher(
     searcher: Searcher, queries: Sequence[Mapping[str, Any]], qrels: Mapping[str, Mapping[str, int]], *,
     k: int = 100, mode: SearchMode = "vector", ks_mrr: Sequence[int] = DEFAULT_KS_MRR,
     ks_ndcg: Sequence[int] = DEFAULT_KS_NDCG, ks_recall: Sequence[int] = DEFAULT_KS_RECALL,
+    ks_graded_ndcg: Sequence[int] = DEFAULT_KS_GRADED_NDCG,
     group_keys: Sequence[str] = ("kind",), batch_size: int = 64, progress: bool = False,
     max_missing_fraction: float | None = None, storage_options: Mapping[str, str] | None = None,
     **search_kwargs: Any,
@@ -536,7 +541,7 @@ def evaluate_searcher(
         queries, qrels: from :func:`load_split`.
         k: documents retrieved per query; at least the largest cutoff.
         mode: ``vector``, ``fts`` (BM25) or ``hybrid``.
-        ks_mrr, ks_ndcg, ks_recall: metric cutoffs.
+        ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg: metric cutoffs.
         group_keys: query keys to split the report by (plus the answer modality).
         batch_size: queries per ``search_batch`` call.
         progress: show a tqdm bar.
@@ -552,7 +557,7 @@ def evaluate_searcher(
         EvaluationError: ``k`` below a cutoff, the table lacks judged documents, or every
             search failed.
     """
-    need = max((*ks_mrr, *ks_ndcg, *ks_recall), default=1)
+    need = max((*ks_mrr, *ks_ndcg, *ks_recall, *ks_graded_ndcg), default=1)
     if k < need:
         raise EvaluationError(f"k={k} is below the largest metric cutoff {need}: retrieve k >= {need} "
                               "documents per query, or drop that cutoff")
@@ -560,5 +565,6 @@ def evaluate_searcher(
         check_coverage(qrels, searcher_doc_ids(searcher, storage_options),
                        f"table {searcher.db_uri}/{searcher.name}@{searcher.version}", max_missing_fraction)
     sr = search_run(searcher, queries, k=k, mode=mode, batch_size=batch_size, progress=progress, **search_kwargs)
-    return evaluate_grouped(sr.run, qrels, query_groupings(queries, group_keys), ks_mrr, ks_ndcg, ks_recall)
+    return evaluate_grouped(sr.run, qrels, query_groupings(queries, group_keys), ks_mrr, ks_ndcg, ks_recall,
+                            ks_graded_ndcg)
 

@@ -1,6 +1,7 @@
 """Retrieval metrics (MRR@k, NDCG@k, Recall@k) that agree with trec_eval.
 
-All metrics use binary relevance over a ranked top-k list per query and return
+The binary metrics use binary relevance (grade > 0) over a ranked top-k list per query, graded
+NDCG the grades themselves; all return
 fractions in ``[0, 1]``; :func:`format_table` is the only place that scales by 100.
 
 Conventions (chosen to match ``trec_eval`` run *without* ``-c``):
@@ -12,6 +13,11 @@ Conventions (chosen to match ``trec_eval`` run *without* ``-c``):
   ``DCG@k = sum_{r <= k, doc_r relevant} 1 / log2(r + 1)`` (ranks 1-based), divided
   by the ideal DCG of ``min(k, #relevant)`` relevant documents at the top.
 * ``Recall@k`` is trec_eval's ``recall_k``: ``|relevant ∩ top-k| / |relevant|``.
+* ``gNDCG@k`` (graded NDCG) is trec_eval's ``ndcg_cut_k`` on graded qrels: the gain of a
+  document is its grade (grades ``<= 0`` gain nothing), the ideal DCG ranks the ``k``
+  highest grades first. With binary qrels it equals ``NDCG@k``. It is reported only for
+  the cutoffs asked for (``ks_graded_ndcg``) and averaged over the same queries as the
+  binary measures (those with at least one document of grade ``> 0``).
 * Averages are taken over the queries present in *both* the run and the qrels
   with at least one relevant document. Run queries without such qrels are
   skipped and counted (``num_skipped_no_qrels``); qrels queries absent from the
@@ -42,6 +48,7 @@ __all__ = [
     "RetrievalReport",
     "evaluate_run",
     "format_table",
+    "graded_ndcg_at_k",
     "metric_names",
     "mrr_at_k",
     "ndcg_at_k",
@@ -196,6 +203,23 @@ def _ndcg(hits: Sequence[int], n_relevant: int, k: int) -> float:
     return dcg / _idcg(n_relevant, k)
 
 
+def _grades(relevant: Relevant) -> dict[str, float]:
+    """``doc_id -> gain`` of a qrels entry: a grade mapping's positive grades, or gain 1 for
+    each doc of a plain collection (binary qrels). Grades ``<= 0`` gain nothing (trec_eval)."""
+    if isinstance(relevant, Mapping):
+        return {doc: float(g) for doc, g in relevant.items() if g > 0}
+    return dict.fromkeys(_relevant_set(relevant), 1.0)
+
+
+def _graded_ndcg(top: Sequence[str], gains: Mapping[str, float], ideal: Sequence[float], k: int) -> float:
+    """Graded NDCG@k of the deduplicated ranking ``top``; ``ideal`` = gains sorted descending."""
+    idcg = math.fsum(g * _discount(i) for i, g in enumerate(ideal[:k]))
+    if idcg <= 0.0:
+        return 0.0
+    dcg = math.fsum(gains.get(doc, 0.0) * _discount(i) for i, doc in enumerate(top[:k]))
+    return dcg / idcg
+
+
 def _recall(hits: Sequence[int], n_relevant: int, k: int) -> float:
     if n_relevant == 0:
         return 0.0
@@ -261,6 +285,31 @@ def ndcg_at_k(ranked: Sequence[str], relevant: Relevant, k: int) -> float:
     return _ndcg(hits, n_rel, k)
 
 
+def graded_ndcg_at_k(ranked: Sequence[str], relevant: Relevant, k: int) -> float:
+    """Graded NDCG@k, trec_eval ``ndcg_cut_k`` with gain = grade.
+
+    ``DCG@k = sum over ranks r <= k of grade_r / log2(r + 1)`` (grades ``<= 0`` and
+    unjudged documents gain 0); the ideal DCG places the ``k`` highest grades at the top.
+
+    Args:
+        ranked: Doc ids, best first. Duplicates keep their first occurrence.
+        relevant: ``doc_id -> grade`` mapping (or a collection of doc ids, each grade 1,
+            which gives binary NDCG).
+        k: Rank cutoff, ``>= 1``. May exceed ``len(ranked)``.
+
+    Returns:
+        Graded NDCG@k in ``[0, 1]``; 0.0 when no document has a positive grade.
+
+    Raises:
+        ValueError: If ``k < 1``.
+        TypeError: If ``k`` is not an integer or ``ranked``/``relevant`` is a bare string.
+    """
+    k = _check_k(k)
+    gains = _grades(relevant)
+    top, _ = _dedup_prefix(ranked, k)
+    return _graded_ndcg(top, gains, sorted(gains.values(), reverse=True), k)
+
+
 def recall_at_k(ranked: Sequence[str], relevant: Relevant, k: int) -> float:
     """Fraction of the relevant documents found in the top ``k`` (trec_eval ``recall_k``).
 
@@ -289,6 +338,7 @@ def metric_names(
     ks_mrr: Sequence[int] = (10,),
     ks_ndcg: Sequence[int] = (10,),
     ks_recall: Sequence[int] = (1, 5, 10, 20, 100),
+    ks_graded_ndcg: Sequence[int] = (),
 ) -> list[str]:
     """Names of the metrics :func:`evaluate_run` reports for the given cutoffs.
 
@@ -296,9 +346,10 @@ def metric_names(
         ks_mrr: Cutoffs for MRR.
         ks_ndcg: Cutoffs for NDCG.
         ks_recall: Cutoffs for Recall.
+        ks_graded_ndcg: Cutoffs for graded NDCG (``gNDCG@k``).
 
     Returns:
-        Names such as ``["MRR@10", "NDCG@10", "Recall@1", ...]`` in report order.
+        Names such as ``["MRR@10", "NDCG@10", "gNDCG@10", "Recall@1", ...]`` in report order.
 
     Raises:
         ValueError: If a cutoff is ``< 1``.
@@ -307,6 +358,7 @@ def metric_names(
     return (
         [f"MRR@{k}" for k in _check_ks(ks_mrr, "ks_mrr")]
         + [f"NDCG@{k}" for k in _check_ks(ks_ndcg, "ks_ndcg")]
+        + [f"gNDCG@{k}" for k in _check_ks(ks_graded_ndcg, "ks_graded_ndcg")]
         + [f"Recall@{k}" for k in _check_ks(ks_recall, "ks_recall")]
     )
 
@@ -396,8 +448,9 @@ def evaluate_run(
     ks_ndcg: Sequence[int] = (10,),
     ks_recall: Sequence[int] = (1, 5, 10, 20, 100),
     groups: Mapping[str, str] | None = None,
+    ks_graded_ndcg: Sequence[int] = (),
 ) -> RetrievalReport:
-    """Evaluate a ranked run against binary qrels, trec_eval style (no ``-c``).
+    """Evaluate a ranked run against qrels, trec_eval style (no ``-c``).
 
     Only queries present in both ``run`` and ``qrels`` with at least one relevant
     document are averaged. Run queries with no relevant document in the qrels are
@@ -415,6 +468,8 @@ def evaluate_run(
         groups: Optional query id to group label (e.g. ``"caption"``/``"image"``);
             the report then also holds per-group means. Evaluated queries without
             a label count only in the overall means.
+        ks_graded_ndcg: Cutoffs for graded NDCG ``gNDCG@k`` (gain = grade; with
+            collection qrels every relevant doc has grade 1).
 
     Returns:
         A :class:`RetrievalReport`.
@@ -427,8 +482,9 @@ def evaluate_run(
     mrr_ks = _check_ks(ks_mrr, "ks_mrr")
     ndcg_ks = _check_ks(ks_ndcg, "ks_ndcg")
     recall_ks = _check_ks(ks_recall, "ks_recall")
-    names = metric_names(mrr_ks, ndcg_ks, recall_ks)
-    max_k = max((*mrr_ks, *ndcg_ks, *recall_ks), default=0)
+    graded_ks = _check_ks(ks_graded_ndcg, "ks_graded_ndcg")
+    names = metric_names(mrr_ks, ndcg_ks, recall_ks, graded_ks)
+    max_k = max((*mrr_ks, *ndcg_ks, *recall_ks, *graded_ks), default=0)
 
     rel_sets = {qid: _relevant_set(rel) for qid, rel in qrels.items()}
     rel_sets = {qid: rel for qid, rel in rel_sets.items() if rel}
@@ -451,6 +507,11 @@ def evaluate_run(
             values[f"MRR@{k}"] = _mrr(hits, k)
         for k in ndcg_ks:
             values[f"NDCG@{k}"] = _ndcg(hits, n_rel, k)
+        if graded_ks:
+            gains = _grades(qrels[qid])
+            ideal = sorted(gains.values(), reverse=True)
+            for k in graded_ks:
+                values[f"gNDCG@{k}"] = _graded_ndcg(top, gains, ideal, k)
         for k in recall_ks:
             values[f"Recall@{k}"] = _recall(hits, n_rel, k)
         per_query[qid] = values

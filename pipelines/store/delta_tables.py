@@ -96,7 +96,7 @@ class Tables:
         try:
             table = self.open(uri)
         except TableNotFoundError:
-            logger.info("creating Delta table %s", uri)
+            logger.debug("creating Delta table %s", uri)
             config = {**CDF_CONFIG, "delta.targetFileSize": str(self.target_file_bytes)}
             return DeltaTable.create(uri, schema, configuration=config,
                                      storage_options=self.storage_options or None)

@@ -1,5 +1,9 @@
 """Training on Ray: ``examples`` (records → the model library's ``Document`` /
 ``TrainExample``), ``dataset`` (Ray Data training examples from the Delta tables),
-``negatives`` (stage-2 hard negatives: mining and drawing), ``worker`` (the typed job
-config, checkpoints and the loop every Ray Train worker runs).
+``negatives`` (stage-2 hard negatives: mining), ``draws`` (each epoch's positive and hard
+negatives per query, pure functions of seed, epoch and qid), ``config`` (the typed job
+config and the resume identity), ``checkpoints`` (what a checkpoint holds, which one a
+re-run resumes from), ``worker`` (the loop every Ray Train worker runs), ``gradients``
+(data-parallel gradient averaging), ``profiling`` (per-phase step cost), ``curves`` (the
+metrics log and its plot).
 """

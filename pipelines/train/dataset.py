@@ -3,37 +3,68 @@ writes (``corpus/documents``, ``queries/<split>``, ``qrels/<split>``) and, in st
 mined hard negatives (:mod:`pipelines.train.negatives`).
 
 What the driver holds: the queries and qrels of a split (orders of magnitude smaller than
-the corpus, as ingest treats them) and, for stage 2, each query's top-``depth`` mined ids.
-What it never holds: document contents. Documents are read by Ray Data, filtered to the
-ids the split needs (positives and drawn negatives) and hash-joined onto the example rows
-on the cluster, so each row carries everything one :class:`TrainExample` needs::
+the corpus, as ingest treats them) and, for stage 2, each query's mined ids (top ``depth``
+per modality): the *plan* (:func:`plan_examples`), ids only. What it never holds: document
+contents, captions included.
 
-    qid, query, relevant_ids,  pos_*  (doc_id, modality, text, caption, image, image_uri)
-                               neg0_* / neg1_*  (stage 2; null when none was mined)
+Every epoch trains new draws, as the authors' release does: one image positive at random
+among the query's image positives, and one image and one text hard negative at random from
+the whole mined list (:mod:`pipelines.train.draws`: pure functions of seed, epoch and qid).
+So the rows are (epoch, example) pairs, built for the epochs still to run:
+
+1. the driver adds to the plan each query's place in every epoch (a fresh permutation per
+   epoch, :func:`pipelines.train.draws.visit_order`) and hands it to Ray Data;
+2. on the cluster, :func:`expand_epochs` turns each plan row into one row per epoch with
+   that epoch's draws (ids): ``shard, epoch, slot, qid, query, relevant_ids, pos_id[,
+   neg0_id, neg1_id]``; worker ``r`` of ``w`` gets the slots ``r, r + w, …``;
+3. the documents, read by Ray Data and filtered to the ids the plan can need, are
+   hash-joined on (inner for the positive, left outer for the negatives), and so are the
+   captions of each query's image positives (``positive_captions``, for ``q_comp``,
+   gathered per query on the cluster; skipped when every query has one candidate caption);
+4. the rows are sorted by (shard, epoch, slot), materialised in the object store, and cut
+   into one dataset per worker (:func:`build_train_shards`, :func:`shard_name`).
+
+Each worker reads its dataset through one iterator for the whole run (:class:`EpochRows`),
+one epoch at a time in order. Only the draws of the epochs still to run are joined: a row
+carries its positive and two negatives, never the mined lists, so a run costs epochs ×
+queries × 3 documents in the object store (what the release loads per epoch), against
+queries × ~100 for joining every mined negative once. A resumed run (a re-run of a killed
+job) builds the rows from its checkpoint's epoch on; a worker group restarted by Ray Train
+skips the epochs it has trained; either way, since every draw and the visiting order are
+functions of (seed, epoch, qid), it trains exactly the rows an uninterrupted run trains.
+Why not a dataset per epoch: Ray Train fixes a run's datasets when the worker group starts,
+and joining inside the workers would start Ray Data shuffles while the workers hold the
+CPUs (the deadlock of STACK_NOTES.md on 2 CPUs).
 
 Workers turn rows into ``TrainExample`` objects (:func:`rows_to_examples`) and collate them
-with the model's processor. Rules reused from the in-memory path, not re-invented: the
-positive is the query's ``target_doc_id`` when given, else its first image positive, else
-its first positive (:func:`pipelines.train.examples.training_examples`); stage-2 negatives are
-one image + one text drawn from the top ``depth`` of each modality, falling back to the
-other modality (:func:`pipelines.train.negatives.with_hard_negatives`).
+with the model's processor. The rules are the in-memory path's, not re-invented: the
+positive candidates come from :func:`pipelines.train.examples.positive_candidates` (a
+source's ``target_doc_id`` when given, else the image positives, else the first positive),
+the draws from :mod:`pipelines.train.draws`.
 """
-
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ciea_model.processor import Document, TrainExample
 from pipelines.store import schema as S
 from pipelines.store import storage
-from pipelines.train.negatives import with_hard_negatives
+from pipelines.train.draws import (
+    MODALITY_ORDER,
+    DrawSettings,
+    choose_positive,
+    draw_negatives,
+    visit_order,
+)
+from pipelines.train.examples import positive_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +73,16 @@ DOC_COLUMNS = (S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE, S.IMAGE_URI)
 #: Prefixes of the joined document slots: the positive and up to two hard negatives.
 POS, NEG_SLOTS = "pos", ("neg0", "neg1")
 RELEVANT_IDS = "relevant_ids"
+#: Plan columns (ids only): the query's image positives (the per-epoch choice is among
+#: them), its positive when it has none, the image documents whose captions q_comp
+#: removes, and (stage 2) its mined lists.
+IMAGE_POSITIVES, FALLBACK, CAPTION_IDS = "image_positive_ids", "fallback_id", "caption_ids"
+MINED = {"image": "mined_image", "text": "mined_text"}
+LIST_ID_COLUMNS = (IMAGE_POSITIVES, CAPTION_IDS, *MINED.values())
+#: Row columns: the worker that trains the row, its epoch and its place in that epoch
+#: (``slots``: a plan row's places in every epoch), and the captions q_comp removes.
+SHARD, EPOCH, SLOT, SLOTS = "shard", "epoch", "slot", "slots"
+POSITIVE_CAPTIONS, CAP = "positive_captions", "cap"
 
 
 def documents_uri(root: str) -> str:
@@ -146,127 +187,249 @@ def document_modalities(root: str, ids: Sequence[str], storage_options: dict[str
 
 @dataclass
 class ExamplePlan:
-    """The driver-side half of the training data: one row per usable query."""
+    """The driver-side half of the training data: one row per usable query, ids only::
 
-    rows: pa.Table  # qid, query, relevant_ids, pos_id[, neg0_id, neg1_id]
+        qid, query, relevant_ids, image_positive_ids, fallback_id, caption_ids
+        [, mined_image, mined_text]   (stage 2: the mined lists, cut at the draw depth)
+    """
+
+    rows: pa.Table
     counts: dict[str, int]
 
     @property
     def needed_ids(self) -> list[str]:
+        """Every document a row of any epoch may need (positives, captions, mined)."""
         ids: set[str] = set()
         for name in self.rows.column_names:
-            if name.endswith("_id") and name != "qid":
-                ids.update(x for x in self.rows.column(name).to_pylist() if x)
+            if name == FALLBACK or name in LIST_ID_COLUMNS:
+                for x in self.rows.column(name).to_pylist():
+                    ids.update(x if isinstance(x, list) else [x] if x else [])
         return sorted(ids)
 
-
-class _IdOnly(Mapping):
-    """``doc_id → Document`` stand-in so that :func:`with_hard_negatives` (which draws the
-    picks) can run on ids alone: the drawn ids are read back from the examples."""
-
-    def __getitem__(self, key: str) -> Document:
-        return Document(key, "text")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
+    @property
+    def needs_captions(self) -> bool:
+        """Whether ``q_comp`` of some query needs a caption other than its positive's (so
+        the captions are joined per query; otherwise the positive's own caption is all)."""
+        columns = (IMAGE_POSITIVES, FALLBACK, CAPTION_IDS)
+        return any(c and c != (i or [f]) for i, f, c in zip(*(self.rows.column(x).to_pylist() for x in columns)))
 
 
 def plan_examples(
     queries: Sequence[Mapping[str, Any]], modalities: Mapping[str, str],
-    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, seed: int = 0, depth: int = 10,
+    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, depth: int = 100,
 ) -> ExamplePlan:
-    """Chooses each query's positive (and, with ``mined``, its two hard negatives).
+    """Each usable query's candidates, ids only (the choices per epoch come later, in
+    :func:`expand_epochs`).
 
     Args:
         queries: from :func:`read_queries`.
-        modalities: doc_id → modality of the documents that exist (at least the positives).
+        modalities: doc_id → modality of the documents that exist (at least the positives
+            and targets).
         mined: qid → {"image": [...], "text": [...]} best first (stage 2), or ``None``.
-        seed: seeds the negative draw.
-        depth: each negative is drawn from the top ``depth`` of its modality.
+        depth: the draw depth: mined lists are kept to their top ``depth`` per modality.
     """
-    qids, texts, relevant, pos = [], [], [], []
-    skipped = 0
+    cols: dict[str, list[Any]] = {c: [] for c in (S.QID, S.QUERY, RELEVANT_IDS, IMAGE_POSITIVES, FALLBACK, CAPTION_IDS)}
+    if mined is not None:
+        cols.update({MINED[m]: [] for m in MODALITY_ORDER})
+    skipped = with_negatives = 0
     for q in queries:
-        positives = [d for d in q["positive_doc_ids"] if d in modalities]
-        target = q.get("target_doc_id")
-        if target not in modalities:
-            target = next((d for d in positives if modalities[d] == "image"), positives[0] if positives else None)
-        if target is None:
+        images, fallback, caption_ids = positive_candidates(q, modalities)
+        if fallback is None:
             skipped += 1
             continue
-        qids.append(q["qid"])
-        texts.append(q["query"])
-        relevant.append(list(q["positive_doc_ids"]))
-        pos.append(target)
-    cols: dict[str, Any] = {
-        "qid": pa.array(qids, pa.string()), S.QUERY: pa.array(texts, pa.string()),
-        RELEVANT_IDS: pa.array(relevant, pa.list_(pa.string())), f"{POS}_id": pa.array(pos, pa.string()),
-    }
-    counts = {"used": len(qids), "skipped_no_positive": skipped}
+        for c, v in ((S.QID, q["qid"]), (S.QUERY, q["query"]), (RELEVANT_IDS, list(q["positive_doc_ids"])),
+                     (IMAGE_POSITIVES, images), (FALLBACK, fallback), (CAPTION_IDS, caption_ids)):
+            cols[c].append(v)
+        if mined is not None:
+            lists = mined.get(q["qid"], {})
+            for m in MODALITY_ORDER:
+                cols[MINED[m]].append(list(lists.get(m, ()))[:depth])
+            with_negatives += any(lists.get(m) for m in MODALITY_ORDER)
+    types = {S.QID: pa.string(), S.QUERY: pa.string(), FALLBACK: pa.string()}
+    table = pa.table({c: pa.array(v, types.get(c, pa.list_(pa.string()))) for c, v in cols.items()})
+    counts = {"used": table.num_rows, "skipped_no_positive": skipped}
     if mined is not None:
-        stubs = [TrainExample(qid=qid, query="", positive=Document(p, "text")) for qid, p in zip(qids, pos)]
-        drawn = with_hard_negatives(stubs, mined, _IdOnly(), seed=seed, depth=depth)
-        picks = [[n.doc_id for n in ex.negatives] for ex in drawn]
-        for i, slot in enumerate(NEG_SLOTS):
-            cols[f"{slot}_id"] = pa.array([p[i] if len(p) > i else None for p in picks], pa.string())
-        counts["with_negatives"] = sum(1 for p in picks if p)
+        counts["with_negatives"] = with_negatives
     if skipped:
         logger.warning("%d queries have no positive in the corpus and were skipped", skipped)
-    return ExamplePlan(pa.table(cols), counts)
+    return ExamplePlan(table, counts)
 
 
-def _doc_side(docs, prefix: str):
-    return docs.rename_columns({c: f"{prefix}_{'id' if c == S.DOC_ID else c}" for c in DOC_COLUMNS})
+def with_visit_order(plan: ExamplePlan, epochs: Sequence[int], seed: int) -> pa.Table:
+    """The plan's rows plus ``slots``: each query's place in each of ``epochs``
+    (:func:`pipelines.train.draws.visit_order`; the plan is in qid order)."""
+    n = plan.rows.num_rows
+    per_epoch = [visit_order(n, seed, e) for e in epochs]
+    slots = [[int(s[i]) for s in per_epoch] for i in range(n)]
+    return plan.rows.append_column(SLOTS, pa.array(slots, pa.list_(pa.int64())))
 
 
-def join_documents(plan: ExamplePlan, docs, num_partitions: int = 2):
-    """Hash-joins the documents onto the example rows (``Dataset.join``): an inner join for
-    the positive, left outer joins for the optional negatives.
+def expand_epochs(rows: pa.Table, epochs: Sequence[int], settings: DrawSettings, num_shards: int) -> pa.Table:
+    """Plan rows (with ``slots``) → one row per (epoch, query) with that epoch's draws:
+    ``shard, epoch, slot, qid, query, relevant_ids, pos_id[, neg0_id, neg1_id]``.
+
+    A pure function of its arguments (the draws are functions of seed, epoch and qid), run
+    on the cluster (:class:`_ExpandEpochs`) and in the unit tests alike. Worker ``r`` of
+    ``num_shards`` trains the rows with ``shard == r``: slots ``r, r + num_shards, …``.
+    """
+    staged = NEG_SLOTS if MINED["image"] in rows.column_names else ()
+    out: dict[str, list[Any]] = {c: [] for c in (SHARD, EPOCH, SLOT, S.QID, S.QUERY, RELEVANT_IDS,
+                                                 f"{POS}_id", *(f"{s}_id" for s in staged))}
+    for row in rows.to_pylist():
+        qid = row[S.QID]
+        for epoch, slot in zip(epochs, row[SLOTS]):
+            positive = choose_positive(qid, row[IMAGE_POSITIVES], row[FALLBACK], settings, epoch)
+            out[SHARD].append(slot % num_shards)
+            out[EPOCH].append(epoch)
+            out[SLOT].append(slot)
+            for c in (S.QID, S.QUERY, RELEVANT_IDS):
+                out[c].append(row[c])
+            out[f"{POS}_id"].append(positive)
+            if staged:
+                mined = {m: row[MINED[m]] for m in MODALITY_ORDER}
+                picks = draw_negatives(qid, mined, {*row[RELEVANT_IDS], positive}, settings, epoch)
+                for i, s in enumerate(staged):
+                    out[f"{s}_id"].append(picks[i] if len(picks) > i else None)
+    types = {SHARD: pa.int64(), EPOCH: pa.int64(), SLOT: pa.int64(), S.QID: pa.string(), S.QUERY: pa.string(),
+             RELEVANT_IDS: pa.list_(pa.string())}
+    return pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in out.items()})
+
+
+class _ExpandEpochs:
+    """``map_batches`` UDF around :func:`expand_epochs`."""
+
+    def __init__(self, epochs: Sequence[int], settings: DrawSettings, num_shards: int) -> None:
+        self.epochs, self.settings, self.num_shards = list(epochs), settings, num_shards
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return expand_epochs(batch, self.epochs, self.settings, self.num_shards)
+
+
+def shard_sizes(n: int, epochs: Sequence[int], num_shards: int) -> list[int]:
+    """Rows of each shard over ``epochs`` when every epoch deals ``n`` slots round-robin."""
+    return [len(epochs) * len(range(r, n, num_shards)) for r in range(num_shards)]
+
+
+def _doc_side(docs, prefix: str, columns: Sequence[str] = DOC_COLUMNS):
+    return docs.select_columns(list(columns)).rename_columns(
+        {c: f"{prefix}_{'id' if c == S.DOC_ID else c}" for c in columns})
+
+
+def _caption_list(group: pa.Table) -> pa.Table:
+    """``map_groups`` UDF: one query's (qid, cap_id, cap_caption) rows → its caption list."""
+    group = _plain(group).sort_by([(f"{CAP}_id", "ascending")])
+    captions = [c or "" for c in group.column(f"{CAP}_{S.CAPTION}").to_pylist()]
+    return pa.table({S.QID: pa.array([group.column(S.QID)[0].as_py()], pa.string()),
+                     POSITIVE_CAPTIONS: pa.array([captions], pa.list_(pa.string()))})
+
+
+class _CaptionRows:
+    """``map_batches`` UDF over documents: a (qid, cap_id, cap_caption) row for every query
+    an image document is a positive of (a map-side join against the small id mapping)."""
+
+    def __init__(self, queries_of: Mapping[str, Sequence[str]]) -> None:
+        self.queries_of = queries_of
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        batch = _plain(batch)
+        out: dict[str, list[Any]] = {S.QID: [], f"{CAP}_id": [], f"{CAP}_{S.CAPTION}": []}
+        for doc_id, modality, caption in zip(*(batch.column(c).to_pylist() for c in (S.DOC_ID, S.MODALITY, S.CAPTION))):
+            if modality != "image":
+                continue
+            for qid in self.queries_of.get(doc_id, ()):
+                out[S.QID].append(qid)
+                out[f"{CAP}_id"].append(doc_id)
+                out[f"{CAP}_{S.CAPTION}"].append(caption)
+        return pa.table({c: pa.array(v, pa.string()) for c, v in out.items()})
+
+
+def caption_lists(plan: ExamplePlan, docs, num_partitions: int = 2):
+    """qid → the captions of every image positive of the query (``q_comp`` removes their
+    tokens), built on the cluster: the driver holds no caption."""
+    queries_of: dict[str, list[str]] = {}
+    for qid, ids in zip(plan.rows.column(S.QID).to_pylist(), plan.rows.column(CAPTION_IDS).to_pylist()):
+        for d in ids:
+            queries_of.setdefault(d, []).append(qid)
+    rows = docs.map_batches(_CaptionRows(queries_of), batch_format="pyarrow")
+    return rows.groupby(S.QID, num_partitions=num_partitions).map_groups(_caption_list, batch_format="pyarrow")
+
+
+def epoch_dataset(plan: ExamplePlan, docs, epochs: Sequence[int], settings: DrawSettings, num_shards: int,
+                  num_partitions: int = 2):
+    """The training rows of ``epochs`` (lazy), sorted by (shard, epoch, slot): the plan is
+    expanded on the cluster (:func:`expand_epochs`), then the documents are hash-joined on
+    (``Dataset.join``): an inner join for the positive, left outer joins for the negatives
+    and the caption lists.
 
     Args:
         plan: from :func:`plan_examples`.
         docs: the documents dataset (:func:`read_documents`), ideally pre-filtered to
-            ``plan.needed_ids`` with :func:`filter_ids` so the shuffle moves only those.
+            ``plan.needed_ids`` with :func:`filter_ids` so the shuffles move only those.
         num_partitions: hash partitions of each join.
     """
     import ray.data
 
-    ds = ray.data.from_arrow(plan.rows)
+    rows = with_visit_order(plan, epochs, settings.seed)
+    ds = ray.data.from_arrow(rows).map_batches(
+        _ExpandEpochs(epochs, settings, num_shards), batch_format="pyarrow", batch_size=max(1, 4096 // len(epochs)))
     ds = ds.join(_doc_side(docs, POS), join_type="inner", num_partitions=num_partitions, on=(f"{POS}_id",))
     for slot in NEG_SLOTS:
-        if f"{slot}_id" in plan.rows.column_names:
+        if MINED["image"] in plan.rows.column_names:
             ds = ds.join(_doc_side(docs, slot), join_type="left_outer", num_partitions=num_partitions,
                          on=(f"{slot}_id",))
-    return ds
+    if plan.needs_captions:
+        ds = ds.join(caption_lists(plan, docs, num_partitions), join_type="left_outer",
+                     num_partitions=num_partitions, on=(S.QID,))
+    return ds.sort([SHARD, EPOCH, SLOT])
 
 
-def build_train_dataset(
+def shard_name(rank: int) -> str:
+    """The name of worker ``rank``'s training dataset (``ray.train.get_dataset_shard``)."""
+    return f"train-{rank}"
+
+
+def build_train_shards(
     root: str, split: str, storage_options: dict[str, str] | None = None, *,
-    version: int | None = None, mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    seed: int = 0, depth: int = 10, max_queries: int | None = None, num_partitions: int = 2,
-):
-    """The training rows of ``split`` as a Ray Dataset (lazy) plus the plan's counts."""
+    epochs: Sequence[int], num_shards: int, settings: DrawSettings | None = None, version: int | None = None,
+    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, max_queries: int | None = None,
+    num_partitions: int = 2,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The training rows of ``split`` for ``epochs``, materialised in the object store (not
+    the driver) and cut into one dataset per worker (:func:`shard_name`), each in epoch
+    order. Returns them and the counts (``rows``: rows per epoch).
+
+    Raises:
+        ValueError: no query, or none with a positive in the corpus.
+    """
+    settings = settings or DrawSettings()
+    epochs = list(epochs)
     queries = read_queries(root, split, storage_options)
     if max_queries is not None:
         queries = queries[:max_queries]
     if not queries:
         raise ValueError(f"queries/{split} under {root} is empty: ingest queries for split {split!r} first")
-    # Modalities are looked up only for queries without a target (the rule then prefers an
-    # image positive); a given target is trusted here and checked by the inner join, which
-    # drops the query if the target is not in the corpus (counted below).
-    need = sorted({d for q in queries if not q.get("target_doc_id") for d in q["positive_doc_ids"]})
-    modalities = document_modalities(root, need, storage_options, version) if need else {}
-    modalities.update({q["target_doc_id"]: "?" for q in queries if q.get("target_doc_id")})
-    plan = plan_examples(queries, modalities, mined, seed=seed, depth=depth)
+    # doc_id → modality (ids only) of every target and of the positives of queries without
+    # one (among which the per-epoch choice is made): a positive known to exist, so the
+    # inner join drops no row and the shards stay even.
+    need = sorted({d for q in queries for d in ([q["target_doc_id"]] if q.get("target_doc_id")
+                                                 else q["positive_doc_ids"])})
+    modalities = document_modalities(root, need, storage_options, version)
+    plan = plan_examples(queries, modalities, mined, depth=settings.depth)
     if plan.counts["used"] == 0:
         raise ValueError(
             f"no query of split {split!r} has a positive in {documents_uri(root)}: the qrels "
             "point at documents that were never ingested (or were quarantined)")
     docs = filter_ids(read_documents(root, storage_options, version), plan.needed_ids)
-    return join_documents(plan, docs, num_partitions), plan.counts
+    ds = epoch_dataset(plan, docs, epochs, settings, num_shards, num_partitions).materialize()
+    sizes = shard_sizes(plan.counts["used"], epochs, num_shards)
+    total = ds.count()
+    if total != sum(sizes):
+        raise ValueError(f"the training rows number {total}, not {sum(sizes)} ({plan.counts['used']} queries × "
+                         f"{len(epochs)} epochs): a doc_id of {documents_uri(root)} is not unique")
+    cuts = [sum(sizes[: r + 1]) for r in range(num_shards - 1)]
+    parts = ds.split_at_indices(cuts) if cuts else [ds]
+    counts = {**plan.counts, "rows": plan.counts["used"], "epochs": len(epochs)}
+    return {shard_name(r): part for r, part in enumerate(parts)}, counts
 
 
 def dev_documents_dataset(root: str, queries: Sequence[Mapping[str, Any]], storage_options: dict[str, str] | None = None,
@@ -319,9 +482,87 @@ def row_document(row: Mapping[str, Any], prefix: str, storage_options: dict[str,
     )
 
 
+class EpochRows:
+    """One worker's rows, which arrive sorted by (epoch, slot) through a single iterator that
+    lasts the whole run, cut into the micro-batches of one epoch at a time.
+
+    :meth:`epoch` skips rows of earlier epochs (the tail a rank leaves when all ranks agree
+    that an epoch is over, or the epochs a restarted worker group has already trained) and
+    stops at the first row of a later one, which it keeps for the next call.
+
+    Args:
+        batches: the shard's batches (``iter_batches(batch_format="pyarrow")``), in order.
+        micro_batch: rows per micro-batch (the last one of an epoch may have fewer).
+        shuffle: rows of a window shuffled together within an epoch, seeded by
+            (``seed``, epoch, ``rank``, window) so that a resumed epoch repeats the order
+            (0: the arriving order, itself a fresh random permutation every epoch).
+
+    Raises:
+        RuntimeError: from :meth:`epoch`, when rows arrive out of epoch order.
+    """
+
+    def __init__(self, batches: Iterable[pa.Table], micro_batch: int, shuffle: int = 0, seed: int = 0,
+                 rank: int = 0) -> None:
+        self._source = iter(batches)
+        self._pending: pa.Table | None = None
+        self._latest = -1
+        self.micro_batch = micro_batch
+        self.window = max(micro_batch, -(-shuffle // micro_batch) * micro_batch) if shuffle else micro_batch
+        self.shuffle, self.seed, self.rank = bool(shuffle), seed, rank
+
+    def _next_table(self) -> pa.Table | None:
+        if self._pending is not None:
+            table, self._pending = self._pending, None
+            return table
+        for table in self._source:
+            if table.num_rows:
+                epochs = table.column(EPOCH).to_numpy()
+                if (np.diff(epochs) < 0).any() or epochs[0] < self._latest:
+                    raise RuntimeError("training rows arrived out of epoch order: build the shards with "
+                                       "build_train_shards (sorted by shard, epoch, slot)")
+                self._latest = int(epochs[-1])
+                return table
+        return None
+
+    def _rows(self, epoch: int) -> Iterator[pa.Table]:
+        # This epoch's rows, table by table; a later epoch's first rows go back to _pending.
+        while (table := self._next_table()) is not None:
+            epochs = table.column(EPOCH).to_numpy()
+            start, stop = int(np.searchsorted(epochs, epoch, "left")), int(np.searchsorted(epochs, epoch, "right"))
+            if stop < table.num_rows:
+                self._pending = table.slice(stop)
+            if stop > start:
+                yield table.slice(start, stop - start)
+            if self._pending is not None:
+                return
+
+    def epoch(self, epoch: int) -> Iterator[pa.Table]:
+        """The micro-batches of ``epoch`` (this worker's rows of it, in order)."""
+        buffered: list[pa.Table] = []
+        n = window = 0
+        for part in self._rows(epoch):
+            buffered.append(part)
+            n += part.num_rows
+            while n >= self.window:
+                table = pa.concat_tables(buffered)
+                yield from self._cut(table.slice(0, self.window), epoch, window)
+                rest = table.slice(self.window)
+                buffered, n, window = [rest], rest.num_rows, window + 1
+        if n:
+            yield from self._cut(pa.concat_tables(buffered), epoch, window)
+
+    def _cut(self, table: pa.Table, epoch: int, window: int) -> Iterator[pa.Table]:
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed % 2**64, epoch, self.rank, window])
+            table = table.take(pa.array(rng.permutation(table.num_rows)))
+        for start in range(0, table.num_rows, self.micro_batch):
+            yield table.slice(start, self.micro_batch)
+
+
 def rows_to_examples(batch: pa.Table | Mapping[str, Sequence[Any]], storage_options: dict[str, str] | None = None) -> list[TrainExample]:
-    """Joined rows → :class:`TrainExample` objects (``q_comp`` against the positive's caption,
-    as :func:`pipelines.train.examples.training_examples` does)."""
+    """Joined rows → :class:`TrainExample` objects; ``q_comp`` removes the captions of every
+    image positive of the query (``positive_captions``; without that column, the positive's
+    own caption is the only one), as :func:`pipelines.train.examples.training_examples` does."""
     rows = batch.to_pylist() if isinstance(batch, pa.Table) else [
         dict(zip(batch, values)) for values in zip(*batch.values())]
     out = []
@@ -329,12 +570,15 @@ def rows_to_examples(batch: pa.Table | Mapping[str, Sequence[Any]], storage_opti
         pos = row_document(row, POS, storage_options)
         if pos is None:
             raise ValueError(f"training row for query {row.get('qid')!r} has no positive document: "
-                             "build rows with join_documents (an inner join on the positive)")
+                             "build rows with build_train_shards (an inner join on the positive)")
         negatives = tuple(d for d in (row_document(row, s, storage_options) for s in NEG_SLOTS) if d is not None)
+        captions: tuple[str, ...] = ()
+        if pos.modality == "image":
+            listed = row.get(POSITIVE_CAPTIONS) or ()
+            captions = (*listed, pos.caption) if pos.caption not in listed else tuple(listed)
         out.append(TrainExample(
             qid=str(row["qid"]), query=str(row[S.QUERY]), positive=pos, negatives=negatives,
-            relevant_ids=frozenset(row[RELEVANT_IDS] or ()),
-            positive_captions=(pos.caption,) if pos.modality == "image" else (),
+            relevant_ids=frozenset(row[RELEVANT_IDS] or ()), positive_captions=captions,
         ))
     return out
 

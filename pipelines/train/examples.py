@@ -1,5 +1,7 @@
 """Turns corpus records and queries into the model library's ``Document`` and
-``TrainExample`` objects (the same records the Delta tables hold)."""
+``TrainExample`` objects (the same records the Delta tables hold): the in-memory path
+(``ciea compare``). Which positive a query trains with in an epoch is decided by
+:mod:`pipelines.train.draws`, as on the Ray path."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ciea_model.processor import Document, TrainExample
+from pipelines.train.draws import DrawSettings, choose_positive
 
 logger = logging.getLogger(__name__)
 
@@ -29,34 +32,63 @@ def to_document(record: Mapping[str, Any], image_transform: Callable[[Any], Any]
     )
 
 
-def training_examples(
-    queries: Iterable[Mapping[str, Any]], documents: Mapping[str, Document]
-) -> tuple[list[TrainExample], dict[str, int]]:
-    """One :class:`TrainExample` per query whose positive is in ``documents``.
+def positive_candidates(q: Mapping[str, Any], modality: Mapping[str, str]) -> tuple[list[str], str | None, list[str]]:
+    """The rule both training paths share for one query, on ids: ``(image_positives,
+    fallback, caption_ids)``.
 
-    The positive is the query's ``target_doc_id`` when given, else its first image
-    positive, else its first positive (CIEA_METHOD.md: image positive when there is one).
-    ``q_comp`` is taken against the chosen positive's caption: synthetic queries can
-    have hundreds of relevant images whose captions together would cover every word.
+    The query's ``target_doc_id``, when its source names one and it is in the corpus, is its
+    only candidate; otherwise every image positive is (one is picked per epoch, see
+    :func:`pipelines.train.draws.choose_positive`), and ``fallback`` is its first positive
+    for queries without an image one. ``caption_ids``: the image documents whose captions
+    ``q_comp`` removes (CIEA_METHOD.md: every positive image caption of the query).
+    ``fallback`` is ``None`` when no positive is in the corpus.
+
+    Args:
+        q: a query (``positive_doc_ids``, optional ``target_doc_id``).
+        modality: doc_id → modality of the documents in the corpus (for a query with a
+            target, at least the target's; "?" when unknown).
+    """
+    target = q.get("target_doc_id")
+    if target in modality:
+        # The choice is made: the other positives' modalities matter only for their
+        # captions, and may be left out of ``modality`` ("?" kept, checked where the
+        # captions are read).
+        maybe = [d for d in dict.fromkeys([*q["positive_doc_ids"], target]) if modality.get(d, "?") in ("image", "?")]
+        return ([target] if modality[target] == "image" else []), target, maybe
+    positives = [d for d in q["positive_doc_ids"] if d in modality]
+    images = [d for d in positives if modality[d] == "image"]
+    return images, (positives[0] if positives else None), images
+
+
+def training_examples(
+    queries: Iterable[Mapping[str, Any]], documents: Mapping[str, Document],
+    settings: DrawSettings | None = None, epoch: int = 0,
+) -> tuple[list[TrainExample], dict[str, int]]:
+    """One :class:`TrainExample` per query whose positive is in ``documents``, as epoch
+    ``epoch`` of a run trains it (the Ray path builds its rows with the same rule).
+
+    The positive is the query's ``target_doc_id`` when given, else one of its image
+    positives (picked at random per epoch with ``settings.random_positive``, else the
+    first), else its first positive (CIEA_METHOD.md: image positive when there is one).
+    ``q_comp`` removes the tokens of every image positive's caption.
 
     Returns:
         ``(examples, counts)`` with counts of queries used and skipped (no positive found).
     """
+    settings = settings or DrawSettings()
+    modality = {d: doc.modality for d, doc in documents.items()}
     examples, skipped = [], 0
     for q in queries:
-        positives = [documents[d] for d in q["positive_doc_ids"] if d in documents]
-        target = documents.get(q.get("target_doc_id") or "")
-        if target is None and positives:
-            target = next((d for d in positives if d.modality == "image"), positives[0])
-        if target is None:
+        images, fallback, caption_ids = positive_candidates(q, modality)
+        if fallback is None:
             skipped += 1
             continue
+        target = documents[choose_positive(q["qid"], images, fallback, settings, epoch)]
         examples.append(TrainExample(
             qid=q["qid"], query=q["query"], positive=target,
             relevant_ids=frozenset(q["positive_doc_ids"]),
-            positive_captions=(target.caption,) if target.modality == "image" else (),
+            positive_captions=tuple(documents[d].caption for d in caption_ids) if target.modality == "image" else (),
         ))
     if skipped:
         logger.warning("%d training queries have no positive in the corpus and were skipped", skipped)
     return examples, {"used": len(examples), "skipped_no_positive": skipped}
-

@@ -17,12 +17,14 @@ Output table (``MINED_SCHEMA``): one row per (query, negative), ``rank`` 0-based
 query's mixed top-k, so ``rank < depth`` per modality reproduces the in-memory lists.
 
 Stage 2 then trains each query with one positive plus one image and one text hard
-negative ("modality-balanced"), falling back to the other modality when one runs out
-(:func:`with_hard_negatives`).
+negative ("modality-balanced"), falling back to the other modality when one runs out, drawn
+again every epoch from the whole mined list as the release does
+(:func:`pipelines.train.draws.draw_negatives`; in memory: :func:`with_hard_negatives`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +35,7 @@ import pyarrow as pa
 from ciea_model.model import CIEAModel
 from ciea_model.processor import CIEAProcessor, Document, TrainExample
 from pipelines.store import schema as S
+from pipelines.train.draws import DrawSettings, draw_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -272,22 +275,16 @@ def mine_hard_negatives(
 
 def with_hard_negatives(
     examples: Sequence[TrainExample], mined: Mapping[str, Mapping[str, Sequence[str]]],
-    documents: Mapping[str, Document], seed: int, depth: int = 10,
+    documents: Mapping[str, Document], seed: int, depth: int = 100, epoch: int = 0,
+    redraw_each_epoch: bool = True,
 ) -> list[TrainExample]:
-    """Adds one image and one text hard negative per example, each drawn from the top
-    ``depth`` of its modality; when a modality has none, both come from the other."""
-    rng = np.random.default_rng(seed)
+    """Adds one image and one text hard negative per example, as epoch ``epoch`` of a run
+    draws them (:func:`pipelines.train.draws.draw_negatives`: uniformly from the top
+    ``depth`` of each modality minus the query's positives; when a modality has none, both
+    come from the other). The Ray path draws its rows with the same function."""
+    settings = DrawSettings(seed=seed, depth=depth, redraw_each_epoch=redraw_each_epoch)
     out = []
     for ex in examples:
-        pools = {m: list(mined.get(ex.qid, {}).get(m, ()))[:depth] for m in ("image", "text")}
-        picks: list[str] = []
-        for m, other in (("image", "text"), ("text", "image")):
-            pool = [d for d in (pools[m] or pools[other]) if d not in picks]
-            if pool:
-                picks.append(pool[int(rng.integers(len(pool)))])
-        out.append(TrainExample(
-            qid=ex.qid, query=ex.query, positive=ex.positive,
-            negatives=tuple(documents[d] for d in picks), relevant_ids=ex.relevant_ids,
-            positive_captions=ex.positive_captions,
-        ))
+        picks = draw_negatives(ex.qid, mined.get(ex.qid), ex.relevant_ids | {ex.positive.doc_id}, settings, epoch)
+        out.append(dataclasses.replace(ex, negatives=tuple(documents[d] for d in picks)))
     return out

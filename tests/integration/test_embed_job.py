@@ -17,7 +17,7 @@ from PIL import Image
 
 from ciea_model import load_checkpoint
 from ciea_model.inference import encode_documents
-from jobs.embed import SimulatedCrash
+from pipelines.index.build import SimulatedCrash
 from pipelines.store.lance_tables import VectorTable
 from pipelines.train.examples import to_document
 

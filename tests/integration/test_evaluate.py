@@ -30,7 +30,8 @@ from pipelines.query.metrics import OVERALL
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 N_IMAGES, N_TEXTS, SEED = 200, 100, 3
-METRICS = ["MRR@10", "MRR@20", "NDCG@10", "NDCG@20", "Recall@1", "Recall@5", "Recall@20", "Recall@100"]
+METRICS = ["MRR@10", "MRR@20", "NDCG@10", "NDCG@20", "gNDCG@10", "gNDCG@20", "Recall@1", "Recall@5", "Recall@20",
+           "Recall@100"]
 
 
 def _exact_text_queries(records: list[dict], n: int) -> list[dict]:

@@ -91,7 +91,11 @@ def test_edis_round_trip(tmp_path):
         assert list(q) == [qid]
         assert json.loads(q[qid]["metadata"])["candidate_scores"][relevant] == 3
         qrels = tables.read(tables.qrels(split)).to_pylist()
-        assert [(r["qid"], r["doc_id"]) for r in qrels] == [(qid, relevant)]  # score 3 only
+        # Every graded candidate is kept (relevance = score - 2): only score 3 is relevant.
+        graded = {r["doc_id"]: r["relevance"] for r in qrels if r["qid"] == qid}
+        scores = {str(c["candidate_id"]): c["score"] for c in expected["splits"][split][0]["candidates"]}
+        assert graded == {d: s - 2 for d, s in scores.items()}
+        assert [d for d, r in graded.items() if r > 0] == [relevant]
 
 
 def test_manifest_jsonl_and_parquet_round_trip(tmp_path):

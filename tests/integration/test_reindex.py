@@ -41,6 +41,7 @@ from ciea_model.inference import encode_documents
 from ciea_model.processor import TrainExample
 from ciea_model.training import OptimConfig, TrainConfig, Trainer
 from jobs import reindex
+from pipelines.index.build import SimulatedCrash
 from pipelines.store.lance_tables import META_MODEL_ID, META_SOURCE_VERSION, VectorTable
 from pipelines.train.examples import to_document
 
@@ -244,7 +245,7 @@ def test_a_reindex_killed_at_any_step_converges_on_rerun(env, step):
     name = f"crash_{step}"
     vt = clone(env, "base", name)
     published = vt.published_version()
-    with pytest.raises(reindex.SimulatedCrash):
+    with pytest.raises(SimulatedCrash):
         run_reindex(env, name, env["trained"], "--set", f"fault.crash_at={step}")
     assert vt.published_version() == published  # readers still see the old version
     # The new source version is recorded only once rows and indexes are complete.
@@ -311,7 +312,7 @@ def test_a_model_that_is_not_worse_is_promoted_after_a_crashed_rebuild(env):
     vt = clone(env, "full", "gate_pass")
     published = vt.published_version()
     better = perturbed_checkpoint(env["trained"], env["tmp"] / "perturbed")
-    with pytest.raises(reindex.SimulatedCrash):
+    with pytest.raises(SimulatedCrash):
         run_reindex(env, "gate_pass", better, "--set", "fault.crash_at=rebuilt")
     assert vt.published_version() == published
     rc, s = run_reindex(env, "gate_pass", better)

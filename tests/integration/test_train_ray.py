@@ -27,7 +27,8 @@ from deltalake import DeltaTable
 from safetensors import safe_open
 
 from jobs import mine_negatives, train
-from pipelines.train.worker import METRICS_FILE, PROBE_FILE, read_metrics
+from pipelines.train.checkpoints import PROBE_FILE, STATE_FILE
+from pipelines.train.curves import METRICS_FILE, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import write_documents, write_split, write_synthetic  # noqa: E402
@@ -78,6 +79,7 @@ def stage1(data_root, runs, tmp_path_factory) -> dict:
         proc.wait()
         _kill_leftovers(ray_tmp)
     checkpointed = {r["step"] for r in read_metrics(metrics) if r["event"] == "checkpoint"}
+    on_disk = _checkpoint_steps(runs / "s1")
     shutil.rmtree(ray_tmp, ignore_errors=True)
     second = _cli(args, logs / "second.log", ray_tmp)
     try:
@@ -87,7 +89,14 @@ def stage1(data_root, runs, tmp_path_factory) -> dict:
             os.killpg(second.pid, signal.SIGKILL)
         _kill_leftovers(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {**json.loads((runs / "s1" / "summary.json").read_text()), "checkpointed": checkpointed}
+    return {**json.loads((runs / "s1" / "summary.json").read_text()), "checkpointed": checkpointed,
+            "on_disk": on_disk}
+
+
+def _checkpoint_steps(run: Path) -> set[int]:
+    """Steps of the complete checkpoints in a run folder (an upload cut short has no state)."""
+    return {json.loads((d / STATE_FILE).read_text())["step"]
+            for d in run.glob("checkpoint*") if (d / STATE_FILE).exists()}
 
 
 def _kill_leftovers(ray_tmp: Path) -> None:
@@ -117,11 +126,16 @@ def test_killed_job_resumes_from_its_checkpoint(stage1, runs):
     starts = [i for i, r in enumerate(records) if r["event"] == "start"]
     assert len(starts) == 2
     resumed = records[starts[1]]["resumed_from_step"]
-    # The latest checkpoint Ray registered before the kill (one being uploaded at that
-    # moment may be lost: at-least-once).
-    assert resumed in stage1["checkpointed"] and resumed >= 6, "the re-run starts from a checkpoint"
+    # Which checkpoint depends on timing: the kill comes once the first checkpoint is logged,
+    # but Ray may register a later one before it lands (or lose one being uploaded). What is
+    # guaranteed: a complete checkpoint on disk at the kill, not older than the first one.
+    assert resumed in stage1["on_disk"], (resumed, stage1["on_disk"])
+    assert resumed >= min(stage1["checkpointed"]), "the re-run starts from a checkpoint, not from zero"
     after = [r["step"] for r in records[starts[1]:] if r["event"] == "step"]
-    assert after == list(range(resumed + 1, 25)), "no step is repeated from zero"
+    assert after and min(after) > resumed, "no step at or before the checkpoint is trained again"
+    assert len(after) == len(set(after)), "no step is repeated after the resume"
+    assert after == list(range(resumed + 1, 25))
+    assert {r["step"] for r in records if r["event"] == "step"} == set(range(1, 25)), "every step is logged"
     assert stage1["final_metrics"]["step"] == 24
 
 
@@ -277,7 +291,13 @@ def known_corpus(tmp_path_factory) -> tuple[Path, str]:
 def test_mining_finds_the_known_negatives(known_corpus, tmp_path):
     from ciea_model import load_checkpoint
     from ciea_model.inference import encode_documents, encode_queries
-    from pipelines.train.dataset import plan_examples, rows_to_documents
+    from pipelines.train.dataset import (
+        expand_epochs,
+        plan_examples,
+        rows_to_documents,
+        with_visit_order,
+    )
+    from pipelines.train.draws import DrawSettings
     from pipelines.train.negatives import read_mined
 
     root, ckpt = known_corpus
@@ -307,8 +327,9 @@ def test_mining_finds_the_known_negatives(known_corpus, tmp_path):
     plan = plan_examples(
         [{"qid": f"q{i}", "query": q, "positive_doc_ids": [f"pos-{i}"], "target_doc_id": f"pos-{i}"}
          for i, q in enumerate(QUERIES)],
-        {d.doc_id: d.modality for d in docs}, mined, seed=0, depth=1)
-    rows = plan.rows.to_pylist()
+        {d.doc_id: d.modality for d in docs}, mined, depth=1)
+    settings = DrawSettings(seed=0, depth=1)
+    rows = expand_epochs(with_visit_order(plan, [0], 0), [0], settings, num_shards=1).sort_by("qid").to_pylist()
     for i, row in enumerate(rows):
         top_image = next(h["doc_id"] for h in by_q[f"q{i}"] if h["modality"] == "image")
         assert (row["neg0_id"], row["neg1_id"]) == (top_image, f"twin-{i}")

@@ -18,6 +18,7 @@ from ciea_model.training import (
     build_scheduler,
     compute_loss,
     iterate_batches,
+    optimizer_step,
     param_groups,
     train_step,
 )
@@ -217,6 +218,35 @@ def test_train_step_with_scheduler_and_clipping(make_model, make_examples):
     lrs = [train_step(model, batch, opt, sched, max_grad_norm=0.5)["lr"] for _ in range(4)]
     assert lrs[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_optimizer_step_clips_steps_clamps_theta_schedules_and_clears(make_model, make_examples):
+    """The tail shared by ``train_step`` and the Ray worker, once gradients are final."""
+    model, processor = make_model("ciea")
+    batch = processor.collate_training(make_examples(4))
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.0))
+    sched = build_scheduler(opt, total_steps=4)
+
+    def grad_norm() -> float:
+        norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    seen = []  # the global gradient norm the optimiser steps with
+    opt.register_step_pre_hook(lambda *_: seen.append(grad_norm()))
+    compute_loss(model, batch).loss.backward()
+    assert grad_norm() > 0.01
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(model.config.logit_scale_max) + 1.0)  # above the clamp
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    optimizer_step(model, opt, sched, max_grad_norm=0.01)
+    assert seen == [pytest.approx(0.01, rel=1e-4)]
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the optimiser stepped"
+    assert model.logit_scale.item() == pytest.approx(math.log(model.config.logit_scale_max))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert all(p.grad is None for p in model.parameters()), "gradients are cleared"
+    optimizer_step(model, opt)  # no gradients, no schedule, no clipping: a no-op step
+    assert seen[1] == 0.0 and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_iterate_batches_is_seeded_and_covers_everything(make_model, make_examples):

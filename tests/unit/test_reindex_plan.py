@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from jobs.reindex import ReindexConfig, embed_route
+from pipelines.index.reindex import ReindexConfig, embed_route
 from pipelines.index.reindex_plan import (
     CHANGE_TYPE,
     COMMIT_VERSION,

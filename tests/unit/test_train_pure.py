@@ -17,21 +17,22 @@ import torch.multiprocessing as mp
 from pydantic import ValidationError
 
 from ciea_model.processor import Document, TrainExample
-from pipelines.train.dataset import plan_examples, rows_to_examples
+from pipelines.train.config import (
+    CheckpointMismatchError,
+    TrainJobConfig,
+    check_identity,
+    resume_identity,
+)
+from pipelines.train.dataset import expand_epochs, plan_examples, rows_to_examples, with_visit_order
+from pipelines.train.draws import DrawSettings
+from pipelines.train.gradients import GradientReducer
 from pipelines.train.negatives import (
     RunningTopK,
     mined_table,
     split_by_modality,
     with_hard_negatives,
 )
-from pipelines.train.worker import (
-    CheckpointMismatchError,
-    GradientReducer,
-    StepProfile,
-    TrainJobConfig,
-    check_identity,
-    resume_identity,
-)
+from pipelines.train.profiling import StepProfile
 
 MODALITIES = {"i1": "image", "i2": "image", "t1": "text", "t2": "text", "t3": "text"}
 
@@ -45,21 +46,27 @@ def test_plan_picks_target_then_image_positive_and_skips_unknown():
     ]
     plan = plan_examples(queries, MODALITIES)
     rows = plan.rows.to_pylist()
-    assert [(r["qid"], r["pos_id"]) for r in rows] == [("a", "t1"), ("b", "i1"), ("c", "t3")]
+    assert [(r["qid"], r["image_positive_ids"], r["fallback_id"]) for r in rows] == [
+        ("a", [], "t1"), ("b", ["i1"], "t2"), ("c", [], "t3")]
     assert plan.counts == {"used": 3, "skipped_no_positive": 1}
     assert rows[1]["relevant_ids"] == ["t2", "i1"]
-    assert plan.needed_ids == ["i1", "t1", "t3"]
+    assert rows[0]["caption_ids"] == ["i2"]  # q_comp: every image positive, even beside a target
+    assert plan.needed_ids == ["i1", "i2", "t1", "t2", "t3"]
+    expanded = expand_epochs(with_visit_order(plan, [0], seed=0), [0], DrawSettings(), num_shards=1).to_pylist()
+    assert [(r["qid"], r["pos_id"]) for r in expanded] == [("a", "t1"), ("b", "i1"), ("c", "t3")]
 
 
 def test_plan_negatives_follow_the_in_memory_rule():
     queries = [{"qid": q, "query": q, "positive_doc_ids": ["i1"], "target_doc_id": "i1"} for q in ("a", "b", "c")]
     mined = {"a": {"image": ["i2"], "text": ["t1", "t2"]}, "b": {"image": [], "text": ["t2", "t3"]},
              "c": {"image": [], "text": []}}
-    plan = plan_examples(queries, MODALITIES, mined, seed=7, depth=2)
+    plan = plan_examples(queries, MODALITIES, mined, depth=2)
+    settings = DrawSettings(seed=7, depth=2)
+    rows = expand_epochs(with_visit_order(plan, [0], seed=7), [0], settings, num_shards=2).to_pylist()
     docs = {d: Document(d, "text") for d in MODALITIES}
-    stub = [TrainExample(q["qid"], q["query"], Document("i1", "text")) for q in queries]
+    stub = [TrainExample(q["qid"], q["query"], Document("i1", "text"), relevant_ids=frozenset({"i1"})) for q in queries]
     expected = [[n.doc_id for n in ex.negatives] for ex in with_hard_negatives(stub, mined, docs, seed=7, depth=2)]
-    got = [[x for x in (r["neg0_id"], r["neg1_id"]) if x] for r in plan.rows.to_pylist()]
+    got = [[x for x in (r["neg0_id"], r["neg1_id"]) if x] for r in rows]
     assert got == expected
     assert got[0][0] == "i2" and got[0][1] in ("t1", "t2")  # one image, one text
     assert len(got[1]) == 2 and set(got[1]) <= {"t2", "t3"}  # no image mined: both from text

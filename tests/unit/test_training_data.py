@@ -21,8 +21,12 @@ def test_training_examples_pick_the_target_and_keep_all_relevant(synthetic_corpu
     for ex, q in zip(examples, train):
         assert ex.positive.doc_id == q["target_doc_id"]
         assert ex.relevant_ids == frozenset(q["positive_doc_ids"])
-        # q_comp is taken against the chosen positive's caption; text positives have none.
-        assert ex.positive_captions == ((ex.positive.caption,) if ex.positive.modality == "image" else ())
+        # q_comp removes every image positive's caption; a text positive brings none.
+        image_captions = {docs[d].caption for d in q["positive_doc_ids"] if docs[d].modality == "image"}
+        if ex.positive.modality == "image":
+            assert set(ex.positive_captions) == image_captions | {ex.positive.caption}
+        else:
+            assert ex.positive_captions == ()
 
 
 def test_mined_negatives_exclude_positives_and_split_by_modality(synthetic_corpus, make_model):

@@ -7,7 +7,9 @@ from pipelines.ingest.sources.edis import EDISSource
 from pipelines.ingest.sources.folder import FolderSource
 from pipelines.ingest.sources.manifest import ManifestSource
 from pipelines.ingest.sources.synthetic.source import SyntheticSource
+from pipelines.ingest.sources.urls import UrlSource
+from pipelines.ingest.sources.webdataset import WebDatasetSource
 from pipelines.ingest.sources.webqa import WebQASource
 
 __all__ = ["EDISSource", "FolderSource", "ManifestSource", "Query", "Source", "SyntheticSource",
-           "WebQASource"]
+           "UrlSource", "WebDatasetSource", "WebQASource"]

@@ -10,7 +10,8 @@ A source is a small picklable object with two halves:
   so validation quarantines it and nothing is lost.
 
 Queries and qrels (``query_splits``, ``iter_queries``, ``iter_qrels``) are read by the
-driver, one split at a time: they are orders of magnitude smaller than the corpus.
+driver, one split at a time: they are orders of magnitude smaller than the corpus. A source
+without its own query format takes BEIR queries and qrels (``attach_queries``).
 """
 
 from __future__ import annotations
@@ -48,10 +49,22 @@ class Query:
     raw_excerpt: str | None = None
 
 
+@dataclass
+class BadQrel:
+    """A qrels line that cannot be read: ``iter_qrels`` yields it so it is quarantined."""
+
+    record_ref: str
+    reason: str
+    detail: str
+    excerpt: str | None = None
+
+
 class Source:
     """Base class; subclasses set ``kind`` and implement ``plan`` and ``read``."""
 
     kind = "base"
+    #: Queries and qrels from elsewhere (``pipelines.ingest.sources.beir.BeirQueries``).
+    attached_queries: Any = None
 
     def __init__(self, name: str | None, storage_options: dict[str, str] | None = None,
                  image_mode: str = "inline") -> None:
@@ -69,14 +82,31 @@ class Source:
         """Records to expect, when known cheaply (for the progress bar)."""
         return None
 
+    def attach_queries(self, queries: Any) -> None:
+        """Use ``queries`` (``splits``, ``iter_queries``, ``iter_qrels``) as this source's
+        queries and qrels; for sources without a query format of their own."""
+        self.attached_queries = queries
+
     def query_splits(self) -> list[str]:
-        return []
+        return self.attached_queries.splits() if self.attached_queries is not None else []
 
     def iter_queries(self, split: str) -> Iterator[Query]:
-        return iter(())
+        return self.attached_queries.iter_queries(split) if self.attached_queries is not None else iter(())
 
-    def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int]]:
-        return iter(())
+    def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int] | BadQrel]:
+        """``(qid, doc_id, relevance)`` judgments (graded: ``> 0`` relevant), or ``BadQrel``."""
+        return self.attached_queries.iter_qrels(split) if self.attached_queries is not None else iter(())
+
+    def observe(self, table: pa.Table) -> pa.Table:
+        """Sees every validated batch in the driver before it is committed, and returns it
+        (a source that reports more than records — the URL fetcher's account — counts here
+        and may drop its transient columns' content); the batch as is by default."""
+        return table
+
+    def fetch_report(self, seconds: float) -> dict[str, Any] | None:
+        """What the source fetched over the network in a documents stage of ``seconds``, or
+        None (no fetching)."""
+        return None
 
     # helpers ----------------------------------------------------------------------------
     def fs(self, uri: str) -> tuple[pafs.FileSystem, str]:

@@ -7,8 +7,11 @@ Files under ``path``:
   ``caption`` = ``contents``, image = ``<images_dir>/<image>``);
 * ``train.json`` / ``dev.json`` / ``test.json`` (``val.json`` is read as ``dev``) —
   ``[{id, query, candidates: [{candidate_id, image, headline, score}, ...]}, ...]`` →
-  queries (``qid`` = ``str(id)``); qrels are the candidates with ``score == 3`` (EDIS's
-  "relevant"), the full graded scores stay in the query's metadata.
+  queries (``qid`` = ``str(id)``); every scored candidate is a qrel with its graded score
+  kept as ``relevance = score - 2``, so that EDIS's "relevant" (``score == 3``) is
+  ``relevance > 0`` — the rule every consumer of ``qrels/<split>`` applies — and the lower
+  grades stay judged non-relevant (2 → 0, 1 → -1); the score is ``relevance + 2``. The
+  scores also stay in the query's metadata (``candidate_scores``).
 
 The candidate list is the corpus: candidates that appear only inside query files are not
 documents (their qrels are kept; the ingest summary counts qrels whose doc_id is not in
@@ -41,6 +44,8 @@ from pipelines.store import storage
 CANDIDATES_FILE = "candidates_full.json"
 SPLIT_FILES = {"train": ("train.json",), "dev": ("dev.json", "val.json"), "test": ("test.json",)}
 RELEVANT_SCORE = 3
+#: Stored relevance = score - GRADE_OFFSET: relevance > 0 exactly for RELEVANT_SCORE.
+GRADE_OFFSET = RELEVANT_SCORE - 1
 
 
 class EDISSource(Source):
@@ -186,5 +191,10 @@ class EDISSource(Source):
             if error is not None or not isinstance(item, dict) or item.get("id") is None:
                 continue
             for c in item.get("candidates") or []:
-                if isinstance(c, dict) and c.get("score") == RELEVANT_SCORE and c.get("candidate_id") is not None:
-                    yield str(item["id"]), str(c["candidate_id"]), 1
+                if not isinstance(c, dict) or c.get("candidate_id") is None:
+                    continue
+                score = c.get("score")
+                if isinstance(score, float) and score.is_integer():
+                    score = int(score)
+                if isinstance(score, int) and not isinstance(score, bool):
+                    yield str(item["id"]), str(c["candidate_id"]), score - GRADE_OFFSET

@@ -5,7 +5,10 @@ Columns (JSON keys): ``doc_id`` (string, or integer → its decimal string; requ
 manifest's folder — or, in Parquet, the image bytes), ``modality`` (optional: ``text`` or
 ``image``; inferred when absent). Every other column is free metadata, kept as a JSON
 object. ``path`` is one manifest file or a folder of them (``*.jsonl``, ``*.json`` as JSON
-lines, ``*.parquet``), read in name order.
+lines, ``*.parquet``), read in name order. A BEIR corpus reads as is: ``_id`` is the
+``doc_id`` when there is no ``doc_id`` (``title`` stays metadata), and in a folder that is
+a BEIR layout (``queries.jsonl`` beside ``qrels/``) ``queries.jsonl`` is not a manifest — it
+is read by ``--queries``.
 
 JSONL shards by byte range, Parquet by row group. A line that is not UTF-8 or not a JSON
 object, a value of the wrong type, and every row of a Parquet column of the wrong Arrow
@@ -36,6 +39,9 @@ from pipelines.store import storage
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CORE = ("doc_id", "text", "caption", "image", "modality")
+#: BEIR's corpus id column, the doc_id when a record has no ``doc_id``.
+BEIR_ID = "_id"
+BEIR_QUERIES, BEIR_QRELS = "queries.jsonl", "qrels"
 
 _STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
 _BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
@@ -79,6 +85,9 @@ class ManifestSource(Source):
             i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
             if i.type == pafs.FileType.File and i.path.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
         ]
+        beir_queries = f"{path.rstrip('/')}/{BEIR_QUERIES}"
+        if beir_queries in found and fs.get_file_info(f"{path.rstrip('/')}/{BEIR_QRELS}").type == pafs.FileType.Directory:
+            found.remove(beir_queries)  # a BEIR layout: the queries are not documents
         if not found:
             raise FileNotFoundError(
                 f"no manifest files (*.jsonl, *.json, *.parquet) under {self.path}")
@@ -138,7 +147,8 @@ class ManifestSource(Source):
             yield ref, self._record(row, uri, None)
 
     def _record(self, value: dict[str, Any], uri: str, excerpt: str | None) -> dict[str, Any]:
-        doc_id, id_error = int_or_str_id(value.get("doc_id"))
+        id_key = BEIR_ID if "doc_id" not in value and BEIR_ID in value else "doc_id"
+        doc_id, id_error = int_or_str_id(value.get(id_key))
         errors = [id_error] if id_error else []
         for key in ("text", "caption", "modality"):
             v = value.get(key)
@@ -156,7 +166,7 @@ class ManifestSource(Source):
         if errors:
             return {"error": "wrong_type", "error_detail": "; ".join(errors),
                     "raw_excerpt": excerpt or _row_excerpt(value), "doc_id": doc_id}
-        extra = {k: v for k, v in value.items() if k not in CORE}
+        extra = {k: v for k, v in value.items() if k not in CORE and k != id_key}
         return {
             "doc_id": doc_id, "text": value.get("text"), "caption": value.get("caption"),
             "modality": value.get("modality"), "image": image_bytes, "image_uri": image_uri,

@@ -1,0 +1,131 @@
+"""Typed settings of the indexing runs: ``ciea embed`` (:class:`EmbedConfig`, run by
+:func:`pipelines.index.build.run`) and the sections ``ciea reindex`` shares with it
+(:mod:`pipelines.index.reindex` extends them).
+
+Nothing here knows about Ray's own settings (address, CPUs, session folder): the job that
+calls a run owns Ray (``jobs/common.py``) and hands the run a way to reach it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.store import storage as storage_mod
+
+
+class InputSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("data", description="data root holding corpus/documents (local path or s3://)")
+    version: int | None = Field(None, ge=0, description="Delta version of corpus/documents to embed (default: latest)")
+    storage_options: storage_mod.StorageOptions = Field(
+        default_factory=dict,
+        description="object-store settings for Delta, images and LanceDB (AWS_ENDPOINT_URL, AWS_REGION, "
+                    "AWS_ALLOW_HTTP, ...); credentials only from the environment")
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str | None = Field(None, description="checkpoint directory written by ciea_model.save_checkpoint (required)")
+
+
+class OutputSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    db: str | None = Field(None, description="LanceDB database folder (default: <root>/lancedb)")
+    table: str = Field("documents", pattern=r"^[A-Za-z0-9_.-]+$", description="table name (one model_id per table)")
+    tag: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                            description="tag for the finished version (default: src<version>-<model_id>); "
+                                        "`published` always moves to it too")
+    run_dir: str = Field("runs/embed", description="local folder for summary.json and the resolved config")
+
+
+class EncodeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs")
+    batch_size: int = Field(64, ge=1, description="documents per encoder call (GPU: 256-1024)")
+    actors: int | None = Field(None, ge=1, description="encoder actors (default: one per GPU; CPU: one per "
+                                                      "CPU, each single-threaded)")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs reserved per CPU actor (Ray resource; default: one single-thread actor "
+                                "per CPU, sharing all but one CPU between them, at most 1 each)")
+    threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (default: cpus_per_actor, at least 1)")
+    bf16: bool = Field(True, description="GPU: autocast to bfloat16")
+    max_retries: int = Field(2, ge=0, description="in-place retries of a failed batch (model stays loaded); "
+                                                  "a dead actor is restarted by Ray regardless")
+
+
+class PreprocessSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_rows: int = Field(256, ge=1, description="documents per preprocessing task call")
+    thumbnail_px: int = Field(96, ge=0, le=1024, description="thumbnail long side in px (0: no thumbnails)")
+    thumbnail_quality: int = Field(75, ge=1, le=95, description="thumbnail JPEG quality")
+    read_blocks: int | None = Field(None, ge=1, description="Delta read blocks (default: Ray decides)")
+    placement: Literal["auto", "tasks", "actor"] = Field(
+        "auto", description="where images are decoded: tasks (CPU tasks beside the encoder actors), actor "
+                            "(fused into the encoder actor), auto (tasks on GPU, actor on CPU: measured "
+                            "cheaper when encoder and decoding share the same cores, BENCHMARKS.md)")
+
+
+class WriteSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rows_per_fragment: int = Field(16384, ge=1, description="rows per Lance fragment written by a worker")
+    commit_every_rows: int | None = Field(
+        None, ge=1, description="commit every N rows (default: one commit per run; set it for long runs so "
+                                "a crash loses at most N rows of work)")
+
+
+class IndexSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ann: Literal["ivf_pq", "ivf_hnsw_sq", "none"] = Field("ivf_pq", description="ANN index type")
+    min_rows_for_ann: int | None = Field(
+        None, ge=256, description="below this many rows exact search is used, no ANN index (default: "
+                                  "2 000 000 / dim, where exact search stops being as fast: 2 604 rows at 768-d)")
+    enabled: bool = Field(True, description="build indexes after writing")
+
+
+class FaultSettings(BaseModel):
+    """Fault injection for tests and failure drills; leave unset in production."""
+
+    model_config = ConfigDict(extra="forbid")
+    encoder_at_batch: int | None = Field(None, ge=1, description="drill: an encoder fails on its N-th batch, once")
+    encoder_mode: Literal["raise", "exit"] = Field("raise", description="drill: raise an error or kill the actor process")
+    marker: str | None = Field(None, description="drill: file that makes the encoder fault happen once (created on fire)")
+    crash_after_commits: int | None = Field(None, ge=1, description="drill: the job dies right after its N-th commit")
+
+    @model_validator(mode="after")
+    def _check(self) -> FaultSettings:
+        if self.encoder_at_batch is not None and not self.marker:
+            raise ValueError("fault.encoder_at_batch needs fault.marker (a file path that makes it fire once)")
+        return self
+
+
+def lance_db_uri(output: OutputSettings, input_: InputSettings) -> str:
+    """``output.db``, or ``<input.root>/lancedb``."""
+    return output.db or storage_mod.join(storage_mod.normalise_uri(input_.root), "lancedb")
+
+
+class EmbedConfig(BaseModel):
+    """The whole embedding run, validated before Ray starts."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: InputSettings = Field(default_factory=InputSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    encode: EncodeSettings = Field(default_factory=EncodeSettings)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    write: WriteSettings = Field(default_factory=WriteSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    fault: FaultSettings = Field(default_factory=FaultSettings)
+    progress: bool = Field(True, description="show a progress bar")
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbedConfig:
+        if not self.model.checkpoint:
+            raise ValueError("model.checkpoint is required: pass --checkpoint DIR (a directory written by "
+                             "ciea_model.save_checkpoint, e.g. runs/demo/<variant>/checkpoint)")
+        return self
+
+    @property
+    def db_uri(self) -> str:
+        return lance_db_uri(self.output, self.input)

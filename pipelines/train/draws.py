@@ -1,0 +1,109 @@
+"""The per-epoch random choices of a training query, as pure functions of
+``(seed, epoch, qid)``: which of its image positives it trains with, and which two of its
+mined hard negatives (stage 2) join it, plus the order queries are visited in.
+
+The authors' release re-draws both every epoch: one image positive at random among the
+query's image positives, and one image and one text hard negative at random from the whole
+mined list (top 100 over the mixed corpus, positives removed, split by modality). Both the
+Ray path (:mod:`pipelines.train.dataset`, on the cluster where the rows are built) and the
+in-memory path (:func:`pipelines.train.examples.training_examples`,
+:func:`pipelines.train.negatives.with_hard_negatives`) call these functions, so the two
+cannot drift; and since nothing depends on what was drawn before, a run resumed at epoch
+``e`` draws exactly what an uninterrupted run draws at epoch ``e``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MODALITY_ORDER = ("image", "text")
+# Independent random streams per (seed, epoch, qid): switching one choice on or off leaves
+# the others' draws unchanged.
+_POSITIVE, _NEGATIVES = 1, 2
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """How a query's positive and hard negatives are chosen each epoch.
+
+    Attributes:
+        seed: the run's seed.
+        depth: each negative is drawn from the top ``depth`` of its modality (the release:
+            the whole mined list, 100).
+        redraw_each_epoch: draw the negatives again every epoch (the release); ``False``
+            draws them once (at epoch 0) for the whole run.
+        random_positive: pick one image positive at random every epoch (the release);
+            ``False`` always trains with the first one.
+    """
+
+    seed: int = 0
+    depth: int = 100
+    redraw_each_epoch: bool = True
+    random_positive: bool = True
+
+    @classmethod
+    def from_train(cls, train) -> DrawSettings:
+        """From a job's ``train`` settings (:class:`pipelines.train.config.TrainSettings`)."""
+        return cls(seed=train.seed, depth=train.negative_depth, redraw_each_epoch=train.redraw_each_epoch,
+                   random_positive=train.random_positive)
+
+
+def _key(qid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(qid.encode(), digest_size=8).digest(), "little")
+
+
+def query_rng(seed: int, epoch: int, qid: str, stream: int) -> np.random.Generator:
+    """The generator of one query's draw: a function of its arguments only."""
+    return np.random.default_rng([seed % 2**64, epoch, _key(qid), stream])
+
+
+def choose_positive(qid: str, image_positives: Sequence[str], fallback: str, settings: DrawSettings,
+                    epoch: int) -> str:
+    """The positive ``qid`` trains with in ``epoch``.
+
+    Args:
+        image_positives: the query's image positives (in the corpus), in a fixed order.
+        fallback: the positive when it has none (or when the source named a target, which
+            callers pass as the only candidate).
+    """
+    if not image_positives:
+        return fallback
+    if not settings.random_positive or len(image_positives) == 1:
+        return image_positives[0]
+    rng = query_rng(settings.seed, epoch, qid, _POSITIVE)
+    return image_positives[int(rng.integers(len(image_positives)))]
+
+
+def draw_negatives(qid: str, mined: Mapping[str, Sequence[str]] | None, exclude: Collection[str],
+                   settings: DrawSettings, epoch: int) -> list[str]:
+    """One image and one text hard negative for ``qid`` in ``epoch``, each drawn uniformly
+    from the top ``settings.depth`` of its modality minus ``exclude`` (the query's
+    positives); when a modality has none, both come from the other. Fewer than two only
+    when fewer were mined.
+
+    Args:
+        mined: ``{"image": [...], "text": [...]}`` best first, or ``None``.
+    """
+    if not mined:
+        return []
+    pools = {m: [d for d in list(mined.get(m, ()))[: settings.depth] if d not in exclude] for m in MODALITY_ORDER}
+    rng = query_rng(settings.seed, epoch if settings.redraw_each_epoch else 0, qid, _NEGATIVES)
+    picks: list[str] = []
+    for m, other in (("image", "text"), ("text", "image")):
+        pool = [d for d in (pools[m] or pools[other]) if d not in picks]
+        if pool:
+            picks.append(pool[int(rng.integers(len(pool)))])
+    return picks
+
+
+def visit_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """``slot[i]``: where the ``i``-th query (in qid order) comes in ``epoch`` (a permutation
+    of ``range(n)``); worker ``r`` of ``w`` trains the slots ``r, r + w, …`` in order."""
+    order = np.random.default_rng([seed % 2**64, epoch]).permutation(n)
+    slots = np.empty(n, dtype=np.int64)
+    slots[order] = np.arange(n)
+    return slots
