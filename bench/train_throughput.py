@@ -145,9 +145,7 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
 def _profiled_train_step(model, batch, optim, sched, prof, compute_loss, reducer=None) -> None:
     """``ciea_model.training.train_step`` cut into the phases the Ray worker reports
     (``reducer``: densify the sparse embedding gradients before the optimiser)."""
-    import math
-
-    import torch
+    from ciea_model.training import optimizer_step
 
     model.train()
     optim.zero_grad(set_to_none=True)
@@ -159,10 +157,7 @@ def _profiled_train_step(model, batch, optim, sched, prof, compute_loss, reducer
         with prof("allreduce"):
             reducer.reduce()
     with prof("optimizer"):
-        optim.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(max=math.log(model.config.logit_scale_max))
-        sched.step()
+        optimizer_step(model, optim, sched)
     with prof("metrics"):
         float(out.loss.detach()), float(model.scale().detach())
 

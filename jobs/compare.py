@@ -58,6 +58,7 @@ from pipelines.ingest.sources.synthetic.generator import (
 )
 from pipelines.query.evaluation import evaluate
 from pipelines.query.metrics import RetrievalReport
+from pipelines.train.config import NEW_MODULES
 from pipelines.train.examples import to_document, training_examples
 from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
 
@@ -68,7 +69,6 @@ logger = logging.getLogger("ciea.compare")
 Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr"]
 # Random-init parts (vision tower, projector, extractor, θ) learn at `new_lr`; the
 # pretrained LM at `lr` (the release's 5e-6 is tuned for 40 epochs, not a CPU demo).
-NEW_MODULES = ("vision.", "projector.", "extractor.", "logit_scale")
 
 
 class CorpusSettings(BaseModel):

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.train.checkpoints import latest_checkpoint
+from pipelines.train.checkpoints import STATE_FILE, latest_checkpoint
 from pipelines.train.config import (
     CheckpointMismatchError,
     TrainJobConfig,
@@ -300,7 +300,7 @@ def finish(cfg: TrainJobConfig, result: Any, counts: dict[str, Any], seconds: fl
         metrics = run_dir / METRICS_FILE
         if not metrics.exists() and (src / METRICS_FILE).exists():
             shutil.copy(src / METRICS_FILE, metrics)
-        state = json.loads((src / "training_state.json").read_text())
+        state = json.loads((src / STATE_FILE).read_text())
     curve = plot_curve(run_dir / METRICS_FILE, run_dir / "training_curve.png")
     summary = {
         "name": cfg.run.name, "stage": cfg.train.stage, "variant": cfg.model.variant,
