@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,16 +97,16 @@ def locate(name: str, what: str, files: tuple[str, ...] = MODEL_FILES, timeout: 
     return Located(what, name, "hub")
 
 
-def locate_models(config: CIEAConfig, timeout: float = 5.0) -> list[Located]:
+def locate_models(config: CIEAConfig, timeout: float = 5.0, skip: Collection[str] = ()) -> list[Located]:
     """Locates every model and tokenizer ``config`` will load (see :func:`locate`).
 
     A random-init tower given by ``name_or_path`` still reads its ``config.json``, so it is
-    located whether the weights are loaded or not.
+    located whether the weights are loaded or not. Names in ``skip`` are not checked (a
+    tokenizer the job itself is about to write).
     """
-    found = []
-    if config.text.name_or_path is not None:
-        found.append(locate(config.text.name_or_path, "text tower", MODEL_FILES, timeout))
-    found.append(locate(config.text.tokenizer_path, "tokenizer", TOKENIZER_FILES, timeout))
-    if config.uses_images and config.vision.name_or_path is not None:
-        found.append(locate(config.vision.name_or_path, "vision tower", MODEL_FILES, timeout))
-    return found
+    wanted = [(config.text.name_or_path, "text tower", MODEL_FILES),
+              (config.text.tokenizer_path, "tokenizer", TOKENIZER_FILES)]
+    if config.uses_images:
+        wanted.append((config.vision.name_or_path, "vision tower", MODEL_FILES))
+    return [locate(name, what, files, timeout) for name, what, files in wanted
+            if name is not None and name not in skip]

@@ -131,11 +131,17 @@ def validate(cfg: TrainJobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         SystemExit: with the field, the value and the fix.
     """
     from ciea_model import ConfigError
+    from ciea_model.hub import ModelUnavailableError, locate_models
 
     try:
-        model_cfg = model_config_for(cfg, tokenizer_dir(cfg)).to_dict()
+        model_config = model_config_for(cfg, tokenizer_dir(cfg))
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"invalid config: {e}") from None
+    try:  # before Ray starts: a missing model fails here in seconds, not in a worker
+        locate_models(model_config, skip=(tokenizer_dir(cfg),))
+    except ModelUnavailableError as e:
+        raise SystemExit(f"{PROG}: {e}") from None
+    model_cfg = model_config.to_dict()
     for key, path in (("model.vision_state", cfg.model.vision_state), ("train.init_from", cfg.train.init_from)):
         if path and not Path(path).exists():
             raise SystemExit(f"invalid config: {key}={path!r} does not exist: point it at a local file/directory")
