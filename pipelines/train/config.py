@@ -29,7 +29,8 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     variant: Variant = Field("ciea", description="CIEA or one of its baselines/ablations")
     tokenizer: str | None = Field(None, description="tiny preset: tokenizer directory; default: trained from the corpus into the run directory")
-    text_model: str | None = Field(None, description="demo preset: directory of a pretrained LM (default: the offline all-MiniLM-L6-v2 package)")
+    text_model: str | None = Field(None, description="demo preset: directory of a pretrained LM (default: the offline all-MiniLM-L6-v2 package); paper preset: T5-ANCE's folder or hub name (default OpenMatch/t5-ance)")
+    vision_model: str | None = Field(None, description="paper preset: CLIP's folder or hub name (default openai/clip-vit-base-patch32)")
     text_layers: int | None = Field(2, ge=1, description="demo preset: keep the LM's first N layers")
     comp_weight: float = Field(0.1, ge=0, description="λ of L_comp")
     image_only_extractor: bool = Field(True, description="image-only candidates of L_comp go through the extractor (project default); false: projected patches directly (the release)")
@@ -138,6 +139,8 @@ class TrainJobConfig(BaseModel):
             raise ValueError(f"debug.fail_rank={self.debug.fail_rank} >= scaling.num_workers={self.scaling.num_workers}")
         if self.preset == "tiny" and self.model.text_model:
             raise ValueError("model.text_model is for the demo preset; the tiny preset builds a random 2-layer T5")
+        if self.preset != "paper" and self.model.vision_model:
+            raise ValueError("model.vision_model is for the paper preset; tiny and demo build a small random CLIP")
         return self
 
     @property
@@ -226,6 +229,10 @@ def model_config_for(cfg: TrainJobConfig, tokenizer_dir: str | None):
         base = demo_config(m.variant, m.text_model or _minilm_path(), num_layers=m.text_layers)
     else:
         base = paper_config(m.variant)
+        if m.text_model:  # a local folder (save_pretrained) instead of the hub
+            base = base.replace(text=dataclasses.replace(base.text, name_or_path=m.text_model))
+        if m.vision_model:
+            base = base.replace(vision=dataclasses.replace(base.vision, name_or_path=m.vision_model))
     if m.freeze_vision is not None:
         base = base.replace(vision=dataclasses.replace(base.vision, trainable=not m.freeze_vision))
     comp = m.comp_weight if cfg.train.comp_loss else 0.0

@@ -24,3 +24,18 @@ def test_paper_preset_without_the_models_fails_before_ray(monkeypatch, tmp_path,
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
     assert not (tmp_path / "runs").exists()  # nothing prepared
+
+
+def test_paper_preset_points_at_local_folders(tmp_path):
+    """``model.text_model`` / ``model.vision_model`` replace the hub names of the paper preset
+    (what a machine without the hub uses: folders written by save_pretrained)."""
+    from pipelines.train.config import TrainJobConfig, model_config_for
+
+    cfg = TrainJobConfig.model_validate({"preset": "paper", "model": {
+        "text_model": str(tmp_path / "t5-ance"), "vision_model": str(tmp_path / "clip")}})
+    model = model_config_for(cfg, None)
+    assert model.text.name_or_path == str(tmp_path / "t5-ance")
+    assert model.vision.name_or_path == str(tmp_path / "clip")
+    assert model.text.pooling == "decoder_step0" and not model.vision.trainable
+    with pytest.raises(ValueError, match="model.vision_model is for the paper preset"):
+        TrainJobConfig.model_validate({"preset": "demo", "model": {"vision_model": "x"}})
