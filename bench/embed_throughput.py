@@ -56,7 +56,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -136,7 +139,8 @@ class CpuMeter:
 # ---------------------------------------------------------------------------------------
 
 
-def make_corpus(root: Path, n_docs: int, image_size: int) -> str:
+def make_corpus(root: Path, n_docs: int, image_size: int) -> Tables:
+    """A synthetic ``corpus/documents`` under ``root``; returns the root's Delta handle."""
     import hashlib
     from datetime import datetime, timezone
 
@@ -161,9 +165,10 @@ def make_corpus(root: Path, n_docs: int, image_size: int) -> str:
                      S.IMAGE_HEIGHT: image_size if image else None, S.METADATA: r["attributes"],
                      S.CONTENT_SHA256: h, S.SOURCE: "bench", S.RECORD_REF: f"bench:{i}", S.RUN_ID: "bench",
                      S.INGESTED_AT: now})
-    uri = Tables(str(root)).documents
-    write_deltalake(uri, pa.Table.from_pylist(rows, schema=S.DOCUMENTS_SCHEMA), configuration=CDF_CONFIG)
-    return uri
+    tables = Tables(str(root))
+    write_deltalake(tables.documents, pa.Table.from_pylist(rows, schema=S.DOCUMENTS_SCHEMA),
+                    configuration=CDF_CONFIG)
+    return tables
 
 
 def make_checkpoint(out: Path, kind: str, image_size: int) -> str:
@@ -197,16 +202,16 @@ def make_checkpoint(out: Path, kind: str, image_size: int) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def run_loop(documents_uri: str, checkpoint: str, db: str, table: str, batch_size: int, threads: int,
+def run_loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int, threads: int,
              thumbnail_px: int) -> dict[str, Any]:
     # The same meter as the pipeline's (the idle local Ray's own ticks count against the loop).
     with CpuMeter() as meter:
-        res = _loop(documents_uri, checkpoint, db, table, batch_size, threads, thumbnail_px)
+        res = _loop(tables, checkpoint, db, table, batch_size, threads, thumbnail_px)
     res["cpu_seconds"] = round(meter.seconds, 2)
     return res
 
 
-def _loop(documents_uri: str, checkpoint: str, db: str, table: str, batch_size: int, threads: int,
+def _loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int, threads: int,
           thumbnail_px: int) -> dict[str, Any]:
     """The bare in-process loop (no Ray): same work, same output table."""
     from datetime import datetime
@@ -214,7 +219,6 @@ def _loop(documents_uri: str, checkpoint: str, db: str, table: str, batch_size: 
     import numpy as np
     import pyarrow as pa
     import torch
-    from deltalake import DeltaTable
 
     from ciea_model import load_checkpoint, model_id
     from pipelines.index.embed import SOURCE_COLUMNS, make_thumbnail
@@ -229,7 +233,7 @@ def _loop(documents_uri: str, checkpoint: str, db: str, table: str, batch_size: 
     vt = VectorTable(db, table)
     vt.create_if_missing(mid, dim)
     tables, n = [], 0
-    dataset = DeltaTable(documents_uri).to_pyarrow_dataset()
+    dataset = tables.dataset(tables.documents)
     for batch in dataset.to_batches(columns=list(SOURCE_COLUMNS), batch_size=batch_size):
         recs = pa.Table.from_batches([batch]).to_pylist()
         docs = [to_document(r, processor.image_transform) for r in recs]
@@ -287,7 +291,7 @@ def run_pipeline(root: str, checkpoint: str, db: str, table: str, batch_size: in
 
 def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     root = work / "data"
-    documents_uri = make_corpus(root, args.docs, args.image_size)
+    tables = make_corpus(root, args.docs, args.image_size)
     ckpt = make_checkpoint(work, args.model, args.image_size)
     db = str(work / "lancedb")
     unknown = set(args.pipelines.split(",")) - set(PIPELINES)
@@ -301,7 +305,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for i, which in enumerate(order):
         name = f"{which}_{i}"
         if which == "loop":
-            res = run_loop(documents_uri, ckpt, db, name, args.batch_size, args.threads, args.thumbnail_px)
+            res = run_loop(tables, ckpt, db, name, args.batch_size, args.threads, args.thumbnail_px)
         else:
             res = run_pipeline(str(root), ckpt, db, name, args.batch_size, args.threads, args.thumbnail_px,
                                which.removeprefix("pipeline_"))

@@ -111,7 +111,10 @@ def child_plain(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     from deltalake import DeltaTable
 
-    n = DeltaTable(args.root).count() if hasattr(DeltaTable, "count") else None
+    from pipelines.store.delta_tables import Tables
+
+    # args.root is the table itself here (a plain append, no data-root layout).
+    n = Tables(args.root).open(args.root).count() if hasattr(DeltaTable, "count") else None
     return {"mode": "plain", "rows": args.rows, "seconds": seconds, "table_rows": n}
 
 

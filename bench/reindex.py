@@ -149,17 +149,18 @@ def change_corpus(root: str, n_changed: int, mix: tuple[float, float, float], se
     import hashlib
 
     import pyarrow as pa
-    from deltalake import DeltaTable, write_deltalake
+    from deltalake import write_deltalake
 
     from pipelines.store import schema as S
-    from pipelines.store.delta_tables import Tables, plain_types
+    from pipelines.store.delta_tables import Tables
 
-    uri = Tables(root).documents
+    tables = Tables(root)
+    uri = tables.documents
     rng = random.Random(seed)
     n_upd = round(n_changed * mix[0])
     n_del = round(n_changed * mix[1])
     n_ins = n_changed - n_upd - n_del
-    current = plain_types(pa.table(DeltaTable(uri).to_pyarrow_table()))
+    current = tables.read(uri)
     picked = rng.sample(range(current.num_rows), n_upd + n_del)
     upd = current.take(picked[:n_upd]).to_pylist()
     for r in upd:
@@ -169,11 +170,11 @@ def change_corpus(root: str, n_changed: int, mix: tuple[float, float, float], se
             r[S.TEXT] = (r[S.TEXT] or "") + " (revised)"
         r[S.CONTENT_SHA256] = hashlib.sha256(json.dumps([r[S.TEXT], r[S.CAPTION]]).encode()
                                              + (r[S.IMAGE] or b"")).hexdigest()
-    (DeltaTable(uri).merge(pa.Table.from_pylist(upd, schema=S.DOCUMENTS_SCHEMA), "t.doc_id = s.doc_id",
+    (tables.open(uri).merge(pa.Table.from_pylist(upd, schema=S.DOCUMENTS_SCHEMA), "t.doc_id = s.doc_id",
                            source_alias="s", target_alias="t")
      .when_matched_update_all().execute())
     gone = current.take(picked[n_upd:])[S.DOC_ID].to_pylist()
-    DeltaTable(uri).delete(f"{S.DOC_ID} IN ({', '.join(repr(d) for d in gone)})")
+    tables.open(uri).delete(f"{S.DOC_ID} IN ({', '.join(repr(d) for d in gone)})")
     new = current.take(rng.sample(range(current.num_rows), n_ins)).to_pylist()
     for i, r in enumerate(new):
         r[S.DOC_ID] = f"bench-new-{i:07d}"

@@ -5,8 +5,10 @@ config, same global batch, same data, same run.
 Both sides train on the same synthetic corpus, written once to Delta tables: Ray Train
 through ``ciea train``'s own code path (Ray Data join → shards → ``train_loop_per_worker``),
 the in-process side through ``ciea_model.training.train_step`` over
-``iterate_batches`` (what ``Trainer.fit`` runs), with images left as PNG bytes on both
-sides so each decodes them per step alike. Throughput is queries/s over whole epochs
+``iterate_batches`` (what ``Trainer.fit`` runs), twice: with dense gradients, and with the
+token embedding's sparse gradients (``SparseEmbeddingGrads``: the step ``Trainer.fit``
+and the Ray workers take), with images left as PNG bytes on both sides so each decodes
+them per step alike. Throughput is queries/s over whole epochs
 (data, collation, forward, backward, gradient all-reduce, optimiser), median over the
 epochs after the first (warm-up); Ray Train's epoch clock excludes its checkpoint and
 start-up, which are reported separately as end-to-end wall time.
@@ -51,11 +53,11 @@ def _write_corpus(root: Path, queries: int, seed: int) -> None:
 
 
 def run_ray(cfg) -> tuple[list[float], float, dict]:
-    from jobs import train
+    from pipelines.train import driver
     from pipelines.train.curves import read_metrics
 
     t0 = time.perf_counter()
-    summary = train.run(cfg)
+    summary = driver.run(cfg)
     wall = time.perf_counter() - t0
     records = read_metrics(cfg.run_dir / "metrics.jsonl")
     summary["profiles"] = [r["profile"] for r in records if r["event"] == "step" and "profile" in r]
@@ -87,8 +89,9 @@ def print_profile(title: str, phases: dict[str, list[float]]) -> None:
 def run_inprocess(cfg, threads: int, profile: bool = False,
                   sparse_embeddings: bool = False) -> tuple[list[float], float, list[dict]]:
     """The in-process trainer's loop. ``sparse_embeddings``: the token embedding gets the
-    same sparse gradients as a Ray worker (``GradientReducer`` with one rank), so the
-    baseline is not slowed by a cost only the Ray side was relieved of."""
+    same sparse gradients as a Ray worker (``SparseEmbeddingGrads``, what ``Trainer.fit``
+    and the Ray worker's ``GradientReducer`` use), so the baseline is not slowed by a cost
+    the Ray side was relieved of."""
     import pyarrow as pa
     import torch
     from deltalake import DeltaTable
@@ -96,17 +99,17 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
     from ciea_model import create_model_and_processor
     from ciea_model.training import (
         OptimConfig,
+        SparseEmbeddingGrads,
         build_optimizer,
         build_scheduler,
         compute_loss,
         iterate_batches,
         train_step,
     )
-    from jobs.train import tokenizer_dir
     from pipelines.train.config import NEW_MODULES, model_config_for
     from pipelines.train.dataset import read_queries, rows_to_documents
+    from pipelines.train.driver import tokenizer_dir
     from pipelines.train.examples import training_examples
-    from pipelines.train.gradients import GradientReducer
     from pipelines.train.profiling import StepProfile
 
     torch.set_num_threads(threads)
@@ -120,7 +123,7 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
                                                module_lr={p: cfg.train.new_lr for p in NEW_MODULES} if cfg.train.new_lr else {}))
     steps = math.ceil(len(examples) / cfg.train.batch_size) * cfg.train.epochs
     sched = build_scheduler(optim, steps)
-    reducer = GradientReducer(model, 1) if sparse_embeddings else None
+    embedding_grads = SparseEmbeddingGrads(model) if sparse_embeddings else None
     rates, profiles = [], []
     prof = StepProfile(profile)
     for epoch in range(cfg.train.epochs):
@@ -131,20 +134,19 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
                 batch = next(batches, None)
             if batch is None:
                 break
-            if profile or reducer is not None:
-                _profiled_train_step(model, batch, optim, sched, prof, compute_loss, reducer)
-                if profile:
-                    profiles.append(prof.pop())
+            if profile:
+                _profiled_train_step(model, batch, optim, sched, prof, compute_loss, embedding_grads)
+                profiles.append(prof.pop())
             else:
-                train_step(model, batch, optim, sched)
+                train_step(model, batch, optim, sched, embedding_grads=embedding_grads)
             n += len(batch.targets)
         rates.append(n / (time.perf_counter() - t_epoch))
     return rates, time.perf_counter() - t0, profiles
 
 
-def _profiled_train_step(model, batch, optim, sched, prof, compute_loss, reducer=None) -> None:
+def _profiled_train_step(model, batch, optim, sched, prof, compute_loss, embedding_grads=None) -> None:
     """``ciea_model.training.train_step`` cut into the phases the Ray worker reports
-    (``reducer``: densify the sparse embedding gradients before the optimiser)."""
+    (``embedding_grads``: densify the sparse embedding gradients before the optimiser)."""
     from ciea_model.training import optimizer_step
 
     model.train()
@@ -153,9 +155,9 @@ def _profiled_train_step(model, batch, optim, sched, prof, compute_loss, reducer
         out = compute_loss(model, batch)
     with prof("backward"):
         out.loss.backward()
-    if reducer is not None:
+    if embedding_grads is not None:
         with prof("allreduce"):
-            reducer.reduce()
+            embedding_grads.densify()
     with prof("optimizer"):
         optimizer_step(model, optim, sched)
     with prof("metrics"):

@@ -1,7 +1,10 @@
 """A pure-torch training step and a small in-process trainer.
 
-The distributed trainer (Ray Train) reuses :func:`compute_loss`, :func:`optimizer_step`,
-:func:`build_optimizer` and :func:`build_scheduler`; none of them knows it runs in Ray.
+The distributed trainer (Ray Train) reuses :func:`compute_loss`, :class:`SparseEmbeddingGrads`,
+:func:`optimizer_step`, :func:`build_optimizer` and :func:`build_scheduler`; none of them
+knows it runs in Ray. A step is the same on both paths: forward, backward, the token
+embeddings' sparse gradients made dense (averaged over workers on the Ray path), then
+:func:`optimizer_step`.
 Defaults follow the authors' release: AdamW lr 5e-6, betas (0.9, 0.98), eps 1e-6, weight
 decay 0.2 on ≥2-D weights only, cosine schedule without warm-up, batch 64, early stopping
 on dev, seed 1234.
@@ -72,6 +75,8 @@ class TrainConfig:
         max_steps: hard cap on steps (``None``: epochs decide).
         seed: seeds torch, numpy, random and the batch order.
         optim: optimiser settings.
+        sparse_embeddings: give the LM's token embeddings sparse gradients during the fit
+            (:class:`SparseEmbeddingGrads`, as the Ray trainer does); same weights, less CPU.
     """
 
     epochs: int = 40
@@ -81,6 +86,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 1234
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sparse_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_every", "patience"):
@@ -203,6 +209,102 @@ def _widen(ignore: torch.Tensor, offset: int, total: int) -> torch.Tensor:
     return out
 
 
+#: Embedding matrices with at least this many rows get sparse gradients (see
+#: :class:`SparseEmbeddingGrads`); smaller ones (positions, token types) stay dense.
+SPARSE_EMBEDDING_MIN_ROWS = 1024
+
+
+class SparseEmbeddingGrads:
+    """Sparse gradients for the large token embeddings, made dense for the optimiser.
+
+    A vocabulary matrix (all-MiniLM's 30k × 384 is two thirds of the demo model) is looked
+    up about six times per step: queries, text documents, image captions (twice: the
+    sequence and the extractor's caption side), image-only sequences and ``q_comp``. Dense,
+    every lookup's backward fills a fresh full-size gradient and autograd adds them up
+    (~30 % of a CPU step, none of it proportional to the batch). Switched to
+    ``sparse=True``, the backward keeps only the rows a batch touched; :meth:`densify`
+    then writes them into a persistent dense gradient whose other rows are zero (last
+    step's rows are cleared, not the whole matrix), so the optimiser, clipping and weight
+    decay see exactly the dense gradient a dense backward gives. Forward results are
+    unchanged. The Ray trainer's ``GradientReducer`` averages the same local gradients
+    over workers (:meth:`local`); one process calls :meth:`densify`.
+
+    Args:
+        model: the model; its trainable ``nn.Embedding`` modules with at least
+            ``min_rows`` rows are switched to sparse gradients (a weight also used by
+            another kind of module, e.g. a tied LM head, stays dense).
+        min_rows: embeddings with fewer rows stay dense (default
+            :data:`SPARSE_EMBEDDING_MIN_ROWS`).
+    """
+
+    def __init__(self, model: nn.Module, min_rows: int | None = None) -> None:
+        min_rows = SPARSE_EMBEDDING_MIN_ROWS if min_rows is None else min_rows
+        holders: dict[int, list[nn.Module]] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                holders.setdefault(id(p), []).append(module)
+        self.params: list[nn.Parameter] = []
+        self._modules: dict[nn.Module, bool] = {}  # switched module → its previous flag
+        for p in model.parameters():
+            mods = holders[id(p)]
+            if p.requires_grad and all(isinstance(m, nn.Embedding) and m.num_embeddings >= min_rows for m in mods):
+                self.params.append(p)
+                for m in mods:
+                    self._modules.setdefault(m, m.sparse)
+                    m.sparse = True
+        self._grad = {id(p): torch.zeros_like(p) for p in self.params}  # persistent dense gradients
+        self._rows: dict[int, torch.Tensor] = {}  # rows written into them last step
+
+    def owns(self, p: nn.Parameter) -> bool:
+        """Whether ``p`` is one of the switched embedding weights."""
+        return id(p) in self._grad
+
+    def stale(self) -> bool:
+        """Whether a gradient still holds the dense tensor of the last step (the caller
+        did not clear gradients with ``set_to_none=True``)."""
+        return any(p.grad is self._grad[id(p)] for p in self.params)
+
+    def local(self, p: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's gradient of ``p`` in its persistent dense tensor, and the rows
+        its backward touched (recorded as written; see :meth:`written`)."""
+        grad = self._grad[id(p)]
+        if id(p) in self._rows:
+            grad.index_fill_(0, self._rows[id(p)], 0)
+        g = p.grad
+        if g is None:
+            rows = torch.zeros(0, dtype=torch.long, device=grad.device)
+        elif g.is_sparse:
+            g = g.coalesce()
+            rows = g.indices()[0]
+            grad.index_copy_(0, rows, g.values())
+        else:  # a dense gradient after all (e.g. sparse switched off by the caller)
+            grad.copy_(g)
+            rows = g.reshape(g.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)
+        self._rows[id(p)] = rows
+        return grad, rows
+
+    def written(self, p: nn.Parameter, rows: torch.Tensor) -> None:
+        """Records that ``rows`` of ``p``'s dense gradient hold values (cleared next step)."""
+        self._rows[id(p)] = rows
+
+    def densify(self) -> None:
+        """Replaces each switched embedding's sparse ``.grad`` by the dense gradient.
+
+        Raises:
+            RuntimeError: when last step's gradients were not cleared.
+        """
+        if self.stale():
+            raise RuntimeError("gradients still hold last step's dense values: call "
+                               "optimizer.zero_grad(set_to_none=True) before each step's backward")
+        for p in self.params:
+            p.grad = self.local(p)[0]
+
+    def restore(self) -> None:
+        """Gives the switched modules back their own ``sparse`` flags (dense gradients)."""
+        for m, flag in self._modules.items():
+            m.sparse = flag
+
+
 def optimizer_step(
     model: CIEAModel,
     optimizer: torch.optim.Optimizer,
@@ -237,12 +339,20 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_grad_norm: float | None = None,
     gather: bool = False,
+    embedding_grads: SparseEmbeddingGrads | None = None,
 ) -> dict[str, float]:
-    """One optimisation step; returns scalar metrics."""
+    """One optimisation step on one process; returns scalar metrics.
+
+    Args:
+        embedding_grads: the model's sparse token embeddings, densified after the backward
+            (``None``: every gradient is dense already).
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     out = compute_loss(model, batch, gather=gather)
     out.loss.backward()
+    if embedding_grads is not None:
+        embedding_grads.densify()
     optimizer_step(model, optimizer, scheduler, max_grad_norm)
     return {
         "loss": float(out.loss.detach()), "loss_c": out.contrastive, "loss_comp": out.complementary,
@@ -297,60 +407,101 @@ class Trainer:
         self.evaluate = evaluate
         self.progress = progress
 
-    def fit(self, examples: Sequence[TrainExample]) -> FitResult:
-        if not examples:
-            raise ValueError("Trainer.fit got no training examples.")
+    def fit(self, examples: Sequence[TrainExample] | Callable[[int], Sequence[TrainExample]]) -> FitResult:
+        """Trains until the epochs, ``max_steps`` or the patience run out.
+
+        Args:
+            examples: the training examples, or ``epoch -> examples`` when each epoch
+                draws its own (the image positive and hard negatives are re-drawn every
+                epoch in the release); every epoch should hold the same queries.
+
+        Returns:
+            The best dev score and where it came, steps, epochs and the step history.
+
+        Raises:
+            ValueError: when there are no examples.
+        """
+        examples_of = examples if callable(examples) else (lambda epoch, fixed=examples: fixed)
         cfg = self.cfg
         seed_everything(cfg.seed)
-        steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
+        first = examples_of(0)
+        if not first:
+            raise ValueError("Trainer.fit got no training examples.")
+        total = math.ceil(len(first) / cfg.batch_size) * cfg.epochs
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = build_scheduler(optimizer, total)
-        best, best_step, best_state, bad_evals = -math.inf, 0, None, 0
-        history: list[dict[str, float]] = []
-        step, epoch, stopped, t0 = 0, 0, False, time.perf_counter()
-        bar = _progress(total, self.progress, self.model.config.variant)
-
-        def run_eval() -> bool:
-            nonlocal best, best_step, best_state, bad_evals
-            if self.evaluate is None:
-                return False
-            score = float(self.evaluate(self.model))
-            history.append({"step": step, "dev": score})
-            if score > best:
-                best, best_step, bad_evals = score, step, 0
-                best_state = copy.deepcopy(self.model.state_dict())
-            else:
-                bad_evals += 1
-            logger.info("step %d: dev %.4f (best %.4f at %d)", step, score, best, best_step)
-            return bad_evals >= cfg.patience
-
-        while epoch < cfg.epochs and step < total and not stopped:
-            for batch in iterate_batches(examples, self.processor, cfg.batch_size, cfg.seed, epoch):
-                metrics = train_step(self.model, batch, optimizer, scheduler, cfg.optim.max_grad_norm)
-                step += 1
-                history.append({"step": step, **metrics})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", best=f"{best:.3f}")
-                if step % cfg.eval_every == 0 and run_eval():
-                    stopped = True
+        embedding_grads = SparseEmbeddingGrads(self.model) if cfg.sparse_embeddings else None
+        loop = _FitLoop(self, total)
+        try:
+            for epoch in range(cfg.epochs):
+                if loop.step >= total or loop.stopped:
                     break
-                if step >= total:
-                    break
-            epoch += 1
-        if not stopped and step % cfg.eval_every != 0:
-            run_eval()  # the final weights get their evaluation too
-        if bar is not None:
-            bar.close()
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        self.model.eval()
+                epoch_examples = first if epoch == 0 else examples_of(epoch)
+                for batch in iterate_batches(epoch_examples, self.processor, cfg.batch_size, cfg.seed, epoch):
+                    metrics = train_step(self.model, batch, optimizer, scheduler, cfg.optim.max_grad_norm,
+                                         embedding_grads=embedding_grads)
+                    if loop.after_step(metrics):
+                        break
+                loop.epochs_run = epoch + 1
+        finally:
+            if embedding_grads is not None:
+                embedding_grads.restore()
+        return loop.finish()
+
+
+class _FitLoop:
+    """The bookkeeping of one :meth:`Trainer.fit`: steps, dev evaluations, early stopping,
+    the best weights, the history and the progress bar."""
+
+    def __init__(self, trainer: Trainer, total: int) -> None:
+        self.trainer, self.total = trainer, total
+        self.best, self.best_step, self.best_state, self.bad_evals = -math.inf, 0, None, 0
+        self.history: list[dict[str, float]] = []
+        self.step, self.epochs_run, self.stopped, self.t0 = 0, 0, False, time.perf_counter()
+        self.bar = _progress(total, trainer.progress, trainer.model.config.variant)
+
+    def evaluate(self) -> bool:
+        """Scores the current weights on dev; ``True`` when patience has run out."""
+        t = self.trainer
+        if t.evaluate is None:
+            return False
+        score = float(t.evaluate(t.model))
+        self.history.append({"step": self.step, "dev": score})
+        if score > self.best:
+            self.best, self.best_step, self.bad_evals = score, self.step, 0
+            self.best_state = copy.deepcopy(t.model.state_dict())
+        else:
+            self.bad_evals += 1
+        logger.info("step %d: dev %.4f (best %.4f at %d)", self.step, score, self.best, self.best_step)
+        return self.bad_evals >= t.cfg.patience
+
+    def after_step(self, metrics: dict[str, float]) -> bool:
+        """Records a step (and evaluates when due); ``True`` ends the epoch's loop."""
+        self.step += 1
+        self.history.append({"step": self.step, **metrics})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", best=f"{self.best:.3f}")
+        if self.step % self.trainer.cfg.eval_every == 0 and self.evaluate():
+            self.stopped = True
+            return True
+        return self.step >= self.total
+
+    def finish(self) -> FitResult:
+        """The final evaluation (unless the last step had one), the best weights restored."""
+        model = self.trainer.model
+        if not self.stopped and self.step % self.trainer.cfg.eval_every != 0:
+            self.evaluate()  # the final weights get their evaluation too
+        if self.bar is not None:
+            self.bar.close()
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        model.eval()
         return FitResult(
-            best_score=best, best_step=best_step, steps=step, epochs_run=epoch,
-            stopped_early=stopped, seconds=time.perf_counter() - t0, history=history,
+            best_score=self.best, best_step=self.best_step, steps=self.step, epochs_run=self.epochs_run,
+            stopped_early=self.stopped, seconds=time.perf_counter() - self.t0, history=self.history,
         )
 
 

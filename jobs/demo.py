@@ -178,7 +178,7 @@ def ingest_call(cfg: DemoConfig, data: Path) -> JobCall:
     synthetic = c.model_dump(include={"seed", "num_image_docs", "num_text_docs", "num_queries", "image_size",
                                       "num_collections", "p_caption_states", "complementary_fraction",
                                       "text_query_fraction"})
-    job = _typed(ingest.IngestConfig, {
+    job = _typed(ingest.IngestJobConfig, {
         "source": {"kind": "synthetic", "synthetic": synthetic},
         "output": {"root": str(data), "run_dir": str(data.parent / "ingest")}, "progress": cfg.progress,
     }, ingest.PRESETS["default"])
@@ -210,7 +210,7 @@ def train_call(cfg: DemoConfig, variant: str, data: Path, runs: Path, stage: int
 def mine_call(cfg: DemoConfig, checkpoint: str, data: Path, negatives: Path) -> JobCall:
     from . import mine_negatives
 
-    job = _typed(mine_negatives.MineConfig, {"checkpoint": checkpoint, "root": str(data), "output": str(negatives),
+    job = _typed(mine_negatives.MineJobConfig, {"checkpoint": checkpoint, "root": str(data), "output": str(negatives),
                                              "cpus_per_actor": 0.5, "progress": cfg.progress})
     return JobCall("mine-negatives", job, mine_negatives.command(job, always=("root",)), mine_negatives.execute)
 

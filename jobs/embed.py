@@ -107,7 +107,7 @@ def resolve_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> dict[str, 
         raise SystemExit(f"{PROG}: {e}") from None
 
 
-def check(cfg: EmbedConfig) -> dict[str, Any]:
+def check(cfg: EmbedConfig, tables: Tables | None = None) -> dict[str, Any]:
     """Everything that can fail on the config, the checkpoint or the corpus, before Ray.
     Returns the checkpoint's facts.
 
@@ -121,8 +121,7 @@ def check(cfg: EmbedConfig) -> dict[str, Any]:
                          "written by ciea_model.save_checkpoint (it holds ciea_checkpoint.json)")
     try:
         facts = build.load_model_facts(cfg.model.checkpoint)
-        E.resolve_source(Tables(cfg.input.root, cfg.input.storage_options).documents, cfg.input.version,
-                         cfg.input.storage_options)
+        E.resolve_source(tables or cfg.input.tables(), cfg.input.version)
     except (build.SetupError, E.EmbedError) as e:
         raise SystemExit(f"{PROG}: {e}") from None
     return facts
@@ -135,7 +134,8 @@ def execute(cfg: EmbedJobConfig) -> int:
     from pipelines.index.embed import EmbedError
     from pipelines.store.lance_tables import ModelMismatchError
 
-    facts = check(cfg)
+    tables = cfg.input.tables()  # the Delta handle, made once for the checks and the run
+    facts = check(cfg, tables)
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "embed_config.json", cfg.model_dump(mode="json"))
@@ -143,7 +143,7 @@ def execute(cfg: EmbedJobConfig) -> int:
     with ray_owned():
         start_ray(cfg.ray, log_to_driver=cfg.progress)
         try:
-            summary = build.run(cfg, facts)
+            summary = build.run(cfg, facts, tables=tables)
         except (ModelMismatchError, EmbedError) as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2

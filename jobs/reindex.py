@@ -110,7 +110,7 @@ def parse_config(argv: list[str] | None) -> tuple[ReindexJobConfig, argparse.Nam
     return parse_job_config(PROG, ReindexJobConfig, args, overrides, storage=STORAGE), args
 
 
-def check(cfg: ReindexJobConfig) -> dict[str, Any]:
+def check(cfg: ReindexJobConfig, tables: Tables | None = None) -> dict[str, Any]:
     """Everything that can fail on the config, the checkpoint or the corpus, before Ray;
     fills in the checkpoint the table records when none is given. Returns its facts.
 
@@ -120,8 +120,7 @@ def check(cfg: ReindexJobConfig) -> dict[str, Any]:
     from pipelines.index import embed as E
 
     try:
-        E.resolve_source(Tables(cfg.input.root, cfg.input.storage_options).documents, cfg.input.version,
-                         cfg.input.storage_options)
+        E.resolve_source(tables or cfg.input.tables(), cfg.input.version)
     except E.EmbedError as e:
         raise SystemExit(f"{PROG}: {e}") from None
     if not cfg.model.checkpoint:
@@ -146,7 +145,8 @@ def execute(cfg: ReindexJobConfig) -> int:
     from pipelines.query.search import SearchError
     from pipelines.store.lance_tables import ModelMismatchError
 
-    facts = check(cfg)
+    tables = cfg.input.tables()  # the Delta handle, made once for the checks and the run
+    facts = check(cfg, tables)
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "reindex_config.json", cfg.model_dump(mode="json"))
@@ -158,7 +158,7 @@ def execute(cfg: ReindexJobConfig) -> int:
         # Otherwise a local Ray is started only when a step needs it (a rebuild, a change set
         # too large to embed in-process): a scheduled run with a small change never pays for it.
         try:
-            summary = reindex_run.run(cfg, facts, cluster)
+            summary = reindex_run.run(cfg, facts, cluster, tables=tables)
         except (reindex_run.ReindexError, ModelMismatchError, EmbedError, SearchError) as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2

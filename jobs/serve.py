@@ -123,25 +123,23 @@ def open_searcher(cfg: ServeConfig) -> Any:
         SystemExit: no such table / version / tag, or no usable checkpoint, with the fix.
     """
     from pipelines.query.search import Searcher, SearchError
+    from pipelines.store.lance_tables import VectorTable
 
     version: int | str | None = cfg.input.version if cfg.input.version is not None else cfg.input.tag
     try:
-        return Searcher.open(cfg.input.db, cfg.input.table, version=version, checkpoint=cfg.model.checkpoint,
-                             storage_options=cfg.input.storage_options or None, device=cfg.model.device)
+        vectors = VectorTable(cfg.input.db, cfg.input.table, cfg.input.storage_options)
+        return Searcher.open_table(vectors, version=version, checkpoint=cfg.model.checkpoint,
+                                   device=cfg.model.device)
     except (SearchError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"ciea serve: {e}") from None
 
 
-def serve_info(searcher: Any, storage_options: dict[str, str] | None = None) -> Any:
+def serve_info(searcher: Any) -> Any:
     """What the page reports about the searcher's pinned table version."""
-    import lancedb
-
     from pipelines.store.lance_tables import META_PATCH_GRID, PATCH_WEIGHTS
     from pipelines.web import ServeInfo, parse_patch_grid
 
-    table = lancedb.connect(searcher.db_uri, storage_options=storage_options or None).open_table(searcher.name)
-    table.checkout(searcher.version)
-    rows = table.count_rows()
+    rows = searcher.count_rows()
     grid = parse_patch_grid(searcher.metadata.get(META_PATCH_GRID))
     if grid is not None and PATCH_WEIGHTS not in searcher.schema.names:
         grid = None  # a grid without weights to lay on it
@@ -154,7 +152,7 @@ def build_app(cfg: ServeConfig, searcher: Any | None = None) -> tuple[Any, Any]:
     from pipelines.web import create_app
 
     searcher = searcher if searcher is not None else open_searcher(cfg)
-    info = serve_info(searcher, cfg.input.storage_options)
+    info = serve_info(searcher)
     app = create_app(searcher, info, allowed_hosts=resolve_allowed_hosts(cfg.server))
     return app, info
 

@@ -128,9 +128,10 @@ def connect(cfg: SqlConfig, notes: list[str] | None = None) -> tuple[Any, dict[s
         SqlError: no such database or table, with the fix.
     """
     import duckdb
-    import lancedb
 
-    db = lancedb.connect(cfg.db_uri, storage_options=cfg.storage_options or None)
+    from pipelines.store.lance_tables import connect as connect_lance
+
+    db = connect_lance(cfg.db_uri, cfg.storage_options)
     names = sorted(db.list_tables().tables)
     missing = [t for t in cfg.tables if t not in names]
     if missing:

@@ -151,15 +151,15 @@ def resolve_resources(cfg: EmbedConfig | ReindexConfig, cluster: dict[str, float
 
 
 def pipeline_spec(cfg: EmbedConfig | ReindexConfig, facts: dict[str, Any], res: dict[str, Any], *,
-                  documents_uri: str, version: int, lance_uri: str, lance_schema: Any,
+                  tables: Tables, version: int, lance_uri: str, lance_schema: Any,
                   data_storage_version: str | None, fault: Any = None) -> Any:
     """The :class:`pipelines.index.embed.PipelineSpec` of a run's settings, checkpoint facts
-    and resolved resources."""
+    and resolved resources, reading ``corpus/documents`` through ``tables``."""
     from pipelines.index import embed as E
 
     placement = cfg.preprocess.placement
     return E.PipelineSpec(
-        documents_uri=documents_uri, source_version=version, storage_options=cfg.input.storage_options,
+        tables=tables, source_version=version,
         checkpoint=str(Path(cfg.model.checkpoint).resolve()), model_id=facts["model_id"], dim=facts["dim"],
         transform=facts["transform"], image_side=facts["image_side"], lance_uri=lance_uri,
         lance_schema=lance_schema, data_storage_version=data_storage_version,
@@ -206,13 +206,15 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int
 # ---------------------------------------------------------------------------------------
 
 
-def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None) -> dict[str, Any]:
+def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None,
+        tables: Tables | None = None) -> dict[str, Any]:
     """One embedding run; returns the summary.
 
     Args:
         cfg: the validated settings.
         facts: :func:`load_model_facts` of ``cfg.model.checkpoint``.
         ray: how to reach Ray (default: the Ray this process already runs).
+        tables: the Delta handle of ``cfg.input`` (default: made here from it).
 
     Raises:
         SetupError: the encoder's settings do not fit the cluster.
@@ -223,16 +225,16 @@ def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None) -
     from pipelines.store import lance_tables as L
 
     t0 = time.perf_counter()
-    opts = cfg.input.storage_options
-    documents_uri = Tables(cfg.input.root, opts).documents
-    version = E.resolve_source(documents_uri, cfg.input.version, opts)
+    tables = tables or cfg.input.tables()
+    documents_uri = tables.documents
+    version = E.resolve_source(tables, cfg.input.version)
     mid, dim = facts["model_id"], facts["dim"]
-    table = L.VectorTable(cfg.db_uri, cfg.output.table, opts)
+    table = L.VectorTable(cfg.db_uri, cfg.output.table, tables.storage_options)
     table.check_model(mid, dim)
     table.create_if_missing(mid, dim, patch_grid=facts.get("patch_grid"))
     res = resolve_resources(cfg, (ray or CurrentRay()).start())
 
-    plan = E.plan_work(E.source_keys(documents_uri, version, opts), table.keys())
+    plan = E.plan_work(E.source_keys(tables, version), table.keys())
     summary: dict[str, Any] = {
         "model_id": mid, "variant": facts["variant"], "dim": dim, "documents_uri": documents_uri,
         "source_version": version, "table": f"{cfg.db_uri}/{cfg.output.table}", "resources": res,
@@ -242,7 +244,7 @@ def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None) -
                 version, plan.documents, plan.skipped, len(plan.to_embed), len(plan.stale))
     version_before = table.version()
     summary["deleted_stale"] = table.delete_doc_ids(plan.stale) if plan.stale else 0
-    stream = _embed_plan(cfg, facts, res, table, documents_uri, version, plan) if len(plan.to_embed) \
+    stream = _embed_plan(cfg, facts, res, table, tables, version, plan) if len(plan.to_embed) \
         else E.StreamResult()
     summary.update(rows_written=stream.rows, fragments=stream.fragments, commits=stream.commits,
                    failed=len(stream.failed), failures=stream.failed[:100], embed_seconds=stream.seconds)
@@ -255,7 +257,7 @@ def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None) -
     return summary
 
 
-def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], table: Any, documents_uri: str,
+def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], table: Any, tables: Tables,
                 version: int, plan: Any) -> Any:
     """Runs the Ray Data pipeline on the plan's documents and commits what it wrote."""
     from pipelines.index import embed as E
@@ -265,7 +267,7 @@ def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], ta
     if cfg.fault.encoder_at_batch is not None:
         fault = E.FaultSpec(cfg.fault.encoder_at_batch, cfg.fault.marker, cfg.fault.encoder_mode)
     lds = table.dataset()
-    spec = pipeline_spec(cfg, facts, res, documents_uri=documents_uri, version=version, lance_uri=table.uri,
+    spec = pipeline_spec(cfg, facts, res, tables=tables, version=version, lance_uri=table.uri,
                          lance_schema=lds.schema, data_storage_version=lds.data_storage_version, fault=fault)
     # Recorded in the table metadata so that search can load the same model for queries.
     checkpoint_uri = str(Path(cfg.model.checkpoint).resolve())

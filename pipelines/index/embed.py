@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +62,9 @@ from pipelines.store.lance_tables import (
     VECTOR,
     table_schema,
 )
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +108,17 @@ def _plain(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     return arr
 
 
-def resolve_source(documents_uri: str, version: int | None, storage_options: dict[str, str]) -> int:
-    """The Delta version to embed (the latest when ``version`` is None).
+def resolve_source(tables: Tables, version: int | None) -> int:
+    """The Delta version of ``corpus/documents`` to embed (the latest when ``version`` is None).
 
     Raises:
         EmbedError: no table there, or no such version, with the fix.
     """
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
+    documents_uri = tables.documents
     try:
-        latest = DeltaTable(documents_uri, storage_options=storage_options or None).version()
+        latest = tables.documents_table().version()
     except TableNotFoundError:
         raise EmbedError(
             f"no Delta table at {documents_uri}: run `ciea ingest --root <root>` first, or point "
@@ -128,16 +131,14 @@ def resolve_source(documents_uri: str, version: int | None, storage_options: dic
     return version
 
 
-def source_keys(documents_uri: str, version: int, storage_options: dict[str, str]) -> pa.Table:
-    """``doc_id``, ``content_sha256`` of every document of that version.
+def source_keys(tables: Tables, version: int) -> pa.Table:
+    """``doc_id``, ``content_sha256`` of every document of that version of ``corpus/documents``.
 
     Raises:
         EmbedError: a doc_id occurs twice (the ingest contract is one row per doc_id).
     """
-    from deltalake import DeltaTable
-
-    dt = DeltaTable(documents_uri, version=version, storage_options=storage_options or None)
-    t = dt.to_pyarrow_dataset().to_table(columns=[S.DOC_ID, S.CONTENT_SHA256])
+    documents_uri = tables.documents
+    t = tables.dataset(documents_uri, version).to_table(columns=[S.DOC_ID, S.CONTENT_SHA256])
     t = pa.table({S.DOC_ID: _plain(t[S.DOC_ID]), S.CONTENT_SHA256: _plain(t[S.CONTENT_SHA256])})
     if pc.count_distinct(t[S.DOC_ID]).as_py() != t.num_rows:
         raise EmbedError(
@@ -220,7 +221,7 @@ def preprocess_batch(
     pixel_size: int,
     thumbnail_px: int,
     thumbnail_quality: int,
-    storage_options: dict[str, str] | None = None,
+    tables: Tables | None = None,
 ) -> pa.Table:
     """Decodes and transforms the images of a batch (CPU task).
 
@@ -231,7 +232,8 @@ def preprocess_batch(
         pixel_size: ``3 * S * S`` of the transform's output.
         thumbnail_px: long side of the thumbnail (0: none).
         thumbnail_quality: JPEG quality of the thumbnail.
-        storage_options: for images stored as ``image_uri``.
+        tables: the handle whose storage options read images stored as ``image_uri``
+            (default: local files, and object stores with no options).
 
     Returns:
         ``preprocessed_schema(pixel_size)`` rows, same order; a row whose image cannot be
@@ -254,7 +256,7 @@ def preprocess_batch(
             if data is None:
                 if not uri:
                     raise ValueError("image document with neither image bytes nor image_uri")
-                data = storage.read_bytes(uri, storage_options)
+                data = tables.read_bytes(uri) if tables is not None else storage.read_bytes(uri)
             im = Image.open(io.BytesIO(data))
             im.load()
             if transform is not None:
@@ -457,9 +459,8 @@ def write_fragments(batch: pa.Table, uri: str, schema: pa.Schema, data_storage_v
 class PipelineSpec:
     """Everything the Ray Data pipeline needs (resolved by the job)."""
 
-    documents_uri: str
+    tables: Tables
     source_version: int
-    storage_options: dict[str, str]
     checkpoint: str
     model_id: str
     dim: int
@@ -509,8 +510,8 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table |
         ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)] or [rows])
     else:
         columns = [c for c in SOURCE_COLUMNS]
-        ds = ray.data.read_delta(spec.documents_uri, version=spec.source_version, columns=columns,
-                                 storage_options=spec.storage_options or None,
+        ds = ray.data.read_delta(spec.tables.documents, version=spec.source_version, columns=columns,
+                                 storage_options=spec.tables.storage_options or None,
                                  override_num_blocks=spec.read_blocks)
     if doc_ids is not None and rows is None:
         ds = ds.map_batches(keep_documents, fn_kwargs={"doc_ids": doc_ids}, batch_format="pyarrow",
@@ -530,7 +531,7 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table |
     ds = ds.map_batches(
         preprocess_batch, batch_format="pyarrow", batch_size=spec.preprocess_rows, **placement,
         fn_kwargs={"transform": spec.transform, "pixel_size": pixel_size, "thumbnail_px": spec.thumbnail_px,
-                   "thumbnail_quality": spec.thumbnail_quality, "storage_options": spec.storage_options})
+                   "thumbnail_quality": spec.thumbnail_quality, "tables": spec.tables})
     ds = ds.map_batches(
         Encoder, batch_format="pyarrow", batch_size=spec.batch_size,
         compute=ray.data.ActorPoolStrategy(size=spec.actors),
@@ -543,7 +544,7 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table |
         write_fragments, batch_format="pyarrow", batch_size=spec.rows_per_fragment,
         fn_kwargs={"uri": spec.lance_uri, "schema": spec.lance_schema,
                    "data_storage_version": spec.data_storage_version,
-                   "storage_options": spec.storage_options})
+                   "storage_options": spec.tables.storage_options})
 
 
 def iter_in_process(spec: PipelineSpec, rows: pa.Table) -> Iterator[pa.Table]:
@@ -576,14 +577,14 @@ def iter_in_process(spec: PipelineSpec, rows: pa.Table) -> Iterator[pa.Table]:
     def write() -> pa.Table:
         nonlocal pending, pending_rows
         out = write_fragments(pa.concat_tables(pending), spec.lance_uri, spec.lance_schema,
-                              spec.data_storage_version, spec.storage_options)
+                              spec.data_storage_version, spec.tables.storage_options)
         pending, pending_rows = [], 0
         return out
 
     try:
         for start in range(0, rows.num_rows, spec.preprocess_rows):
             pre = preprocess_batch(rows.slice(start, spec.preprocess_rows), spec.transform, pixel_size,
-                                   spec.thumbnail_px, spec.thumbnail_quality, spec.storage_options)
+                                   spec.thumbnail_px, spec.thumbnail_quality, spec.tables)
             for b in range(0, pre.num_rows, spec.batch_size):
                 encoded = encoder(pre.slice(b, spec.batch_size))
                 pending.append(encoded)

@@ -164,8 +164,6 @@ class TableState:
 
 def table_state(table: Any) -> TableState:
     """Reads the head's and the published version's lineage (metadata, one row)."""
-    import lance
-
     from pipelines.store import lance_tables as L
 
     ds = table.dataset()
@@ -173,8 +171,7 @@ def table_state(table: Any) -> TableState:
     published = table.published_version()
     pub_meta: dict[str, str] = {}
     if published is not None:
-        pub_meta = dict(lance.dataset(table.uri, version=published,
-                                      storage_options=table.storage_options or None).metadata or {})
+        pub_meta = dict(table.dataset(published).metadata or {})
     meta = dict(ds.metadata or {})
     return TableState(head=ds.version, head_model=meta.get(L.META_MODEL_ID), rows_model=one[0] if one else None,
                       published=published, published_model=pub_meta.get(L.META_MODEL_ID),
@@ -183,9 +180,7 @@ def table_state(table: Any) -> TableState:
 
 def restore_version(table: Any, version: int) -> int:
     """Makes ``version`` the head again (a new version with its content); returns the head."""
-    import lance
-
-    lance.dataset(table.uri, version=version, storage_options=table.storage_options or None).restore()
+    table.dataset(version).restore()
     return table.version()
 
 
@@ -216,13 +211,12 @@ def _crash(cfg: ReindexConfig, point: str) -> None:
         raise SimulatedCrash(f"fault.crash_at={point}: the job dies here (drill)")
 
 
-def delta_row_count(documents_uri: str, version: int, storage_options: dict[str, str]) -> int:
-    """Rows of a Delta version from its file statistics (no data read)."""
+def delta_row_count(tables: Tables, version: int) -> int:
+    """Rows of a version of ``corpus/documents`` from its file statistics (no data read)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from deltalake import DeltaTable
 
-    dt = DeltaTable(documents_uri, version=version, storage_options=storage_options or None)
+    dt = tables.documents_table(version)
     actions = pa.table(dt.get_add_actions(flatten=True))
     if actions["num_records"].null_count:  # a writer that kept no statistics: count the ids
         return dt.to_pyarrow_dataset().count_rows()
@@ -273,7 +267,7 @@ class _Target:
     every_rows: int | None = None
 
 
-def _embed(cfg: ReindexConfig, facts: dict[str, Any], res: dict[str, Any], ray: RayAccess, documents_uri: str,
+def _embed(cfg: ReindexConfig, facts: dict[str, Any], res: dict[str, Any], ray: RayAccess, tables: Tables,
            version: int, target: _Target, doc_ids: Any, total: int, rows: Any = None,
            in_process: bool = False) -> Any:
     """Runs the embedding stage on ``doc_ids`` of the version (``None``: all), or on ``rows``
@@ -282,7 +276,7 @@ def _embed(cfg: ReindexConfig, facts: dict[str, Any], res: dict[str, Any], ray: 
 
     if not in_process:
         res = resolve_resources(cfg, ray.start())  # Ray joined or started here if this process has none yet
-    spec = pipeline_spec(cfg, facts, res, documents_uri=documents_uri, version=version, lance_uri=target.uri,
+    spec = pipeline_spec(cfg, facts, res, tables=tables, version=version, lance_uri=target.uri,
                          lance_schema=target.schema, data_storage_version=target.data_storage_version)
     with progress_bar(total, f"reindex → {cfg.output.table}", cfg.progress) as on_rows:
         if in_process:
@@ -299,25 +293,27 @@ def _embed(cfg: ReindexConfig, facts: dict[str, Any], res: dict[str, Any], ray: 
 # ---------------------------------------------------------------------------------------
 
 
-def evaluate_version(db_uri: str, table: str, version: int, checkpoint: str | None, root: str, split: str,
-                     storage_options: dict[str, str], k: int = 10, max_queries: int | None = None) -> dict[str, Any]:
-    """MRR@k (and NDCG@k, Recall@k) of one pinned table version on a query split.
+def evaluate_version(table: Any, version: int, checkpoint: str | None, tables: Tables, split: str,
+                     k: int = 10, max_queries: int | None = None) -> dict[str, Any]:
+    """MRR@k (and NDCG@k, Recall@k) of one pinned version of a ``VectorTable`` on a query split
+    (``queries/<split>``, ``qrels/<split>`` under ``tables``' root).
 
     Queries are encoded by ``checkpoint`` (default: the one the version records), searched
     with the version's own index settings (``pipelines.query.search.Searcher``) and scored by
     ``pipelines.query.metrics.evaluate_run``: the same path ``ciea search`` takes.
 
     Raises:
-        FileNotFoundError: the split does not exist under ``root``.
+        FileNotFoundError: the split does not exist under the root.
     """
     from pipelines.query.metrics import evaluate_run
     from pipelines.query.search import Searcher
     from pipelines.train.dataset import read_queries
 
-    queries = [q for q in read_queries(root, split, storage_options) if q["positive_doc_ids"]]
+    # read_queries (pipelines.train) still takes the loose (root, storage options) pair.
+    queries = [q for q in read_queries(tables.root, split, tables.storage_options) if q["positive_doc_ids"]]
     if max_queries is not None:
         queries = queries[:max_queries]
-    searcher = Searcher.open(db_uri, table, version=version, checkpoint=checkpoint, storage_options=storage_options)
+    searcher = Searcher.open_table(table, version=version, checkpoint=checkpoint)
     hits = searcher.search_vectors(searcher.encode_queries([q["query"] for q in queries]), k=k) if queries else []
     ranked = {q["qid"]: [h.doc_id for h in hs] for q, hs in zip(queries, hits, strict=True)}
     report = evaluate_run(ranked, {q["qid"]: set(q["positive_doc_ids"]) for q in queries},
@@ -326,16 +322,16 @@ def evaluate_version(db_uri: str, table: str, version: int, checkpoint: str | No
             "queries": report.num_queries, "metrics": report.metrics}
 
 
-def run_gate(cfg: ReindexConfig, state: TableState, candidate: int) -> tuple[Any, dict[str, Any]]:
+def run_gate(cfg: ReindexConfig, table: Any, tables: Tables, state: TableState,
+             candidate: int) -> tuple[Any, dict[str, Any]]:
     """Scores the candidate and the published version; returns (GateResult, details)."""
     from pipelines.index import reindex_plan as R
 
     g = cfg.gate
     metric = f"MRR@{g.k}"
-    opts = cfg.input.storage_options
     try:
-        cand = evaluate_version(cfg.db_uri, cfg.output.table, candidate, str(Path(cfg.model.checkpoint).resolve()),
-                                cfg.input.root, g.split, opts, g.k, g.max_queries)
+        cand = evaluate_version(table, candidate, str(Path(cfg.model.checkpoint).resolve()), tables, g.split,
+                                g.k, g.max_queries)
     except FileNotFoundError as e:
         if g.missing_split == "promote":
             logger.warning("no %s split to score on (%s): promoting unscored (gate.missing_split=promote)", g.split, e)
@@ -349,8 +345,7 @@ def run_gate(cfg: ReindexConfig, state: TableState, candidate: int) -> tuple[Any
         raise ReindexError(
             f"the published version {state.published} records no checkpoint to encode queries with: pass "
             f"--set gate.published_checkpoint=DIR (the checkpoint of model_id {state.published_model})")
-    pub = evaluate_version(cfg.db_uri, cfg.output.table, state.published, ckpt, cfg.input.root, g.split, opts,
-                           g.k, g.max_queries)
+    pub = evaluate_version(table, state.published, ckpt, tables, g.split, g.k, g.max_queries)
     result = R.gate_decision(cand["metrics"][metric], pub["metrics"][metric], g.tolerance, metric)
     return result, {"candidate_eval": cand, "published_eval": pub}
 
@@ -360,8 +355,8 @@ def run_gate(cfg: ReindexConfig, state: TableState, candidate: int) -> tuple[Any
 # ---------------------------------------------------------------------------------------
 
 
-def _finish(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_version: int, changed: bool,
-            summary: dict[str, Any], ann_for: Any) -> dict[str, Any]:
+def _finish(cfg: ReindexConfig, table: Any, tables: Tables, facts: dict[str, Any], to_version: int,
+            changed: bool, summary: dict[str, Any], ann_for: Any) -> dict[str, Any]:
     """Indexes, the recorded source version, then the gate (new model) and the tag.
 
     When documents failed to embed, the version is still published (with the changes that
@@ -374,7 +369,7 @@ def _finish(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_version: i
     if state.published == state.head:
         summary.update(noop=not changed, published_version=state.published, promoted=False)
         return summary
-    return _publish(cfg, table, facts["model_id"], to_version, state, summary)
+    return _publish(cfg, table, tables, facts["model_id"], to_version, state, summary)
 
 
 def _index_and_record(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_version: int, changed: bool,
@@ -408,7 +403,7 @@ def _index_and_record(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_
     _crash(cfg, "recorded")
 
 
-def _publish(cfg: ReindexConfig, table: Any, mid: str, to_version: int, state: TableState,
+def _publish(cfg: ReindexConfig, table: Any, tables: Tables, mid: str, to_version: int, state: TableState,
              summary: dict[str, Any]) -> dict[str, Any]:
     """Tags the head and moves ``published`` to it — through the gate for a new model's
     candidate; a refused candidate is tagged ``candidate-<model_id>`` and the published
@@ -417,7 +412,7 @@ def _publish(cfg: ReindexConfig, table: Any, mid: str, to_version: int, state: T
     if state.published is None or state.published_model == mid:
         summary.update(noop=False, published_version=table.publish(tag), tag=tag, promoted=True)
         return summary
-    result, details = run_gate(cfg, state, state.head)
+    result, details = run_gate(cfg, table, tables, state, state.head)
     summary["gate"] = {"promote": result.promote, "reason": result.reason, "metric": result.metric,
                        "candidate": result.candidate, "published": result.published,
                        "tolerance": result.tolerance, **details}
@@ -445,15 +440,14 @@ def _publish(cfg: ReindexConfig, table: Any, mid: str, to_version: int, state: T
 # ---------------------------------------------------------------------------------------
 
 
-def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents_uri: str, to_version: int,
+def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, tables: Tables, to_version: int,
                     res: dict[str, Any], summary: dict[str, Any], ray: RayAccess | None = None) -> dict[str, Any]:
     """Same model: apply the change set since the table's recorded version."""
     from pipelines.index import embed as E
     from pipelines.index import reindex_plan as R
 
-    opts = cfg.input.storage_options
     with _step(summary, "plan"):
-        plan, changes = _plan(cfg, table, documents_uri, to_version, summary)
+        plan, changes = _plan(cfg, table, tables, to_version, summary)
     _crash(cfg, "planned")
     version_before = table.version()
     with _step(summary, "delete"):
@@ -468,30 +462,29 @@ def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, docum
         rows = None
         if how != "ray-read":
             with _step(summary, "read"):
-                rows, summary["rows_from"] = R.changed_documents(documents_uri, changes, plan.to_embed,
-                                                                 list(E.SOURCE_COLUMNS), opts)
+                rows, summary["rows_from"] = R.changed_documents(tables, changes, plan.to_embed,
+                                                                 list(E.SOURCE_COLUMNS))
         summary["embed_route"] = how
         with _step(summary, "embed"):
-            stream = _embed(cfg, facts, res, ray or CurrentRay(), documents_uri, to_version, target,
+            stream = _embed(cfg, facts, res, ray or CurrentRay(), tables, to_version, target,
                             plan.to_embed, len(plan.to_embed), rows=rows, in_process=how == "in-process")
     summary.update(embedded=stream.rows, commits=stream.commits, failed=len(stream.failed),
                    failures=stream.failed[:100], embed_seconds=stream.seconds)
     _crash(cfg, "committed")
     with _step(summary, "check"):
-        _check_rows(table, documents_uri, to_version, opts, len(stream.failed), plan)
+        _check_rows(table, tables, to_version, len(stream.failed), plan)
     changed = table.version() != version_before or summary["from_version"] != to_version
-    return _finish(cfg, table, facts, to_version, changed, summary,
+    return _finish(cfg, table, tables, facts, to_version, changed, summary,
                    lambda trained, wanted: R.ann_to_build(trained, wanted, cfg.index.max_drift))
 
 
-def _change_set(cfg: ReindexConfig, table: Any, documents_uri: str, from_version: int | None,
+def _change_set(cfg: ReindexConfig, table: Any, tables: Tables, from_version: int | None,
                 to_version: int) -> tuple[Any, Any]:
     """The change set from the recorded version: the feed, or a full diff when the feed
     cannot cover the range. Returns (changes, the table's keys when the diff read them)."""
     from pipelines.index import embed as E
     from pipelines.index import reindex_plan as R
 
-    opts = cfg.input.storage_options
     if from_version is not None and from_version == to_version:
         return R.no_changes(to_version), None
     reason = ""
@@ -503,18 +496,18 @@ def _change_set(cfg: ReindexConfig, table: Any, documents_uri: str, from_version
         reason = "changes.method=diff"
     else:
         try:
-            return R.collapse_changes(R.read_change_feed(documents_uri, from_version, to_version, opts),
+            return R.collapse_changes(R.read_change_feed(tables, from_version, to_version),
                                       from_version, to_version), None
         except R.ChangeFeedUnavailable as e:
             reason = f"the change data feed does not cover versions {from_version + 1}..{to_version} ({e})"
             logger.warning("%s: falling back to a full diff by content_sha256", reason)
     table_keys = table.keys()
-    changes = R.diff_changes(E.source_keys(documents_uri, to_version, opts), table_keys,
+    changes = R.diff_changes(E.source_keys(tables, to_version), table_keys,
                              from_version, to_version, reason=reason)
     return changes, table_keys
 
 
-def _plan(cfg: ReindexConfig, table: Any, documents_uri: str, to_version: int,
+def _plan(cfg: ReindexConfig, table: Any, tables: Tables, to_version: int,
           summary: dict[str, Any]) -> tuple[Any, Any]:
     """The change set since the table's recorded version and the plan against its rows now."""
     import pyarrow as pa
@@ -525,7 +518,7 @@ def _plan(cfg: ReindexConfig, table: Any, documents_uri: str, to_version: int,
     recorded = table.metadata().get(L.META_SOURCE_VERSION)
     from_version = int(recorded) if recorded is not None else None
     summary["from_version"] = from_version
-    changes, table_keys = _change_set(cfg, table, documents_uri, from_version, to_version)
+    changes, table_keys = _change_set(cfg, table, tables, from_version, to_version)
     if table_keys is None:
         ids = pa.concat_arrays([changes.upserts["doc_id"].combine_chunks(), changes.deletes])
         table_keys = R.table_keys_for(table.dataset(), ids)
@@ -539,7 +532,7 @@ def _plan(cfg: ReindexConfig, table: Any, documents_uri: str, to_version: int,
     return plan, changes
 
 
-def _check_rows(table: Any, documents_uri: str, version: int, opts: dict[str, str], failed: int, plan: Any) -> None:
+def _check_rows(table: Any, tables: Tables, version: int, failed: int, plan: Any) -> None:
     """One row per document of the version: counted from Delta's file statistics, and no
     changed document twice (checked for the changed ids only, so the cost follows the change)."""
     import pyarrow as pa
@@ -547,7 +540,7 @@ def _check_rows(table: Any, documents_uri: str, version: int, opts: dict[str, st
 
     from pipelines.index import reindex_plan as R
 
-    expected = delta_row_count(documents_uri, version, opts) - failed
+    expected = delta_row_count(tables, version) - failed
     rows = table.count_rows()
     ids = pa.concat_arrays([plan.changes.upserts["doc_id"].combine_chunks(), plan.changes.deletes])
     keys = R.table_keys_for(table.dataset(), ids)
@@ -564,29 +557,25 @@ def _check_rows(table: Any, documents_uri: str, version: int, opts: dict[str, st
 # ---------------------------------------------------------------------------------------
 
 
-def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents_uri: str, to_version: int,
+def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, tables: Tables, to_version: int,
                 res: dict[str, Any], summary: dict[str, Any], ray: RayAccess | None = None) -> dict[str, Any]:
     """A new model: every document embedded into one Overwrite commit, then the gate."""
-    import lance
-
     from pipelines.store import lance_tables as L
 
-    opts = cfg.input.storage_options
     mid, dim, grid = facts["model_id"], facts["dim"], facts.get("patch_grid")
     schema = L.table_schema(dim, grid[0] * grid[1] if grid else None)
     base = table.dataset()
-    total = delta_row_count(documents_uri, to_version, opts)
+    total = delta_row_count(tables, to_version)
     summary.update(method="rebuild", from_version=None, to_embed=total)
     logger.info("model_id %s is not the table's (%s): full rebuild of %d documents into a new version, then the "
                 "publish gate", mid, base.metadata.get(L.META_MODEL_ID), total)
 
     def overwrite(fragments: list[Any]) -> int:
         # One commit replaces every row: readers of older versions keep the old model.
-        return lance.LanceDataset.commit(base.uri, lance.LanceOperation.Overwrite(schema, fragments),
-                                         read_version=base.version, storage_options=opts or None).version
+        return table.commit_overwrite(schema, fragments, read_version=base.version)
 
     target = _Target(table.uri, schema, base.data_storage_version, overwrite)
-    stream = _embed(cfg, facts, res, ray or CurrentRay(), documents_uri, to_version, target, None, total)
+    stream = _embed(cfg, facts, res, ray or CurrentRay(), tables, to_version, target, None, total)
     if stream.commits == 0:  # an empty corpus still replaces the old model's rows
         overwrite([])
     summary.update(embedded=stream.rows, commits=max(stream.commits, 1), failed=len(stream.failed),
@@ -599,7 +588,7 @@ def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents
     expected = total - len(stream.failed)
     if table.count_rows() != expected:
         raise ReindexError(f"rebuild wrote {table.count_rows()} rows, expected {expected}: not publishing; re-run")
-    return _finish(cfg, table, facts, to_version, True, summary, lambda trained, wanted: wanted)
+    return _finish(cfg, table, tables, facts, to_version, True, summary, lambda trained, wanted: wanted)
 
 
 # ---------------------------------------------------------------------------------------
@@ -607,7 +596,8 @@ def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, documents
 # ---------------------------------------------------------------------------------------
 
 
-def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None) -> dict[str, Any]:
+def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None,
+        tables: Tables | None = None) -> dict[str, Any]:
     """One re-index run; returns the summary.
 
     Args:
@@ -615,6 +605,7 @@ def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None)
         facts: ``pipelines.index.build.load_model_facts`` of the checkpoint.
         ray: how to reach Ray, asked only when a step needs it (default: the Ray this
             process already runs); a small change set embedded in-process never asks.
+        tables: the Delta handle of ``cfg.input`` (default: made here from it).
 
     Raises:
         ReindexError / EmbedError / ModelMismatchError / SearchError: the inputs or the
@@ -627,10 +618,10 @@ def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None)
 
     t0 = time.perf_counter()
     ray = ray or CurrentRay()
-    opts = cfg.input.storage_options
-    documents_uri = Tables(cfg.input.root, opts).documents
-    to_version = E.resolve_source(documents_uri, cfg.input.version, opts)
-    table = L.VectorTable(cfg.db_uri, cfg.output.table, opts)
+    tables = tables or cfg.input.tables()
+    documents_uri = tables.documents
+    to_version = E.resolve_source(tables, cfg.input.version)
+    table = L.VectorTable(cfg.db_uri, cfg.output.table, tables.storage_options)
     if not table.exists():
         raise ReindexError(f"no table {cfg.output.table!r} in {cfg.db_uri}: build it first with `ciea embed "
                            f"--checkpoint {cfg.model.checkpoint} --table {cfg.output.table}`")
@@ -640,9 +631,9 @@ def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None)
                                "table": f"{cfg.db_uri}/{cfg.output.table}", "resources": res}
     state = _discard_unpublished(table, facts["model_id"], summary)
     if state.head_model == facts["model_id"] and (state.rows_model in (None, facts["model_id"])):
-        summary = run_incremental(cfg, facts, table, documents_uri, to_version, res, summary, ray)
+        summary = run_incremental(cfg, facts, table, tables, to_version, res, summary, ray)
     else:
-        summary = run_rebuild(cfg, facts, table, documents_uri, to_version, res, summary, ray)
+        summary = run_rebuild(cfg, facts, table, tables, to_version, res, summary, ray)
     summary["table_version"] = table.version()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary

@@ -29,13 +29,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.store import schema as S
 from pipelines.store.lance_tables import AnnPlan
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +132,8 @@ def no_changes(version: int) -> ChangeSet:
 # ---------------------------------------------------------------------------------------
 
 
-def read_change_feed(documents_uri: str, from_version: int, to_version: int,
-                     storage_options: dict[str, str] | None = None) -> pa.Table:
-    """The feed's planning columns for commits ``from_version + 1 .. to_version``.
+def read_change_feed(tables: Tables, from_version: int, to_version: int) -> pa.Table:
+    """The feed's planning columns of ``corpus/documents`` for commits ``from_version + 1 .. to_version``.
 
     Streams the feed batch by batch and keeps only :data:`FEED_COLUMNS` (the feed of a
     merge carries whole documents, images included).
@@ -140,12 +142,10 @@ def read_change_feed(documents_uri: str, from_version: int, to_version: int,
         ChangeFeedUnavailable: any reason the feed cannot be read for the whole range
             (not enabled on a commit, data or change files vacuumed, log entries gone).
     """
-    from deltalake import DeltaTable
-
     if to_version <= from_version:
         raise ValueError(f"the feed range ({from_version}, {to_version}] is empty")
     try:
-        dt = DeltaTable(documents_uri, storage_options=storage_options or None)
+        dt = tables.documents_table()
         reader = dt.load_cdf(starting_version=from_version + 1, ending_version=to_version,
                              columns=FEED_COLUMNS)
         # Files are fetched lazily: a vacuumed file fails here, while iterating.
@@ -242,8 +242,7 @@ def _plain_table(t: pa.Table) -> pa.Table:
     return pa.table(cols, names=t.column_names)
 
 
-def feed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array, columns: list[str],
-                   storage_options: dict[str, str] | None = None) -> pa.Table:
+def feed_documents(tables: Tables, changes: ChangeSet, doc_ids: pa.Array, columns: list[str]) -> pa.Table:
     """The post-images of ``doc_ids`` from the change data feed: their rows at ``to_version``.
 
     The feed carries whole rows, so the documents to re-embed need not be looked up in
@@ -264,18 +263,16 @@ def feed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array, co
     Raises:
         ChangeFeedUnavailable: the feed cannot be read for the range.
     """
-    from deltalake import DeltaTable
-
     if changes.method != "cdf" or changes.from_version is None:
         raise ValueError(f"feed_documents needs a change set read from the feed, got method={changes.method}")
     wanted = changes.upserts.filter(pc.is_in(changes.upserts[S.DOC_ID], value_set=doc_ids))
     if wanted.num_rows == 0:
-        return _empty(columns, documents_uri, storage_options)
+        return _empty(columns, tables)
     pairs = pc.binary_join_element_wise(wanted[S.DOC_ID], wanted[S.CONTENT_SHA256], "\x00").combine_chunks()
     read = list(dict.fromkeys([*columns, S.DOC_ID, S.CONTENT_SHA256, CHANGE_TYPE, COMMIT_VERSION]))
     parts = []
     try:
-        dt = DeltaTable(documents_uri, storage_options=storage_options or None)
+        dt = tables.documents_table()
         reader = dt.load_cdf(starting_version=changes.from_version + 1, ending_version=changes.to_version,
                              columns=read, predicate=f"{CHANGE_TYPE} IN ('{INSERT}', '{UPDATE_POST}')")
         for batch in pa.RecordBatchReader.from_stream(reader):
@@ -289,7 +286,7 @@ def feed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array, co
     except Exception as e:  # as in read_change_feed: any reason the feed cannot be read
         raise ChangeFeedUnavailable(f"{type(e).__name__}: {e}") from e
     if not parts:
-        return _empty(columns, documents_uri, storage_options)
+        return _empty(columns, tables)
     rows = pa.concat_tables(parts)
     rows = rows.set_column(rows.schema.get_field_index(COMMIT_VERSION), COMMIT_VERSION,
                            rows[COMMIT_VERSION].cast(pa.int64()))
@@ -300,17 +297,15 @@ def feed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array, co
     return rows.filter(first).select(columns)
 
 
-def _empty(columns: list[str], documents_uri: str, storage_options: dict[str, str] | None) -> pa.Table:
-    """No rows, with the columns' types as the Delta table declares them (plain, not views)."""
-    from deltalake import DeltaTable
-
-    schema = pa.schema(DeltaTable(documents_uri, storage_options=storage_options or None).schema().to_arrow())
+def _empty(columns: list[str], tables: Tables) -> pa.Table:
+    """No rows, with the columns' types as ``corpus/documents`` declares them (plain, not views)."""
+    schema = tables.schema(tables.documents)
     return _plain_table(pa.schema([schema.field(c) for c in columns]).empty_table())
 
 
-def version_documents(documents_uri: str, version: int, doc_ids: pa.Array, columns: list[str],
-                      storage_options: dict[str, str] | None = None) -> pa.Table:
-    """``columns`` of ``doc_ids`` at a Delta version, reading only the row groups that hold them.
+def version_documents(tables: Tables, version: int, doc_ids: pa.Array, columns: list[str]) -> pa.Table:
+    """``columns`` of ``doc_ids`` at a version of ``corpus/documents``, reading only the row
+    groups that hold them.
 
     Each row group's ``doc_id`` column is read first (narrow); the other columns only of
     row groups with a wanted document. Not a filter pushed into the scan: files written
@@ -320,12 +315,10 @@ def version_documents(documents_uri: str, version: int, doc_ids: pa.Array, colum
     is how the changed rows are found; it reads more than :func:`feed_documents` when
     changed documents are spread over every row group.
     """
-    from deltalake import DeltaTable
-
     if len(doc_ids) == 0:
-        return _empty(columns, documents_uri, storage_options)
+        return _empty(columns, tables)
     wanted = _plain(doc_ids)
-    ds = DeltaTable(documents_uri, version=version, storage_options=storage_options or None).to_pyarrow_dataset()
+    ds = tables.dataset(tables.documents, version)
     parts = []
     for fragment in ds.get_fragments():
         pieces = fragment.split_by_row_group() if hasattr(fragment, "split_by_row_group") else [fragment]
@@ -335,12 +328,12 @@ def version_documents(documents_uri: str, version: int, doc_ids: pa.Array, colum
                 # Same row group, same row order: the mask applies to the wide read.
                 parts.append(_plain_table(piece.to_table(schema=ds.schema, columns=columns)).filter(hit))
     if not parts:
-        return _empty(columns, documents_uri, storage_options)
+        return _empty(columns, tables)
     return pa.concat_tables(parts)
 
 
-def changed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array, columns: list[str],
-                      storage_options: dict[str, str] | None = None) -> tuple[pa.Table, dict[str, int]]:
+def changed_documents(tables: Tables, changes: ChangeSet, doc_ids: pa.Array,
+                      columns: list[str]) -> tuple[pa.Table, dict[str, int]]:
     """The rows of ``doc_ids`` at ``changes.to_version``: from the feed when the change set
     came from it, the rest (or all, for a full diff) by a filtered scan of the version.
 
@@ -355,21 +348,21 @@ def changed_documents(documents_uri: str, changes: ChangeSet, doc_ids: pa.Array,
     missing = doc_ids
     if changes.method == "cdf" and changes.from_version is not None and len(doc_ids):
         try:
-            rows = feed_documents(documents_uri, changes, doc_ids, columns, storage_options)
+            rows = feed_documents(tables, changes, doc_ids, columns)
             from_feed = rows.num_rows
             missing = pc.filter(doc_ids, pc.invert(pc.is_in(doc_ids, value_set=rows[S.DOC_ID].combine_chunks())))
         except ChangeFeedUnavailable as e:
             logger.warning("reading the changed documents from the feed failed (%s): scanning version %d instead",
                            e, changes.to_version)
     if len(missing):
-        scanned = version_documents(documents_uri, changes.to_version, missing, columns, storage_options)
+        scanned = version_documents(tables, changes.to_version, missing, columns)
         rows = scanned if rows is None else pa.concat_tables([rows, scanned.cast(rows.schema)])
         if scanned.num_rows != len(missing):
             lost = sorted(set(missing.to_pylist()) - set(scanned[S.DOC_ID].to_pylist()))
             raise ValueError(f"{len(lost)} planned document(s) are not in corpus/documents@{changes.to_version} "
                              f"(e.g. {lost[:3]}): the corpus changed during the run; re-run `ciea reindex`")
     if rows is None:
-        rows = _empty(columns, documents_uri, storage_options)
+        rows = _empty(columns, tables)
     return rows, {"feed": from_feed, "scan": rows.num_rows - from_feed}
 
 

@@ -18,18 +18,27 @@ order, then byte offset / row within the file) wins; every later record with tha
 is quarantined at stage ``dedupe`` with reason ``duplicate_doc_id``, whether or not its
 content is identical. The driver keeps the set of accepted doc_ids for this (about 100 bytes
 per document, never the content).
+
+:func:`run` is ``ciea ingest``'s run on a typed :class:`~pipelines.ingest.config.IngestConfig`
+(:func:`make_source` builds and plans its source first). It never starts Ray: the caller
+has (the job, a test, a benchmark).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import sys
 import tempfile
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +46,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.ingest.config import IngestConfig
+from pipelines.ingest.sources import (
+    EDISSource,
+    FolderSource,
+    ManifestSource,
+    SyntheticSource,
+    UrlSource,
+    WebDatasetSource,
+    WebQASource,
+)
 from pipelines.ingest.sources.base import BadQrel, Query, Source
+from pipelines.ingest.sources.beir import BeirQueries
+from pipelines.ingest.sources.synthetic.generator import SyntheticConfig
 from pipelines.ingest.validation import (
     Limits,
     Rejected,
@@ -331,3 +352,154 @@ def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limi
     if known_doc_ids is not None:
         summary["qrels"]["doc_not_in_this_ingest"] = sum(1 for k in pairs if k[1] not in known_doc_ids)
     return summary
+
+
+# ---------------------------------------------------------------------------------------
+# The run: a typed config → its source → Delta
+# ---------------------------------------------------------------------------------------
+
+#: Crash-test hook, a real SIGKILL of this process at a chosen point:
+#: ``documents_after_rows=N`` once N records have streamed into the documents MERGE (mid-run,
+#: nothing committed), ``after_documents`` right after the documents commit.
+FAILPOINT_ENV = "CIEA_INGEST_FAILPOINT"
+
+
+def _failpoint(name: str, rows: int | None = None) -> None:
+    point = os.environ.get(FAILPOINT_ENV, "")
+    if point == name or (rows is not None and point.startswith(f"{name}=") and rows >= int(point.split("=")[1])):
+        logger.warning("failpoint %s: killing this process", point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def make_source(cfg: IngestConfig) -> Source:
+    """The reader of ``cfg.source`` (BEIR queries attached when given). Call ``plan()`` on it
+    before Ray starts: a missing file or a wrong layout fails there.
+
+    Raises:
+        FileNotFoundError, ValueError: the source or its queries folder cannot be read as
+            configured (the message names the fix).
+    """
+    source = _make_source(cfg)
+    if cfg.source.queries_path and cfg.source.queries:
+        queries = BeirQueries(cfg.source.queries_path, cfg.output.storage_options)
+        queries.check()
+        source.attach_queries(queries)
+    return source
+
+
+def _make_source(cfg: IngestConfig) -> Source:
+    s, opts = cfg.source, cfg.output.storage_options
+    shard_bytes = int(s.shard_mb * (1 << 20))
+    if s.kind == "synthetic":
+        syn = s.synthetic
+        return SyntheticSource(
+            SyntheticConfig(seed=syn.seed, num_image_docs=syn.num_image_docs, num_text_docs=syn.num_text_docs,
+                            num_queries=tuple(syn.num_queries), image_size=syn.image_size,
+                            p_caption_states=syn.p_caption_states, complementary_fraction=syn.complementary_fraction,
+                            text_query_fraction=syn.text_query_fraction,
+                            **({"num_collections": syn.num_collections} if syn.num_collections else {})),
+            rows_per_shard=s.rows_per_shard, name=s.name, with_queries=s.queries)
+    if s.kind == "webqa":
+        return WebQASource(s.path, shard_bytes, s.name, opts, with_queries=s.queries)
+    if s.kind == "edis":
+        return EDISSource(s.path, s.images_dir, shard_bytes, s.name, opts, s.image_mode, with_queries=s.queries)
+    if s.kind == "manifest":
+        return ManifestSource(s.path, shard_bytes, s.name, opts, s.image_mode)
+    if s.kind == "urls":
+        return UrlSource(s.path, s.fetch.settings(), cfg.output.root, s.fetch.shard_kb * 1024, s.name, opts,
+                         s.fetch.refetch_failed)
+    if s.kind == "webdataset":
+        return WebDatasetSource(s.path, s.shards_per_task, s.name, opts, int(s.max_member_mb * (1 << 20)))
+    return FolderSource(s.path, s.files_per_shard, s.name, opts, s.image_mode)
+
+
+def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs one ingest of ``source`` (:func:`make_source`) over its planned ``shards``:
+    documents, then queries and qrels, then quarantine. Ray must be initialised.
+
+    Returns:
+        The run's summary (counts per table; ``read = accepted + quarantined``).
+    """
+    import ray.data
+
+    now = datetime.now(timezone.utc)
+    run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    tables = cfg.output.tables()
+    spill = QuarantineSpill(run_id, now)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    # Source order makes the duplicate rule deterministic; tqdm is the progress bar.
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    try:
+        return _run(cfg, source, shards, tables, spill)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        spill.close()
+
+
+def _run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]], tables: delta_tables.Tables,
+         spill: QuarantineSpill) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    run_id, now, limits = spill.run_id, spill.now, cfg.limits.limits()
+    summary: dict[str, Any] = {"run_id": run_id, "source": source.name, "kind": source.kind,
+                               "root": tables.root, "shards": len(shards)}
+    docs, seen = _ingest_documents(cfg, source, shards, tables, spill, limits)
+    summary["documents"] = docs
+    fetch = source.fetch_report(time.perf_counter() - t0)
+    if fetch is not None:
+        summary["fetch"] = fetch
+    _failpoint("after_documents")
+
+    summary["queries"] = {}
+    for split in source.query_splits():
+        summary["queries"][split] = ingest_queries(
+            source, split, tables, limits, cfg.limits.max_query_chars, spill, run_id, now, seen)
+
+    reader = spill.reader()
+    if reader is not None:
+        qm = delta_tables.merge_quarantine(tables, reader)
+        summary["quarantine"] = {"rows_this_run": spill.rows, "inserted": qm["num_target_rows_inserted"]}
+    else:
+        tables.ensure(tables.quarantine, delta_tables.S.QUARANTINE_SCHEMA)
+        summary["quarantine"] = {"rows_this_run": 0, "inserted": 0}
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def _ingest_documents(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]],
+                      tables: delta_tables.Tables, spill: QuarantineSpill,
+                      limits: Limits) -> tuple[dict[str, Any], set[str]]:
+    """The documents' one commit; returns their summary and the accepted doc_ids."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=source.estimated_records(), unit="rec", desc=f"ingest {source.name}",
+               disable=not cfg.progress, file=sys.stderr)
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        _failpoint("documents_after_rows", bar.n)
+
+    stream = DocumentStream(_iter_validated(source, shards, limits), spill, spill.run_id, spill.now,
+                            progress=progress)
+    version_before = tables.version(tables.documents)
+    # An empty corpus/documents is bulk-loaded (appended), anything else merged into.
+    metrics = delta_tables.write_documents(
+        tables, stream.reader(), source.name if cfg.source.full_snapshot else None)
+    bar.close()
+    counts = stream.counts
+    counts.check("documents")
+    docs = counts.to_dict()
+    docs.update(inserted=metrics["num_target_rows_inserted"], updated=metrics["num_target_rows_updated"],
+                deleted=metrics["num_target_rows_deleted"], write=metrics["write"])
+    docs["unchanged"] = counts.accepted - docs["inserted"] - docs["updated"]
+    docs["version_before"], docs["version_after"] = version_before, tables.version(tables.documents)
+    return docs, stream.seen
+
+
+def _iter_validated(source: Source, shards: list[dict[str, Any]], limits: Limits) -> Iterator[pa.Table]:
+    if not shards:
+        return
+    ds = build_dataset(source, shards, limits)
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield source.observe(table)

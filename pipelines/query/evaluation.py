@@ -36,6 +36,7 @@ from pipelines.store import schema as S
 
 if TYPE_CHECKING:
     from pipelines.query.search import Searcher
+    from pipelines.store.delta_tables import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -247,42 +248,12 @@ def load_split(
         EvaluationError: no such split (naming the ones there), an empty split, or a
             split without a single judged query.
     """
-    from deltalake.exceptions import TableNotFoundError
-
-    from pipelines.store.delta_tables import Tables, plain_types
+    from pipelines.store.delta_tables import Tables
 
     tables = Tables(root, dict(storage_options or {}))
-    try:
-        qt = plain_types(pa.table(tables.open(tables.queries(split)).to_pyarrow_table(
-            columns=[S.QID, S.QUERY, S.METADATA])))
-    except TableNotFoundError:
-        have = _splits_under(root, storage_options)
-        there = f"splits there: {', '.join(have)}" if have else "no split there at all"
-        raise EvaluationError(
-            f"no query split {split!r} at {tables.queries(split)} ({there}); pass one of them with "
-            "--split, or ingest a source with queries: `ciea ingest ... --root <root>`") from None
-    if qt.num_rows == 0:
-        raise EvaluationError(
-            f"query split {split!r} at {tables.queries(split)} is empty: re-ingest the source that "
-            "has its queries, or pick another --split")
-    try:
-        rt = plain_types(pa.table(tables.open(tables.qrels(split)).to_pyarrow_table(
-            columns=[S.QID, S.DOC_ID, S.RELEVANCE])))
-    except TableNotFoundError:
-        rt = pa.table({S.QID: pa.array([], pa.string()), S.DOC_ID: pa.array([], pa.string()),
-                       S.RELEVANCE: pa.array([], pa.int32())})
-
+    qt = _read_queries(tables, root, split, storage_options)
     qids = set(qt[S.QID].to_pylist())
-    qrels: dict[str, dict[str, int]] = {}
-    stray = 0
-    for qid, doc_id, rel in zip(*(rt[c].to_pylist() for c in (S.QID, S.DOC_ID, S.RELEVANCE))):
-        if qid not in qids:
-            stray += 1
-            continue
-        qrels.setdefault(qid, {})[doc_id] = int(rel)
-    if stray:
-        logger.warning("qrels/%s has %d judgments for qids that are not in queries/%s; ignored",
-                       split, stray, split)
+    qrels = _read_qrels(tables, split, qids)
     judged = {q for q, docs in qrels.items() if any(r > 0 for r in docs.values())}
     if not judged:
         raise EvaluationError(
@@ -303,6 +274,58 @@ def load_split(
                   ANSWER_MODALITY: _answer_modality(positives, modality_of) if positives else None})
         queries.append(q)
     return queries, qrels
+
+
+def _read_queries(tables: Tables, root: str, split: str, storage_options: Mapping[str, str] | None) -> pa.Table:
+    """``queries/<split>`` (qid, query, metadata).
+
+    Raises:
+        EvaluationError: no such split (naming the ones there), or an empty one.
+    """
+    from deltalake.exceptions import TableNotFoundError
+
+    from pipelines.store.delta_tables import plain_types
+
+    try:
+        qt = plain_types(pa.table(tables.open(tables.queries(split)).to_pyarrow_table(
+            columns=[S.QID, S.QUERY, S.METADATA])))
+    except TableNotFoundError:
+        have = _splits_under(root, storage_options)
+        there = f"splits there: {', '.join(have)}" if have else "no split there at all"
+        raise EvaluationError(
+            f"no query split {split!r} at {tables.queries(split)} ({there}); pass one of them with "
+            "--split, or ingest a source with queries: `ciea ingest ... --root <root>`") from None
+    if qt.num_rows == 0:
+        raise EvaluationError(
+            f"query split {split!r} at {tables.queries(split)} is empty: re-ingest the source that "
+            "has its queries, or pick another --split")
+    return qt
+
+
+def _read_qrels(tables: Tables, split: str, qids: set[str]) -> dict[str, dict[str, int]]:
+    """``qrels/<split>`` as qid → doc_id → relevance, for the split's ``qids`` only (a
+    missing table: no judgments)."""
+    from deltalake.exceptions import TableNotFoundError
+
+    from pipelines.store.delta_tables import plain_types
+
+    try:
+        rt = plain_types(pa.table(tables.open(tables.qrels(split)).to_pyarrow_table(
+            columns=[S.QID, S.DOC_ID, S.RELEVANCE])))
+    except TableNotFoundError:
+        rt = pa.table({S.QID: pa.array([], pa.string()), S.DOC_ID: pa.array([], pa.string()),
+                       S.RELEVANCE: pa.array([], pa.int32())})
+    qrels: dict[str, dict[str, int]] = {}
+    stray = 0
+    for qid, doc_id, rel in zip(*(rt[c].to_pylist() for c in (S.QID, S.DOC_ID, S.RELEVANCE))):
+        if qid not in qids:
+            stray += 1
+            continue
+        qrels.setdefault(qid, {})[doc_id] = int(rel)
+    if stray:
+        logger.warning("qrels/%s has %d judgments for qids that are not in queries/%s; ignored",
+                       split, stray, split)
+    return qrels
 
 
 def _parse_metadata(text: str | None) -> dict[str, Any]:

@@ -479,88 +479,22 @@ def evaluate_run(
         TypeError: If a cutoff is not an integer, or a ranking / qrels entry is a
             bare string.
     """
-    mrr_ks = _check_ks(ks_mrr, "ks_mrr")
-    ndcg_ks = _check_ks(ks_ndcg, "ks_ndcg")
-    recall_ks = _check_ks(ks_recall, "ks_recall")
-    graded_ks = _check_ks(ks_graded_ndcg, "ks_graded_ndcg")
-    names = metric_names(mrr_ks, ndcg_ks, recall_ks, graded_ks)
-    max_k = max((*mrr_ks, *ndcg_ks, *recall_ks, *graded_ks), default=0)
+    cutoffs = _Cutoffs(_check_ks(ks_mrr, "ks_mrr"), _check_ks(ks_ndcg, "ks_ndcg"),
+                       _check_ks(ks_recall, "ks_recall"), _check_ks(ks_graded_ndcg, "ks_graded_ndcg"))
+    names = metric_names(cutoffs.mrr, cutoffs.ndcg, cutoffs.recall, cutoffs.graded_ndcg)
 
     rel_sets = {qid: _relevant_set(rel) for qid, rel in qrels.items()}
     rel_sets = {qid: rel for qid, rel in rel_sets.items() if rel}
 
-    per_query: dict[str, dict[str, float]] = {}
-    skipped = 0
-    dup_qids: list[str] = []
-    for qid, ranked in run.items():
-        rel = rel_sets.get(qid)
-        if rel is None:
-            skipped += 1
-            continue
-        top, had_dup = _dedup_prefix(ranked, max_k)
-        if had_dup:
-            dup_qids.append(qid)
-        hits = [i for i, doc in enumerate(top) if doc in rel]
-        n_rel = len(rel)
-        values: dict[str, float] = {}
-        for k in mrr_ks:
-            values[f"MRR@{k}"] = _mrr(hits, k)
-        for k in ndcg_ks:
-            values[f"NDCG@{k}"] = _ndcg(hits, n_rel, k)
-        if graded_ks:
-            gains = _grades(qrels[qid])
-            ideal = sorted(gains.values(), reverse=True)
-            for k in graded_ks:
-                values[f"gNDCG@{k}"] = _graded_ndcg(top, gains, ideal, k)
-        for k in recall_ks:
-            values[f"Recall@{k}"] = _recall(hits, n_rel, k)
-        per_query[qid] = values
-
-    if dup_qids:
-        logger.warning(
-            "%d ranking(s) contain duplicate doc ids (e.g. query %r); keeping the first "
-            "occurrence of each doc",
-            len(dup_qids),
-            dup_qids[0],
-        )
+    per_query, skipped, dup_qids = _score_queries(run, qrels, rel_sets, cutoffs)
     missing = sum(1 for qid in rel_sets if qid not in run)
-    if skipped:
-        logger.info("skipped %d run queries with no relevant documents in qrels", skipped)
-    if missing:
-        logger.info(
-            "%d qrels queries are absent from the run and are not averaged (trec_eval default)",
-            missing,
-        )
+    _log_coverage(dup_qids, skipped, missing)
 
     evaluated = list(per_query)
     if not evaluated:
         logger.warning("no query is in both the run and the qrels; metrics are NaN")
 
-    by_group: dict[str, dict[str, float]] = {}
-    group_counts: dict[str, int] = {}
-    ungrouped = 0
-    if groups is not None:
-        members: dict[str, list[str]] = {}
-        for qid in evaluated:
-            label = groups.get(qid)
-            if label is None:
-                ungrouped += 1
-                continue
-            if label == OVERALL:
-                raise ValueError(
-                    f"group label {OVERALL!r} (query {qid!r}) is reserved for the overall "
-                    "mean; rename that group"
-                )
-            members.setdefault(label, []).append(qid)
-        if ungrouped:
-            logger.warning(
-                "%d evaluated queries have no group label; they count only in the overall means",
-                ungrouped,
-            )
-        for label, qids in members.items():
-            by_group[label] = _mean_over(names, qids, per_query)
-            group_counts[label] = len(qids)
-
+    by_group, group_counts, ungrouped = _group_means(names, evaluated, per_query, groups)
     return RetrievalReport(
         metrics=_mean_over(names, evaluated, per_query),
         num_queries=len(evaluated),
@@ -571,6 +505,116 @@ def evaluate_run(
         num_ungrouped=ungrouped,
         per_query=per_query,
     )
+
+
+@dataclass(frozen=True)
+class _Cutoffs:
+    """The validated cutoffs of one evaluation, per metric family."""
+
+    mrr: tuple[int, ...]
+    ndcg: tuple[int, ...]
+    recall: tuple[int, ...]
+    graded_ndcg: tuple[int, ...]
+
+    @property
+    def max_k(self) -> int:
+        return max((*self.mrr, *self.ndcg, *self.recall, *self.graded_ndcg), default=0)
+
+
+def _query_values(top: Sequence[str], rel: frozenset[str], relevant: Relevant, cutoffs: _Cutoffs) -> dict[str, float]:
+    """Every metric of one query: ``top`` its deduplicated ranking, ``rel`` its relevant
+    doc ids, ``relevant`` its qrels entry (for the grades)."""
+    hits = [i for i, doc in enumerate(top) if doc in rel]
+    n_rel = len(rel)
+    values: dict[str, float] = {}
+    for k in cutoffs.mrr:
+        values[f"MRR@{k}"] = _mrr(hits, k)
+    for k in cutoffs.ndcg:
+        values[f"NDCG@{k}"] = _ndcg(hits, n_rel, k)
+    if cutoffs.graded_ndcg:
+        gains = _grades(relevant)
+        ideal = sorted(gains.values(), reverse=True)
+        for k in cutoffs.graded_ndcg:
+            values[f"gNDCG@{k}"] = _graded_ndcg(top, gains, ideal, k)
+    for k in cutoffs.recall:
+        values[f"Recall@{k}"] = _recall(hits, n_rel, k)
+    return values
+
+
+def _score_queries(
+    run: Mapping[str, Sequence[str]], qrels: Mapping[str, Relevant], rel_sets: Mapping[str, frozenset[str]],
+    cutoffs: _Cutoffs,
+) -> tuple[dict[str, dict[str, float]], int, list[str]]:
+    """Per-query values of the run's judged queries; the count of run queries without a
+    relevant document; the queries whose ranking repeated a doc id."""
+    per_query: dict[str, dict[str, float]] = {}
+    skipped = 0
+    dup_qids: list[str] = []
+    max_k = cutoffs.max_k
+    for qid, ranked in run.items():
+        rel = rel_sets.get(qid)
+        if rel is None:
+            skipped += 1
+            continue
+        top, had_dup = _dedup_prefix(ranked, max_k)
+        if had_dup:
+            dup_qids.append(qid)
+        per_query[qid] = _query_values(top, rel, qrels[qid], cutoffs)
+    return per_query, skipped, dup_qids
+
+
+def _log_coverage(dup_qids: Sequence[str], skipped: int, missing: int) -> None:
+    if dup_qids:
+        logger.warning(
+            "%d ranking(s) contain duplicate doc ids (e.g. query %r); keeping the first "
+            "occurrence of each doc",
+            len(dup_qids),
+            dup_qids[0],
+        )
+    if skipped:
+        logger.info("skipped %d run queries with no relevant documents in qrels", skipped)
+    if missing:
+        logger.info(
+            "%d qrels queries are absent from the run and are not averaged (trec_eval default)",
+            missing,
+        )
+
+
+def _group_means(
+    names: Sequence[str], evaluated: Sequence[str], per_query: Mapping[str, Mapping[str, float]],
+    groups: Mapping[str, str] | None,
+) -> tuple[dict[str, dict[str, float]], dict[str, int], int]:
+    """Per-group means and counts, and the count of evaluated queries without a label.
+
+    Raises:
+        ValueError: a group label equals :data:`OVERALL`.
+    """
+    by_group: dict[str, dict[str, float]] = {}
+    group_counts: dict[str, int] = {}
+    ungrouped = 0
+    if groups is None:
+        return by_group, group_counts, ungrouped
+    members: dict[str, list[str]] = {}
+    for qid in evaluated:
+        label = groups.get(qid)
+        if label is None:
+            ungrouped += 1
+            continue
+        if label == OVERALL:
+            raise ValueError(
+                f"group label {OVERALL!r} (query {qid!r}) is reserved for the overall "
+                "mean; rename that group"
+            )
+        members.setdefault(label, []).append(qid)
+    if ungrouped:
+        logger.warning(
+            "%d evaluated queries have no group label; they count only in the overall means",
+            ungrouped,
+        )
+    for label, qids in members.items():
+        by_group[label] = _mean_over(names, qids, per_query)
+        group_counts[label] = len(qids)
+    return by_group, group_counts, ungrouped
 
 
 # --------------------------------------------------------------------------- top-k from scores

@@ -55,6 +55,7 @@ from pipelines.store.lance_tables import (
     THUMBNAIL,
     VECTOR,
     AnnPlan,
+    VectorTable,
     plan_from_json,
 )
 from pipelines.store.schema import CAPTION, DOC_ID, METADATA, MODALITIES, MODALITY, TEXT
@@ -409,7 +410,7 @@ def _manifest_model_id(checkpoint: str) -> str:
 class Searcher:
     """Searches one pinned version of a LanceDB vector table (module docstring).
 
-    Build one with :meth:`open`. Safe to share between threads for reads once built (it
+    Build one with :meth:`open_table` (or :meth:`open`). Safe to share between threads for reads once built (it
     holds no per-query state); not meant to be pickled.
 
     Attributes:
@@ -451,28 +452,42 @@ class Searcher:
     @classmethod
     def open(cls, db_uri: str, table: str, *, version: int | str | None = None, checkpoint: str | None = None,
              storage_options: dict | None = None, device: str = "cpu") -> Searcher:
-        """Opens ``table`` at a pinned version and loads the model that made its vectors.
+        """:meth:`open_table` of ``VectorTable(db_uri, table, storage_options)``.
 
         Args:
             db_uri: LanceDB database folder (local path or ``s3://``).
             table: table name.
+            storage_options: object-store settings (never credentials).
+            version, checkpoint, device: as for :meth:`open_table`.
+
+        Raises:
+            ValueError: ``storage_options`` holds a credential; else as :meth:`open_table`.
+        """
+        return cls.open_table(VectorTable(db_uri, table, storage_options), version=version, checkpoint=checkpoint,
+                              device=device)
+
+    @classmethod
+    def open_table(cls, vectors: VectorTable, *, version: int | str | None = None, checkpoint: str | None = None,
+                   device: str = "cpu") -> Searcher:
+        """Opens a vector table at a pinned version and loads the model that made its vectors.
+
+        Args:
+            vectors: the table's handle (database, name, storage options).
             version: ``None`` → the ``published`` tag; an int version or a tag name.
             checkpoint: checkpoint directory; default: the one recorded in the table
                 metadata (``ciea.checkpoint``). Its ``model_id`` must equal the table's.
-            storage_options: object-store settings (never credentials).
             device: torch device for query encoding.
 
         Raises:
             SearchError: no such table, version or tag, or no checkpoint to load (the fix in
                 the message); CheckpointMismatchError: the checkpoint is another model.
         """
-        import lancedb
-
-        db = lancedb.connect(db_uri, storage_options=storage_options or None)
+        db, db_uri, table = vectors.db, vectors.db_uri, vectors.name
         names = db.list_tables().tables
         if table not in names:
             raise SearchError(f"no table {table!r} in {db_uri}: tables there are {', '.join(sorted(names)) or '(none)'}; "
                               "pass --table (and --db), or create it with `ciea embed`")
+        # A table object of its own: the checkout below pins this reader, not the handle.
         tbl = db.open_table(table)
         number, tag = resolve_version(tbl, version)
         # Checked out by number, not by tag: a tag that moves later must not move this reader.
@@ -507,6 +522,10 @@ class Searcher:
                     f" (tag {tag!r})" if tag else "", table_model, ", ".join(sorted(indexes)) or "none")
         return cls(tbl, db_uri=db_uri, name=table, version=number, tag=tag, model=model, processor=processor,
                    checkpoint=str(ckpt), device=device, metadata=meta, index_names=indexes)
+
+    def count_rows(self) -> int:
+        """Rows of the pinned version."""
+        return self._table.count_rows()
 
     # ---- encoding ------------------------------------------------------------------------
     def encode_queries(self, queries: Sequence[str], batch_size: int = 128) -> np.ndarray:

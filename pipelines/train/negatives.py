@@ -6,7 +6,8 @@ keeps the top ``k``, labelled by modality. Two forms of it give the same lists:
 
 * :func:`mine` — at corpus scale: embed the corpus with a stage-1 checkpoint on a Ray Data
   actor pool, score every query exactly against every document and write the result to a
-  Delta table (``ciea mine-negatives``). The corpus is never held in the driver: document
+  Delta table (:func:`run`, ``ciea mine-negatives``'s run on a typed
+  :class:`~pipelines.train.config.MineConfig`). The corpus is never held in the driver: document
   vectors stream from the actors in batches, and the driver keeps only a running top-``k``
   per query (queries × k entries). Scores are exact (a dense matrix product per batch):
   this is the reference search; a corpus too large for it goes through the LanceDB index
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ import pyarrow as pa
 from ciea_model.model import CIEAModel
 from ciea_model.processor import CIEAProcessor, Document, TrainExample
 from pipelines.store import schema as S
+from pipelines.train.config import MineConfig
 from pipelines.train.draws import DrawSettings, draw_negatives
 
 logger = logging.getLogger(__name__)
@@ -244,6 +247,22 @@ def write_mined(table: pa.Table, uri: str, storage_options: dict[str, str] | Non
 
     write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=storage_options or None)
     return DeltaTable(uri, storage_options=storage_options or None).version()
+
+
+def run(cfg: MineConfig) -> dict[str, Any]:
+    """Mines with ``cfg.checkpoint`` (:func:`mine`) and overwrites the Delta table
+    ``cfg.output`` (:func:`write_mined`). Needs an initialised Ray.
+
+    Returns:
+        The summary: counts, the checkpoint's ``model_id``, the table version, seconds.
+    """
+    t0 = time.perf_counter()
+    table, summary = mine(cfg.checkpoint, cfg.root, cfg.split, k=cfg.k, storage_options=cfg.storage_options,
+                          version=cfg.version, pool_size=cfg.pool_size, cpus_per_actor=cfg.cpus_per_actor,
+                          batch_size=cfg.batch_size, threads=cfg.threads, progress=cfg.progress)
+    summary["table_version"] = write_mined(table, cfg.output, cfg.storage_options)
+    summary.update(output=cfg.output, seconds=round(time.perf_counter() - t0, 1))
+    return summary
 
 
 def mined_for(mined: Mapping[str, Mapping[str, Sequence[str]]], qid: str) -> dict[str, list[str]]:

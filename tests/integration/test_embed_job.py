@@ -11,13 +11,13 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
 from embed_helpers import make_checkpoint, run_embed, synthetic_records, write_corpus
 from PIL import Image
 
 from ciea_model import load_checkpoint
 from ciea_model.inference import encode_documents
 from pipelines.index.build import SimulatedCrash
+from pipelines.store.delta_tables import Tables
 from pipelines.store.lance_tables import VectorTable
 from pipelines.train.examples import to_document
 
@@ -57,7 +57,7 @@ def first_run(env):
 def test_rows_equal_accepted_documents_and_vectors_match_in_process_encoding(env, first_run):
     vt = _table(env, "main")
     rows = _rows(vt)
-    delta = DeltaTable(str(env["root"] / "corpus" / "documents")).to_pyarrow_table().to_pylist()
+    delta = Tables(str(env["root"])).read("documents").to_pylist()
     assert sorted(rows) == sorted(r["doc_id"] for r in delta)
     assert vt.count_rows() == len(delta) == N_IMAGES + N_TEXTS
     assert first_run["rows_written"] == len(delta) and first_run["skipped"] == 0
@@ -165,7 +165,7 @@ def test_a_crashed_run_resumes_with_only_the_missing_documents(env):
 def test_a_new_delta_version_embeds_only_new_and_changed_documents(env, tmp_path):
     root = tmp_path / "data"
     records = synthetic_records(20, 10, seed=5)
-    uri = write_corpus(root, records)
+    write_corpus(root, records)
     rc, first = run_embed(tmp_path, root, env["ckpt"], "incr")
     assert rc == 0 and first["rows_written"] == 30
     vt = VectorTable(str(root / "lancedb"), "incr")
@@ -174,7 +174,7 @@ def test_a_new_delta_version_embeds_only_new_and_changed_documents(env, tmp_path
     changed = dict(records[0], caption="a completely different caption")
     more = [dict(r, doc_id=f"new-{i}") for i, r in enumerate(synthetic_records(4, 1, seed=9))]
     write_corpus(root, [changed, *records[2:], *more])
-    assert DeltaTable(uri).version() == 1
+    assert Tables(str(root)).version("documents") == 1
     rc, second = run_embed(tmp_path, root, env["ckpt"], "incr")
     assert rc == 0
     assert second["source_version"] == 1 and second["rows_written"] == 6 and second["skipped"] == 28

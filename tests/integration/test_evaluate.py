@@ -155,17 +155,26 @@ def _read_trec_run(path) -> dict[str, dict[str, float]]:
     return run
 
 
-def _pytrec(qrels_path, run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """trec_eval values per query, named like the report (MRR@k = recip_rank of the top k)."""
-    import pytrec_eval
-
+def _read_qrels(path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    for line in qrels_path.read_text().splitlines():
+    for line in path.read_text().splitlines():
         qid, _, doc, rel = line.split()
         qrels[qid][doc] = int(rel)
+    return qrels
+
+
+def _pytrec(qrels_path, run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """trec_eval values per query, named like the report (MRR@k = recip_rank of the top k;
+    gNDCG@k = ndcg_cut on the graded qrels written beside ``qrels_path``)."""
+    import pytrec_eval
+
+    qrels = _read_qrels(qrels_path)
     res = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10,20", "recall.1,5,20,100"}).evaluate(run)
     out = {q: {**{f"NDCG@{k}": v[f"ndcg_cut_{k}"] for k in (10, 20)},
                **{f"Recall@{k}": v[f"recall_{k}"] for k in (1, 5, 20, 100)}} for q, v in res.items()}
+    graded = _read_qrels(qrels_path.with_name("qrels.graded.txt"))
+    for q, v in pytrec_eval.RelevanceEvaluator(graded, {"ndcg_cut.10,20"}).evaluate(run).items():
+        out[q].update({f"gNDCG@{k}": v[f"ndcg_cut_{k}"] for k in (10, 20)})
     for k in (10, 20):
         top = {q: dict(sorted(d.items(), key=lambda x: -x[1])[:k]) for q, d in run.items()}
         for q, v in pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top).items():

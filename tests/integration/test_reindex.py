@@ -24,9 +24,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import write_deltalake
 from embed_helpers import (
     documents_table,
     make_checkpoint,
@@ -42,6 +41,7 @@ from ciea_model.processor import TrainExample
 from ciea_model.training import OptimConfig, TrainConfig, Trainer
 from jobs import reindex
 from pipelines.index.build import SimulatedCrash
+from pipelines.store.delta_tables import Tables
 from pipelines.store.lance_tables import META_MODEL_ID, META_SOURCE_VERSION, VectorTable
 from pipelines.train.examples import to_document
 
@@ -80,14 +80,14 @@ def perturbed_checkpoint(src: str, out: Path) -> str:
 
 def merge_documents(root: Path, records: list[dict]) -> None:
     """The ingest's merge: update changed content, insert new doc_ids (one Delta commit)."""
-    (DeltaTable(str(root / "corpus" / "documents"))
+    (Tables(str(root)).documents_table()
      .merge(documents_table(records), "t.doc_id = s.doc_id", source_alias="s", target_alias="t")
      .when_matched_update_all(predicate="t.content_sha256 <> s.content_sha256")
      .when_not_matched_insert_all().execute())
 
 
 def delete_documents(root: Path, doc_ids: list[str]) -> None:
-    DeltaTable(str(root / "corpus" / "documents")).delete(
+    Tables(str(root)).documents_table().delete(
         "doc_id IN (" + ", ".join(f"'{d}'" for d in doc_ids) + ")")
 
 
@@ -266,7 +266,7 @@ def test_without_the_change_feed_it_falls_back_to_a_full_diff(env, tmp_path, cap
     shutil.copytree(env["root"] / "corpus", root / "corpus")
     (root / "lancedb").mkdir()
     vt = clone(env, "base", "nofeed", db=root / "lancedb")
-    DeltaTable(str(root / "corpus" / "documents")).alter.set_table_properties({"delta.enableChangeDataFeed": "false"})
+    Tables(str(root)).documents_table().alter.set_table_properties({"delta.enableChangeDataFeed": "false"})
     gone = env["records"][10]["doc_id"]
     delete_documents(root, [gone])
     rc, s = run_reindex(env, "nofeed", env["trained"], root=root)
@@ -324,8 +324,7 @@ def test_a_model_that_is_not_worse_is_promoted_after_a_crashed_rebuild(env):
     model, processor = load_checkpoint(better)
     mid = model_id(model)
     assert {r["model_id"] for r in rows.values()} == {mid} and vt.metadata()[META_MODEL_ID] == mid
-    delta = DeltaTable(str(env["root"] / "corpus" / "documents")).to_pyarrow_table()
-    delta = pa.table(delta).to_pylist()
+    delta = Tables(str(env["root"])).read("documents").to_pylist()
     assert sorted(rows) == sorted(r["doc_id"] for r in delta)
     want = encode_documents(model, processor, [to_document(r) for r in delta], batch_size=64)
     got = np.array([rows[r["doc_id"]]["vector"] for r in delta], np.float32)

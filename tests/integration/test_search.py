@@ -75,7 +75,8 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def searcher(env) -> Searcher:
-    return Searcher.open(env["db"], TABLE)
+    # Through the table handle (the other tests open by database and name: the same path).
+    return Searcher.open_table(VectorTable(env["db"], TABLE))
 
 
 def brute_force(env, q: np.ndarray, k: int, keep: np.ndarray | None = None) -> list[tuple[str, float]]:

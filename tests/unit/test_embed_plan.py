@@ -150,10 +150,12 @@ def test_a_missing_corpus_or_version_names_the_fix(tmp_path):
     from deltalake import write_deltalake
 
     from pipelines.index.embed import EmbedError, resolve_source
+    from pipelines.store.delta_tables import Tables
 
     with pytest.raises(EmbedError, match="run `ciea ingest"):
-        resolve_source(str(tmp_path / "nope"), None, {})
-    write_deltalake(str(tmp_path / "t"), pa.table({"x": [1]}))
-    assert resolve_source(str(tmp_path / "t"), None, {}) == 0
+        resolve_source(Tables(str(tmp_path / "nope")), None)
+    tables = Tables(str(tmp_path / "t"))
+    write_deltalake(tables.documents, pa.table({"x": [1]}))
+    assert resolve_source(tables, None) == 0
     with pytest.raises(EmbedError, match="versions 0..0; --version 3 does not exist"):
-        resolve_source(str(tmp_path / "t"), 3, {})
+        resolve_source(tables, 3)

@@ -19,7 +19,9 @@ from PIL import Image
 
 from jobs import evaluate as job
 from pipelines.query import evaluation as E
+from pipelines.query import evaluation_run
 from pipelines.query import report as R
+from pipelines.query.config import parse_table_spec
 from pipelines.query.metrics import OVERALL, RetrievalReport, evaluate_run
 from pipelines.store import schema as S
 from pipelines.store.delta_tables import Tables
@@ -194,7 +196,7 @@ def test_grouped_metrics_and_trec_files_equal_pytrec_eval_on_random_runs(tmp_pat
         # The files the job writes, read back the way trec_eval reads them.
         out = tmp_path / f"t{trial}"
         out.mkdir()
-        job.write_trec(out, qrels, {"sys": run})
+        evaluation_run.write_trec(out, qrels, {"sys": run})
         trec_run: dict[str, dict[str, float]] = defaultdict(dict)
         for line in (out / "runs" / "sys.txt").read_text().splitlines():
             qid, _, doc, _, score, name = line.split()
@@ -286,12 +288,12 @@ def test_chart_names_and_unknown_metric(tmp_path):
 
 
 def test_table_specs():
-    assert job.parse_table_spec("data/lancedb/documents") == ("data/lancedb", "documents", None)
-    assert job.parse_table_spec("data/lancedb/documents@12") == ("data/lancedb", "documents", 12)
-    assert job.parse_table_spec("s3://b/x@y/lancedb/docs@published") == ("s3://b/x@y/lancedb", "docs", "published")
+    assert parse_table_spec("data/lancedb/documents") == ("data/lancedb", "documents", None)
+    assert parse_table_spec("data/lancedb/documents@12") == ("data/lancedb", "documents", 12)
+    assert parse_table_spec("s3://b/x@y/lancedb/docs@published") == ("s3://b/x@y/lancedb", "docs", "published")
     for bad in ("documents", "/documents", "data/lancedb/", "data/lancedb/docs@"):
         with pytest.raises(ValueError, match=r"<db>/<table>\[@version\|@tag\]"):
-            job.parse_table_spec(bad)
+            parse_table_spec(bad)
 
 
 def test_variant_flags_become_config():

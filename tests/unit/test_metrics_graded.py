@@ -76,8 +76,8 @@ def test_job_report_and_graded_trec_file_agree_with_pytrec_eval(tmp_path):
     """``ciea evaluate``'s grouped report and its ``qrels.graded.txt``: trec_eval on the file
     gives the report's gNDCG; ``qrels.txt`` stays binary for the binary measures."""
     pytrec_eval = pytest.importorskip("pytrec_eval")
-    from jobs import evaluate as job
     from pipelines.query import evaluation as E
+    from pipelines.query.evaluation_run import write_trec
 
     rng = random.Random(17)
     docs = [f"d{i}" for i in range(80)]
@@ -85,7 +85,7 @@ def test_job_report_and_graded_trec_file_agree_with_pytrec_eval(tmp_path):
     qrels = {q: {d: rng.choice((0, 1, 2, 3)) for d in rng.sample(docs, 10)} for q in run}
     qrels["q0"] = {"d0": 0}  # judged, nothing relevant: not averaged
     report = E.evaluate_grouped(run, qrels, {}, (10,), (10,), (5,), ks_graded_ndcg=(10, 20))
-    job.write_trec(tmp_path, qrels, {"sys": run})
+    write_trec(tmp_path, qrels, {"sys": run})
     graded: dict[str, dict[str, int]] = {}
     for line in (tmp_path / "qrels.graded.txt").read_text().splitlines():
         qid, _, doc, rel = line.split()

@@ -12,6 +12,7 @@ import torch
 from ciea_model import contrastive_loss
 from ciea_model.training import (
     OptimConfig,
+    SparseEmbeddingGrads,
     TrainConfig,
     Trainer,
     build_optimizer,
@@ -341,6 +342,83 @@ def test_fit_without_evaluate_runs_to_max_steps(make_model, make_examples):
     assert [h["step"] for h in result.history] == [1, 2, 3]
     with pytest.raises(ValueError, match="no training examples"):
         trainer.fit([])
+
+
+def test_fit_draws_the_examples_of_each_epoch(make_model, make_examples):
+    """``fit(epoch -> examples)``: every epoch trains on that epoch's draw (the release
+    re-draws the positive and the hard negatives each epoch)."""
+    model, processor = make_model("marvel")
+    pool = make_examples(16)
+    draws = {0: pool[:8], 1: pool[8:]}
+    asked: list[int] = []
+
+    def examples_of(epoch: int):
+        asked.append(epoch)
+        return draws[epoch]
+
+    seen: list[set[str]] = []
+    collate = processor.collate_training
+    processor.collate_training = lambda exs: seen.append({ex.qid for ex in exs}) or collate(exs)
+    result = Trainer(model, processor, TrainConfig(epochs=2, batch_size=8, seed=0)).fit(examples_of)
+    assert asked == [0, 1] and result.steps == 2 and result.epochs_run == 2
+    assert seen == [{ex.qid for ex in draws[0]}, {ex.qid for ex in draws[1]}]
+    assert seen[0] != seen[1]
+
+
+def _one_step(model, batch, embedding_grads=None) -> dict[str, torch.Tensor]:
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, max_grad_norm=1.0))
+    torch.manual_seed(7)  # the same dropout masks on both paths
+    train_step(model, batch, opt, max_grad_norm=1.0, embedding_grads=embedding_grads)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_sparse_embedding_step_gives_the_dense_step_weights(make_model, make_examples):
+    """One in-process step with the token embedding's sparse gradients (what the Ray
+    trainer runs) lands on the weights of the dense step: the optimiser, clipping and
+    weight decay see the same dense gradient."""
+    dense_model, processor = make_model("ciea")
+    sparse_model, _ = make_model("ciea")
+    grads = SparseEmbeddingGrads(sparse_model, min_rows=1)  # the tiny vocabulary is small
+    emb = sparse_model.text.model.get_input_embeddings()
+    assert emb.sparse and any(p is emb.weight for p in grads.params)
+    assert not dense_model.text.model.get_input_embeddings().sparse
+    start = emb.weight.detach().clone()
+    was_sparse = []
+    emb.weight.register_hook(lambda g: was_sparse.append(g.is_sparse))
+    dense = _one_step(dense_model, processor.collate_training(make_examples(6)))
+    sparse = _one_step(sparse_model, processor.collate_training(make_examples(6)), grads)
+    assert was_sparse and all(was_sparse), "the embedding's backward was sparse"
+    assert not torch.equal(emb.weight, start), "the step moved the embedding"
+    for name, value in dense.items():
+        torch.testing.assert_close(sparse[name], value, rtol=0, atol=1e-6, msg=name)
+    grads.restore()
+    assert not emb.sparse
+
+
+def test_sparse_embedding_grads_refuse_stale_gradients(make_model, make_examples):
+    model, processor = make_model("marvel")
+    grads = SparseEmbeddingGrads(model, min_rows=1)
+    compute_loss(model, processor.collate_training(make_examples(4))).loss.backward()
+    grads.densify()
+    assert grads.params and all(not p.grad.is_sparse for p in grads.params)
+    with pytest.raises(RuntimeError, match="set_to_none=True"):
+        grads.densify()
+
+
+def test_fit_trains_with_sparse_embeddings_and_switches_them_back(make_model, make_examples, monkeypatch):
+    import ciea_model.training as training
+
+    monkeypatch.setattr(training, "SPARSE_EMBEDDING_MIN_ROWS", 1)  # the tiny vocabulary is small
+    model, processor = make_model("marvel")
+    emb = model.text.model.get_input_embeddings()
+    was_sparse = []
+    emb.weight.register_hook(lambda g: was_sparse.append(g.is_sparse))
+    Trainer(model, processor, TrainConfig(epochs=1, batch_size=4, max_steps=1, seed=0)).fit(make_examples(4))
+    assert was_sparse == [True] and not emb.sparse
+    was_sparse.clear()
+    Trainer(model, processor, TrainConfig(epochs=1, batch_size=4, max_steps=1, seed=0,
+                                          sparse_embeddings=False)).fit(make_examples(4))
+    assert was_sparse == [False]
 
 
 def test_warmup_vision_trains_vision_and_projector_with_the_lm_frozen(make_model, documents):

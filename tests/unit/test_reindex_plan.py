@@ -9,7 +9,7 @@ import math
 
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import write_deltalake
 
 from pipelines.index.reindex import ReindexConfig, embed_route
 from pipelines.index.reindex_plan import (
@@ -27,6 +27,7 @@ from pipelines.index.reindex_plan import (
     read_change_feed,
     version_documents,
 )
+from pipelines.store.delta_tables import Tables
 from pipelines.store.lance_tables import plan_ann_index
 
 CDF = {"delta.enableChangeDataFeed": "true"}
@@ -46,20 +47,21 @@ def upserts(cs) -> dict[str, str]:
     return dict(zip(cs.upserts["doc_id"].to_pylist(), cs.upserts["content_sha256"].to_pylist()))
 
 
-def merge(uri: str, pairs: dict[str, str]) -> None:
-    (DeltaTable(uri).merge(keys(pairs), "t.doc_id = s.doc_id", source_alias="s", target_alias="t")
+def merge(tables: Tables, pairs: dict[str, str]) -> None:
+    (tables.documents_table().merge(keys(pairs), "t.doc_id = s.doc_id", source_alias="s", target_alias="t")
      .when_matched_update_all().when_not_matched_insert_all().execute())
 
 
 @pytest.fixture
 def delta(tmp_path):
-    """Versions: 0 create a,b,c; 1 merge (update b, insert d); 2 delete c; 3 append e."""
-    uri = str(tmp_path / "docs")
-    write_deltalake(uri, keys({"a": "a0", "b": "b0", "c": "c0"}), configuration=CDF)
-    merge(uri, {"b": "b1", "d": "d1"})
-    DeltaTable(uri).delete("doc_id = 'c'")
-    write_deltalake(uri, keys({"e": "e3"}), mode="append")
-    return uri
+    """corpus/documents under tmp_path, versions: 0 create a,b,c; 1 merge (update b, insert d);
+    2 delete c; 3 append e."""
+    tables = Tables(str(tmp_path))
+    write_deltalake(tables.documents, keys({"a": "a0", "b": "b0", "c": "c0"}), configuration=CDF)
+    merge(tables, {"b": "b1", "d": "d1"})
+    tables.documents_table().delete("doc_id = 'c'")
+    write_deltalake(tables.documents, keys({"e": "e3"}), mode="append")
+    return tables
 
 
 def test_a_real_feed_collapses_to_inserts_updates_and_deletes(delta):
@@ -73,9 +75,9 @@ def test_a_real_feed_collapses_to_inserts_updates_and_deletes(delta):
 
 def test_the_last_change_wins_and_an_overwrite_keeps_the_documents_it_rewrote(delta):
     merge(delta, {"e": "e4"})                    # 4: update e
-    DeltaTable(delta).delete("doc_id = 'e'")     # 5: delete e
+    delta.documents_table().delete("doc_id = 'e'")  # 5: delete e
     merge(delta, {"c": "c6"})                    # 6: c comes back
-    write_deltalake(delta, keys({"a": "a0", "b": "b1", "x": "x7"}), mode="overwrite")  # 7
+    write_deltalake(delta.documents, keys({"a": "a0", "b": "b1", "x": "x7"}), mode="overwrite")  # 7
     cs = collapse_changes(read_change_feed(delta, 3, 7), 3, 7)
     # The overwrite deleted and re-inserted a, b in one commit: present, latest content.
     assert upserts(cs) == {"a": "a0", "b": "b1", "x": "x7"}
@@ -102,24 +104,24 @@ def test_a_feed_that_does_not_match_the_range_or_has_bad_rows_is_refused():
 
 
 def test_a_feed_disabled_on_a_commit_is_unavailable(delta):
-    DeltaTable(delta).alter.set_table_properties({"delta.enableChangeDataFeed": "false"})  # 4
-    write_deltalake(delta, keys({"f": "f5"}), mode="append")                               # 5
+    delta.documents_table().alter.set_table_properties({"delta.enableChangeDataFeed": "false"})  # 4
+    write_deltalake(delta.documents, keys({"f": "f5"}), mode="append")                               # 5
     with pytest.raises(ChangeFeedUnavailable, match="not enabled"):
         read_change_feed(delta, 3, 5)
 
 
 def test_a_vacuumed_feed_is_unavailable(tmp_path):
-    uri = str(tmp_path / "docs")
-    write_deltalake(uri, keys({"a": "a0"}), configuration=CDF)
-    write_deltalake(uri, keys({"e": "e1"}), mode="append")       # 1: its inserts live in this file
-    merge(uri, {"e": "e2"})                                       # 2: rewrites that file
-    DeltaTable(uri).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    tables = Tables(str(tmp_path))
+    write_deltalake(tables.documents, keys({"a": "a0"}), configuration=CDF)
+    write_deltalake(tables.documents, keys({"e": "e1"}), mode="append")  # 1: its inserts live in this file
+    merge(tables, {"e": "e2"})                                            # 2: rewrites that file
+    tables.documents_table().vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     with pytest.raises(ChangeFeedUnavailable):
-        read_change_feed(uri, 0, 2)
+        read_change_feed(tables, 0, 2)
 
 
 def test_full_diff_finds_the_same_change_set_as_the_feed(delta):
-    source = pa.table(DeltaTable(delta).to_pyarrow_table(columns=["doc_id", "content_sha256"]))
+    source = delta.read("documents", columns=["doc_id", "content_sha256"])
     table = keys({"a": "a0", "b": "b0", "c": "c0"})  # the table as indexed at version 0
     diff = diff_changes(source, table, 0, 3, reason="test")
     cdf = collapse_changes(read_change_feed(delta, 0, 3), 0, 3)
@@ -179,21 +181,22 @@ def docs(pairs: dict[str, str]) -> pa.Table:
                                       ("text", pa.string()), ("image", pa.binary())]))
 
 
-def merge_docs(uri: str, pairs: dict[str, str]) -> None:
-    (DeltaTable(uri).merge(docs(pairs), "t.doc_id = s.doc_id", source_alias="s", target_alias="t")
+def merge_docs(tables: Tables, pairs: dict[str, str]) -> None:
+    (tables.documents_table().merge(docs(pairs), "t.doc_id = s.doc_id", source_alias="s", target_alias="t")
      .when_matched_update_all().when_not_matched_insert_all().execute())
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    """0 create a,b,c; 1 merge (update b, insert d); 2 delete c; 3 append e; 4 update b again."""
-    uri = str(tmp_path / "corpus")
-    write_deltalake(uri, docs({"a": "a0", "b": "b0", "c": "c0"}), configuration=CDF)
-    merge_docs(uri, {"b": "b1", "d": "d1"})
-    DeltaTable(uri).delete("doc_id = 'c'")
-    write_deltalake(uri, docs({"e": "e3"}), mode="append")
-    merge_docs(uri, {"b": "b4"})
-    return uri
+    """corpus/documents under tmp_path: 0 create a,b,c; 1 merge (update b, insert d); 2 delete c;
+    3 append e; 4 update b again."""
+    tables = Tables(str(tmp_path))
+    write_deltalake(tables.documents, docs({"a": "a0", "b": "b0", "c": "c0"}), configuration=CDF)
+    merge_docs(tables, {"b": "b1", "d": "d1"})
+    tables.documents_table().delete("doc_id = 'c'")
+    write_deltalake(tables.documents, docs({"e": "e3"}), mode="append")
+    merge_docs(tables, {"b": "b4"})
+    return tables
 
 
 def by_id(t: pa.Table) -> dict[str, dict]:
@@ -216,15 +219,15 @@ def test_changed_rows_come_from_the_feed_post_images_and_equal_the_version(corpu
 
 
 def test_a_full_diff_or_an_unreadable_feed_reads_the_changed_rows_from_the_version(corpus, caplog):
-    source = pa.table(DeltaTable(corpus).to_pyarrow_table(columns=["doc_id", "content_sha256"]))
+    source = corpus.read("documents", columns=["doc_id", "content_sha256"])
     diff = diff_changes(source, keys({"a": "a0", "b": "b0", "c": "c0"}), 0, 4)
     ids = diff.upserts["doc_id"].combine_chunks()
     rows, origin = changed_documents(corpus, diff, ids, DOC_COLUMNS)
     assert origin == {"feed": 0, "scan": 3} and by_id(rows) == by_id(docs({"b": "b4", "d": "d1", "e": "e3"}))
     # The feed's files vacuumed after planning: the rows still come, from the version.
-    write_deltalake(corpus, docs({"f": "f5"}), mode="append")  # 5: f's insert lives in this file
+    write_deltalake(corpus.documents, docs({"f": "f5"}), mode="append")  # 5: f's insert lives in this file
     merge_docs(corpus, {"f": "f6"})                            # 6: rewrites that file
-    DeltaTable(corpus).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    corpus.documents_table().vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     cs = ChangeSet(4, 6, "cdf", keys({"f": "f6"}), pa.array([], pa.string()))
     rows, origin = changed_documents(corpus, cs, pa.array(["f"]), DOC_COLUMNS)
     assert origin == {"feed": 0, "scan": 1} and by_id(rows) == by_id(docs({"f": "f6"}))

@@ -73,6 +73,39 @@ def test_plan_negatives_follow_the_in_memory_rule():
     assert got[2] == [] and plan.counts["with_negatives"] == 2
 
 
+def test_compare_draws_each_epoch_as_the_ray_path_does(tmp_path):
+    """``ciea compare`` trains on each epoch's draw (image positive and both hard negatives
+    from the whole mined list), the same draws the Ray path's rows carry."""
+    from pipelines.train.compare import CompareConfig, Corpus, draw_settings, epoch_examples
+    from pipelines.train.config import TrainSettings
+
+    images = [f"i{k}" for k in range(12)]
+    texts = [f"t{k}" for k in range(12)]
+    modalities = {**{d: "image" for d in images}, **{d: "text" for d in texts}}
+    pixels = torch.zeros(3, 8, 8)  # any image: only the ids matter here
+    docs = [Document(d, "image", caption=f"caption {d}", image=pixels) if m == "image" else Document(d, "text", text=d)
+            for d, m in modalities.items()]
+    queries = [{"qid": f"q{k}", "query": f"query {k}", "positive_doc_ids": images[3 * k : 3 * k + 3],
+                "target_doc_id": None} for k in range(3)]
+    mined = {q["qid"]: {"image": [d for d in images if d not in q["positive_doc_ids"]], "text": texts}
+             for q in queries}
+    cfg = CompareConfig()
+    assert cfg.train.negative_depth == TrainSettings.model_fields["negative_depth"].default == 100
+    settings = draw_settings(cfg, seed=5)
+    examples_of = epoch_examples(Corpus(tmp_path, docs, {"train": queries}), settings, mined)
+    epochs = [0, 1, 2, 3]
+    plan = plan_examples(queries, modalities, mined, depth=settings.depth)
+    ray_rows = expand_epochs(with_visit_order(plan, epochs, seed=5), epochs, settings, num_shards=1).to_pylist()
+    draws = []
+    for e in epochs:
+        got = {ex.qid: (ex.positive.doc_id, [n.doc_id for n in ex.negatives]) for ex in examples_of(e)}
+        want = {r["qid"]: (r["pos_id"], [r["neg0_id"], r["neg1_id"]]) for r in ray_rows if r["epoch"] == e}
+        assert got == want, e
+        draws.append(got)
+    assert draws[0] != draws[1], "epoch 1 draws again"
+    assert len({pos for d in draws for pos, _ in d.values()}) > 3, "several image positives get their turn"
+
+
 def test_rows_to_examples_builds_documents_and_comp_captions():
     rows = {
         "qid": ["a"], "query": ["red circle"], "relevant_ids": [["i1", "t1"]],

@@ -7,7 +7,11 @@ A source is a small picklable object with two halves:
   and a byte range, a row group, an index range). It never reads record contents.
 * ``read(shard_index, spec)`` runs on a Ray worker and yields ``RAW_SCHEMA`` Arrow tables
   for that shard. It never raises for a bad record: it emits the record with ``error`` set,
-  so validation quarantines it and nothing is lost.
+  so validation quarantines it and nothing is lost. Every file it opens goes through
+  ``roots()`` (``pipelines.ingest.confine``): only regular files inside the source's own
+  folders and ``allow_roots``, after resolving symlinks; a refused file is a read error
+  (``outside_root``, ``not_a_regular_file``, ``unsupported_uri``) and none of its bytes are
+  read. What a record raises beyond the named rules becomes ``read_failed``.
 
 Queries and qrels (``query_splits``, ``iter_queries``, ``iter_qrels``) are read by the
 driver, one split at a time: they are orders of magnitude smaller than the corpus. A source
@@ -17,16 +21,20 @@ without its own query format takes BEIR queries and qrels (``attach_queries``).
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipelines.ingest.confine import Refused, Roots
 from pipelines.store import schema as S
 from pipelines.store import storage
+
+logger = logging.getLogger(__name__)
 
 #: Rows per emitted Arrow table: bounds worker memory with inline images.
 BATCH_ROWS = 256
@@ -67,10 +75,13 @@ class Source:
     attached_queries: Any = None
 
     def __init__(self, name: str | None, storage_options: dict[str, str] | None = None,
-                 image_mode: str = "inline") -> None:
+                 image_mode: str = "inline", allow_roots: Iterable[str] = ()) -> None:
         self.name = name or self.kind
         self.storage_options = dict(storage_options or {})
         self.image_mode = image_mode
+        #: Folders / object-store prefixes readable besides the source's own (``--allow-root``).
+        self.allow_roots = tuple(allow_roots)
+        self._roots: Roots | None = None
 
     def plan(self) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -112,6 +123,18 @@ class Source:
     def fs(self, uri: str) -> tuple[pafs.FileSystem, str]:
         return storage.filesystem(uri, self.storage_options)
 
+    def own_roots(self) -> list[str]:
+        """The folders this source reads from by default (its folder, its images folder)."""
+        return []
+
+    def roots(self) -> Roots:
+        """Where this source may read: ``own_roots()`` + ``allow_roots`` (resolved once; see
+        ``pipelines.ingest.confine``)."""
+        if self._roots is None or getattr(self, "_roots_from", None) != self.allow_roots:
+            self._roots = Roots.of(*self.own_roots(), extra=self.allow_roots)
+            self._roots_from = self.allow_roots
+        return self._roots
+
 
 class RawBuilder:
     """Accumulates raw records of one shard and emits ``RAW_SCHEMA`` tables."""
@@ -146,6 +169,37 @@ class RawBuilder:
         table = pa.table(self.cols, schema=S.RAW_SCHEMA)
         self.cols = S.empty_raw()
         return table
+
+
+#: Reason of a record (or a file) a reader failed on in a way no rule names (a bug or an
+#: unforeseen input): quarantined with the exception, so one record never aborts an ingest.
+READ_FAILED = "read_failed"
+#: Reason of the records of a file that cannot be read (a corrupt Parquet file or row group).
+FILE_UNREADABLE = "file_unreadable"
+
+
+def failure_fields(what: str, e: BaseException) -> dict[str, Any]:
+    """Raw error fields for an exception a record (or file) raised: ``refused`` reasons as
+    they are, anything else ``read_failed`` naming ``what`` and the exception (never the
+    bytes read)."""
+    if isinstance(e, Refused):
+        return e.fields()
+    logger.warning("%s: %s: %s", what, type(e).__name__, e)
+    return {"error": READ_FAILED, "error_detail": f"{what}: {type(e).__name__}: {str(e)[:300]}; the "
+            "record was quarantined — fix the input or report this error"}
+
+
+def refused_shard(uri: str, refused: Refused, **extra: Any) -> dict[str, Any]:
+    """A shard spec for a file the plan refused: its reader emits one quarantined record."""
+    return {"uri": uri, "refused": [refused.reason, refused.detail], **extra}
+
+
+def refused_table(source: Source, shard_index: int, ref: str, spec: dict[str, Any]) -> pa.Table | None:
+    """The one quarantined record of a ``refused_shard``."""
+    builder = RawBuilder(source.name, shard_index)
+    reason, detail = spec["refused"]
+    builder.error(ref, reason, detail)
+    return builder.flush()
 
 
 def metadata_json(fields: dict[str, Any]) -> str | None:

@@ -17,26 +17,35 @@ The candidate list is the corpus: candidates that appear only inside query files
 documents (their qrels are kept; the ingest summary counts qrels whose doc_id is not in
 the corpus). A JSON-array file is parsed by the one worker that reads it; JSON lines shard
 by byte range.
+
+Confinement (``pipelines.ingest.confine``): an image name resolves inside ``images_dir``
+(or the source folder, or ``allow_roots``) to a regular file, or its record is quarantined
+(``outside_root``, ``not_a_regular_file``) unread; images are read here in both image modes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 
+from pipelines.ingest.confine import Refused
 from pipelines.ingest.sources.base import (
+    FILE_UNREADABLE,
     Query,
     RawBuilder,
     Source,
+    failure_fields,
     int_or_str_id,
     iter_json_records,
     iter_lines,
     line_file_shards,
     metadata_json,
     parse_json_line,
+    refused_shard,
+    refused_table,
     text_excerpt,
 )
 from pipelines.store import storage
@@ -53,19 +62,22 @@ class EDISSource(Source):
 
     def __init__(self, path: str, images_dir: str | None = None, shard_bytes: int = 8 << 20,
                  name: str | None = None, storage_options: dict[str, str] | None = None,
-                 image_mode: str = "inline", with_queries: bool = True) -> None:
-        super().__init__(name, storage_options, image_mode)
+                 image_mode: str = "inline", with_queries: bool = True,
+                 allow_roots: Iterable[str] = ()) -> None:
+        super().__init__(name, storage_options, image_mode, allow_roots)
         self.path = storage.normalise_uri(path)
         self.images_dir = storage.normalise_uri(images_dir) if images_dir else storage.join(self.path, "images")
         self.shard_bytes = shard_bytes
         self.with_queries = with_queries
 
+    def own_roots(self) -> list[str]:
+        return [self.path, self.images_dir]
+
     def _uri(self, name: str) -> str:
         return storage.join(self.path, name)
 
     def _is_array(self, uri: str) -> bool:
-        fs, path = self.fs(uri)
-        with fs.open_input_file(path) as f:
+        with self.roots().open(uri, self.storage_options) as f:
             head = f.read(4096).lstrip()
         return head.startswith(b"[")
 
@@ -74,11 +86,20 @@ class EDISSource(Source):
         if not storage.exists(uri, self.storage_options):
             raise FileNotFoundError(f"EDIS source {self.path} lacks {CANDIDATES_FILE} (the candidate "
                                     "list); point source.path at the EDIS data folder")
-        if self._is_array(uri):
+        try:
+            is_array = self._is_array(uri)
+        except Refused as r:  # a symlink out of the roots, a FIFO: one quarantined record, unread
+            return [refused_shard(uri, r, array=False)]
+        if is_array:
             return [{"uri": uri, "array": True}]
         return line_file_shards(self, uri, self.shard_bytes, array=False)
 
     def read(self, shard_index: int, spec: dict[str, Any]) -> Iterator[pa.Table]:
+        if "refused" in spec:
+            table = refused_table(self, shard_index, CANDIDATES_FILE, spec)
+            if table is not None:
+                yield table
+            return
         builder = RawBuilder(self.name, shard_index)
         for ref, fields in self._records(spec):
             table = builder.add(ref, **fields)
@@ -89,9 +110,18 @@ class EDISSource(Source):
             yield table
 
     def _records(self, spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-        fs, path = self.fs(spec["uri"])
+        try:
+            yield from self._candidates(spec)
+        except Exception as e:  # the file, not a record: its unread rest is this one record
+            fields = failure_fields(f"reading {CANDIDATES_FILE}", e)
+            if not isinstance(e, Refused):
+                fields["error"] = FILE_UNREADABLE
+            yield f"{CANDIDATES_FILE}@{spec.get('start', 0)}", fields
+
+    def _candidates(self, spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+        opened = self.roots().open(spec["uri"], self.storage_options, shown=CANDIDATES_FILE)
         if spec["array"]:
-            with fs.open_input_file(path) as f:
+            with opened as f:
                 raw = f.read()
             try:
                 items = json.loads(raw.decode("utf-8"))
@@ -107,11 +137,19 @@ class EDISSource(Source):
                     yield ref, {"error": "wrong_type", "raw_excerpt": repr(item)[:200],
                                 "error_detail": f"entry is a JSON {type(item).__name__}, expected an object"}
                     continue
-                yield ref, self._candidate(item, json.dumps(item)[:200])
+                yield ref, self._guarded(ref, item, json.dumps(item)[:200])
             return
-        with fs.open_input_file(path) as f:
+        with opened as f:
             for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], CANDIDATES_FILE):
-                yield ref, error if value is None else self._candidate(value, text_excerpt(line))
+                yield ref, error if value is None else self._guarded(ref, value, text_excerpt(line))
+
+    def _guarded(self, ref: str, item: dict[str, Any], excerpt: str) -> dict[str, Any]:
+        """``_candidate``, with anything it raises turned into a quarantined record."""
+        try:
+            return self._candidate(item, excerpt)
+        except Exception as e:  # one record never aborts the ingest
+            doc_id, _ = int_or_str_id(item.get("id"))
+            return {**failure_fields(ref, e), "raw_excerpt": excerpt, "doc_id": doc_id}
 
     def _candidate(self, item: dict[str, Any], excerpt: str) -> dict[str, Any]:
         doc_id, id_error = int_or_str_id(item.get("id"))
@@ -129,16 +167,23 @@ class EDISSource(Source):
                                   "metadata": metadata_json(extra)}
         if not image:
             return fields  # validation quarantines it: an image document without an image
-        uri = storage.join(self.images_dir, image)
-        if self.image_mode == "uri":
-            fields["image_uri"] = uri
-            return fields
+        uri = image if ("://" in image or image.startswith("/")) else storage.join(self.images_dir, image)
         try:
-            fields["image"] = storage.read_bytes(uri, self.storage_options)
+            # Read in both modes (only once the roots allow it): validation decodes these bytes.
+            resolved, data = self.roots().read(uri, self.storage_options, shown=image)
+        except Refused as r:
+            return {**fields, **r.fields(), "raw_excerpt": excerpt}
         except OSError as e:
+            data, resolved, missing = None, uri, str(e)
+        else:
+            missing = "it does not exist"
+        if data is None:
             return {**fields, "error": "image_missing", "raw_excerpt": excerpt,
-                    "error_detail": f"cannot read {uri}: {e}; put the image in the images folder "
+                    "error_detail": f"cannot read {uri}: {missing}; put the image in the images folder "
                                     "(source.images_dir)"}
+        fields["image"] = data
+        if self.image_mode == "uri":
+            fields["image_uri"] = resolved
         return fields
 
     # queries ----------------------------------------------------------------------------
@@ -160,7 +205,8 @@ class EDISSource(Source):
         name = uri.rsplit("/", 1)[-1]
         if self._is_array(uri):
             try:
-                items = json.loads(storage.read_bytes(uri, self.storage_options).decode("utf-8"))
+                with self.roots().open(uri, self.storage_options, shown=name) as f:
+                    items = json.loads(f.read().decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{uri} is not valid JSON ({e}); fix the file or convert it to "
                                  "JSON lines") from None
@@ -168,7 +214,7 @@ class EDISSource(Source):
                 yield f"{name}[{i}]", item, None
             return
         fs, path = self.fs(uri)
-        with fs.open_input_file(path) as f:
+        with self.roots().open(uri, self.storage_options, shown=name) as f:
             for offset, line in iter_lines(f, 0, fs.get_file_info(path).size):
                 if line.strip():
                     value, reason, detail = parse_json_line(line)

@@ -12,25 +12,43 @@ is read by ``--queries``.
 
 JSONL shards by byte range, Parquet by row group. A line that is not UTF-8 or not a JSON
 object, a value of the wrong type, and every row of a Parquet column of the wrong Arrow
-type are emitted as read errors (quarantined), never skipped.
+type are emitted as read errors (quarantined), never skipped. A Parquet file whose footer
+does not read is one quarantined record (``file_unreadable``, naming the file); a row group
+that does not read quarantines each of its rows; the other files and groups go on.
+
+Confinement (``pipelines.ingest.confine``): an image path (relative, absolute, ``../…``,
+``file://``, ``s3://``) is resolved, symlinks included, and read only when it is a regular
+file inside the manifest's folder or ``allow_roots``; otherwise the record is quarantined as
+``outside_root`` / ``not_a_regular_file`` / ``unsupported_uri`` and nothing of the file is
+read. Manifest files in a folder are listed the same way (a symlinked folder is not
+walked). An ``http(s)://`` image goes through the URL fetcher (``pipelines.ingest.fetch``)
+when the source has one (``fetch``), else is quarantined as ``url_not_fetched``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.ingest.confine import Refused, walk
+from pipelines.ingest.fetch import SCHEMES as FETCH_SCHEMES
+from pipelines.ingest.fetch import FetchSettings, fetch_all
 from pipelines.ingest.sources.base import (
+    BATCH_ROWS,
+    FILE_UNREADABLE,
     RawBuilder,
     Source,
+    failure_fields,
     int_or_str_id,
     iter_json_records,
     line_file_shards,
     metadata_json,
+    refused_shard,
+    refused_table,
     relative_name,
     text_excerpt,
 )
@@ -42,6 +60,10 @@ CORE = ("doc_id", "text", "caption", "image", "modality")
 #: BEIR's corpus id column, the doc_id when a record has no ``doc_id``.
 BEIR_ID = "_id"
 BEIR_QUERIES, BEIR_QRELS = "queries.jsonl", "qrels"
+#: Reason of an ``http(s)://`` image that is not fetched (no fetcher, or ``image_mode=uri``).
+URL_NOT_FETCHED = "url_not_fetched"
+#: A record's URL image waiting for the fetcher (never a raw field).
+URL_KEY = "_fetch_url"
 
 _STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
 _BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
@@ -69,53 +91,106 @@ class ManifestSource(Source):
     kind = "manifest"
 
     def __init__(self, path: str, shard_bytes: int = 8 << 20, name: str | None = None,
-                 storage_options: dict[str, str] | None = None, image_mode: str = "inline") -> None:
-        super().__init__(name, storage_options, image_mode)
+                 storage_options: dict[str, str] | None = None, image_mode: str = "inline",
+                 allow_roots: Iterable[str] = (), fetch: FetchSettings | None = None) -> None:
+        super().__init__(name, storage_options, image_mode, allow_roots)
         self.path = storage.normalise_uri(path)
         self.shard_bytes = shard_bytes
+        #: The URL fetcher for ``http(s)://`` images; None quarantines them (``url_not_fetched``).
+        self.fetch = fetch
 
-    def files(self) -> list[str]:
+    def own_roots(self) -> list[str]:
+        """The manifest's folder: ``path`` when it is a folder, else the file's folder."""
+        fs, path = self.fs(self.path)
+        is_dir = fs.get_file_info(path).type == pafs.FileType.Directory
+        return [self.path if is_dir else storage.dirname(self.path)]
+
+    def files(self) -> list[tuple[str, Refused | None]]:
+        """The manifest files in name order, each with its refusal (a symlink out of the
+        roots, a FIFO), if any: a refused file becomes one quarantined record."""
         fs, path = self.fs(self.path)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"manifest {self.path} does not exist; check source.path")
-        if info.type == pafs.FileType.File:
-            return [self.path]
-        found = [
-            i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            if i.type == pafs.FileType.File and i.path.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
-        ]
-        beir_queries = f"{path.rstrip('/')}/{BEIR_QUERIES}"
-        if beir_queries in found and fs.get_file_info(f"{path.rstrip('/')}/{BEIR_QRELS}").type == pafs.FileType.Directory:
-            found.remove(beir_queries)  # a BEIR layout: the queries are not documents
+        if info.type != pafs.FileType.Directory:
+            try:
+                self.roots().check(self.path, self.storage_options)
+            except Refused as r:
+                return [(self.path, r)]
+            return [(self.path, None)]
+        listing = [e for e in walk(self.path, self.roots(), self.storage_options)
+                   if e.rel.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)]
+        found = {e.rel: e for e in listing}
+        qrels = fs.get_file_info(f"{path.rstrip('/')}/{BEIR_QRELS}").type
+        if BEIR_QUERIES in found and qrels == pafs.FileType.Directory:
+            del found[BEIR_QUERIES]  # a BEIR layout: the queries are not documents
         if not found:
             raise FileNotFoundError(
                 f"no manifest files (*.jsonl, *.json, *.parquet) under {self.path}")
-        prefix = self.path.split("://", 1)[0] + "://" if storage.is_remote(self.path) else ""
-        return sorted(prefix + p for p in found)
+        return [(storage.join(self.path, rel), found[rel].refused) for rel in sorted(found)]
 
     def plan(self) -> list[dict[str, Any]]:
         shards: list[dict[str, Any]] = []
-        for uri in self.files():
-            if uri.endswith(PARQUET_SUFFIXES):
-                fs, path = self.fs(uri)
-                with fs.open_input_file(path) as f:
-                    groups = pq.ParquetFile(f).metadata.num_row_groups
+        for uri, refused in self.files():
+            if refused is not None:
+                shards.append(refused_shard(uri, refused))
+            elif uri.endswith(PARQUET_SUFFIXES):
+                try:
+                    with self.roots().open(uri, self.storage_options) as f:
+                        groups = pq.ParquetFile(f).metadata.num_row_groups
+                except Refused as r:
+                    shards.append(refused_shard(uri, r))
+                    continue
+                except Exception as e:  # a corrupt footer: its records cannot be counted
+                    shards.append(refused_shard(uri, Refused(FILE_UNREADABLE, (
+                        f"{relative_name(uri, self.path)} is not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e)[:200]}); its records were not read — re-write the file"))))
+                    continue
                 shards += [{"uri": uri, "row_group": g} for g in range(groups)]
             else:
                 shards += line_file_shards(self, uri, self.shard_bytes)
         return shards
 
     def read(self, shard_index: int, spec: dict[str, Any]) -> Iterator[pa.Table]:
-        builder = RawBuilder(self.name, shard_index)
-        rows = self._read_parquet(spec) if "row_group" in spec else self._read_jsonl(spec)
-        for ref, record in rows:
-            table = builder.add(ref, **record)
+        if "refused" in spec:
+            table = refused_table(self, shard_index, relative_name(spec["uri"], self.path), spec)
             if table is not None:
                 yield table
+            return
+        builder = RawBuilder(self.name, shard_index)
+        rows = self._read_parquet(spec) if "row_group" in spec else self._read_jsonl(spec)
+        pending: list[tuple[str, dict[str, Any]]] = []
+        for ref, record in rows:
+            pending.append((ref, record))
+            if len(pending) >= BATCH_ROWS:
+                yield from self._emit(builder, pending)
+                pending = []
+        yield from self._emit(builder, pending)
         table = builder.flush()
         if table is not None:
             yield table
+
+    def _emit(self, builder: RawBuilder, pending: list[tuple[str, dict[str, Any]]]) -> Iterator[pa.Table]:
+        """Adds ``pending`` records to ``builder``, fetching their URL images together first."""
+        waiting = [rec for _, rec in pending if URL_KEY in rec]
+        if waiting:
+            urls = [rec[URL_KEY] for rec in waiting]
+            try:
+                results = fetch_all(urls, self.fetch or FetchSettings())
+            except Exception as e:  # the fetcher reports per URL; this is a bug, not one URL
+                results = [e] * len(urls)
+            for rec, res in zip(waiting, results):
+                url = rec.pop(URL_KEY)
+                if isinstance(res, Exception):
+                    rec.update(failure_fields(f"fetching image {url}", res))
+                elif res.ok:
+                    rec["image"] = res.data
+                else:
+                    rec.update(error=res.reason, error_detail=res.detail)
+        for ref, rec in pending:
+            table = builder.add(ref, **rec)
+            if table is not None:
+                yield table
 
     def _base_dir(self, uri: str) -> str:
         return storage.dirname(uri)
@@ -123,28 +198,58 @@ class ManifestSource(Source):
     def _read_jsonl(self, spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         uri = spec["uri"]
         name = relative_name(uri, self.path)
-        fs, path = self.fs(uri)
-        with fs.open_input_file(path) as f:
-            for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name):
-                yield ref, error if value is None else self._record(value, uri, text_excerpt(line))
+        try:
+            with self.roots().open(uri, self.storage_options, shown=name) as f:
+                for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name):
+                    excerpt = text_excerpt(line)
+                    yield ref, error if value is None else self._guarded(ref, value, uri, excerpt)
+        except Exception as e:  # the file, not a line: its unread lines are this one record
+            yield f"{name}@{spec['start']}", {**failure_fields(f"reading {name}", e), **(
+                {} if isinstance(e, Refused) else {"error": FILE_UNREADABLE})}
 
     def _read_parquet(self, spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         uri = spec["uri"]
         name = relative_name(uri, self.path)
-        fs, path = self.fs(uri)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            table = pf.read_row_group(spec["row_group"])
-            first = sum(pf.metadata.row_group(g).num_rows for g in range(spec["row_group"]))
+        group = spec["row_group"]
+        first = num_rows = None
+        try:
+            with self.roots().open(uri, self.storage_options, shown=name) as f:
+                pf = pq.ParquetFile(f)
+                first = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+                num_rows = pf.metadata.row_group(group).num_rows
+                table = pf.read_row_group(group)
+                rows = table.to_pylist()
+        except Exception as e:
+            # A corrupt row group: each of its rows is a quarantined record (the count is in
+            # the footer); an unreadable footer makes the group one record.
+            fields = failure_fields(f"{name} row group {group}", e)
+            if not isinstance(e, Refused):
+                fields.update(error=FILE_UNREADABLE, error_detail=(
+                    f"{name} row group {group} does not read ({type(e).__name__}: {str(e)[:200]}); "
+                    "re-write the Parquet file"))
+            if first is None or num_rows is None:
+                yield f"{name}#row_group={group}", fields
+            else:
+                for i in range(num_rows):
+                    yield f"{name}#row={first + i}", dict(fields)
+            return
         type_errors = [e for n in CORE if n in table.column_names
                        if (e := _column_type_error(n, table.schema.field(n).type))]
-        for i, row in enumerate(table.to_pylist()):
+        for i, row in enumerate(rows):
             ref = f"{name}#row={first + i}"
             if type_errors:
                 yield ref, {"error": "wrong_type", "error_detail": "; ".join(type_errors),
                             "raw_excerpt": _row_excerpt(row), "doc_id": _maybe_id(row.get("doc_id"))}
                 continue
-            yield ref, self._record(row, uri, None)
+            yield ref, self._guarded(ref, row, uri, None)
+
+    def _guarded(self, ref: str, value: dict[str, Any], uri: str, excerpt: str | None) -> dict[str, Any]:
+        """``_record``, with anything it raises turned into a quarantined record."""
+        try:
+            return self._record(value, uri, excerpt)
+        except Exception as e:  # one record never aborts the ingest
+            return {**failure_fields(ref, e), "raw_excerpt": excerpt or _row_excerpt(value),
+                    "doc_id": _maybe_id(value.get("doc_id"))}
 
     def _record(self, value: dict[str, Any], uri: str, excerpt: str | None) -> dict[str, Any]:
         id_key = BEIR_ID if "doc_id" not in value and BEIR_ID in value else "doc_id"
@@ -155,23 +260,52 @@ class ManifestSource(Source):
             if v is not None and not isinstance(v, (str, bytes)):
                 errors.append(f"{key} must be a string, got {type(v).__name__} {v!r:.40}")
         image = value.get("image")
-        image_bytes = image_uri = None
-        if isinstance(image, (bytes, bytearray)):
-            image_bytes = bytes(image)
-        elif isinstance(image, str) and image:
-            image_uri = image if ("://" in image or image.startswith("/")) else storage.join(
-                self._base_dir(uri), image)
-        elif image is not None and image != "":
+        if image is not None and image != "" and not isinstance(image, (str, bytes, bytearray)):
             errors.append(f"image must be a path/URI string or bytes, got {type(image).__name__}")
         if errors:
             return {"error": "wrong_type", "error_detail": "; ".join(errors),
                     "raw_excerpt": excerpt or _row_excerpt(value), "doc_id": doc_id}
+        image_fields: dict[str, Any] = {}
+        if isinstance(image, (bytes, bytearray)):
+            image_fields["image"] = bytes(image)
+        elif isinstance(image, str) and image:
+            image_fields = self._image(image, uri)
+            if "error" in image_fields:
+                return {**image_fields, "raw_excerpt": excerpt or _row_excerpt(value), "doc_id": doc_id}
         extra = {k: v for k, v in value.items() if k not in CORE and k != id_key}
         return {
             "doc_id": doc_id, "text": value.get("text"), "caption": value.get("caption"),
-            "modality": value.get("modality"), "image": image_bytes, "image_uri": image_uri,
-            "metadata": metadata_json(extra),
+            "modality": value.get("modality"), "metadata": metadata_json(extra), **image_fields,
         }
+
+    def _image(self, image: str, manifest_uri: str) -> dict[str, Any]:
+        """The raw image fields of a path/URI ``image``: its bytes, read only once the roots
+        allow it; a URL for the fetcher (``URL_KEY``); or the error fields of a refusal."""
+        if image.split("://", 1)[0].lower() in FETCH_SCHEMES and "://" in image:
+            if self.image_mode != "inline":
+                return {"error": URL_NOT_FETCHED, "error_detail": (
+                    f"image {image!r:.200} is an http(s) URL; image_mode=uri stores URIs that later stages read "
+                    "from storage, which cannot read URLs — use image_mode=inline (the URL fetcher stores the "
+                    "bytes) or download the image next to the manifest")}
+            if self.fetch is None:
+                return {"error": URL_NOT_FETCHED, "error_detail": (
+                    f"image {image!r:.200} is an http(s) URL and this manifest ingest has no URL fetcher; "
+                    "turn it on (--fetch-urls, source.fetch_urls=true: timeouts, retries, a byte cap) or "
+                    "download the image next to the manifest")}
+            return {URL_KEY: image.strip()}
+        uri = image if ("://" in image or image.startswith("/")) else storage.join(
+            self._base_dir(manifest_uri), image)
+        try:
+            resolved, data = self.roots().read(uri, self.storage_options, shown=image)
+        except Refused as r:
+            return r.fields()
+        except OSError as e:
+            return {"error": "image_missing", "error_detail": f"cannot read image {image!r:.200}: {e}"}
+        if data is None:
+            # Missing: validation reports it (image_missing, naming the path) — it finds
+            # nothing to read there either.
+            return {"image_uri": resolved}
+        return {"image": data, "image_uri": resolved}
 
 
 def _maybe_id(value: Any) -> str | None:

@@ -20,6 +20,10 @@ table (unchanged: the merge writes nothing); a URL whose fetch failed before is 
 the same quarantine record (nothing new) unless ``refetch_failed``. The driver counts what
 happened (``observe`` / ``fetch_report``): fetched, failed by reason, skipped, bytes,
 requests per second.
+
+Confinement (``pipelines.ingest.confine``): list files are read only when they are regular
+files inside the list's folder or ``allow_roots``; a refused file (a symlink elsewhere, a
+FIFO) or a Parquet file that does not read is one quarantined record, and the rest goes on.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -38,15 +42,20 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.ingest.confine import Refused, walk
 from pipelines.ingest.fetch import FetchSettings, check_url, fetch_all
 from pipelines.ingest.sources.base import (
     BATCH_ROWS,
+    FILE_UNREADABLE,
     RawBuilder,
     Source,
+    failure_fields,
     int_or_str_id,
     iter_json_records,
     line_file_shards,
     metadata_json,
+    refused_shard,
+    refused_table,
     relative_name,
 )
 from pipelines.ingest.validation import Rejected, normalise_text
@@ -76,8 +85,9 @@ class UrlSource(Source):
 
     def __init__(self, path: str, fetch: FetchSettings | None = None, tables_root: str | None = None,
                  shard_bytes: int = 256 << 10, name: str | None = None,
-                 storage_options: dict[str, str] | None = None, refetch_failed: bool = False) -> None:
-        super().__init__(name, storage_options, "inline")
+                 storage_options: dict[str, str] | None = None, refetch_failed: bool = False,
+                 allow_roots: Iterable[str] = ()) -> None:
+        super().__init__(name, storage_options, "inline", allow_roots)
         self.path = storage.normalise_uri(path)
         self.fetch = fetch or FetchSettings()
         self.tables_root = tables_root
@@ -85,29 +95,50 @@ class UrlSource(Source):
         self.refetch_failed = refetch_failed
         self._stats: dict[str, Any] = _empty_stats()
 
+    def own_roots(self) -> list[str]:
+        """The list's folder: ``path`` when it is a folder, else the file's folder."""
+        fs, path = self.fs(self.path)
+        is_dir = fs.get_file_info(path).type == pafs.FileType.Directory
+        return [self.path if is_dir else storage.dirname(self.path)]
+
     # plan ---------------------------------------------------------------------------------
-    def files(self) -> list[str]:
+    def files(self) -> list[tuple[str, Refused | None]]:
+        """The list files in name order, each with its refusal (a symlink out of the roots,
+        a FIFO), if any: a refused file becomes one quarantined record."""
         fs, path = self.fs(self.path)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"URL list {self.path} does not exist; check source.path")
-        if info.type == pafs.FileType.File:
-            return [self.path]
+        if info.type != pafs.FileType.Directory:
+            try:
+                self.roots().check(self.path, self.storage_options)
+            except Refused as r:
+                return [(self.path, r)]
+            return [(self.path, None)]
         suffixes = JSONL_SUFFIXES + PARQUET_SUFFIXES + CSV_SUFFIXES
-        found = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                 if i.type == pafs.FileType.File and i.path.endswith(suffixes)]
+        found = [(storage.join(self.path, e.rel), e.refused)
+                 for e in walk(self.path, self.roots(), self.storage_options) if e.rel.endswith(suffixes)]
         if not found:
             raise FileNotFoundError(f"no URL list files (*.parquet, *.jsonl, *.csv, *.tsv) under {self.path}")
-        prefix = self.path.split("://", 1)[0] + "://" if storage.is_remote(self.path) else ""
-        return sorted(prefix + p for p in found)
+        return sorted(found, key=lambda f: f[0])
 
     def plan(self) -> list[dict[str, Any]]:
         shards: list[dict[str, Any]] = []
-        for uri in self.files():
-            if uri.endswith(PARQUET_SUFFIXES):
-                fs, path = self.fs(uri)
-                with fs.open_input_file(path) as f:
-                    groups = pq.ParquetFile(f).metadata.num_row_groups
+        for uri, refused in self.files():
+            if refused is not None:
+                shards.append(refused_shard(uri, refused))
+            elif uri.endswith(PARQUET_SUFFIXES):
+                try:
+                    with self.roots().open(uri, self.storage_options) as f:
+                        groups = pq.ParquetFile(f).metadata.num_row_groups
+                except Refused as r:
+                    shards.append(refused_shard(uri, r))
+                    continue
+                except Exception as e:  # a corrupt footer: its rows cannot be counted
+                    shards.append(refused_shard(uri, Refused(FILE_UNREADABLE, (
+                        f"{relative_name(uri, self.path)} is not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e)[:200]}); its URLs were not read — re-write the file"))))
+                    continue
                 shards += [{"uri": uri, "row_group": g} for g in range(groups)]
             elif uri.endswith(CSV_SUFFIXES):
                 shards.append({"uri": uri, "csv": True})
@@ -117,6 +148,11 @@ class UrlSource(Source):
 
     # read ---------------------------------------------------------------------------------
     def read(self, shard_index: int, spec: dict[str, Any]) -> Iterator[pa.Table]:
+        if "refused" in spec:
+            table = refused_table(self, shard_index, relative_name(spec["uri"], self.path), spec)
+            if table is not None:
+                yield table
+            return
         builder = RawBuilder(self.name, shard_index)
         rows = list(self._rows(spec))
         stored, failed = self._lookup([r[1]["doc_id"] for r in rows if r[1].get("doc_id") and "error" not in r[1]])
@@ -170,25 +206,35 @@ class UrlSource(Source):
 
     # the list files -----------------------------------------------------------------------
     def _rows(self, spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+        name = relative_name(spec["uri"], self.path)
+        try:
+            yield from self._list_rows(spec, name)
+        except Exception as e:  # the file, not a row: its unread rest is this one record
+            fields = failure_fields(f"reading {name}", e)
+            if not isinstance(e, Refused):
+                fields["error"] = FILE_UNREADABLE
+            where = f"#row_group={spec['row_group']}" if "row_group" in spec else f"@{spec.get('start', 0)}"
+            yield f"{name}{where}", fields
+
+    def _list_rows(self, spec: dict[str, Any], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
         uri = spec["uri"]
-        name = relative_name(uri, self.path)
-        fs, path = self.fs(uri)
+        roots, opts = self.roots(), self.storage_options
         if "row_group" in spec:
-            with fs.open_input_file(path) as f:
+            with roots.open(uri, opts, shown=name) as f:
                 pf = pq.ParquetFile(f)
                 table = pf.read_row_group(spec["row_group"])
                 first = sum(pf.metadata.row_group(g).num_rows for g in range(spec["row_group"]))
             for i, row in enumerate(table.to_pylist()):
                 yield f"{name}#row={first + i}", self._record(row)
         elif spec.get("csv"):
-            opts = pacsv.ParseOptions(delimiter="\t" if uri.endswith(".tsv") else ",")
-            with fs.open_input_file(path) as f:
-                table = pacsv.read_csv(f, parse_options=opts, convert_options=pacsv.ConvertOptions(
+            parse = pacsv.ParseOptions(delimiter="\t" if uri.endswith(".tsv") else ",")
+            with roots.open(uri, opts, shown=name) as f:
+                table = pacsv.read_csv(f, parse_options=parse, convert_options=pacsv.ConvertOptions(
                     strings_can_be_null=True, column_types={c: pa.string() for c in CORE}))
             for i, row in enumerate(table.to_pylist()):
                 yield f"{name}#row={i}", self._record(row)
         else:
-            with fs.open_input_file(path) as f:
+            with roots.open(uri, opts, shown=name) as f:
                 for ref, value, error, _ in iter_json_records(f, spec["start"], spec["end"], name):
                     yield ref, error if value is None else self._record(value)
 

@@ -23,6 +23,10 @@ read, a corrupt image at validation. A truncated shard keeps every sample read b
 cut and quarantines the sample it cut (``shard_truncated``); a shard that cannot be opened
 or is not a tar at all is one quarantined record (``shard_unreadable``). Images are always
 stored inline (they live inside the tar).
+
+Confinement (``pipelines.ingest.confine``): a shard must resolve to a regular file inside the
+pattern's folder or ``allow_roots``; a symlinked shard (or folder) pointing elsewhere is one
+record quarantined as ``outside_root``, a FIFO as ``not_a_regular_file``, neither opened.
 """
 
 from __future__ import annotations
@@ -30,16 +34,18 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipelines.ingest.confine import Refused, walk
 from pipelines.ingest.sources.base import (
     RawBuilder,
     Source,
@@ -105,11 +111,15 @@ class WebDatasetSource(Source):
     kind = "webdataset"
 
     def __init__(self, path: str, shards_per_task: int = 1, name: str | None = None,
-                 storage_options: dict[str, str] | None = None, max_member_bytes: int = 64 << 20) -> None:
-        super().__init__(name, storage_options, "inline")
+                 storage_options: dict[str, str] | None = None, max_member_bytes: int = 64 << 20,
+                 allow_roots: Iterable[str] = ()) -> None:
+        super().__init__(name, storage_options, "inline", allow_roots)
         self.pattern = path if storage.is_remote(path) else _local(path)
         self.shards_per_task = max(1, shards_per_task)
         self.max_member_bytes = max_member_bytes
+
+    def own_roots(self) -> list[str]:
+        return [self._root()]
 
     # plan ---------------------------------------------------------------------------------
     def _root(self) -> str:
@@ -137,8 +147,13 @@ class WebDatasetSource(Source):
             if info.type != pafs.FileType.Directory:
                 raise FileNotFoundError(f"WebDataset path {self.pattern} does not exist; give a folder of .tar "
                                         "shards, a glob (shards/*.tar) or a brace range (shards/{00000..00009}.tar)")
-            found = [prefix + i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                     if i.type == pafs.FileType.File and i.path.endswith(SHARD_SUFFIX)]
+            # A symlinked folder is not walked; one pointing outside the roots is listed, so
+            # its read quarantines it (outside_root) rather than it vanishing unseen.
+            found = [e.uri for e in walk(self.pattern, self.roots(), self.storage_options)
+                     if e.rel.endswith(SHARD_SUFFIX) or e.folder_link]
+        elif not prefix:
+            found = [e.uri for e in walk(self._root(), self.roots(), self.storage_options)
+                     if fnmatch.fnmatchcase(e.uri, self.pattern)] if os.path.isdir(self._root()) else []
         else:
             _, pattern_path = storage.filesystem(self.pattern, self.storage_options) if prefix else (None, self.pattern)
             try:
@@ -174,8 +189,10 @@ class WebDatasetSource(Source):
         """``(record_ref, raw fields)`` per sample of one shard, streamed."""
         tar_name = shard + SHARD_SUFFIX
         try:
-            fs, path = self.fs(uri)
-            stream = fs.open_input_stream(path)
+            stream = self.roots().open_file(uri, self.storage_options, shown=tar_name, stream=True)
+        except Refused as r:  # outside the roots, a FIFO: not opened, one quarantined record
+            yield tar_name, _error(r.reason, r.detail)
+            return
         except (OSError, ValueError) as e:
             yield tar_name, _error("shard_unreadable", f"cannot open shard {uri}: {e}; check the shard list "
                                    "(a brace range names every shard whether or not it exists)")

@@ -18,17 +18,22 @@ Files under ``path``:
 Documents shard by byte range of ``all_docs.json`` / ``all_imgs.json``. An image whose id
 has no line-index entry, whose ``imgs.tsv`` line names another id, or whose base64 does not
 decode is a read error (quarantined), never skipped.
+
+Confinement (``pipelines.ingest.confine``): the layout's files must be regular files inside
+``path`` (or ``allow_roots``) after resolving symlinks; otherwise ``plan`` stops the ingest
+with the reason before anything is read.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 
+from pipelines.ingest.confine import Refused, Roots
 from pipelines.ingest.sources.base import (
     Query,
     RawBuilder,
@@ -55,10 +60,15 @@ IMAGE_SHARD_DIVISOR = 32
 _LINEIDX_CACHE: dict[str, dict[str, int]] = {}
 
 
-def load_lineidx(uri: str, storage_options: dict[str, str] | None) -> dict[str, int]:
-    """``image_id -> byte offset`` from ``imgs.lineidx.new`` (cached per process)."""
+def load_lineidx(uri: str, storage_options: dict[str, str] | None, roots: Roots | None = None) -> dict[str, int]:
+    """``image_id -> byte offset`` from ``imgs.lineidx.new`` (cached per process); read
+    through ``roots`` (confined) when given."""
     if uri not in _LINEIDX_CACHE:
-        data = storage.read_bytes(uri, storage_options).decode("utf-8")
+        if roots is not None:
+            with roots.open(uri, storage_options) as f:
+                data = f.read().decode("utf-8")
+        else:
+            data = storage.read_bytes(uri, storage_options).decode("utf-8")
         index: dict[str, int] = {}
         for n, line in enumerate(data.splitlines(), 1):
             if not line.strip():
@@ -93,11 +103,15 @@ class WebQASource(Source):
     kind = "webqa"
 
     def __init__(self, path: str, shard_bytes: int = 8 << 20, name: str | None = None,
-                 storage_options: dict[str, str] | None = None, with_queries: bool = True) -> None:
-        super().__init__(name, storage_options, "inline")
+                 storage_options: dict[str, str] | None = None, with_queries: bool = True,
+                 allow_roots: Iterable[str] = ()) -> None:
+        super().__init__(name, storage_options, "inline", allow_roots)
         self.path = storage.normalise_uri(path)
         self.shard_bytes = shard_bytes
         self.with_queries = with_queries
+
+    def own_roots(self) -> list[str]:
+        return [self.path]
 
     def _uri(self, name: str) -> str:
         return storage.join(self.path, name)
@@ -108,21 +122,24 @@ class WebQASource(Source):
                 raise FileNotFoundError(
                     f"WebQA source {self.path} lacks {required}; expected {DOCS_FILE}, {IMGS_FILE}, "
                     f"{TSV_FILE} and {LINEIDX_FILE} (the UniVL-DR release layout)")
+            try:  # the layout's own files: one outside the roots or a FIFO stops the ingest here
+                self.roots().check(self._uri(required), self.storage_options, shown=required)
+            except Refused as r:
+                raise ValueError(f"WebQA source {self.path}: {r.reason}: {r.detail}") from None
         return (line_file_shards(self, self._uri(DOCS_FILE), self.shard_bytes, part="docs")
                 + line_file_shards(self, self._uri(IMGS_FILE),
                                    max(1, self.shard_bytes // IMAGE_SHARD_DIVISOR), part="imgs"))
 
     def read(self, shard_index: int, spec: dict[str, Any]) -> Iterator[pa.Table]:
         builder = RawBuilder(self.name, shard_index)
-        fs, path = self.fs(spec["uri"])
+        roots = self.roots()
         name = DOCS_FILE if spec["part"] == "docs" else IMGS_FILE
         tsv = None
         if spec["part"] == "imgs":
-            lineidx = load_lineidx(self._uri(LINEIDX_FILE), self.storage_options)
-            tsv_fs, tsv_path = self.fs(self._uri(TSV_FILE))
-            tsv = tsv_fs.open_input_file(tsv_path)
+            lineidx = load_lineidx(self._uri(LINEIDX_FILE), self.storage_options, roots)
+            tsv = roots.open_file(self._uri(TSV_FILE), self.storage_options, shown=TSV_FILE)
         try:
-            with fs.open_input_file(path) as f:
+            with roots.open(spec["uri"], self.storage_options, shown=name) as f:
                 for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name):
                     if value is None:
                         fields = error
@@ -193,7 +210,7 @@ class WebQASource(Source):
     def _lines(self, name: str) -> Iterator[tuple[int, bytes]]:
         fs, path = self.fs(self._uri(name))
         size = fs.get_file_info(path).size
-        with fs.open_input_file(path) as f:
+        with self.roots().open(self._uri(name), self.storage_options, shown=name) as f:
             yield from iter_lines(f, 0, size)
 
     def iter_queries(self, split: str) -> Iterator[Query]:

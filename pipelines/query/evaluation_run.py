@@ -1,0 +1,189 @@
+"""``ciea evaluate``'s run on a typed :class:`~pipelines.query.config.EvaluateConfig`: the
+split loaded, every variant opened and checked before any search (a table must hold the
+judged documents), each ranked and scored overall and by group, the report written
+(:mod:`pipelines.query.report`) with the TREC files beside it.
+
+The building blocks (splits, runs from a table or a checkpoint, coverage checks, groupings)
+are in :mod:`pipelines.query.evaluation`; the metrics in :mod:`pipelines.query.metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.query.config import EvaluateConfig, VariantSettings
+from pipelines.store import storage as storage_mod
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------
+# Variants
+# ---------------------------------------------------------------------------------------
+
+
+class Prepared:
+    """A variant opened and checked, ready to run."""
+
+    def __init__(self, spec: VariantSettings, info: dict[str, Any], searcher: Any = None) -> None:
+        self.spec = spec
+        self.info = info
+        self.searcher = searcher
+
+
+def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str, dict[str, int]],
+                    searchers: dict[tuple, Any] | None = None) -> Prepared:
+    """Opens a table variant (or checks a checkpoint) and checks it holds the judged documents.
+
+    Args:
+        searchers: searchers already opened, shared by variants of the same table version
+            (vector, fts and hybrid on one table load its model once).
+
+    Raises:
+        EvaluationError / SearchError: with the fix.
+    """
+    from pipelines.query.evaluation import (
+        EvaluationError,
+        check_coverage,
+        corpus_doc_ids,
+        searcher_doc_ids,
+    )
+
+    opts = dict(cfg.input.storage_options)
+    if spec.checkpoint is not None:
+        from ciea_model.checkpoint import read_manifest
+
+        if not Path(spec.checkpoint).is_dir():
+            raise EvaluationError(f"variant {spec.name!r}: checkpoint {spec.checkpoint} is not a directory: pass "
+                                  "the folder written by ciea_model.save_checkpoint (it holds ciea_checkpoint.json)")
+        try:
+            manifest = read_manifest(spec.checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            raise EvaluationError(f"variant {spec.name!r}: {e}") from None
+        # Checked on the corpus doc ids before anything is encoded.
+        doc_ids = corpus_doc_ids(cfg.input.root, cfg.input.corpus_version, opts)
+        where = f"variant {spec.name!r} (corpus {cfg.input.root}, encoded with {spec.checkpoint})"
+        missing = check_coverage(qrels, doc_ids, where, cfg.max_missing_fraction)
+        info = {"kind": "checkpoint", "source": spec.checkpoint, "mode": "exact cosine (in-process)",
+                "model_id": manifest.get("model_id"), "variant": (manifest.get("config") or {}).get("variant"),
+                "corpus_version": cfg.input.corpus_version, "missing_relevant_docs": len(missing)}
+        return Prepared(spec, info)
+
+    from pipelines.query.search import Searcher
+
+    db, table, version = spec.table_spec
+    key = (db, table, version, spec.query_checkpoint)
+    searchers = {} if searchers is None else searchers
+    if key not in searchers:
+        searchers[key] = Searcher.open(db, table, version=version, checkpoint=spec.query_checkpoint,
+                                       storage_options=opts or None, device=cfg.search.device)
+    searcher = searchers[key]
+    where = f"variant {spec.name!r} (table {db}/{table}@{searcher.version})"
+    missing = check_coverage(qrels, searcher_doc_ids(searcher, opts), where, cfg.max_missing_fraction)
+    info = {"kind": "table", "source": f"{db}/{table}", "mode": spec.mode, "version": searcher.version,
+            "tag": searcher.tag, "model_id": searcher.model_id, "ann_index": searcher.has_ann,
+            "nprobes": cfg.search.nprobes or searcher.nprobes,
+            "refine_factor": cfg.search.refine_factor or searcher.refine_factor,
+            "missing_relevant_docs": len(missing)}
+    return Prepared(spec, info, searcher)
+
+
+def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any]],
+                qrels: dict[str, dict[str, int]]) -> dict[str, list[str]]:
+    """The ranked run of one variant (qid → doc ids); updates ``prep.info`` with what happened."""
+    from pipelines.query import evaluation as E
+
+    t0 = time.perf_counter()
+    if prep.searcher is not None:
+        kwargs = {"nprobes": cfg.search.nprobes, "refine_factor": cfg.search.refine_factor}
+        if prep.spec.mode == "fts":
+            kwargs = {}  # ANN settings mean nothing to BM25
+        sr = E.search_run(prep.searcher, queries, k=cfg.k, mode=prep.spec.mode, batch_size=cfg.search.batch_size,
+                          progress=cfg.progress, **kwargs)
+        prep.info["failed_queries"] = len(sr.failed)
+        prep.info["failures"] = [{"qid": q, "error": e} for q, e in list(sr.failed.items())[:20]]
+        ranked = sr.run
+    else:
+        from ciea_model import load_checkpoint
+        from pipelines.store.delta_tables import Tables
+
+        model, processor = load_checkpoint(prep.spec.checkpoint, map_location=cfg.search.device)
+        corpus = E.encode_delta_corpus(
+            model, processor, Tables(cfg.input.root, cfg.input.storage_options).documents,
+            version=cfg.input.corpus_version, storage_options=cfg.input.storage_options,
+            batch_size=cfg.search.doc_batch_size, device=cfg.search.device, progress=cfg.progress)
+        # Unreadable documents rank nowhere: checked again, they may hold judged ones.
+        missing = E.check_coverage(qrels, set(corpus.doc_ids), f"variant {prep.spec.name!r} (corpus encoded with "
+                                   f"{prep.spec.checkpoint})", cfg.max_missing_fraction)
+        prep.info.update(documents=len(corpus.doc_ids), failed_documents=len(corpus.failed),
+                         missing_relevant_docs=len(missing))
+        ranked = E.rank(model, processor, corpus, queries, k=cfg.k, device=cfg.search.device)
+        del model, processor, corpus
+    prep.info["seconds"] = round(time.perf_counter() - t0, 2)
+    return ranked
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------
+
+
+def write_trec(out: Path, qrels: dict[str, dict[str, int]], runs: dict[str, dict[str, list[str]]]) -> None:
+    """``qrels.txt`` and ``runs/<variant>.txt`` in TREC format. Scores are ``k - rank``
+    (trec_eval orders by score, so the file keeps each ranking's order). Relevance is
+    written binary (grade > 0 → 1): the report's NDCG uses binary gains
+    (:mod:`pipelines.query.metrics`), and trec_eval on these files gives the same numbers;
+    ``qrels.graded.txt`` keeps the grades, for ``gNDCG@k`` (trec_eval's ``ndcg_cut``)."""
+    lines = [f"{q} 0 {d} {int(r > 0)}" for q in sorted(qrels) for d, r in sorted(qrels[q].items())]
+    (out / "qrels.txt").write_text("\n".join(lines) + "\n")
+    graded = [f"{q} 0 {d} {int(r)}" for q in sorted(qrels) for d, r in sorted(qrels[q].items())]
+    (out / "qrels.graded.txt").write_text("\n".join(graded) + "\n")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    for name, ranking in runs.items():
+        rows = [f"{q} Q0 {d} {i + 1} {len(ranked) - i} {name}"
+                for q, ranked in sorted(ranking.items()) for i, d in enumerate(ranked)]
+        (out / "runs" / f"{name}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Loads the split, opens every variant (all checks before any search), runs and scores
+    them, writes the report. Returns the report document.
+
+    Raises:
+        EvaluationError / SearchError: bad input, with the fix.
+    """
+    from pipelines.query import evaluation as E
+    from pipelines.query import report as R
+
+    t0 = time.perf_counter()
+    queries, qrels = E.load_split(cfg.input.root, cfg.input.split, cfg.input.storage_options,
+                                  documents_version=cfg.input.corpus_version)
+    judged = sum(1 for q in queries if q["positive_doc_ids"])
+    logger.info("split %s: %d queries, %d with relevant documents", cfg.input.split, len(queries), judged)
+    searchers: dict[tuple, Any] = {}
+    prepared = [prepare_variant(cfg, spec, qrels, searchers) for spec in cfg.variants]
+    searchers.clear()  # each variant holds its own reference, dropped after its run
+
+    groupings = E.query_groupings(queries, cfg.metrics.group_by, cfg.metrics.answer_modality)
+    m = cfg.metrics
+    runs: dict[str, dict[str, list[str]]] = {}
+    reports = {}
+    for prep in prepared:
+        logger.info("variant %s: %s", prep.spec.name, prep.info["source"])
+        runs[prep.spec.name] = run_variant(cfg, prep, queries, qrels)
+        reports[prep.spec.name] = E.evaluate_grouped(runs[prep.spec.name], qrels, groupings, m.mrr, m.ndcg, m.recall,
+                                                     m.graded_ndcg)
+        prep.searcher = None  # release the model before the next variant loads its own
+
+    meta = {"split": cfg.input.split, "root": storage_mod.normalise_uri(cfg.input.root), "queries": len(queries),
+            "judged_queries": judged, "k": cfg.k, "seconds": round(time.perf_counter() - t0, 2)}
+    doc = R.build_report(reports, {p.spec.name: p.info for p in prepared}, m.names, meta,
+                         include_per_query=cfg.output.per_query)
+    out = Path(cfg.output.out)
+    doc["files"] = R.write_report(doc, out, m.charts)
+    if cfg.output.trec:
+        write_trec(out, qrels, runs)
+    return doc
