@@ -33,6 +33,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the source is complete: delete its documents it no longer has")
     p.add_argument("--no-queries", action="store_true", help="skip queries and qrels (source.queries=false)")
     p.add_argument("--queries", help="BEIR folder: queries.jsonl + qrels/<split>.tsv (source.queries_path)")
+    p.add_argument("--allow-root", action="append", metavar="DIR",
+                   help="another folder or s3:// prefix files may be read from (repeatable; source.allow_roots)")
+    p.add_argument("--fetch-urls", action="store_true",
+                   help="manifest: fetch http(s):// images with the URL fetcher (source.fetch_urls=true)")
     p.add_argument("--run-dir", help="local folder for summary.json and the resolved config (output.run_dir)")
     return p
 
@@ -109,7 +114,9 @@ def parse_config(argv: list[str] | None) -> tuple[IngestJobConfig, argparse.Name
     """The command line → the validated config (nothing opened yet); exits with the errors."""
     args = _parser().parse_args(argv)
     extra = (["source.full_snapshot=true"] if args.full_snapshot else []) + \
-        (["source.queries=false"] if args.no_queries else [])
+        (["source.queries=false"] if args.no_queries else []) + \
+        (["source.fetch_urls=true"] if args.fetch_urls else []) + \
+        ([f"source.allow_roots={json.dumps(args.allow_root)}"] if args.allow_root else [])
     overrides = job_overrides(args, FLAGS, storage=STORAGE, extra=extra)
     return parse_job_config(PROG, IngestJobConfig, args, overrides, storage=STORAGE, presets=PRESETS), args
 

@@ -85,6 +85,11 @@ class SourceSettings(BaseModel):
     full_snapshot: bool = Field(
         False, description="the source is complete: delete this source's documents that it no longer has "
                            "(a record that is now quarantined counts as gone)")
+    allow_roots: list[str] = Field(
+        default_factory=list, description="more folders or s3:// prefixes files may be read from, besides the "
+                                          "source's own (a file outside them is quarantined as outside_root)")
+    fetch_urls: bool = Field(False, description="manifest: fetch http(s):// images with the URL fetcher "
+                                                "(source.fetch); off: such records are quarantined (url_not_fetched)")
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     fetch: FetchOptions = Field(default_factory=FetchOptions)
 

@@ -399,18 +399,21 @@ def _make_source(cfg: IngestConfig) -> Source:
                             text_query_fraction=syn.text_query_fraction,
                             **({"num_collections": syn.num_collections} if syn.num_collections else {})),
             rows_per_shard=s.rows_per_shard, name=s.name, with_queries=s.queries)
+    roots = {"allow_roots": s.allow_roots}
     if s.kind == "webqa":
-        return WebQASource(s.path, shard_bytes, s.name, opts, with_queries=s.queries)
+        return WebQASource(s.path, shard_bytes, s.name, opts, with_queries=s.queries, **roots)
     if s.kind == "edis":
-        return EDISSource(s.path, s.images_dir, shard_bytes, s.name, opts, s.image_mode, with_queries=s.queries)
+        return EDISSource(s.path, s.images_dir, shard_bytes, s.name, opts, s.image_mode, with_queries=s.queries,
+                          **roots)
     if s.kind == "manifest":
-        return ManifestSource(s.path, shard_bytes, s.name, opts, s.image_mode)
+        return ManifestSource(s.path, shard_bytes, s.name, opts, s.image_mode,
+                              fetch=s.fetch.settings() if s.fetch_urls else None, **roots)
     if s.kind == "urls":
         return UrlSource(s.path, s.fetch.settings(), cfg.output.root, s.fetch.shard_kb * 1024, s.name, opts,
-                         s.fetch.refetch_failed)
+                         s.fetch.refetch_failed, **roots)
     if s.kind == "webdataset":
-        return WebDatasetSource(s.path, s.shards_per_task, s.name, opts, int(s.max_member_mb * (1 << 20)))
-    return FolderSource(s.path, s.files_per_shard, s.name, opts, s.image_mode)
+        return WebDatasetSource(s.path, s.shards_per_task, s.name, opts, int(s.max_member_mb * (1 << 20)), **roots)
+    return FolderSource(s.path, s.files_per_shard, s.name, opts, s.image_mode, **roots)
 
 
 def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:

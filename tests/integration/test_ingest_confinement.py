@@ -18,8 +18,6 @@ from http_faults import FaultServer, png_for
 from ingest_helpers import reconcile, rows_by_id, run_ingest
 from PIL import Image
 
-from jobs import ingest
-from pipelines.ingest.fetch import FetchSettings
 from pipelines.store.delta_tables import Tables
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -57,20 +55,6 @@ def outside(tmp_path) -> Path:
     (d / "secret.png").write_bytes(SECRET)
     (d / "real.png").write_bytes(OUTSIDE_PNG)
     return d
-
-
-def with_source_settings(monkeypatch, **attrs) -> None:
-    """Sets source attributes the job has no flag for yet (``allow_roots``, ``fetch``) on the
-    source ``ciea ingest`` builds."""
-    make = ingest.make_source
-
-    def patched(cfg):
-        source = make(cfg)
-        for k, v in attrs.items():
-            setattr(source, k, v)
-        return source
-
-    monkeypatch.setattr(ingest, "make_source", patched)
 
 
 def assert_nothing_from_outside(data: Path) -> None:
@@ -116,12 +100,12 @@ def test_folder_reads_nothing_outside_its_roots(tmp_path, outside):
     assert_nothing_from_outside(tmp_path / "data")
 
 
-def test_allow_roots_admit_a_linked_folder_file(tmp_path, outside, monkeypatch):
+def test_allow_roots_admit_a_linked_folder_file(tmp_path, outside):
     src = tmp_path / "src"
     src.mkdir()
     os.symlink(outside / "real.png", src / "shared.png")
-    with_source_settings(monkeypatch, allow_roots=(str(outside),))
-    summary = run_ingest(tmp_path, tmp_path / "data", "--source", "folder", "--path", str(src))
+    summary = run_ingest(tmp_path, tmp_path / "data", "--source", "folder", "--path", str(src),
+                         "--allow-root", str(outside))
     assert summary["documents"]["inserted"] == 1
     tables = Tables(str(tmp_path / "data"))
     assert rows_by_id(tables.read(tables.documents))["shared"]["image"] == OUTSIDE_PNG
@@ -173,7 +157,7 @@ def test_manifest_every_failure_class_is_a_quarantine_row(tmp_path, outside):
     assert_nothing_from_outside(tmp_path / "data")
 
 
-def test_manifest_url_images_are_fetched_when_a_fetcher_is_set(tmp_path, monkeypatch):
+def test_manifest_url_images_are_fetched_when_a_fetcher_is_set(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     with FaultServer() as server:
@@ -181,8 +165,9 @@ def test_manifest_url_images_are_fetched_when_a_fetcher_is_set(tmp_path, monkeyp
             {"doc_id": "web", "caption": "fetched", "image": f"{server.url}/img/w.png"},
             {"doc_id": "gone", "caption": "404", "image": f"{server.url}/missing/g.png"},
             {"doc_id": "text", "text": "plain"}]))
-        with_source_settings(monkeypatch, fetch=FetchSettings(retries=0, connect_timeout_s=2, total_timeout_s=5))
-        summary = run_ingest(tmp_path, tmp_path / "data", "--source", "manifest", "--path", str(src))
+        summary = run_ingest(tmp_path, tmp_path / "data", "--source", "manifest", "--path", str(src), "--fetch-urls",
+                             "--set", "source.fetch.retries=0", "--set", "source.fetch.connect_timeout_s=2",
+                             "--set", "source.fetch.total_timeout_s=5")
     reconcile(summary)
     assert summary["documents"]["quarantined_by_reason"] == {"fetch_http_404": 1}
     tables = Tables(str(tmp_path / "data"))

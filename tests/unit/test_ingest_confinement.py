@@ -404,3 +404,20 @@ def test_url_list_files_are_confined(tmp_path, outside):
     assert {k: v["error"] for k, v in rows.items()} == {
         "a.jsonl@0": "bad_url", "b.jsonl": OUTSIDE_ROOT, "c.jsonl": NOT_A_REGULAR_FILE, "d.parquet": "file_unreadable"}
     assert_no_secret(list(rows.values()))
+
+
+def test_ingest_flags_set_the_roots_and_the_fetcher(tmp_path):
+    from jobs import ingest
+    from pipelines.ingest.runner import make_source
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "m.jsonl").write_text('{"doc_id": "a", "text": "t"}\n')
+    cfg, _ = ingest.parse_config(["--source", "manifest", "--path", str(src), "--root", str(tmp_path / "d"),
+                                  "--allow-root", "/data/shared images", "--allow-root", "s3://bucket/imgs",
+                                  "--fetch-urls"])
+    assert cfg.source.allow_roots == ["/data/shared images", "s3://bucket/imgs"] and cfg.source.fetch_urls
+    source = make_source(cfg)
+    assert source.fetch is not None
+    cfg, _ = ingest.parse_config(["--source", "manifest", "--path", str(src), "--root", str(tmp_path / "d")])
+    assert cfg.source.allow_roots == [] and make_source(cfg).fetch is None
