@@ -6,5 +6,6 @@ config and the resume identity), ``checkpoints`` (what a checkpoint holds, which
 re-run resumes from), ``driver`` (the run: checks before Ray, datasets, ``TorchTrainer``,
 outputs), ``worker`` (the loop every Ray Train worker runs), ``gradients``
 (data-parallel gradient averaging), ``profiling`` (per-phase step cost), ``curves`` (the
-metrics log and its plot).
+metrics log and its plot), ``compare`` (``ciea compare``: every variant trained in-process
+with the same step and draws, no Ray).
 """
