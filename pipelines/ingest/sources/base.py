@@ -311,6 +311,23 @@ def line_file_shards(source: Source, uri: str, shard_bytes: int, **extra: Any) -
     return [{"uri": uri, "start": lo, "end": hi, **extra} for lo, hi in byte_ranges(info.size, shard_bytes)]
 
 
+def parquet_shards(source: Source, uri: str, what: str) -> list[dict[str, Any]]:
+    """One shard per row group of a Parquet file; a file that is refused or whose footer
+    cannot be read is one quarantined shard naming it (``what``: "records", "URLs")."""
+    import pyarrow.parquet as pq
+
+    try:
+        with source.roots().open(uri, source.storage_options) as f:
+            groups = pq.ParquetFile(f).metadata.num_row_groups
+    except Refused as r:
+        return [refused_shard(uri, r)]
+    except Exception as e:  # a corrupt footer: its rows cannot be counted
+        return [refused_shard(uri, Refused(FILE_UNREADABLE, (
+            f"{relative_name(uri, source.path)} is not a readable Parquet file ({type(e).__name__}: "
+            f"{str(e)[:200]}); its {what} were not read — re-write the file")))]
+    return [{"uri": uri, "row_group": g} for g in range(groups)]
+
+
 def relative_name(uri: str, root: str) -> str:
     """``uri`` relative to ``root`` (for record refs), or its basename."""
     root = root.rstrip("/")

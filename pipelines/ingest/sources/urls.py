@@ -54,6 +54,7 @@ from pipelines.ingest.sources.base import (
     iter_json_records,
     line_file_shards,
     metadata_json,
+    parquet_shards,
     refused_shard,
     refused_table,
     relative_name,
@@ -128,18 +129,7 @@ class UrlSource(Source):
             if refused is not None:
                 shards.append(refused_shard(uri, refused))
             elif uri.endswith(PARQUET_SUFFIXES):
-                try:
-                    with self.roots().open(uri, self.storage_options) as f:
-                        groups = pq.ParquetFile(f).metadata.num_row_groups
-                except Refused as r:
-                    shards.append(refused_shard(uri, r))
-                    continue
-                except Exception as e:  # a corrupt footer: its rows cannot be counted
-                    shards.append(refused_shard(uri, Refused(FILE_UNREADABLE, (
-                        f"{relative_name(uri, self.path)} is not a readable Parquet file ({type(e).__name__}: "
-                        f"{str(e)[:200]}); its URLs were not read — re-write the file"))))
-                    continue
-                shards += [{"uri": uri, "row_group": g} for g in range(groups)]
+                shards += parquet_shards(self, uri, "URLs")
             elif uri.endswith(CSV_SUFFIXES):
                 shards.append({"uri": uri, "csv": True})
             else:
