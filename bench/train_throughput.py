@@ -94,7 +94,6 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
     the Ray side was relieved of."""
     import pyarrow as pa
     import torch
-    from deltalake import DeltaTable
 
     from ciea_model import create_model_and_processor
     from ciea_model.training import (
@@ -114,8 +113,9 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    docs = rows_to_documents(pa.table(DeltaTable(str(Path(cfg.data.root) / "corpus" / "documents")).to_pyarrow_table()))
-    examples, _ = training_examples(read_queries(cfg.data.root, "train"), {d.doc_id: d for d in docs})
+    tables = cfg.data.tables()
+    docs = rows_to_documents(pa.table(tables.documents_table().to_pyarrow_table()))
+    examples, _ = training_examples(read_queries(tables, "train"), {d.doc_id: d for d in docs})
 
     model, processor = create_model_and_processor(model_config_for(cfg, tokenizer_dir(cfg)), pretrained=True,
                                                   seed=cfg.train.seed)

@@ -280,8 +280,9 @@ def print_examples(cfg: DemoConfig, data: Path, db: Path) -> list[dict[str, Any]
     gains most over text-only (ties: split order), so the examples show the difference."""
     from pipelines.query.evaluation import load_split
     from pipelines.query.search import Searcher
+    from pipelines.store.delta_tables import Tables
 
-    queries, qrels = load_split(str(data), "test", {})
+    queries, qrels = load_split(Tables(str(data)), "test")
     image = [q for q in queries if q.get("kind") == "image"]
     if not image or not cfg.examples:
         return []

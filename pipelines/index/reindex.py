@@ -309,8 +309,7 @@ def evaluate_version(table: Any, version: int, checkpoint: str | None, tables: T
     from pipelines.query.search import Searcher
     from pipelines.train.dataset import read_queries
 
-    # read_queries (pipelines.train) still takes the loose (root, storage options) pair.
-    queries = [q for q in read_queries(tables.root, split, tables.storage_options) if q["positive_doc_ids"]]
+    queries = [q for q in read_queries(tables, split) if q["positive_doc_ids"]]
     if max_queries is not None:
         queries = queries[:max_queries]
     searcher = Searcher.open_table(table, version=version, checkpoint=checkpoint)

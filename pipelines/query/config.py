@@ -6,11 +6,14 @@ outputs.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.store import storage as storage_mod
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
 
 
 class InputSettings(BaseModel):
@@ -23,6 +26,12 @@ class InputSettings(BaseModel):
     storage_options: storage_mod.StorageOptions = Field(
         default_factory=dict, description="object-store settings for Delta and LanceDB (AWS_ENDPOINT_URL, "
                                           "AWS_REGION, ...); credentials only from the environment")
+
+    def tables(self) -> Tables:
+        """The Delta handle of ``root`` with these storage options (made once per run)."""
+        from pipelines.store.delta_tables import Tables
+
+        return Tables(self.root, self.storage_options)
 
 
 class VariantSettings(BaseModel):

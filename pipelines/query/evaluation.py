@@ -105,18 +105,14 @@ def encode_corpus(
 
 
 def _iter_delta_documents(
-    documents_uri: str, version: int | None, storage_options: Mapping[str, str] | None, batch_rows: int,
+    tables: Tables, version: int | None, batch_rows: int,
 ) -> Iterator[tuple[list[Document], dict[str, str]]]:
     """Batches of ``(documents, failures)`` from a Delta ``corpus/documents`` version; an
     image that cannot be read becomes a failure, not an exception."""
-    from deltalake import DeltaTable
-
-    from pipelines.store import storage
     from pipelines.store.delta_tables import plain_types
 
-    dt = DeltaTable(documents_uri, version=version, storage_options=dict(storage_options or {}) or None)
     columns = [S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE, S.IMAGE_URI]
-    for batch in dt.to_pyarrow_dataset().to_batches(columns=columns, batch_size=batch_rows):
+    for batch in tables.dataset(tables.documents, version).to_batches(columns=columns, batch_size=batch_rows):
         docs: list[Document] = []
         failed: dict[str, str] = {}
         for rec in plain_types(pa.Table.from_batches([batch])).to_pylist():
@@ -124,7 +120,7 @@ def _iter_delta_documents(
                 if rec[S.MODALITY] == "image" and rec[S.IMAGE] is None:
                     if not rec[S.IMAGE_URI]:
                         raise ValueError("image document with neither image bytes nor image_uri")
-                    rec[S.IMAGE] = storage.read_bytes(rec[S.IMAGE_URI], dict(storage_options or {}))
+                    rec[S.IMAGE] = tables.read_bytes(rec[S.IMAGE_URI])
                 docs.append(Document(doc_id=rec[S.DOC_ID], modality=rec[S.MODALITY], text=rec[S.TEXT] or "",
                                      caption=rec[S.CAPTION] or "", image=rec[S.IMAGE]))
             except Exception as e:  # one unreadable document must not stop the evaluation
@@ -133,9 +129,8 @@ def _iter_delta_documents(
 
 
 def encode_delta_corpus(
-    model: CIEAModel, processor: CIEAProcessor, documents_uri: str, *, version: int | None = None,
-    storage_options: Mapping[str, str] | None = None, batch_size: int = 64, device: str = "cpu",
-    progress: bool = False,
+    model: CIEAModel, processor: CIEAProcessor, tables: Tables, *, version: int | None = None,
+    batch_size: int = 64, device: str = "cpu", progress: bool = False,
 ) -> EncodedCorpus:
     """Encodes a Delta ``corpus/documents`` version in-process, batch by batch (only the
     vectors are kept, never the decoded images).
@@ -143,9 +138,9 @@ def encode_delta_corpus(
     Args:
         model: the checkpoint's model (eval mode).
         processor: its processor.
-        documents_uri: the Delta table (``Tables(root).documents``).
+        tables: the data root's Delta handle; its ``corpus/documents`` is encoded (image
+            files are read with its storage options).
         version: Delta version (default: the latest).
-        storage_options: object-store settings (never credentials).
         batch_size: documents per encoder call.
         device: torch device the model is on.
         progress: show a tqdm bar.
@@ -155,18 +150,16 @@ def encode_delta_corpus(
     """
     import sys
 
-    from deltalake import DeltaTable
     from tqdm import tqdm
 
-    total = DeltaTable(documents_uri, version=version,
-                       storage_options=dict(storage_options or {}) or None).to_pyarrow_dataset().count_rows()
+    total = tables.dataset(tables.documents, version).count_rows()
     ids: list[str] = []
     parts: list[np.ndarray] = []
     failed: dict[str, str] = {}
     with tqdm(total=total, unit="doc", desc="encode corpus", disable=not progress, file=sys.stderr) as bar:
         # Read a few encoder batches at a time: the decoded images of one read are all
         # that is held in memory.
-        for docs, bad in _iter_delta_documents(documents_uri, version, storage_options, batch_size * 4):
+        for docs, bad in _iter_delta_documents(tables, version, batch_size * 4):
             if docs:
                 enc = encode_corpus(model, processor, docs, batch_size, device=device)
                 ids.extend(enc.doc_ids)
@@ -208,14 +201,14 @@ def evaluate(
 # ---------------------------------------------------------------------------------------
 
 
-def _splits_under(root: str, storage_options: Mapping[str, str] | None) -> list[str]:
+def _splits_under(tables: Tables) -> list[str]:
     """Names of the query splits under ``<root>/queries`` (for error messages)."""
     import pyarrow.fs as pafs
 
     from pipelines.store import storage
 
     try:
-        fs, path = storage.filesystem(storage.join(storage.normalise_uri(root), "queries"), dict(storage_options or {}))
+        fs, path = tables.filesystem(storage.join(tables.root, "queries"))
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except Exception:  # only used to make an error message more helpful
         return []
@@ -223,15 +216,13 @@ def _splits_under(root: str, storage_options: Mapping[str, str] | None) -> list[
 
 
 def load_split(
-    root: str, split: str, storage_options: Mapping[str, str] | None = None, *,
-    documents_version: int | None = None,
+    tables: Tables, split: str, *, documents_version: int | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
     """Reads ``queries/<split>`` and ``qrels/<split>`` (written by ``ciea ingest``).
 
     Args:
-        root: the ingest data root (local path or ``s3://``).
+        tables: the ingest data root's Delta handle (``Tables(root, storage_options)``).
         split: split name, e.g. ``"test"``.
-        storage_options: object-store settings (never credentials).
         documents_version: ``corpus/documents`` version whose modalities give each
             query's answer modality (default: the latest).
 
@@ -248,10 +239,7 @@ def load_split(
         EvaluationError: no such split (naming the ones there), an empty split, or a
             split without a single judged query.
     """
-    from pipelines.store.delta_tables import Tables
-
-    tables = Tables(root, dict(storage_options or {}))
-    qt = _read_queries(tables, root, split, storage_options)
+    qt = _read_queries(tables, split)
     qids = set(qt[S.QID].to_pylist())
     qrels = _read_qrels(tables, split, qids)
     judged = {q for q, docs in qrels.items() if any(r > 0 for r in docs.values())}
@@ -264,7 +252,7 @@ def load_split(
                        len(qids) - len(judged), len(qids), split)
 
     modality_of = _document_modalities(
-        tables.documents, {d for docs in qrels.values() for d in docs}, documents_version, storage_options)
+        tables, {d for docs in qrels.values() for d in docs}, documents_version)
     queries: list[dict[str, Any]] = []
     for qid, text, meta_json in sorted(zip(*(qt[c].to_pylist() for c in (S.QID, S.QUERY, S.METADATA)))):
         meta = _parse_metadata(meta_json)
@@ -276,7 +264,7 @@ def load_split(
     return queries, qrels
 
 
-def _read_queries(tables: Tables, root: str, split: str, storage_options: Mapping[str, str] | None) -> pa.Table:
+def _read_queries(tables: Tables, split: str) -> pa.Table:
     """``queries/<split>`` (qid, query, metadata).
 
     Raises:
@@ -290,7 +278,7 @@ def _read_queries(tables: Tables, root: str, split: str, storage_options: Mappin
         qt = plain_types(pa.table(tables.open(tables.queries(split)).to_pyarrow_table(
             columns=[S.QID, S.QUERY, S.METADATA])))
     except TableNotFoundError:
-        have = _splits_under(root, storage_options)
+        have = _splits_under(tables)
         there = f"splits there: {', '.join(have)}" if have else "no split there at all"
         raise EvaluationError(
             f"no query split {split!r} at {tables.queries(split)} ({there}); pass one of them with "
@@ -338,40 +326,34 @@ def _parse_metadata(text: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _document_modalities(
-    documents_uri: str, doc_ids: set[str], version: int | None, storage_options: Mapping[str, str] | None,
-) -> dict[str, str]:
+def _document_modalities(tables: Tables, doc_ids: set[str], version: int | None) -> dict[str, str]:
     """doc_id → modality for the judged documents (two narrow columns of the corpus)."""
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     from pipelines.store.delta_tables import plain_types
 
     try:
-        dt = DeltaTable(documents_uri, version=version, storage_options=dict(storage_options or {}) or None)
+        dt = tables.documents_table(version)
     except TableNotFoundError:
-        logger.warning("no corpus/documents at %s: answer modality is 'unknown' for every query", documents_uri)
+        logger.warning("no corpus/documents at %s: answer modality is 'unknown' for every query", tables.documents)
         return {}
     t = plain_types(pa.table(dt.to_pyarrow_dataset().to_table(columns=[S.DOC_ID, S.MODALITY])))
     return {d: m for d, m in zip(t[S.DOC_ID].to_pylist(), t[S.MODALITY].to_pylist()) if d in doc_ids}
 
 
-def corpus_doc_ids(root: str, version: int | None = None,
-                   storage_options: Mapping[str, str] | None = None) -> set[str]:
+def corpus_doc_ids(tables: Tables, version: int | None = None) -> set[str]:
     """Doc ids of a ``corpus/documents`` version (one narrow column).
 
     Raises:
         EvaluationError: no corpus there, with the fix.
     """
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    from pipelines.store.delta_tables import Tables, plain_types
+    from pipelines.store.delta_tables import plain_types
 
-    uri = Tables(root).documents
-    opts = dict(storage_options or {}) or None
+    uri = tables.documents
     try:
-        dt = DeltaTable(uri, storage_options=opts)
+        dt = tables.documents_table()
     except TableNotFoundError:
         raise EvaluationError(f"no corpus/documents at {uri}: run `ciea ingest --root <root>` first, or point "
                               "--root at the data root of the split") from None
@@ -379,7 +361,7 @@ def corpus_doc_ids(root: str, version: int | None = None,
         if not 0 <= version <= dt.version():
             raise EvaluationError(f"corpus/documents at {uri} has versions 0..{dt.version()}; version {version} "
                                   "does not exist (omit it for the latest)")
-        dt = DeltaTable(uri, version=version, storage_options=opts)
+        dt = tables.documents_table(version)
     return set(plain_types(pa.table(dt.to_pyarrow_dataset().to_table(columns=[S.DOC_ID])))[S.DOC_ID].to_pylist())
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.query.config import EvaluateConfig, VariantSettings
 from pipelines.store import storage as storage_mod
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +38,11 @@ class Prepared:
 
 
 def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str, dict[str, int]],
-                    searchers: dict[tuple, Any] | None = None) -> Prepared:
+                    searchers: dict[tuple, Any] | None = None, tables: Tables | None = None) -> Prepared:
     """Opens a table variant (or checks a checkpoint) and checks it holds the judged documents.
 
     Args:
+        tables: the run's Delta handle (default: made from ``cfg.input``).
         searchers: searchers already opened, shared by variants of the same table version
             (vector, fts and hybrid on one table load its model once).
 
@@ -64,7 +68,7 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
         except (FileNotFoundError, ValueError) as e:
             raise EvaluationError(f"variant {spec.name!r}: {e}") from None
         # Checked on the corpus doc ids before anything is encoded.
-        doc_ids = corpus_doc_ids(cfg.input.root, cfg.input.corpus_version, opts)
+        doc_ids = corpus_doc_ids(tables or cfg.input.tables(), cfg.input.corpus_version)
         where = f"variant {spec.name!r} (corpus {cfg.input.root}, encoded with {spec.checkpoint})"
         missing = check_coverage(qrels, doc_ids, where, cfg.max_missing_fraction)
         info = {"kind": "checkpoint", "source": spec.checkpoint, "mode": "exact cosine (in-process)",
@@ -92,8 +96,9 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
 
 
 def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any]],
-                qrels: dict[str, dict[str, int]]) -> dict[str, list[str]]:
-    """The ranked run of one variant (qid → doc ids); updates ``prep.info`` with what happened."""
+                qrels: dict[str, dict[str, int]], tables: Tables | None = None) -> dict[str, list[str]]:
+    """The ranked run of one variant (qid → doc ids); updates ``prep.info`` with what happened.
+    ``tables``: the run's Delta handle (default: made from ``cfg.input``)."""
     from pipelines.query import evaluation as E
 
     t0 = time.perf_counter()
@@ -108,12 +113,10 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
         ranked = sr.run
     else:
         from ciea_model import load_checkpoint
-        from pipelines.store.delta_tables import Tables
 
         model, processor = load_checkpoint(prep.spec.checkpoint, map_location=cfg.search.device)
         corpus = E.encode_delta_corpus(
-            model, processor, Tables(cfg.input.root, cfg.input.storage_options).documents,
-            version=cfg.input.corpus_version, storage_options=cfg.input.storage_options,
+            model, processor, tables or cfg.input.tables(), version=cfg.input.corpus_version,
             batch_size=cfg.search.doc_batch_size, device=cfg.search.device, progress=cfg.progress)
         # Unreadable documents rank nowhere: checked again, they may hold judged ones.
         missing = E.check_coverage(qrels, set(corpus.doc_ids), f"variant {prep.spec.name!r} (corpus encoded with "
@@ -159,12 +162,12 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     from pipelines.query import report as R
 
     t0 = time.perf_counter()
-    queries, qrels = E.load_split(cfg.input.root, cfg.input.split, cfg.input.storage_options,
-                                  documents_version=cfg.input.corpus_version)
+    tables = cfg.input.tables()
+    queries, qrels = E.load_split(tables, cfg.input.split, documents_version=cfg.input.corpus_version)
     judged = sum(1 for q in queries if q["positive_doc_ids"])
     logger.info("split %s: %d queries, %d with relevant documents", cfg.input.split, len(queries), judged)
     searchers: dict[tuple, Any] = {}
-    prepared = [prepare_variant(cfg, spec, qrels, searchers) for spec in cfg.variants]
+    prepared = [prepare_variant(cfg, spec, qrels, searchers, tables) for spec in cfg.variants]
     searchers.clear()  # each variant holds its own reference, dropped after its run
 
     groupings = E.query_groupings(queries, cfg.metrics.group_by, cfg.metrics.answer_modality)
@@ -173,7 +176,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     reports = {}
     for prep in prepared:
         logger.info("variant %s: %s", prep.spec.name, prep.info["source"])
-        runs[prep.spec.name] = run_variant(cfg, prep, queries, qrels)
+        runs[prep.spec.name] = run_variant(cfg, prep, queries, qrels, tables)
         reports[prep.spec.name] = E.evaluate_grouped(runs[prep.spec.name], qrels, groupings, m.mrr, m.ndcg, m.recall,
                                                      m.graded_ndcg)
         prep.searcher = None  # release the model before the next variant loads its own

@@ -15,11 +15,20 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.store.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
+
+
+def _tables(root: str, storage_options: dict[str, str]) -> Tables:
+    from pipelines.store.delta_tables import Tables
+
+    return Tables(root, storage_options)
 
 Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr"]
 #: Parameters learnt at ``train.new_lr`` (random-init parts when the LM is pretrained).
@@ -52,6 +61,10 @@ class DataSettings(BaseModel):
     dev_pool: int | None = Field(None, ge=1, description="dev ranking pool: dev positives + about N other documents; default: the whole corpus")
     max_dev_queries: int | None = Field(None, ge=1)
     join_partitions: int = Field(2, ge=1, description="hash partitions of the document join")
+
+    def tables(self) -> Tables:
+        """The Delta handle of ``root`` with these storage options (made once per run)."""
+        return _tables(self.root, self.storage_options)
 
 
 class TrainSettings(BaseModel):
@@ -269,6 +282,10 @@ class MineConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="documents per encoder call")
     summary: str | None = Field(None, description="where to write the JSON summary (default <output>_summary.json when local)")
     progress: bool = True
+
+    def tables(self) -> Tables:
+        """The Delta handle of ``root`` with these storage options (made once per run)."""
+        return _tables(self.root, self.storage_options)
 
     @property
     def summary_path(self) -> str | None:

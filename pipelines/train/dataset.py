@@ -48,7 +48,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +65,9 @@ from pipelines.train.draws import (
     visit_order,
 )
 from pipelines.train.examples import positive_candidates
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +88,6 @@ SHARD, EPOCH, SLOT, SLOTS = "shard", "epoch", "slot", "slots"
 POSITIVE_CAPTIONS, CAP = "positive_captions", "cap"
 
 
-def documents_uri(root: str) -> str:
-    return storage.join(storage.normalise_uri(root), "corpus", "documents")
-
-
-def queries_uri(root: str, split: str) -> str:
-    return storage.join(storage.normalise_uri(root), "queries", split)
-
-
-def qrels_uri(root: str, split: str) -> str:
-    return storage.join(storage.normalise_uri(root), "qrels", split)
-
-
 def _plain(table: pa.Table) -> pa.Table:
     # deltalake returns string_view/binary_view from merged files: cast before compute.
     fields = []
@@ -110,12 +101,11 @@ def _plain(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
-def _read_small(uri: str, columns: list[str], storage_options: dict[str, str] | None) -> pa.Table:
-    from deltalake import DeltaTable
+def _read_small(tables: Tables, uri: str, columns: list[str]) -> pa.Table:
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        table = DeltaTable(uri, storage_options=storage_options or None)
+        table = tables.open(uri)
     except TableNotFoundError:
         raise FileNotFoundError(
             f"no Delta table at {uri}: run `ciea ingest --root <root>` first, or point "
@@ -124,16 +114,17 @@ def _read_small(uri: str, columns: list[str], storage_options: dict[str, str] | 
     return _plain(pa.table(table.to_pyarrow_table(columns=columns)))
 
 
-def read_queries(root: str, split: str, storage_options: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The queries of ``split`` with their qrels, in qid order (driver side; small).
+def read_queries(tables: Tables, split: str) -> list[dict[str, Any]]:
+    """The queries of ``split`` (``queries/<split>``, ``qrels/<split>`` under ``tables``' root)
+    with their qrels, in qid order (driver side; small).
 
     Returns:
         dicts with ``qid``, ``query``, ``positive_doc_ids`` (relevance > 0), ``kind`` and
         ``target_doc_id`` (from the query's metadata when the source records them, else
         ``None``).
     """
-    q = _read_small(queries_uri(root, split), [S.QID, S.QUERY, S.METADATA], storage_options)
-    r = _read_small(qrels_uri(root, split), [S.QID, S.DOC_ID, S.RELEVANCE], storage_options)
+    q = _read_small(tables, tables.queries(split), [S.QID, S.QUERY, S.METADATA])
+    r = _read_small(tables, tables.qrels(split), [S.QID, S.DOC_ID, S.RELEVANCE])
     positives: dict[str, list[str]] = {}
     for qid, doc_id, rel in zip(*(r.column(c).to_pylist() for c in (S.QID, S.DOC_ID, S.RELEVANCE))):
         if rel and rel > 0:
@@ -148,13 +139,13 @@ def read_queries(root: str, split: str, storage_options: dict[str, str] | None =
     return sorted(out, key=lambda x: x["qid"])
 
 
-def read_documents(root: str, storage_options: dict[str, str] | None = None, version: int | None = None,
-                   columns: Sequence[str] = DOC_COLUMNS):
-    """``corpus/documents`` as a lazy Ray Dataset (nothing is read in the driver)."""
+def read_documents(tables: Tables, version: int | None = None, columns: Sequence[str] = DOC_COLUMNS):
+    """``corpus/documents`` as a lazy Ray Dataset (nothing is read in the driver), with the
+    handle's storage options."""
     import ray.data
 
-    return ray.data.read_delta(documents_uri(root), version=version, columns=list(columns),
-                               storage_options=storage_options or None)
+    return ray.data.read_delta(tables.documents, version=version, columns=list(columns),
+                               storage_options=tables.storage_options or None)
 
 
 class _KeepIds:
@@ -175,10 +166,9 @@ def filter_ids(ds, ids: Sequence[str]):
     return ds.map_batches(keep, batch_format="pyarrow")
 
 
-def document_modalities(root: str, ids: Sequence[str], storage_options: dict[str, str] | None = None,
-                        version: int | None = None) -> dict[str, str]:
+def document_modalities(tables: Tables, ids: Sequence[str], version: int | None = None) -> dict[str, str]:
     """doc_id → modality for the given ids (read on the cluster; only the matches return)."""
-    ds = filter_ids(read_documents(root, storage_options, version, columns=(S.DOC_ID, S.MODALITY)), ids)
+    ds = filter_ids(read_documents(tables, version, columns=(S.DOC_ID, S.MODALITY)), ids)
     out: dict[str, str] = {}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
         out.update(zip(batch.column(S.DOC_ID).to_pylist(), batch.column(S.MODALITY).to_pylist()))
@@ -389,7 +379,7 @@ def shard_name(rank: int) -> str:
 
 
 def build_train_shards(
-    root: str, split: str, storage_options: dict[str, str] | None = None, *,
+    tables: Tables, split: str, *,
     epochs: Sequence[int], num_shards: int, settings: DrawSettings | None = None, version: int | None = None,
     mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, max_queries: int | None = None,
     num_partitions: int = 2,
@@ -403,40 +393,40 @@ def build_train_shards(
     """
     settings = settings or DrawSettings()
     epochs = list(epochs)
-    queries = read_queries(root, split, storage_options)
+    queries = read_queries(tables, split)
     if max_queries is not None:
         queries = queries[:max_queries]
     if not queries:
-        raise ValueError(f"queries/{split} under {root} is empty: ingest queries for split {split!r} first")
+        raise ValueError(f"queries/{split} under {tables.root} is empty: ingest queries for split {split!r} first")
     # doc_id → modality (ids only) of every target and of the positives of queries without
     # one (among which the per-epoch choice is made): a positive known to exist, so the
     # inner join drops no row and the shards stay even.
     need = sorted({d for q in queries for d in ([q["target_doc_id"]] if q.get("target_doc_id")
                                                  else q["positive_doc_ids"])})
-    modalities = document_modalities(root, need, storage_options, version)
+    modalities = document_modalities(tables, need, version)
     plan = plan_examples(queries, modalities, mined, depth=settings.depth)
     if plan.counts["used"] == 0:
         raise ValueError(
-            f"no query of split {split!r} has a positive in {documents_uri(root)}: the qrels "
+            f"no query of split {split!r} has a positive in {tables.documents}: the qrels "
             "point at documents that were never ingested (or were quarantined)")
-    docs = filter_ids(read_documents(root, storage_options, version), plan.needed_ids)
+    docs = filter_ids(read_documents(tables, version), plan.needed_ids)
     ds = epoch_dataset(plan, docs, epochs, settings, num_shards, num_partitions).materialize()
     sizes = shard_sizes(plan.counts["used"], epochs, num_shards)
     total = ds.count()
     if total != sum(sizes):
         raise ValueError(f"the training rows number {total}, not {sum(sizes)} ({plan.counts['used']} queries × "
-                         f"{len(epochs)} epochs): a doc_id of {documents_uri(root)} is not unique")
+                         f"{len(epochs)} epochs): a doc_id of {tables.documents} is not unique")
     cuts = [sum(sizes[: r + 1]) for r in range(num_shards - 1)]
     parts = ds.split_at_indices(cuts) if cuts else [ds]
     counts = {**plan.counts, "rows": plan.counts["used"], "epochs": len(epochs)}
     return {shard_name(r): part for r, part in enumerate(parts)}, counts
 
 
-def dev_documents_dataset(root: str, queries: Sequence[Mapping[str, Any]], storage_options: dict[str, str] | None = None,
-                          version: int | None = None, pool: int | None = None, seed: int = 0):
+def dev_documents_dataset(tables: Tables, queries: Sequence[Mapping[str, Any]], version: int | None = None,
+                          pool: int | None = None, seed: int = 0):
     """Documents rank 0 scores dev queries against: the whole corpus (``pool=None``), or
     every dev positive plus about ``pool`` other documents picked by a hash of their id."""
-    docs = read_documents(root, storage_options, version)
+    docs = read_documents(tables, version)
     if pool is None:
         return docs
     positives = sorted({d for q in queries for d in q["positive_doc_ids"]})

@@ -132,10 +132,12 @@ def train_tokenizer(cfg: TrainJobConfig, path: Path) -> None:
     if (path / "tokenizer_config.json").exists():
         return
 
+    tables = cfg.data.tables()
+
     def texts():
-        for q in read_queries(cfg.data.root, cfg.data.train_split, cfg.data.storage_options):
+        for q in read_queries(tables, cfg.data.train_split):
             yield q["query"]
-        docs = read_documents(cfg.data.root, cfg.data.storage_options, cfg.data.version, columns=(S.TEXT, S.CAPTION))
+        docs = read_documents(tables, cfg.data.version, columns=(S.TEXT, S.CAPTION))
         for batch in docs.iter_batches(batch_format="pyarrow", batch_size=4096):
             for text, caption in zip(batch.column(S.TEXT).to_pylist(), batch.column(S.CAPTION).to_pylist()):
                 if caption or text:
@@ -158,6 +160,7 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
     from pipelines.train.draws import DrawSettings
     from pipelines.train.negatives import read_mined
 
+    tables = cfg.data.tables()
     mined = None
     if cfg.train.stage == 2:
         expect = None
@@ -165,18 +168,17 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
             from ciea_model.checkpoint import read_manifest
 
             expect = read_manifest(cfg.train.init_from)["model_id"]
-        mined = read_mined(cfg.train.negatives, cfg.data.storage_options, depth=cfg.train.negative_depth,
-                           expect_model_id=expect)
+        mined = read_mined(tables, cfg.train.negatives, depth=cfg.train.negative_depth, expect_model_id=expect)
     train, counts = build_train_shards(
-        cfg.data.root, cfg.data.train_split, cfg.data.storage_options, version=cfg.data.version, mined=mined,
+        tables, cfg.data.train_split, version=cfg.data.version, mined=mined,
         settings=DrawSettings.from_train(cfg.train), epochs=range(min(start_epoch, cfg.train.epochs - 1), cfg.train.epochs),
         num_shards=cfg.scaling.num_workers, max_queries=cfg.data.max_train_queries,
         num_partitions=cfg.data.join_partitions)
-    dev_queries = [q for q in read_queries(cfg.data.root, cfg.data.dev_split, cfg.data.storage_options)
+    dev_queries = [q for q in read_queries(tables, cfg.data.dev_split)
                    if q["positive_doc_ids"]][: cfg.data.max_dev_queries]
     if not dev_queries:
         raise SetupError(f"queries/{cfg.data.dev_split} has no query with a positive: early stopping needs a dev split")
-    dev = dev_documents_dataset(cfg.data.root, dev_queries, cfg.data.storage_options, cfg.data.version,
+    dev = dev_documents_dataset(tables, dev_queries, cfg.data.version,
                                 pool=cfg.data.dev_pool, seed=cfg.train.seed).materialize()
     counts["dev_documents"] = dev.count()
     counts["dev_queries"] = len(dev_queries)

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,9 @@ from ciea_model.processor import CIEAProcessor, Document, TrainExample
 from pipelines.store import schema as S
 from pipelines.train.config import MineConfig
 from pipelines.train.draws import DrawSettings, draw_negatives
+
+if TYPE_CHECKING:
+    from pipelines.store.delta_tables import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -162,19 +165,19 @@ def split_by_modality(table: pa.Table, depth: int | None = None) -> dict[str, di
     return out
 
 
-def read_mined(uri: str, storage_options: dict[str, str] | None = None, depth: int | None = None,
+def read_mined(tables: Tables, uri: str, depth: int | None = None,
                expect_model_id: str | None = None) -> dict[str, dict[str, list[str]]]:
-    """Reads a mined-negatives table (see :func:`split_by_modality`).
+    """Reads a mined-negatives table at ``uri``, opened through ``tables`` (the data root's
+    handle: its storage options) (see :func:`split_by_modality`).
 
     Raises:
         FileNotFoundError: no table at ``uri``.
         ValueError: the table was mined with another model than ``expect_model_id``.
     """
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        dt = DeltaTable(uri, storage_options=storage_options or None)
+        dt = tables.open(uri)
     except TableNotFoundError:
         raise FileNotFoundError(f"no mined negatives at {uri}: run `ciea mine-negatives --output {uri}` first") from None
     table = pa.table(dt.to_pyarrow_table(columns=[S.QID, RANK, S.DOC_ID, S.MODALITY, MODEL_ID]))
@@ -186,14 +189,14 @@ def read_mined(uri: str, storage_options: dict[str, str] | None = None, depth: i
 
 
 def mine(
-    checkpoint: str, root: str, split: str, k: int = 100, storage_options: dict[str, str] | None = None,
-    version: int | None = None, pool_size: int = 1, cpus_per_actor: float = 1.0, batch_size: int = 64,
+    checkpoint: str, tables: Tables, split: str, k: int = 100, version: int | None = None, pool_size: int = 1, cpus_per_actor: float = 1.0, batch_size: int = 64,
     threads: int | None = None, progress: bool = False,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Embeds ``corpus/documents`` and the queries of ``split`` with ``checkpoint`` and
     returns the mined table and a summary. Needs an initialised Ray.
 
     Args:
+        tables: the data root's Delta handle (its storage options also read image files).
         k: negatives kept per query (over the mixed corpus, positives removed).
         pool_size / cpus_per_actor: the encoder actor pool; keep
             ``pool_size × cpus_per_actor + 1 ≤`` the cluster's CPUs (the read tasks need one).
@@ -206,14 +209,14 @@ def mine(
 
     model, processor = load_checkpoint(checkpoint)
     mid = model_id(model)
-    queries = read_queries(root, split, storage_options)
+    queries = read_queries(tables, split)
     if not queries:
-        raise ValueError(f"queries/{split} under {root} is empty: nothing to mine for")
+        raise ValueError(f"queries/{split} under {tables.root} is empty: nothing to mine for")
     q_vectors = encode_queries(model, processor, [q["query"] for q in queries])
     del model
     top = RunningTopK(q_vectors, k, [set(q["positive_doc_ids"]) for q in queries])
-    ds = read_documents(root, storage_options, version).map_batches(
-        DocumentEncoder, fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": storage_options,
+    ds = read_documents(tables, version).map_batches(
+        DocumentEncoder, fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": tables.storage_options,
                                                 "threads": threads},
         compute=ray.data.ActorPoolStrategy(size=pool_size), num_cpus=cpus_per_actor,
         batch_size=batch_size, batch_format="pyarrow",
@@ -241,12 +244,13 @@ def mine(
     return table, summary
 
 
-def write_mined(table: pa.Table, uri: str, storage_options: dict[str, str] | None = None) -> int:
-    """Overwrites the Delta table at ``uri`` with ``table``; returns the new version."""
-    from deltalake import DeltaTable, write_deltalake
+def write_mined(tables: Tables, uri: str, table: pa.Table) -> int:
+    """Overwrites the Delta table at ``uri`` with ``table`` (``tables``' storage options);
+    returns the new version."""
+    from deltalake import write_deltalake
 
-    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=storage_options or None)
-    return DeltaTable(uri, storage_options=storage_options or None).version()
+    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=tables.storage_options or None)
+    return tables.open(uri).version()
 
 
 def run(cfg: MineConfig) -> dict[str, Any]:
@@ -257,10 +261,10 @@ def run(cfg: MineConfig) -> dict[str, Any]:
         The summary: counts, the checkpoint's ``model_id``, the table version, seconds.
     """
     t0 = time.perf_counter()
-    table, summary = mine(cfg.checkpoint, cfg.root, cfg.split, k=cfg.k, storage_options=cfg.storage_options,
-                          version=cfg.version, pool_size=cfg.pool_size, cpus_per_actor=cfg.cpus_per_actor,
-                          batch_size=cfg.batch_size, threads=cfg.threads, progress=cfg.progress)
-    summary["table_version"] = write_mined(table, cfg.output, cfg.storage_options)
+    tables = cfg.tables()
+    table, summary = mine(cfg.checkpoint, tables, cfg.split, k=cfg.k, version=cfg.version, pool_size=cfg.pool_size,
+                          cpus_per_actor=cfg.cpus_per_actor, batch_size=cfg.batch_size, threads=cfg.threads, progress=cfg.progress)
+    summary["table_version"] = write_mined(tables, cfg.output, table)
     summary.update(output=cfg.output, seconds=round(time.perf_counter() - t0, 1))
     return summary
 

@@ -8,9 +8,9 @@ import json
 import math
 
 import pytest
-from deltalake import DeltaTable
 
 from jobs import demo
+from pipelines.store.delta_tables import Tables
 
 TINY_DOCS = 120 + 40
 
@@ -45,7 +45,7 @@ def test_demo_lands_in_delta_and_lancedb(demo_run):
     import lancedb
 
     _, out = demo_run
-    assert DeltaTable(str(out / "data" / "corpus" / "documents")).to_pyarrow_table().num_rows == TINY_DOCS
+    assert Tables(str(out / "data")).read("documents").num_rows == TINY_DOCS
     db = lancedb.connect(str(out / "lancedb"))
     summary = json.loads((out / "demo_summary.json").read_text())
     for variant in ("ciea", "text-only"):

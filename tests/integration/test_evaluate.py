@@ -26,6 +26,7 @@ from jobs import evaluate as job
 from pipelines.ingest.sources.synthetic.generator import SyntheticConfig, generate_queries
 from pipelines.query.evaluation import EvaluationError, evaluate_searcher, load_split
 from pipelines.query.metrics import OVERALL
+from pipelines.store.delta_tables import Tables
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -237,7 +238,7 @@ def test_one_query_the_search_refuses_scores_zero_and_the_rest_are_scored(env):
 def test_evaluate_searcher_is_the_same_numbers_as_the_job(env, full):
     from pipelines.query.search import Searcher
 
-    queries, qrels = load_split(str(env["root"]), "test")
+    queries, qrels = load_split(Tables(str(env["root"])), "test")
     searcher = Searcher.open(env["db"], "docs")
     report = evaluate_searcher(searcher, queries, qrels, k=100, mode="vector", max_missing_fraction=0.0)
     v = full["variants"]["ciea"]

@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
 from safetensors import safe_open
 
 from jobs import mine_negatives, train
+from pipelines.store.delta_tables import Tables
 from pipelines.train.checkpoints import PROBE_FILE, STATE_FILE
 from pipelines.train.curves import METRICS_FILE, read_metrics
 
@@ -204,8 +203,9 @@ def test_stage1_checkpoint_reloads_into_the_same_encoder(stage1, data_root):
     assert len(qids) == 8 and len(doc_ids) == 8
     model, processor = load_checkpoint(stage1["model_dir"])
     assert model_id(model) == stage1["model_id"]
-    queries = {q["qid"]: q for q in read_queries(str(data_root), "dev")}
-    table = pa.table(DeltaTable(str(data_root / "corpus" / "documents")).to_pyarrow_table())
+    tables = Tables(str(data_root))
+    queries = {q["qid"]: q for q in read_queries(tables, "dev")}
+    table = tables.read("documents")
     docs = {d.doc_id: d for d in rows_to_documents(table)}
     q = encode_queries(model, processor, [queries[i]["query"] for i in qids])
     d = encode_documents(model, processor, [docs[i] for i in doc_ids])
@@ -305,13 +305,14 @@ def test_mining_finds_the_known_negatives(known_corpus, tmp_path):
     k = 20  # more than the 17 non-positive documents: every document is ranked
     assert mine_negatives.main(["--checkpoint", ckpt, "--root", str(root), "--output", str(out), "--k", str(k),
                                 "--no-progress", "--set", "cpus_per_actor=0.5", "--set", "batch_size=4"]) == 0
-    table = pa.table(DeltaTable(str(out)).to_pyarrow_table()).to_pylist()
+    tables = Tables(str(root))
+    table = tables.read(str(out)).to_pylist()
     by_q: dict[str, list[dict]] = {}
     for r in sorted(table, key=lambda r: (r["qid"], r["rank"])):
         by_q.setdefault(r["qid"], []).append(r)
     # Exact search, recomputed here in-process from the same checkpoint.
     model, processor = load_checkpoint(ckpt)
-    docs = rows_to_documents(pa.table(DeltaTable(str(root / "corpus" / "documents")).to_pyarrow_table()))
+    docs = rows_to_documents(tables.read("documents"))
     scores = encode_queries(model, processor, QUERIES) @ encode_documents(model, processor, docs).T
     for i in range(len(QUERIES)):
         hits = by_q[f"q{i}"]
@@ -323,7 +324,7 @@ def test_mining_finds_the_known_negatives(known_corpus, tmp_path):
         for h in hits:
             assert h["modality"] == ("image" if h["doc_id"].startswith("img-") else "text")
     # Stage 2's modality-balanced draw from the top 1 of each modality is fully determined.
-    mined = read_mined(str(out), depth=1)
+    mined = read_mined(tables, str(out), depth=1)
     plan = plan_examples(
         [{"qid": f"q{i}", "query": q, "positive_doc_ids": [f"pos-{i}"], "target_doc_id": f"pos-{i}"}
          for i, q in enumerate(QUERIES)],

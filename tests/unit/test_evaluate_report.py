@@ -84,7 +84,7 @@ def root(tmp_path):
 
 
 def test_load_split_reads_queries_judgments_kinds_and_answer_modalities(root, caplog):
-    queries, qrels = E.load_split(str(root), "test")
+    queries, qrels = E.load_split(Tables(str(root)), "test")
     by = {q["qid"]: q for q in queries}
     assert [q["qid"] for q in queries] == ["q1", "q2", "q3", "q4", "q5"]
     assert by["q2"]["query"] == "warm things" and by["q2"]["kind"] == "text"
@@ -99,19 +99,19 @@ def test_load_split_reads_queries_judgments_kinds_and_answer_modalities(root, ca
 
 def test_load_split_errors_name_the_fix(root, tmp_path):
     with pytest.raises(E.EvaluationError, match=r"no query split 'tset'.*splits there: test.*--split"):
-        E.load_split(str(root), "tset")
+        E.load_split(Tables(str(root)), "tset")
     with pytest.raises(E.EvaluationError, match="no split there at all"):
-        E.load_split(str(tmp_path / "nowhere"), "test")
+        E.load_split(Tables(str(tmp_path / "nowhere")), "test")
     _write_split(root, "empty", [], [])
     with pytest.raises(E.EvaluationError, match="'empty'.*is empty"):
-        E.load_split(str(root), "empty")
+        E.load_split(Tables(str(root)), "empty")
     _write_split(root, "unjudged", [("a", "x", {})], [("a", "i1", 0)])
     with pytest.raises(E.EvaluationError, match="no relevant document.*qrels"):
-        E.load_split(str(root), "unjudged")
+        E.load_split(Tables(str(root)), "unjudged")
 
 
 def test_query_groupings_skip_keys_no_query_has(root):
-    queries, _ = E.load_split(str(root), "test")
+    queries, _ = E.load_split(Tables(str(root)), "test")
     groups = E.query_groupings(queries, ("kind", "Qcate"))
     assert set(groups) == {"kind", "modality"}
     assert groups["kind"] == {"q1": "caption", "q2": "text", "q3": "image", "q4": "image", "q5": "text"}
@@ -120,16 +120,16 @@ def test_query_groupings_skip_keys_no_query_has(root):
 
 
 def test_check_coverage_and_corpus_doc_ids(root):
-    _, qrels = E.load_split(str(root), "test")
-    ids = E.corpus_doc_ids(str(root))
+    _, qrels = E.load_split(Tables(str(root)), "test")
+    ids = E.corpus_doc_ids(Tables(str(root)))
     assert ids == {"i1", "i2", "t1", "t2"}
     with pytest.raises(E.EvaluationError, match=r"lacks 1 of the 3 .*deleted-doc.*ciea embed.*max_missing_fraction"):
         E.check_coverage(qrels, ids, "table x")
     assert E.check_coverage(qrels, ids, "table x", max_missing_fraction=0.34) == ["deleted-doc"]
     with pytest.raises(E.EvaluationError, match="versions 0..0"):
-        E.corpus_doc_ids(str(root), version=3)
+        E.corpus_doc_ids(Tables(str(root)), version=3)
     with pytest.raises(E.EvaluationError, match="ciea ingest"):
-        E.corpus_doc_ids(str(root / "nope"))
+        E.corpus_doc_ids(Tables(str(root / "nope")))
 
 
 def test_encode_delta_corpus_matches_in_memory_encoding_and_survives_a_bad_image(root, tmp_path, make_model):
@@ -142,7 +142,7 @@ def test_encode_delta_corpus_matches_in_memory_encoding_and_survives_a_bad_image
     ]
     (tmp_path / "blue.png").write_bytes(_png((0, 0, 255)))
     _write_documents(root, docs)
-    corpus = E.encode_delta_corpus(model, processor, Tables(str(root)).documents, batch_size=2)
+    corpus = E.encode_delta_corpus(model, processor, Tables(str(root)), batch_size=2)
     assert sorted(corpus.doc_ids) == ["i1", "i2", "t1"]
     assert list(corpus.failed) == ["i3"] and "nope.png" in corpus.failed["i3"]
     from ciea_model.processor import Document

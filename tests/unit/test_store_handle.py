@@ -19,28 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 SCANNED = ("pipelines", "jobs", "bench", "tests")
 #: Where ``DeltaTable`` may be constructed: the handle itself.
 HOME = "pipelines/store/"
-#: Modules that still construct ``DeltaTable`` directly. They are being reworked by others
-#: right now and move to ``Tables`` next; strike an entry as soon as its module does, so
-#: the rule covers it from then on. Never add one: open the table with ``Tables.open``.
-ALLOWED = (
-    # issue 15, still to move: the evaluation and metrics readers
-    "pipelines/query/evaluation.py",
-    "pipelines/query/metrics.py",
-    # issue 15, still to move: the training and ingest phases
-    "pipelines/train/",
-    "pipelines/ingest/",
-    # issue 15, still to move: the jobs over those phases
-    "jobs/ingest.py",
-    "jobs/evaluate.py",
-    "jobs/train.py",
-    "jobs/compare.py",
-    "jobs/demo.py",
-    "jobs/mine_negatives.py",
-    # the training benchmark and the tests of training and the demo (same owners)
-    "bench/train_throughput.py",
-    "tests/integration/test_train_ray.py",
-    "tests/e2e/test_demo_pipeline.py",
-)
+#: Modules that still construct ``DeltaTable`` directly: none left (issue 15 moved the last
+#: ones to ``Tables``). Never add one: open the table with ``Tables.open``.
+ALLOWED: tuple[str, ...] = ()
 
 
 def delta_table_constructions(source: str) -> list[int]:
