@@ -97,3 +97,14 @@ def test_the_rule_checker_sees_what_it_should(tmp_path):
     probe.write_text("from jobs import ingest\nfrom pipelines.x import _hidden\n\ningest._init_ray(1)\n")
     found = _private_uses(probe)
     assert any("ingest._init_ray" in v for v in found) and any("_hidden" in v for v in found)
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test files by basename (no packages under tests/): two tiers with a
+    ``test_x.py`` each make collection fail with "import file mismatch" on a clean checkout."""
+    seen: dict[str, list[str]] = {}
+    for path in (REPO / "tests").rglob("*.py"):
+        if "__pycache__" not in path.parts:
+            seen.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1 and name != "conftest.py"}
+    assert clashes == {}, f"rename one of each pair: {clashes}"
