@@ -30,6 +30,19 @@ class _RayDataNoise(logging.Filter):
         return not record.getMessage().startswith("Progress bars disabled")
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run log. Ray Data re-configures its logger (closing the handlers it finds) and a
+    session folder can be deleted while this process lives on (a second run in the same
+    process, a test's temporary Ray): a line that cannot be written is dropped, never raised
+    into the caller (``FileHandler`` re-opens a closed file outside its own error handling)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:
+            pass
+
+
 class _TerminalFilter(logging.Filter):
     """Our INFO lines, everyone's warnings: what a person at the terminal needs."""
 
@@ -62,7 +75,7 @@ def log_to_file(path: str | Path, verbose: bool = False) -> Path:
     log, and keeps Ray's own terminal handlers to warnings unless ``verbose``. Idempotent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _RunLogHandler(path)
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler._ciea_run_log = True  # type: ignore[attr-defined]

@@ -56,3 +56,29 @@ def test_terminal_shows_ours_and_warnings_run_log_has_everything(tmp_path):
 def test_verbose_shows_everything(tmp_path):
     terminal, _ = _run(tmp_path, verbose=True)
     assert "ray train chatter" in terminal and "Execution plan" in terminal
+
+
+def test_a_vanished_run_log_never_raises_into_the_caller(tmp_path):
+    """Ray Data closes handlers when it re-configures its logger, and a test's (or an
+    earlier run's) session folder can be deleted: logging afterwards must not raise."""
+    script = textwrap.dedent(
+        """
+        import logging, shutil, sys
+        from pathlib import Path
+        from jobs.common import log_to_file, setup_logging
+
+        setup_logging()
+        folder = Path(sys.argv[1])
+        handler_path = log_to_file(folder / "logs" / "ciea.log")
+        for h in logging.getLogger().handlers:
+            if getattr(h, "_ciea_run_log", False):
+                h.close()  # what Ray Data's logging set-up does to the handlers it finds
+        shutil.rmtree(folder)
+        logging.getLogger("ray.data").info("after the folder is gone")
+        logging.getLogger("pipelines.x").info("still fine")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "session")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "still fine" in done.stderr and "Traceback" not in done.stderr
