@@ -5,56 +5,36 @@ reason; none of their bytes reach any table file; the run ends 0 with counts rec
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import signal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from confinement_fixtures import SECRET, fails_if_blocked, make_outside, png
 from http_faults import FaultServer, png_for
 from ingest_helpers import reconcile, rows_by_id, run_ingest
-from PIL import Image
 
 from pipelines.store.delta_tables import Tables
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-SECRET = b"TOP-SECRET-CONTENT-0123456789"
 
 
-def png(color: tuple[int, int, int]) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (6, 6), color).save(out, format="PNG")
-    return out.getvalue()
 
-
-OUTSIDE_PNG = png((250, 1, 2))  # a valid image outside the roots: must never be stored
+OUTSIDE_PNG = png((250, 1, 2), size=6)  # a valid image outside the roots: must never be stored
 
 
 @pytest.fixture(autouse=True)
 def no_hang():
-    """A reader that opened a FIFO would block forever: fail instead."""
-    def boom(*_):
-        raise TimeoutError("the ingest blocked (a FIFO opened?)")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(600)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with fails_if_blocked(600, "the ingest"):
+        yield
 
 
 @pytest.fixture
 def outside(tmp_path) -> Path:
-    d = tmp_path / "outside"
-    d.mkdir()
-    (d / "secret.txt").write_bytes(SECRET)
-    (d / "secret.png").write_bytes(SECRET)
-    (d / "real.png").write_bytes(OUTSIDE_PNG)
-    return d
+    return make_outside(tmp_path, OUTSIDE_PNG)
 
 
 def assert_nothing_from_outside(data: Path) -> None:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from confinement_fixtures import SECRET, fails_if_blocked, make_outside, png
 
 from pipelines.ingest.confine import (
     NOT_A_REGULAR_FILE,
@@ -26,36 +25,16 @@ from pipelines.ingest.confine import (
 from pipelines.ingest.sources import EDISSource, FolderSource, ManifestSource
 from pipelines.ingest.validation import Limits, validate_batch
 
-SECRET = b"TOP-SECRET-CONTENT-0123456789"
-
-
-def png(color=(10, 20, 30)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (4, 4), color).save(out, format="PNG")
-    return out.getvalue()
-
 
 @pytest.fixture(autouse=True)
 def no_hang():
-    """A reader that opened a FIFO would block forever: fail instead."""
-    def boom(*_):
-        raise TimeoutError("a reader blocked (opened a FIFO?)")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with fails_if_blocked(60, "a reader"):
+        yield
 
 
 @pytest.fixture
 def outside(tmp_path) -> Path:
-    d = tmp_path / "outside"
-    d.mkdir()
-    (d / "secret.txt").write_bytes(SECRET)
-    (d / "secret.png").write_bytes(SECRET)
-    (d / "real.png").write_bytes(png())
-    return d
+    return make_outside(tmp_path, png())
 
 
 def read_rows(source) -> list[dict]:
