@@ -112,21 +112,28 @@ class FolderSource(Source):
         if table is not None:
             yield table
 
+    def _read(self, rel: str, reason: str) -> tuple[str | None, bytes | None, dict[str, Any] | None]:
+        """``(resolved path, bytes, None)``, or ``(None, None, error fields)`` when the roots
+        refuse the file or it cannot be read (``reason``)."""
+        try:
+            resolved, data = self.roots().read(storage.join(self.path, rel), self.storage_options, shown=rel)
+        except Refused as r:
+            return None, None, r.fields()
+        except OSError as e:
+            return None, None, _error(reason, f"cannot read {rel}: {e}")
+        if data is None:
+            return None, None, _error(reason, f"cannot read {rel}: it no longer exists")
+        return resolved, data, None
+
     def _record(self, image_rel: str | None, caption_rel: str | None,
                 doc_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``(raw fields, error fields or None)`` of one image (and its caption); each file is
         read only after the roots allow it (``pipelines.ingest.confine``)."""
-        roots, opts = self.roots(), self.storage_options
         fields: dict[str, Any] = {"doc_id": doc_id, "modality": "image"}
         if caption_rel is not None:
-            try:
-                _, raw = roots.read(storage.join(self.path, caption_rel), opts, shown=caption_rel)
-            except Refused as r:
-                return fields, r.fields()
-            except OSError as e:
-                return fields, _error("caption_unreadable", f"cannot read {caption_rel}: {e}")
-            if raw is None:
-                return fields, _error("caption_unreadable", f"cannot read {caption_rel}: it no longer exists")
+            _, raw, failed = self._read(caption_rel, "caption_unreadable")
+            if failed is not None:
+                return fields, failed
             try:
                 fields["caption"] = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -136,14 +143,9 @@ class FolderSource(Source):
             return fields, _error("missing_image", f"caption file {caption_rel} has no image beside it "
                                   f"({'/'.join(IMAGE_SUFFIXES)}); add the image or remove the caption")
         # Read in both modes: validation then decodes these bytes, never reopens the path.
-        try:
-            resolved, data = roots.read(storage.join(self.path, image_rel), opts, shown=image_rel)
-        except Refused as r:
-            return fields, r.fields()
-        except OSError as e:
-            return fields, _error("image_missing", f"cannot read {image_rel}: {e}")
-        if data is None:
-            return fields, _error("image_missing", f"cannot read {image_rel}: it no longer exists")
+        resolved, data, failed = self._read(image_rel, "image_missing")
+        if failed is not None:
+            return fields, failed
         fields["image"] = data
         if self.image_mode != "inline":
             fields["image_uri"] = resolved
