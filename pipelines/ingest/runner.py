@@ -381,7 +381,7 @@ def make_source(cfg: IngestConfig) -> Source:
     """
     source = _make_source(cfg)
     if cfg.source.queries_path and cfg.source.queries:
-        queries = BeirQueries(cfg.source.queries_path, cfg.output.storage_options)
+        queries = BeirQueries(cfg.source.queries_path, cfg.output.storage_options, cfg.source.allow_roots)
         queries.check()
         source.attach_queries(queries)
     return source

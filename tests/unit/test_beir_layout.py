@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from confinement_fixtures import SECRET, fails_if_blocked, make_outside, png
 
+from pipelines.ingest.confine import Refused
 from pipelines.ingest.sources import FolderSource, ManifestSource
 from pipelines.ingest.sources.base import BadQrel
 from pipelines.ingest.sources.beir import BeirQueries
@@ -70,3 +73,38 @@ def test_sources_take_attached_queries(tmp_path):
     folder = FolderSource(str(tmp_path))
     folder.attach_queries(BeirQueries(str(beir)))
     assert list(folder.iter_qrels("train")) == [("q3", "d5", 3)]
+
+
+# ---- confinement: the queries folder is a root like a corpus folder ----------------------
+
+
+def test_a_queries_file_symlinked_out_of_the_folder_is_refused_unread(tmp_path):
+    beir = write_beir(tmp_path / "beir")
+    outside = make_outside(tmp_path, png())
+    (outside / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": SECRET.decode()}) + "\n")
+    (beir / "queries.jsonl").unlink()
+    (beir / "queries.jsonl").symlink_to(outside / "queries.jsonl")
+    with pytest.raises(ValueError, match="queries.jsonl.*outside the source's allowed roots") as e:
+        BeirQueries(str(beir)).check()
+    assert SECRET.decode() not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(Refused, match="outside_root"):  # read past check(): refused again at open
+        list(BeirQueries(str(beir)).iter_queries("test"))
+    allowed = BeirQueries(str(beir), allow_roots=[str(outside)])  # --allow-root lets it in
+    allowed.check()
+    assert [q.query for q in allowed.iter_queries("test") if not q.error] == [SECRET.decode()]
+
+
+def test_a_qrels_folder_symlinked_out_is_refused(tmp_path):
+    beir = write_beir(tmp_path / "beir")
+    elsewhere = tmp_path / "elsewhere"
+    (beir / "qrels").rename(elsewhere)
+    (beir / "qrels").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="qrels/test.tsv.*outside"):
+        BeirQueries(str(beir)).check()
+
+
+def test_a_fifo_qrels_file_is_refused_without_blocking(tmp_path):
+    beir = write_beir(tmp_path / "beir")
+    os.mkfifo(beir / "qrels" / "dev.tsv")
+    with fails_if_blocked(10, "BeirQueries.check"), pytest.raises(ValueError, match="dev.tsv.*FIFO"):
+        BeirQueries(str(beir)).check()

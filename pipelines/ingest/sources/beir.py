@@ -16,16 +16,21 @@ malformed qrels line is quarantined (``bad_qrel``), never dropped. A ``queries.j
 that is not a JSON object is quarantined once, with the first split.
 
 Everything is read by the driver, one split at a time (queries are small next to a corpus);
-``check()`` validates the layout before Ray starts.
+``check()`` validates the layout before Ray starts. The folder is confined like a corpus
+source (``pipelines.ingest.confine``): ``queries.jsonl`` and every ``qrels/*.tsv`` must be
+regular files that resolve inside the folder or an ``allow_roots`` entry — a symlink out of
+it, a FIFO or a device is refused by ``check()`` with one line, before a byte is read.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 
 import pyarrow.fs as pafs
 
+from pipelines.ingest.confine import Refused, Roots
 from pipelines.ingest.sources.base import (
     BadQrel,
     Query,
@@ -44,11 +49,13 @@ HEADER = ("query-id", "corpus-id", "score")
 
 
 class BeirQueries:
-    """The queries and qrels of a BEIR folder (picklable: a path and storage options)."""
+    """The queries and qrels of a BEIR folder (picklable: a path, storage options, roots)."""
 
-    def __init__(self, path: str, storage_options: dict[str, str] | None = None) -> None:
+    def __init__(self, path: str, storage_options: dict[str, str] | None = None,
+                 allow_roots: Iterable[str] = ()) -> None:
         self.path = storage.normalise_uri(path)
         self.storage_options = dict(storage_options or {})
+        self.roots = Roots.of(self.path, extra=allow_roots)
 
     def _uri(self, *parts: str) -> str:
         return storage.join(self.path, *parts)
@@ -61,21 +68,27 @@ class BeirQueries:
         if not self.splits():
             raise FileNotFoundError(f"BEIR queries folder {self.path} has no {QRELS_DIR}/<split>.tsv files; add "
                                     f"e.g. {QRELS_DIR}/test.tsv with the header 'query-id<TAB>corpus-id<TAB>score'")
+        for parts in [(QUERIES_FILE,), *((QRELS_DIR, f"{split}.tsv") for split in self.splits())]:
+            try:
+                self.roots.check(self._uri(*parts), self.storage_options, shown="/".join(parts))
+            except Refused as e:
+                raise ValueError(f"BEIR queries folder {self.path}: {e.detail}") from None
 
     def splits(self) -> list[str]:
         fs, path = storage.filesystem(self._uri(QRELS_DIR), self.storage_options)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return []
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        # Anything named *.tsv is a split, a FIFO or a device too: check() refuses those
+        # by name rather than skipping them in silence.
         names = [i.base_name[: -len(".tsv")] for i in infos
-                 if i.type == pafs.FileType.File and i.base_name.endswith(".tsv")]
+                 if i.type != pafs.FileType.Directory and i.base_name.endswith(".tsv")]
         return sorted(n for n in names if n)
 
     def _lines(self, *parts: str) -> Iterator[tuple[int, bytes]]:
-        fs, path = storage.filesystem(self._uri(*parts), self.storage_options)
-        size = fs.get_file_info(path).size
-        with fs.open_input_file(path) as f:
-            yield from iter_lines(f, 0, size)
+        # Confined again at open: the folder may have changed since check().
+        with self.roots.open(self._uri(*parts), self.storage_options, shown="/".join(parts)) as f:
+            yield from iter_lines(f, 0, _size(f))
 
     def _qrel_rows(self, split: str) -> Iterator[tuple[str, str, int] | BadQrel]:
         name = f"{QRELS_DIR}/{split}.tsv"
@@ -140,6 +153,11 @@ class BeirQueries:
                         raw_excerpt=qid[:200])
         if missing:
             logger.info("%s/%s: %d judged queries are not in %s", self.path, split, len(missing), QUERIES_FILE)
+
+
+def _size(f) -> int:
+    """Bytes in an open file: a pyarrow file knows its size, a local one is asked."""
+    return f.size() if hasattr(f, "size") else os.fstat(f.fileno()).st_size
 
 
 def _is_int(s: str) -> bool:
