@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines.store.secrets import MASK, looks_secret, redact, redact_text
+
 #: Loggers whose INFO lines are ours and reach the terminal; everything else (Ray, Ray
 #: Data, Lance, transformers) shows only warnings there, and the rest goes to the run log.
 OWN_LOGGERS = ("jobs", "pipelines", "ciea_model", "bench", "__main__")
@@ -28,6 +30,15 @@ class _RayDataNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Progress bars disabled")
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Every log line with the credentials inside its URLs masked
+    (:func:`pipelines.store.secrets.redact_text`): a URI a user gave with ``user:password@``
+    or a presigned one reaches neither the terminal nor the run log as it was."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 class _RunLogHandler(logging.FileHandler):
@@ -61,7 +72,7 @@ def setup_logging(verbose: bool = False) -> None:
         if getattr(h, "_ciea_terminal", False):
             root.removeHandler(h)
     terminal = logging.StreamHandler()
-    terminal.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    terminal.setFormatter(_RedactingFormatter(_FORMAT, datefmt="%H:%M:%S"))
     terminal._ciea_terminal = True  # type: ignore[attr-defined]
     if not verbose:
         terminal.addFilter(_TerminalFilter())
@@ -76,7 +87,7 @@ def log_to_file(path: str | Path, verbose: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = _RunLogHandler(path)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(_RedactingFormatter(_FORMAT))
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler._ciea_run_log = True  # type: ignore[attr-defined]
     # Ray and Ray Data configure their loggers at import: own terminal handlers, propagate off.
@@ -130,20 +141,36 @@ def load_config(model: type[BaseModel], path: str | None, overrides: list[str], 
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']} ({_shown(err)})" for err in e.errors()]
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {_message(err)} ({_shown(err)})" for err in e.errors()]
         raise SystemExit("invalid config:\n" + "\n".join(lines)) from None
 
 
+def _hidden(err: Any) -> bool:
+    """Whether an error's input may be a secret: object-store settings (a credential by
+    mistake) and any field whose name looks secret-bearing. Its value is never shown."""
+    loc = [str(part) for part in err["loc"]]
+    return "storage_options" in loc or any(looks_secret(part) for part in loc)
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    value = err.get("input")
+    if _hidden(err) and isinstance(value, str) and value:
+        msg = msg.replace(value, MASK)  # a validator that quotes its input
+    return redact_text(msg)
+
+
 def _shown(err: Any) -> str:
-    # Object-store settings may hold a credential by mistake: never echo them.
-    if "storage_options" in map(str, err["loc"]):
-        return "value not shown"
-    return f"got {err.get('input')!r}"
+    return "value not shown" if _hidden(err) else f"got {redact(err.get('input'))!r}"
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Writes ``obj`` as JSON with secrets redacted (:func:`pipelines.store.secrets.redact`):
+    the values of secret-looking keys and the credentials inside URLs never reach a resolved
+    config or a summary."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    plain = json.loads(json.dumps(obj, default=str))  # paths, enums, dataclasses as written
+    path.write_text(json.dumps(redact(plain), indent=2, sort_keys=True) + "\n")
 
 
 def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -231,7 +258,7 @@ def flag_overrides(args: Any, flags: dict[str, str], storage_key: str | None = N
     for attr, key in flags.items():
         value = getattr(args, attr)
         if value is not None:
-            out.append(f"{key}={value}" if isinstance(value, int) else f"{key}={yaml_str(value)}")
+            out.append(f"{key}={value}" if isinstance(value, (int, float)) else f"{key}={yaml_str(value)}")
     if storage_key:
         for pair in getattr(args, "storage_option", None) or []:
             if "=" not in pair:
@@ -241,19 +268,55 @@ def flag_overrides(args: Any, flags: dict[str, str], storage_key: str | None = N
     return out
 
 
-def refuse_secrets(prog: str, config_path: str | None, overrides: list[str], storage_key: str) -> None:
-    """Rejects credentials in the storage options (``storage_key``, dotted) of the config file
-    and overrides *before* the config is parsed, so that no validation error echoes one."""
-    from pipelines.store.storage import check_storage_options
+def refuse_secrets(prog: str, config_path: str | None, overrides: list[str], storage_key: str | None = None) -> None:
+    """Refuses secrets in the config file and overrides *before* the config is parsed, so that
+    no validation error echoes one. Exits (one line naming the key, never the value) on:
 
-    data: Any = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    for part in storage_key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
+    - a storage option that is not a backend's non-secret setting (every section named
+      ``storage_options``, and ``storage_key``, dotted): :func:`pipelines.store.storage.check_storage_option`;
+    - any other key that looks secret-bearing (:func:`pipelines.store.secrets.looks_secret`);
+    - a value with a URL carrying credentials (``user:password@``, a signature parameter).
+    """
+    data: Any = {}
+    if config_path:
+        try:
+            data = yaml.safe_load(Path(config_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:  # a YAML error quotes the file's text: not shown
+            raise SystemExit(f"{prog}: --config {config_path}: cannot read it as YAML "
+                             f"({type(e).__name__}); pass a readable YAML file of config keys") from None
+    data = deep_merge(data, parse_overrides(overrides)) if isinstance(data, dict) else data
+    storage_at = tuple(storage_key.split(".")) if storage_key else None
     try:
-        check_storage_options(data if isinstance(data, dict) else {})
+        _check_secrets(data, (), storage_at)
     except ValueError as e:
         raise SystemExit(f"{prog}: {e}") from None
+
+
+def _check_secrets(node: Any, at: tuple[str, ...], storage_at: tuple[str, ...] | None) -> None:
+    """Walks a raw config: raises ValueError naming the first secret's dotted key."""
+    from pipelines.store.storage import check_storage_option, env_hint
+
+    where = ".".join(at)
+    if isinstance(node, dict):
+        is_storage = bool(at) and (at[-1] == "storage_options" or at == storage_at)
+        for key, value in node.items():
+            if is_storage:
+                try:
+                    check_storage_option(str(key), value)
+                except ValueError as e:
+                    raise ValueError(f"{where}.{str(e).removeprefix('storage_options.')}") from None
+            elif looks_secret(key):
+                raise ValueError(f"{'.'.join((*at, str(key)))} looks like a credential; credentials are read from "
+                                 f"the environment only, never from the config. Remove it and {env_hint(str(key))}.")
+            else:
+                _check_secrets(value, (*at, str(key)), storage_at)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_secrets(value, (*at, str(i)), storage_at)
+    elif isinstance(node, str) and redact_text(node) != node:
+        raise ValueError(f"{where or 'the config'} holds a URL with credentials in it (user:password@ or a "
+                         f"signature/token parameter); give it without them and put the credentials in the "
+                         f"environment")
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,10 +411,9 @@ def job_overrides(args: argparse.Namespace, flags: dict[str, str], *, storage: s
 def parse_job_config(prog: str, model: type[BaseModel], args: argparse.Namespace, overrides: list[str], *,
                      storage: str | None = None, presets: dict[str, Any] | None = None) -> Any:
     """The typed config of a parsed command line: preset defaults ← ``--config`` YAML ←
-    overrides. Credentials in the storage options are refused first, so no error echoes
-    one; every validation error is listed before anything runs (``SystemExit``)."""
-    if storage:
-        refuse_secrets(prog, args.config, overrides, storage)
+    overrides. Secrets are refused first (:func:`refuse_secrets`), so no error echoes one;
+    every validation error is listed before anything runs (``SystemExit``)."""
+    refuse_secrets(prog, args.config, overrides, storage)
     base = presets[args.preset] if presets else {}
     return load_config(model, args.config, overrides, base)
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
+from pipelines.store.secrets import redact_url
+
 logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
@@ -91,11 +93,11 @@ def check_url(url: object) -> str | None:
     try:
         parts = urlsplit(url.strip())
     except ValueError as e:
-        return f"url {url!r:.200} does not parse ({e})"
+        return f"url {redact_url(url)!r:.200} does not parse ({e})"
     if parts.scheme.lower() not in SCHEMES:
-        return f"url {url!r:.200} has scheme {parts.scheme!r}; only http and https are fetched"
+        return f"url {redact_url(url)!r:.200} has scheme {parts.scheme!r}; only http and https are fetched"
     if not parts.hostname:
-        return f"url {url!r:.200} has no host"
+        return f"url {redact_url(url)!r:.200} has no host"
     return None
 
 
@@ -144,7 +146,7 @@ async def _fetch_all(urls: list[str], settings: FetchSettings, rng: random.Rando
             result = FetchResult(url)
             problem = check_url(url)
             if problem:
-                result.reason, result.detail = "fetch_bad_url", f"GET {url}: {problem}"
+                result.reason, result.detail = "fetch_bad_url", f"GET {redact_url(url)}: {problem}"
                 return result
             host = (urlsplit(url).hostname or "").lower()
             slot = host_slots.setdefault(host, asyncio.Semaphore(settings.per_host))
@@ -157,11 +159,11 @@ async def _fetch_all(urls: list[str], settings: FetchSettings, rng: random.Rando
                     except _Failure as f:
                         failure = f
                 result.status, result.reason = failure.status, failure.reason
-                result.detail = f"GET {url}: {failure.detail} (after {attempt} attempt{'s' * (attempt > 1)})"
+                result.detail = f"GET {redact_url(url)}: {failure.detail} (after {attempt} attempt{'s' * (attempt > 1)})"
                 if not failure.retryable or attempt > settings.retries:
                     return result
                 if failure.retry_after is not None and failure.retry_after > settings.max_retry_after_s:
-                    result.detail = (f"GET {url}: {failure.detail}; Retry-After {failure.retry_after:.0f} s is "
+                    result.detail = (f"GET {redact_url(url)}: {failure.detail}; Retry-After {failure.retry_after:.0f} s is "
                                      f"over source.fetch.max_retry_after_s={settings.max_retry_after_s:g} "
                                      f"(after {attempt} attempt{'s' * (attempt > 1)})")
                     return result

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.query.metrics import OVERALL, RetrievalReport
+from pipelines.store.secrets import redact
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def write_report(doc: Mapping[str, Any], out_dir: str | Path, chart_metrics: Seq
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": str(out / "report.json")}
-    (out / "report.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json.dumps(redact(doc), indent=2, allow_nan=False) + "\n")
     charts = {}
     for metric in chart_metrics:
         charts[metric] = chart_filename(metric)

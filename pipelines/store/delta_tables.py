@@ -87,7 +87,7 @@ class Tables:
     def __init__(self, root: str, storage_options: dict[str, str] | None = None,
                  target_file_bytes: int = DEFAULT_TARGET_FILE_BYTES) -> None:
         options = dict(storage_options or {})
-        storage.check_storage_options(options)
+        storage.check_storage_options(options, root)
         self.root = storage.normalise_uri(root)
         self.storage_options = options
         self.target_file_bytes = target_file_bytes

@@ -1,48 +1,191 @@
 """Storage URIs: local paths and ``s3://`` behind one interface.
 
 Tables and sources are addressed by URI. Local paths (``./data``, ``/abs``, ``file://``) are
-the embedded default; ``s3://bucket/prefix`` works through ``storage_options`` — the
-non-secret settings (endpoint, region, ``AWS_ALLOW_HTTP``) in the job config, the
-credentials only from the environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
-``AWS_SESSION_TOKEN`` or any other source of the AWS default chain), which both deltalake
-and pyarrow read themselves. A secret in ``storage_options`` is rejected, so it can never
-be written into a resolved config or a log.
+the embedded default; ``s3://bucket/prefix`` works through ``storage_options``. Those hold
+only the non-secret settings a backend documents (endpoint, region, ``AWS_ALLOW_HTTP``, …:
+:data:`ALLOWED_OPTIONS`); credentials come only from the environment
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` or any other
+source of the AWS default chain, ``AZURE_STORAGE_ACCOUNT_KEY``, ``GOOGLE_APPLICATION_CREDENTIALS``),
+which deltalake, Lance and pyarrow read themselves. Any other key is refused — as a
+credential when it looks like one (:func:`pipelines.store.secrets.looks_secret`), else as
+unknown — so a secret can never be written into a resolved config or a log, and no error
+shows the value it was given.
 """
 
 from __future__ import annotations
 
+import difflib
 import posixpath
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 from pydantic import AfterValidator
 
-#: Keys that carry secrets; they must come from the environment.
-SECRET_KEYS = frozenset(
-    {
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "access_key_id",
-        "secret_access_key",
-        "session_token",
-        "token",
-        "password",
-    }
-)
+from pipelines.store.secrets import looks_secret, redact_text
 
 
-def check_storage_options(options: dict[str, str]) -> None:
-    """Raises ValueError naming a secret key, with the fix (use the environment)."""
-    for key in options:
-        if key.lower() in SECRET_KEYS:
-            raise ValueError(
-                f"storage_options.{key} is a credential; credentials are read from the "
-                f"environment only, never from the config. Remove it and export "
-                f"{key.upper()} instead."
-            )
+def _spellings(prefix: str, names: str) -> frozenset[str]:
+    """Every name both with and without the backend's prefix (object_store accepts both)."""
+    return frozenset(n for name in names.split() for n in (f"{prefix}{name}", name))
+
+
+#: HTTP client and retry settings every backend takes (object_store ``ClientConfigKey``,
+#: Lance's retry options).
+CLIENT_OPTIONS = frozenset("""
+    allow_http allow_invalid_certificates connect_timeout timeout pool_idle_timeout pool_max_idle_per_host
+    http1_only http2_only http2_keep_alive_interval http2_keep_alive_timeout http2_keep_alive_while_idle
+    http2_max_frame_size proxy_url proxy_ca_certificate proxy_excludes user_agent default_content_type
+    randomize_addresses max_retries retry_timeout download_retry_count client_max_retries client_retry_timeout
+""".split())
+
+#: The non-secret settings of each backend, lower case, in the spellings deltalake
+#: (object_store), Lance and pyarrow accept; keys are matched case-insensitively.
+ALLOWED_OPTIONS: dict[str, frozenset[str]] = {
+    "s3": CLIENT_OPTIONS | _spellings("aws_", """
+        endpoint_url endpoint region default_region allow_http bucket bucket_name virtual_hosted_style_request
+        checksum_algorithm conditional_put copy_if_not_exists disable_tagging imdsv1_fallback metadata_endpoint
+        request_payer s3_express server_side_encryption skip_signature sse_bucket_key_enabled sse_kms_key_id
+        unsigned_payload""") | frozenset("""
+        aws_s3_allow_unsafe_rename aws_s3_locking_provider delta_dynamo_table_name aws_endpoint_url_dynamodb
+        aws_profile aws_force_credential_load aws_iam_role_arn aws_iam_role_session_name aws_s3_assume_role_arn
+        aws_s3_role_session_name aws_ec2_metadata_disabled aws_s3_pool_idle_timeout aws_sts_pool_idle_timeout
+        aws_max_attempts""".split()),
+    "gcs": CLIENT_OPTIONS | _spellings("google_", "bucket bucket_name skip_signature"),
+    "azure": CLIENT_OPTIONS | _spellings("azure_", """
+        container_name endpoint use_fabric_endpoint client_id tenant_id authority_id authority_host msi_endpoint
+        identity_endpoint object_id msi_resource_id use_azure_cli skip_signature disable_tagging""") | frozenset("""
+        azure_storage_account_name account_name azure_storage_endpoint azure_storage_client_id
+        azure_storage_tenant_id azure_storage_authority_id azure_storage_use_emulator use_emulator""".split()),
+}
+
+#: Credential options each backend knows → the environment variable to export instead.
+CREDENTIAL_ENV: dict[str, dict[str, str]] = {
+    "s3": {
+        "aws_access_key_id": "AWS_ACCESS_KEY_ID", "access_key_id": "AWS_ACCESS_KEY_ID",
+        "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY", "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+        "aws_session_token": "AWS_SESSION_TOKEN", "session_token": "AWS_SESSION_TOKEN",
+        "aws_token": "AWS_SESSION_TOKEN", "token": "AWS_SESSION_TOKEN",
+        "aws_sse_customer_key_base64": "AWS_SSE_CUSTOMER_KEY_BASE64",
+        "aws_web_identity_token_file": "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "aws_container_credentials_relative_uri": "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "aws_container_credentials_full_uri": "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "aws_container_authorization_token_file": "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    },
+    "gcs": {
+        "google_service_account": "GOOGLE_SERVICE_ACCOUNT", "service_account": "GOOGLE_SERVICE_ACCOUNT",
+        "google_service_account_path": "GOOGLE_SERVICE_ACCOUNT_PATH",
+        "service_account_path": "GOOGLE_SERVICE_ACCOUNT_PATH",
+        "google_service_account_key": "GOOGLE_SERVICE_ACCOUNT_KEY", "service_account_key": "GOOGLE_SERVICE_ACCOUNT_KEY",
+        "google_application_credentials": "GOOGLE_APPLICATION_CREDENTIALS",
+        "application_credentials": "GOOGLE_APPLICATION_CREDENTIALS",
+    },
+    "azure": {
+        **dict.fromkeys(("azure_storage_account_key", "azure_storage_access_key", "azure_storage_master_key",
+                         "account_key", "access_key", "master_key"), "AZURE_STORAGE_ACCOUNT_KEY"),
+        **dict.fromkeys(("azure_client_secret", "azure_storage_client_secret", "client_secret"),
+                        "AZURE_CLIENT_SECRET"),
+        **dict.fromkeys(("azure_storage_sas_key", "azure_storage_sas_token", "sas_key", "sas_token"),
+                        "AZURE_STORAGE_SAS_KEY"),
+        **dict.fromkeys(("azure_storage_token", "bearer_token", "token"), "AZURE_STORAGE_TOKEN"),
+        **dict.fromkeys(("azure_federated_token_file", "federated_token_file"), "AZURE_FEDERATED_TOKEN_FILE"),
+    },
+}
+
+#: URI schemes → backend.
+SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "azure": "azure", "abfs": "azure",
+           "abfss": "azure", "adl": "azure"}
+
+#: Marks of a secret in an option's name, as substrings: the allow-list comes first, so a
+#: non-secret key that happens to contain one (``aws_sse_kms_key_id``) is not affected.
+_SECRET_MARKS = ("key", "secret", "token", "passw", "pwd", "credential", "sas", "sig", "private", "auth",
+                 "session", "cert", "bearer")
+
+
+def backend(uri: str | None) -> str | None:
+    """``"s3"``, ``"gcs"`` or ``"azure"`` for an object-store URI; None for a local path or
+    an unknown scheme (whose options are then checked against every backend's)."""
+    if not uri or "://" not in uri:
+        return None
+    return SCHEMES.get(uri.split("://", 1)[0].lower())
+
+
+def _allowed(kind: str | None) -> frozenset[str]:
+    return ALLOWED_OPTIONS[kind] if kind else frozenset().union(*ALLOWED_OPTIONS.values())
+
+
+def _credentials(kind: str | None) -> dict[str, set[str]]:
+    """Credential option → the variables to export instead, for one backend or all."""
+    out: dict[str, set[str]] = {}
+    for name, env in CREDENTIAL_ENV.items():
+        if kind in (None, name):
+            for key, var in env.items():
+                out.setdefault(key, set()).add(var)
+    return out
+
+
+def is_credential_option(key: str) -> bool:
+    """Whether a storage option named ``key`` (not on the allow-list) would carry a secret."""
+    k = key.lower()
+    return any(k in env for env in CREDENTIAL_ENV.values()) or looks_secret(k) or any(m in k for m in _SECRET_MARKS)
+
+
+def env_hint(key: str, kind: str | None = None) -> str:
+    """The fix for a credential named ``key``: the variable to export (the nearest known
+    credential option's, for a misspelling), else the backend's usual ones."""
+    key = key.lower()
+    known = _credentials(kind)
+    match = key if key in known else next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.8)), None)
+    if match:
+        return "export " + " or ".join(sorted(known[match])) + " instead"
+    examples = {"s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "gcs": "GOOGLE_APPLICATION_CREDENTIALS",
+                "azure": "AZURE_STORAGE_ACCOUNT_KEY"}
+    shown = [examples[kind]] if kind else list(examples.values())
+    return "set the object store's own variable instead (e.g. " + ", ".join(shown) + ")"
+
+
+def _canonical(kind: str | None) -> list[str]:
+    """The allowed names a message lists: the prefixed spellings and the client settings."""
+    prefixes = ("aws_", "google_", "azure_", "delta_")
+    return sorted(k for k in _allowed(kind) if k.startswith(prefixes) or k in CLIENT_OPTIONS)
+
+
+def check_storage_option(key: str, value: Any, uri: str | None = None) -> None:
+    """Raises ValueError unless ``key`` is a non-secret setting of ``uri``'s backend.
+
+    The message names the key, never ``value``, and the fix: a credential (by name,
+    :func:`is_credential_option`) is to be exported in the environment; an unknown key gets
+    the nearest allowed name and the allowed list; a URL value carrying credentials
+    (``user:password@``, a signature parameter) is to be given without them.
+
+    Args:
+        key: The option's name, any case.
+        value: Its value (only inspected for credentials inside a URL; never shown).
+        uri: The table or source URI the options are for; None: any backend's settings pass.
+    """
+    kind = backend(uri)
+    k = str(key).lower()
+    where = f"storage_options.{key}"
+    if k in _allowed(kind):
+        if isinstance(value, str) and redact_text(value) != value:
+            raise ValueError(f"{where} is a URL with credentials in it (user:password@ or a signature/token "
+                             f"parameter); give it without them and put the credentials in the environment")
+        return
+    if is_credential_option(k):
+        raise ValueError(f"{where} is a credential; credentials are read from the environment only, never from "
+                         f"the config. Remove it and {env_hint(k, kind)}.")
+    near = difflib.get_close_matches(k, sorted(_allowed(kind)), n=1, cutoff=0.75)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    raise ValueError(f"{where} is not a known {kind or 'object-store'} setting{hint}; allowed (any case): "
+                     f"{', '.join(_canonical(kind))}")
+
+
+def check_storage_options(options: Mapping[str, Any], uri: str | None = None) -> None:
+    """:func:`check_storage_option` for every option; the first bad one raises ValueError."""
+    for key, value in options.items():
+        check_storage_option(key, value, uri)
 
 
 def _checked(options: dict[str, str]) -> dict[str, str]:
@@ -50,8 +193,10 @@ def _checked(options: dict[str, str]) -> dict[str, str]:
     return options
 
 
-#: A config field of object-store settings: credential keys are refused (every job's config
-#: uses this type, so none can accept a secret).
+#: A config field of object-store settings: anything but a backend's non-secret settings is
+#: refused (every job's config uses this type, so none can accept a secret). The URI is not
+#: known here, so any backend's settings pass; ``check_storage_options(options, uri)`` where
+#: a handle is made for a URI narrows that to the URI's backend.
 StorageOptions = Annotated[dict[str, str], AfterValidator(_checked)]
 
 

@@ -284,8 +284,10 @@ def test_volumes_mounted_exist_and_claims_are_declared():
 
 
 def test_credentials_come_only_from_the_secret():
-    from pipelines.store.storage import SECRET_KEYS
+    from pipelines.store.secrets import looks_secret
+    from pipelines.store.storage import CREDENTIAL_ENV, check_storage_option
 
+    credential_names = {n for env in CREDENTIAL_ENV.values() for pair in env.items() for n in pair}
     secretish = re.compile(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY)", re.I)
     for where, c in _containers():
         for e in c.get("env", []):
@@ -295,8 +297,14 @@ def test_credentials_come_only_from_the_secret():
             assert ref.get("secretRef", {}).get("name", SECRET_NAME) == SECRET_NAME, where
     for name, spec in _rayjob_specs():
         text = spec["entrypoint"] + "\n" + spec["runtimeEnvYAML"]
-        for key in SECRET_KEYS:
+        for key in credential_names:
             assert not re.search(rf"\b{key}\b", text, re.I), f"{name}: {key} in the entrypoint or runtime env"
+        options = re.findall(r"storage[-_]options?[. ]([A-Za-z0-9_]+)=(\S+)", spec["entrypoint"])
+        assert options, f"{name}: no storage option (the bucket's region) in the entrypoint"
+        for key, value in options:
+            check_storage_option(key, value, "s3://bucket")  # raises on anything but a non-secret S3 setting
+        env_vars = (yaml.safe_load(spec["runtimeEnvYAML"]) or {}).get("env_vars", {})
+        assert not [k for k in env_vars if looks_secret(k)], f"{name}: a secret-looking runtime env variable"
     # Every Ray container that touches the object store gets the Secret.
     for name, cluster in _cluster_specs():
         for group, pod in _pod_specs(cluster):

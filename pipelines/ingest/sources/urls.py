@@ -62,6 +62,7 @@ from pipelines.ingest.sources.base import (
 from pipelines.ingest.validation import Rejected, normalise_text
 from pipelines.store import schema as S
 from pipelines.store import storage
+from pipelines.store.secrets import redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class UrlSource(Source):
     def _record(self, value: dict[str, Any]) -> dict[str, Any]:
         url = value.get("url")
         doc_id, id_error = int_or_str_id(value.get("doc_id"))
-        excerpt = json.dumps({k: v for k, v in value.items() if not isinstance(v, bytes)}, default=str)[:200]
+        excerpt = redact_text(json.dumps({k: v for k, v in value.items() if not isinstance(v, bytes)}, default=str)[:200])
         problem = id_error or check_url(url)
         if problem:
             return {"error": "bad_url" if not id_error else "wrong_type", "error_detail": problem,
