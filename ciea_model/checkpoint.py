@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from .config import CIEAConfig
@@ -33,6 +34,16 @@ FORMAT_VERSION = 1
 MANIFEST = "ciea_checkpoint.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+#: What every refusal of a broken checkpoint tells the user to do.
+_FIX = "re-run `ciea train`, or point --checkpoint at a complete folder written by `ciea train`"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (weights missing, truncated or not the
+    manifest's model; manifest unreadable), as one line that names the file and the fix.
+
+    A ``ValueError``, so the jobs' existing handlers of bad checkpoints report it as such.
+    """
 
 
 def model_id(model: CIEAModel) -> str:
@@ -98,11 +109,16 @@ def save_checkpoint(
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Reads and checks a checkpoint's manifest.
+    """Reads and checks a checkpoint's manifest, and that its weights file is there and whole.
+
+    The weights are checked here (their header only, not the tensors) because every job
+    reads the manifest before it starts Ray or loads anything: a checkpoint copied half-way
+    is refused in one line up front, not in a traceback from a worker.
 
     Raises:
         FileNotFoundError: ``path`` is not a checkpoint directory.
         ValueError: the format version is newer than this code understands.
+        CheckpointError: the manifest is not JSON, or the weights are missing or corrupt.
     """
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
@@ -110,14 +126,43 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{path} is not a ciea checkpoint (no {MANIFEST}): pass a directory written by "
             "ciea_model.save_checkpoint."
         )
-    manifest = json.loads(manifest_path.read_text())
-    version = manifest.get("format_version")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as e:  # JSON and UTF-8 decoding errors alike
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not valid JSON ({_one_line(e)}): {_FIX}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"checkpoint {path} has format_version={version!r}; this ciea reads versions up to "
             f"{FORMAT_VERSION}: upgrade ciea."
         )
+    check_weights(path)
     return manifest
+
+
+def check_weights(path: str | Path) -> None:
+    """Refuses a checkpoint whose ``model.safetensors`` is missing, empty, truncated or not
+    safetensors. Reads only the header: safetensors checks that its offsets cover the file
+    exactly, so a partial copy fails here.
+
+    Raises:
+        CheckpointError: naming the file, what is wrong with it and the fix.
+    """
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS} (the weights are missing): {_FIX}")
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: {WEIGHTS} is corrupt or truncated "
+                              f"({_one_line(e)}): {_FIX}") from None
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+    """The library's message on one line, cut at ``limit`` characters (a parameter list can be long)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CIEAModel, CIEAProcessor]:
@@ -125,13 +170,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Returns:
         ``(model, processor)`` in eval mode.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_manifest`.
+        CheckpointError: the weights are missing, corrupt, or not the parameters of the
+            model the manifest describes.
     """
     path = Path(path)
     manifest = read_manifest(path)
+    if not isinstance(manifest.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} has no model config: {_FIX}")
     config = CIEAConfig.from_dict(manifest["config"])
     config = config.replace(text=dataclasses.replace(config.text, tokenizer=str(path / TOKENIZER_DIR)))
     model, processor = create_model_and_processor(config, pretrained=False)
-    load_model(model, str(path / WEIGHTS), strict=True, device=str(map_location))
+    try:
+        load_model(model, str(path / WEIGHTS), strict=True, device=str(map_location))
+    except (SafetensorError, OSError) as e:  # changed on disk after the header check
+        raise CheckpointError(f"checkpoint {path}: {WEIGHTS} is corrupt or truncated ({_one_line(e)}): "
+                              f"{_FIX}") from None
+    except RuntimeError as e:  # missing / unexpected / mis-shaped parameters
+        raise CheckpointError(f"checkpoint {path}: {WEIGHTS} does not hold the parameters of the model "
+                              f"{MANIFEST} describes ({_one_line(e)}): {_FIX}") from None
     model.to(map_location)
     model.eval()
     return model, processor

@@ -159,13 +159,14 @@ def execute(cfg: EvaluateConfig) -> int:
 
         torch.set_num_threads(cfg.search.threads)
     out = Path(cfg.output.out)
+    from ciea_model.checkpoint import CheckpointError
     from pipelines.query import evaluation_run
     from pipelines.query.evaluation import EvaluationError
     from pipelines.query.search import SearchError
 
     try:
         doc = evaluation_run.run(cfg)
-    except (EvaluationError, SearchError) as e:
+    except (EvaluationError, SearchError, CheckpointError) as e:  # a table's --db, a checkpoint's weights
         print(f"ciea evaluate: {e}", file=sys.stderr)
         return 2
     write_json(out / "evaluate_config.json", cfg.model_dump(mode="json"))

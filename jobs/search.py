@@ -154,11 +154,10 @@ def format_results(queries: list[str], results: list[list[Any]], header: str, wi
 def run(cfg: SearchConfig, queries: list[str]) -> tuple[Any, list[list[Any]]]:
     """Opens the searcher and runs the batch; returns (searcher, results)."""
     from pipelines.query.search import Filter, Searcher, parse_filter_pairs
-    from pipelines.store.lance_tables import VectorTable
 
-    vectors = VectorTable(cfg.db_uri, cfg.table.name, cfg.table.storage_options)
-    searcher = Searcher.open_table(vectors, version=cfg.table.version, checkpoint=cfg.model.checkpoint,
-                                   device=cfg.model.device)
+    # Searcher.open refuses a missing or file --db before connecting: a read creates nothing.
+    searcher = Searcher.open(cfg.db_uri, cfg.table.name, version=cfg.table.version, checkpoint=cfg.model.checkpoint,
+                             storage_options=cfg.table.storage_options, device=cfg.model.device)
     q = cfg.query
     where = None
     if q.where_modality or q.where:

@@ -123,13 +123,12 @@ def open_searcher(cfg: ServeConfig) -> Any:
         SystemExit: no such table / version / tag, or no usable checkpoint, with the fix.
     """
     from pipelines.query.search import Searcher, SearchError
-    from pipelines.store.lance_tables import VectorTable
 
     version: int | str | None = cfg.input.version if cfg.input.version is not None else cfg.input.tag
     try:
-        vectors = VectorTable(cfg.input.db, cfg.input.table, cfg.input.storage_options)
-        return Searcher.open_table(vectors, version=version, checkpoint=cfg.model.checkpoint,
-                                   device=cfg.model.device)
+        # Searcher.open refuses a missing or file --db before connecting: serving creates nothing.
+        return Searcher.open(cfg.input.db, cfg.input.table, version=version, checkpoint=cfg.model.checkpoint,
+                             storage_options=cfg.input.storage_options, device=cfg.model.device)
     except (SearchError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"ciea serve: {e}") from None
 

@@ -15,7 +15,19 @@ Read-only, three ways over:
 * the tables are registered Arrow datasets: DuckDB cannot write into them, and no Lance
   writer is ever opened;
 * the connection has external access off and its configuration locked, so a query can read
-  no file and write none (``COPY``, ``read_csv('/etc/…')``).
+  no file and write none (``COPY``, ``read_csv('/etc/…')``); DuckDB spills nothing to disk
+  either, and a missing ``--db`` folder is refused, not created.
+
+Bounded, three ways over, each stop reported in one line that names the flag:
+
+* rows: the statement runs as ``(statement) LIMIT max_rows + 1`` (a DuckDB relation
+  limit, so ``DESCRIBE`` / ``SHOW`` / ``SUMMARIZE`` are wrapped alike): the scan stops once
+  ``--max-rows`` rows and one more exist, and the note says *that* more rows exist, not how
+  many — counting them would be the full scan the limit avoids (``SELECT count(*) …`` does);
+* time: ``--timeout`` (default 60 s) interrupts the query (``connection.interrupt()`` from a
+  timer), e.g. a self cross join that would run for hours;
+* memory: ``--memory-limit`` (default 2GB) is DuckDB's ``memory_limit``; a query that needs
+  more stops with DuckDB's out-of-memory error instead of swapping the machine.
 
 Examples::
 
@@ -24,6 +36,7 @@ Examples::
     ciea sql "SELECT doc_id, caption FROM documents WHERE caption ILIKE '%red%' LIMIT 5" --format markdown
     ciea sql "SELECT doc_id, source_version FROM documents" --format csv > versions.csv
     ciea sql "SHOW TABLES" --db s3://vectors/webqa --storage-option AWS_REGION=eu-west-1
+    ciea sql "SELECT a.doc_id, b.doc_id FROM documents a, documents b" --timeout 10 --memory-limit 512MB
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ import io
 import json
 import math
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Literal
@@ -65,7 +79,11 @@ class SqlConfig(BaseModel):
         default_factory=dict, description="object-store settings (AWS_ENDPOINT_URL, AWS_REGION, ...); "
                                           "credentials only from the environment")
     format: Format = Field("table", description="table (aligned text), csv, json or markdown")
-    max_rows: int = Field(1000, ge=1, description="print at most this many rows (a note says how many more)")
+    max_rows: int = Field(1000, ge=1, description="print at most this many rows; the query stops after one more "
+                                                  "(a note then says more rows exist)")
+    timeout_s: float = Field(60.0, gt=0, description="stop a query that runs longer than this (seconds)")
+    memory_limit: str = Field("2GB", pattern=r"(?i)^\s*\d+(\.\d+)?\s*([kmgt]i?b|b)\s*$",
+                              description="DuckDB memory_limit: a query that needs more stops (e.g. 512MB, 4GB)")
     width: int = Field(60, ge=8, description="table/markdown: longest cell shown before it is cut with …")
 
     @property
@@ -91,7 +109,7 @@ def check_read_only(sql: str) -> str:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise SqlError(f"the SQL does not parse: {e}") from None
+        raise SqlError(f"the SQL does not parse: {one_line(e)}") from None
     if len(statements) != 1:
         kinds = ", ".join(s.type.name for s in statements) or "none"
         raise SqlError(f"ciea sql runs exactly one statement, got {len(statements)} ({kinds}): "
@@ -125,12 +143,17 @@ def connect(cfg: SqlConfig, notes: list[str] | None = None) -> tuple[Any, dict[s
         ``(connection, {table name: version})``.
 
     Raises:
-        SqlError: no such database or table, with the fix.
+        SqlError: no such database (missing, or a file) or table, with the fix.
     """
     import duckdb
 
+    from pipelines.query.search import DatabaseNotFoundError, check_database
     from pipelines.store.lance_tables import connect as connect_lance
 
+    try:
+        check_database(cfg.db_uri)  # before connecting: lancedb.connect creates a missing folder
+    except DatabaseNotFoundError as e:
+        raise SqlError(str(e)) from None
     db = connect_lance(cfg.db_uri, cfg.storage_options)
     names = sorted(db.list_tables().tables)
     missing = [t for t in cfg.tables if t not in names]
@@ -140,9 +163,10 @@ def connect(cfg: SqlConfig, notes: list[str] | None = None) -> tuple[Any, dict[s
     if not names:
         raise SqlError(f"no LanceDB tables in {cfg.db_uri}: run `ciea embed` first, or pass --db / --root")
     con = duckdb.connect(":memory:", config={
-        # No file, extension or network access from a query, whatever it calls.
+        # No file, extension or network access from a query, whatever it calls; no spill files
+        # either (an in-memory DuckDB spills to ./.tmp): over the memory limit, a query stops.
         "enable_external_access": False, "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False})
+        "autoload_known_extensions": False, "temp_directory": "", "memory_limit": cfg.memory_limit})
     versions: dict[str, int] = {}
     for name in cfg.tables or names:
         ds, version, note = _lance_at(db.open_table(name), cfg.at)
@@ -154,32 +178,66 @@ def connect(cfg: SqlConfig, notes: list[str] | None = None) -> tuple[Any, dict[s
     return con, versions
 
 
-def run_sql(cfg: SqlConfig, sql: str, notes: list[str] | None = None) -> tuple[list[str], list[tuple], int]:
-    """Runs one read-only statement; returns (column names, up to ``max_rows`` rows, rows not shown).
+def one_line(error: BaseException) -> str:
+    """DuckDB's message without its source excerpt (``LINE 1: …`` and the caret under it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cut = next((i for i, line in enumerate(lines) if line.startswith("LINE ")), len(lines))
+    return " ".join(lines[:cut] or lines[:1]) or type(error).__name__
+
+
+def run_sql(cfg: SqlConfig, sql: str, notes: list[str] | None = None) -> tuple[list[str], list[tuple], bool]:
+    """Runs one read-only statement within the row, time and memory limits.
+
+    Returns:
+        ``(column names, up to max_rows rows, whether more rows exist)``.
 
     Raises:
-        SqlError: refused or failed statement, with the fix.
+        SqlError: refused, failed or stopped statement, with the fix.
     """
-    import duckdb
-
     check_read_only(sql)
     con, _ = connect(cfg, notes)
     try:
-        try:
-            reader = con.sql(sql).to_arrow_reader(1024)
-        except duckdb.Error as e:
-            raise SqlError(f"DuckDB: {e}") from None
-        columns = list(reader.schema.names)
-        rows: list[tuple] = []
-        more = 0
-        for batch in reader:
-            data = batch.to_pylist()
-            take = max(0, cfg.max_rows - len(rows))
-            rows.extend(tuple(r[c] for c in columns) for r in data[:take])
-            more += len(data) - min(take, len(data))
-        return columns, rows, more
+        return _fetch(con, sql, cfg)
     finally:
         con.close()
+
+
+def _fetch(con: Any, sql: str, cfg: SqlConfig) -> tuple[list[str], list[tuple], bool]:
+    """The first ``max_rows + 1`` rows of ``sql``, interrupted after ``timeout_s``."""
+    import duckdb
+
+    expired = threading.Event()
+
+    def stop() -> None:
+        expired.set()
+        try:
+            con.interrupt()
+        except duckdb.Error:  # the query ended (and the connection closed) as the timer fired
+            pass
+
+    timer = threading.Timer(cfg.timeout_s, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        # A relation limit wraps any SELECT-type statement (DESCRIBE, SUMMARIZE too) as a
+        # subquery: DuckDB stops the scan once it has the rows, where reading on would not.
+        reader = con.sql(sql).limit(cfg.max_rows + 1).to_arrow_reader(1024)
+        columns = list(reader.schema.names)
+        rows = [tuple(r[c] for c in columns) for batch in reader for r in batch.to_pylist()]
+    except duckdb.InterruptException:
+        if expired.is_set():
+            raise SqlError(f"the query ran past --timeout {cfg.timeout_s:g} s and was stopped; add a LIMIT or a "
+                           "WHERE, or raise --timeout") from None
+        raise SqlError("the query was interrupted") from None
+    except duckdb.OutOfMemoryException:
+        raise SqlError(f"the query needed more memory than --memory-limit {cfg.memory_limit} and was stopped; "
+                       "add a WHERE or a LIMIT, aggregate in fewer groups, or raise --memory-limit") from None
+    except duckdb.Error as e:
+        raise SqlError(f"DuckDB: {one_line(e)}") from None
+    finally:
+        timer.cancel()
+        timer.join()  # a firing timer finishes before the caller closes the connection
+    return columns, rows[: cfg.max_rows], len(rows) > cfg.max_rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,7 +345,8 @@ def render(columns: Sequence[str], rows: Sequence[tuple], fmt: Format, width: in
 PROG = "ciea sql"
 STORAGE = "storage_options"
 #: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
-FLAGS = {"root": "root", "db": "db", "at": "at", "format": "format", "max_rows": "max_rows"}
+FLAGS = {"root": "root", "db": "db", "at": "at", "format": "format", "max_rows": "max_rows",
+         "timeout": "timeout_s", "memory_limit": "memory_limit"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -298,7 +357,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="append", default=[], help="expose only this table; repeatable (tables)")
     p.add_argument("--at", help="tag to read each table at, or `latest` (at; default published)")
     p.add_argument("--format", choices=["table", "csv", "json", "markdown"], help="output format (format)")
-    p.add_argument("--max-rows", type=int, help="print at most this many rows (max_rows)")
+    p.add_argument("--max-rows", type=int, help="print at most this many rows; the query stops there (max_rows)")
+    # Text, not float: the config parses it (the shared flag → override code quotes non-ints).
+    p.add_argument("--timeout", metavar="SECONDS", help="stop the query after this long (timeout_s; default 60)")
+    p.add_argument("--memory-limit", metavar="SIZE", help="DuckDB memory limit, e.g. 512MB (memory_limit; default 2GB)")
     return p
 
 
@@ -322,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ciea sql: {note}", file=sys.stderr)
     print(render(columns, rows, cfg.format, cfg.width))
     if more:
-        print(f"ciea sql: {more} more row(s) not shown (--max-rows {cfg.max_rows}); add a LIMIT or raise --max-rows",
-              file=sys.stderr)
+        print(f"ciea sql: more rows exist than the {cfg.max_rows} shown (--max-rows {cfg.max_rows}; the query "
+              "stopped there): add a LIMIT or a WHERE, or raise --max-rows", file=sys.stderr)
     return 0
 
 

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from pipelines.store import storage
 from pipelines.store.lance_tables import (
     ANN_INDEX,
     FTS_COLUMNS,
@@ -95,6 +96,32 @@ class CheckpointMismatchError(SearchError):
     """The checkpoint's model is not the model that made the table's vectors."""
 
 
+class DatabaseNotFoundError(SearchError):
+    """A local LanceDB database path that is missing, or a file rather than a folder."""
+
+
+def check_database(db_uri: str) -> None:
+    """Refuses a local ``db_uri`` that is not a folder, *before* anything connects to it.
+
+    ``lancedb.connect`` creates a missing folder, and a reader must create nothing: a typo
+    in ``--db`` would otherwise leave an empty database behind and report "no table".
+    Object-store URIs are left to LanceDB (a prefix there is not a thing that exists).
+
+    Raises:
+        DatabaseNotFoundError: the path is missing or a file, naming the fix.
+    """
+    if storage.is_remote(db_uri):
+        return
+    path = Path(storage.normalise_uri(db_uri))
+    if path.is_dir():
+        return
+    if path.exists():
+        raise DatabaseNotFoundError(f"the LanceDB database {db_uri} is a file, not a folder: point --db at the "
+                                    "folder `ciea embed` wrote (by default <root>/lancedb)")
+    raise DatabaseNotFoundError(f"no LanceDB database at {db_uri}: run `ciea embed` first, or point --db at the "
+                                "folder it wrote (by default <root>/lancedb)")
+
+
 # ---------------------------------------------------------------------------------------
 # Filters
 # ---------------------------------------------------------------------------------------
@@ -137,8 +164,18 @@ def filterable_columns(schema: pa.Schema) -> list[str]:
     return out
 
 
-def _literal(column: str, kind: str, value: Any) -> str:
-    """One typed SQL literal for ``column``; refuses anything that is not a plain value."""
+def _int_range(dtype: pa.DataType) -> tuple[int, int]:
+    """The values an integer column of Arrow type ``dtype`` can hold."""
+    bits = dtype.bit_width
+    if pa.types.is_unsigned_integer(dtype):
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _literal(column: str, kind: str, value: Any, dtype: pa.DataType) -> str:
+    """One typed SQL literal for ``column`` (of Arrow type ``dtype``); refuses
+    anything that is not a plain value, and an integer the column cannot hold (the query
+    engine would fail on it with a cast error deep in the scan)."""
     if kind == "str":
         if not isinstance(value, str):
             raise FilterError(f"filter on {column!r} (a string column) got {type(value).__name__} {value!r}: "
@@ -166,6 +203,13 @@ def _literal(column: str, kind: str, value: Any) -> str:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise FilterError(f"filter on {column!r} (an integer column) got {type(value).__name__} {value!r}: "
                               f"pass an integer, e.g. {column}=3")
+        low, high = _int_range(dtype)
+        if not low <= int(value) <= high:
+            raise FilterError(f"filter value {int(value)} for {column!r} is out of range: {column!r} is "
+                              f"{dtype} and holds {low}..{high}; pass an integer in that range")
+        if int(value) == -(2**63):
+            # Lance parses "-9223372036854775808" as minus a number too big for int64 (then a float).
+            return "(-9223372036854775807 - 1)"
         return str(int(value))
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise FilterError(f"filter on {column!r} (a float column) got {type(value).__name__} {value!r}: "
@@ -209,12 +253,13 @@ class Filter:
             if self.modality not in MODALITIES:
                 raise FilterError(f"modality filter {self.modality!r} is not a modality: use one of "
                                   f"{', '.join(MODALITIES)}")
-            parts.append(f"{MODALITY} = {_literal(MODALITY, _column_kind(schema, MODALITY), self.modality)}")
+            kind = _column_kind(schema, MODALITY)
+            parts.append(f"{MODALITY} = {_literal(MODALITY, kind, self.modality, schema.field(MODALITY).type)}")
         if not isinstance(self.equals, Mapping):
             raise FilterError(f"Filter.equals must be a mapping column → value, got {type(self.equals).__name__}")
         for column, value in self.equals.items():
             kind = _column_kind(schema, column)
-            parts.append(f"{column} = {_literal(column, kind, value)}")
+            parts.append(f"{column} = {_literal(column, kind, value, schema.field(column).type)}")
         if not isinstance(self.in_, Mapping):
             raise FilterError(f"Filter.in_ must be a mapping column → values, got {type(self.in_).__name__}")
         in_items = list(self.in_.items())
@@ -233,7 +278,8 @@ class Filter:
             if len(values) > MAX_IN_VALUES:
                 raise FilterError(f"filter {column} IN (...) has {len(values)} values, more than {MAX_IN_VALUES}: "
                                   "split the search into several")
-            parts.append(f"{column} IN ({', '.join(_literal(column, kind, v) for v in values)})")
+            dtype = schema.field(column).type
+            parts.append(f"{column} IN ({', '.join(_literal(column, kind, v, dtype) for v in values)})")
         return " AND ".join(f"({p})" for p in parts) if parts else None
 
 
@@ -271,7 +317,7 @@ def parse_filter_pairs(pairs: Sequence[str], schema: pa.Schema) -> dict[str, Sca
             except ValueError:
                 raise FilterError(f"filter {pair!r}: {column!r} is a float column: pass a number, "
                                   f"e.g. {column}=0.5") from None
-        _literal(column, kind, value)  # the same checks as to_sql, reported with the pair
+        _literal(column, kind, value, schema.field(column).type)  # the checks of to_sql, reported with the pair
         out[column] = value
     return out
 
@@ -402,9 +448,13 @@ def _manifest_model_id(checkpoint: str) -> str:
     from ciea_model.checkpoint import read_manifest
 
     try:
-        return str(read_manifest(checkpoint)["model_id"])
-    except FileNotFoundError as e:
+        manifest = read_manifest(checkpoint)
+    except (FileNotFoundError, ValueError) as e:  # incl. CheckpointError: missing or corrupt weights
         raise SearchError(str(e)) from None
+    if not manifest.get("model_id"):
+        raise SearchError(f"checkpoint {checkpoint} records no model_id: pass --checkpoint with a folder "
+                          "written by `ciea train`")
+    return str(manifest["model_id"])
 
 
 class Searcher:
@@ -461,8 +511,10 @@ class Searcher:
             version, checkpoint, device: as for :meth:`open_table`.
 
         Raises:
+            DatabaseNotFoundError: a local ``db_uri`` that is missing or a file (nothing is created).
             ValueError: ``storage_options`` holds a credential; else as :meth:`open_table`.
         """
+        check_database(db_uri)
         return cls.open_table(VectorTable(db_uri, table, storage_options), version=version, checkpoint=checkpoint,
                               device=device)
 
@@ -512,7 +564,10 @@ class Searcher:
                 "checkpoint the table was embedded with, or search a table embedded with this one")
         from ciea_model import load_checkpoint, model_id
 
-        model, processor = load_checkpoint(ckpt, map_location=device)
+        try:
+            model, processor = load_checkpoint(ckpt, map_location=device)
+        except (FileNotFoundError, ValueError) as e:  # incl. CheckpointError: missing or corrupt weights
+            raise SearchError(str(e)) from None
         loaded = model_id(model)
         if loaded != table_model:  # the weights changed on disk after the manifest was written
             raise CheckpointMismatchError(f"checkpoint {ckpt} declares model_id {have} but its weights hash to "

@@ -143,6 +143,33 @@ def test_cli_pairs_are_typed_by_the_column():
         parse_filter_pairs(["nope=1"], SCHEMA)
 
 
+@pytest.mark.parametrize(("dtype", "low", "high"), [
+    (pa.int64(), -(2**63), 2**63 - 1), (pa.int32(), -(2**31), 2**31 - 1), (pa.int8(), -128, 127),
+    (pa.uint8(), 0, 255), (pa.uint64(), 0, 2**64 - 1)])
+def test_integer_values_must_fit_the_columns_type(dtype, low, high):
+    schema = pa.schema([pa.field("n", dtype)])
+    for inside in (low, high, 0):
+        assert Filter(equals={"n": inside}).to_sql(schema) is not None
+        assert parse_filter_pairs([f"n={inside}"], schema) == {"n": inside}
+    for outside in (low - 1, high + 1, 10**30):
+        with pytest.raises(FilterError, match=rf"^filter value {outside} for 'n' is out of range: 'n' is {dtype} and "
+                                              rf"holds {low}\.\.{high}; pass an integer in that range$"):
+            parse_filter_pairs([f"n={outside}"], schema)
+        with pytest.raises(FilterError, match="out of range"):
+            Filter(in_={"n": [0, outside]}).to_sql(schema)
+
+
+def test_the_extreme_int64_values_select_their_rows():
+    # "-9223372036854775808" is minus a number int64 cannot hold to SQL parsers: it is spelled
+    # so that both DuckDB and Lance read it as the int64 minimum.
+    rows = pa.table({"n": pa.array([-(2**63), 2**63 - 1, 0], pa.int64())})
+    con = duckdb.connect()
+    con.register("t", rows)
+    for value in (-(2**63), 2**63 - 1):
+        where = Filter(equals={"n": value}).to_sql(rows.schema)
+        assert con.sql(f"SELECT n FROM t WHERE {where}").fetchall() == [(value,)]
+
+
 def test_rrf_by_hand():
     fused = reciprocal_rank_fusion([["a", "b", "c"], ["c", "a", "d"]])
     expected = {"a": 1 / 61 + 1 / 62, "b": 1 / 62, "c": 1 / 63 + 1 / 61, "d": 1 / 63}
