@@ -43,6 +43,12 @@ def _check(cond: bool, message: str) -> None:
 class TextTowerConfig:
     """The language model that encodes queries, text documents and image documents.
 
+    For ``univl-dr`` it is CLIP's text encoder instead: ``name_or_path`` names the CLIP
+    checkpoint (the one ``vision.name_or_path`` names), or ``hf_config`` has
+    ``model_type`` ``clip_text_model`` (``CLIPTextConfig`` keyword arguments, its
+    ``projection_dim`` the vision tower's); ``pooling`` is unused (CLIP pools at the
+    end-of-text token).
+
     Attributes:
         name_or_path: Hugging Face hub name or local directory of pretrained weights
             (e.g. ``OpenMatch/t5-ance``). ``None`` builds from ``hf_config``.
@@ -108,9 +114,11 @@ class VisionTowerConfig:
     Attributes:
         name_or_path: hub name or directory of a CLIP (vision) checkpoint, e.g.
             ``openai/clip-vit-base-patch32``; ``None`` builds from ``hf_config``.
-        hf_config: ``CLIPVisionConfig`` keyword arguments for a random-init tower.
-        trainable: the paper freezes the vision tower; the offline demo, which has no
-            pretrained CLIP, trains it.
+        hf_config: ``CLIPVisionConfig`` keyword arguments for a random-init tower
+            (``univl-dr`` also reads its ``projection_dim``).
+        trainable: the paper freezes the vision tower in CIEA; UniVL-DR's release
+            fine-tunes the whole CLIP, image encoder included; the offline demo, which
+            has no pretrained CLIP, trains it.
         image_mean: per-channel normalisation mean.
         image_std: per-channel normalisation std.
     """
@@ -221,6 +229,37 @@ class CIEAConfig:
             f"{math.exp(self.logit_scale_init):.3g} above logit_scale_max="
             f"{self.logit_scale_max}: lower the init (ln(100) by default) or raise the max.",
         )
+        if self.is_dual_encoder:
+            self._check_dual_encoder()
+
+    def _check_dual_encoder(self) -> None:
+        """``univl-dr`` is CLIP's two projected encoders from one checkpoint."""
+        text, vision = self.text, self.vision
+        _check(
+            text.name_or_path is None or vision.name_or_path is None
+            or text.name_or_path == vision.name_or_path,
+            f"variant 'univl-dr' takes both towers from one CLIP checkpoint, but "
+            f"text.name_or_path={text.name_or_path!r} differs from vision.name_or_path="
+            f"{vision.name_or_path!r}: point both to the CLIP checkpoint (it has no T5).",
+        )
+        _check(
+            text.name_or_path is not None
+            or (text.hf_config or {}).get("model_type") == "clip_text_model",
+            f"variant 'univl-dr' encodes text with CLIP's text encoder, but text.hf_config "
+            f"has model_type={(text.hf_config or {}).get('model_type')!r}: use "
+            "'clip_text_model' (CLIPTextConfig keyword arguments) or set text.name_or_path "
+            "to the CLIP checkpoint.",
+        )
+        dims = {
+            "text": (text.hf_config or {}).get("projection_dim") if text.name_or_path is None else None,
+            "vision": (vision.hf_config or {}).get("projection_dim") if vision.name_or_path is None else None,
+        }
+        _check(
+            None in dims.values() or dims["text"] == dims["vision"],
+            f"variant 'univl-dr': text.hf_config projection_dim={dims['text']} differs from "
+            f"vision.hf_config projection_dim={dims['vision']}: both towers project into one "
+            "space; make them equal.",
+        )
 
     # ---- what the variant switches on -------------------------------------------------
     @property
@@ -234,6 +273,11 @@ class CIEAConfig:
     @property
     def is_dual_encoder(self) -> bool:
         return self.variant == "univl-dr"
+
+    @property
+    def uses_projector(self) -> bool:
+        """CIEA's patch projector into the LM (the dual encoder has CLIP's own instead)."""
+        return self.uses_images and not self.is_dual_encoder
 
     @property
     def effective_comp_weight(self) -> float:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import CIEAConfig
 from .model import CIEAModel
 from .processor import CIEAProcessor
-from .towers import TextTower, VisionTower
+from .towers import ClipTextTower, ClipVisionTower, TextTower, VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ def create_model_and_processor(
 
     Returns:
         ``(model, processor)``; the LM's embedding matrix is resized to the tokenizer with
-        CIEA's special tokens added.
+        CIEA's special tokens added (``univl-dr`` adds none: CLIP with its own tokenizer
+        is left as it is).
     """
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(config.text.tokenizer_path)
-    text = TextTower.from_config(config.text, pretrained=pretrained)
-    vision = VisionTower.from_config(config.vision, pretrained=pretrained) if config.uses_images else None
+    text, vision = _towers(config, tokenizer, pretrained)
     if vision is not None:
         image_size, num_patches = vision.image_size, vision.num_patches
     else:
@@ -51,3 +51,25 @@ def create_model_and_processor(
         sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, model.dim,
     )
     return model, processor
+
+
+def _towers(
+    config: CIEAConfig, tokenizer: PreTrainedTokenizerBase, pretrained: bool
+) -> tuple[TextTower | ClipTextTower, VisionTower | None]:
+    """The variant's towers: CLIP's two projected encoders for ``univl-dr``; else the LM
+    and (unless ``text-only``) the CLIP vision tower."""
+    if config.is_dual_encoder:
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if end is None:
+            raise ValueError(
+                f"tokenizer {config.text.tokenizer_path!r} has no end-of-text (eos or sep) token, "
+                "where CLIP's text tower pools: use CLIP's tokenizer or one that ends each text "
+                "with such a token."
+            )
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        token_ids = {"eos_token_id": end, "bos_token_id": bos, "pad_token_id": tokenizer.pad_token_id}
+        text = ClipTextTower.from_config(config.text, pretrained=pretrained, token_ids=token_ids)
+        return text, ClipVisionTower.from_config(config.vision, pretrained=pretrained)
+    text = TextTower.from_config(config.text, pretrained=pretrained)
+    vision = VisionTower.from_config(config.vision, pretrained=pretrained) if config.uses_images else None
+    return text, vision

@@ -104,9 +104,16 @@ def locate_models(config: CIEAConfig, timeout: float = 5.0, skip: Collection[str
     located whether the weights are loaded or not. Names in ``skip`` are not checked (a
     tokenizer the job itself is about to write).
     """
-    wanted = [(config.text.name_or_path, "text tower", MODEL_FILES),
-              (config.text.tokenizer_path, "tokenizer", TOKENIZER_FILES)]
-    if config.uses_images:
-        wanted.append((config.vision.name_or_path, "vision tower", MODEL_FILES))
-    return [locate(name, what, files, timeout) for name, what, files in wanted
-            if name is not None and name not in skip]
+    if config.is_dual_encoder:
+        # UniVL-DR: CLIP's text and vision encoders and CLIP's tokenizer, one checkpoint.
+        wanted = [(config.vision.name_or_path, "CLIP checkpoint", MODEL_FILES),
+                  (config.text.name_or_path, "CLIP checkpoint", MODEL_FILES),
+                  (config.text.tokenizer_path, "tokenizer", TOKENIZER_FILES)]
+    else:
+        wanted = [(config.text.name_or_path, "text tower", MODEL_FILES),
+                  (config.text.tokenizer_path, "tokenizer", TOKENIZER_FILES)]
+        if config.uses_images:
+            wanted.append((config.vision.name_or_path, "vision tower", MODEL_FILES))
+    unique = list(dict.fromkeys((name, what, files) for name, what, files in wanted
+                                if name is not None and name not in skip))
+    return [locate(name, what, files, timeout) for name, what, files in unique]

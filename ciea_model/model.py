@@ -16,7 +16,7 @@ from torch import nn
 from .config import CIEAConfig
 from .extractor import ComplementaryInformationExtractor
 from .processor import DocumentBatch
-from .towers import TextTower, VisionTower
+from .towers import ClipTextTower, ClipVisionTower, TextTower, VisionTower
 
 
 class CIEAModel(nn.Module):
@@ -24,19 +24,25 @@ class CIEAModel(nn.Module):
 
     The variant in ``config`` decides which parts exist and are used (CIEA_METHOD.md,
     "Baselines"): ``text-only`` has no vision tower; ``marvel`` and ``ciea-no-cie`` feed the
-    projected patches straight into the LM; ``univl-dr`` is a dual encoder that adds the
-    pooled CLIP image vector to the caption's text vector.
+    projected patches straight into the LM; ``univl-dr`` is UniVL-DR's CLIP dual encoder
+    (a :class:`ClipTextTower` and a :class:`ClipVisionTower`, no LM, projector or
+    extractor): an image document is its CLIP image vector plus its caption's CLIP text
+    vector.
     """
 
-    def __init__(self, config: CIEAConfig, text: TextTower, vision: VisionTower | None) -> None:
+    def __init__(
+        self, config: CIEAConfig, text: TextTower | ClipTextTower, vision: VisionTower | None
+    ) -> None:
         super().__init__()
         if config.uses_images and vision is None:
             raise ValueError(f"variant {config.variant!r} needs a vision tower")
+        if config.is_dual_encoder:
+            _check_dual_towers(text, vision)
         self.config = config
         self.text = text
         self.vision = vision if config.uses_images else None
         width = text.hidden_size
-        self.projector = nn.Linear(vision.hidden_size, width) if self.vision is not None else None
+        self.projector = nn.Linear(vision.hidden_size, width) if config.uses_projector else None
         self.extractor = (
             ComplementaryInformationExtractor(width, config.extractor)
             if config.uses_extractor else None
@@ -110,10 +116,13 @@ class CIEAModel(nn.Module):
         so it can be stored next to the vector and shown later without the model."""
         weights = None
         if self.config.is_dual_encoder:
-            img = F.normalize(self.projector(self.vision.pooled(image["pixel_values"])), dim=-1)
-            cap = self.encode_text(image["input_ids"], image["attention_mask"])
-            doc = F.normalize(img + cap, dim=-1)
-            io = img
+            # UniVL-DR's release (OpenMatch/UniVL-DR, UniVL-DR/gen_embeddings.py,
+            # gen_embeddings(): `embeddings = model.encode_image(...)`, `embeddings =
+            # embeddings + cap_embeddings`, then `F.normalize`; train.py sums the same
+            # way): the raw CLIP image and caption vectors are added, then normalised.
+            img = self.vision.embed(image["pixel_values"])  # (B, D)
+            doc = F.normalize(img + self.text(image["attention_mask"], input_ids=image["input_ids"]), dim=-1)
+            io = F.normalize(img, dim=-1)
         else:
             doc_patches, io_patches, weights = self._image_inputs(image)
             doc = self.encode_patch_sequence(
@@ -130,9 +139,10 @@ class CIEAModel(nn.Module):
         return out if len(out) > 1 else doc
 
     def encode_image_only(self, image: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[<im_start>] + P̂ + [<im_end>]`` through the LM → (B, D), unit norm. The
-        extractor still needs the caption to weigh the patches, so ``image`` is the
-        collated image sub-batch of :meth:`CIEAProcessor.collate_documents`."""
+        """``[<im_start>] + P̂ + [<im_end>]`` through the LM → (B, D), unit norm (the
+        dual encoder: CLIP's image vector). The extractor still needs the caption to
+        weigh the patches, so ``image`` is the collated image sub-batch of
+        :meth:`CIEAProcessor.collate_documents`."""
         return self.encode_image_documents(image, return_image_only=True)[1]
 
     # ---- mixed documents ----------------------------------------------------------------
@@ -164,3 +174,18 @@ class CIEAModel(nn.Module):
             out = out.index_copy(0, batch.image_index, d)
         extras = ((image_only,) if return_image_only else ()) + ((weights,) if return_weights else ())
         return (out, *extras) if extras else out
+
+
+def _check_dual_towers(text: nn.Module, vision: nn.Module | None) -> None:
+    """The dual encoder sums CLIP image and text vectors: both towers must be CLIP's
+    projected encoders, projecting into one space."""
+    if not isinstance(text, ClipTextTower) or not isinstance(vision, ClipVisionTower):
+        raise ValueError(
+            "variant 'univl-dr' needs a ClipTextTower and a ClipVisionTower: build it with "
+            "create_model_and_processor"
+        )
+    if text.hidden_size != vision.projection_dim:
+        raise ValueError(
+            f"variant 'univl-dr': CLIP text projection_dim={text.hidden_size} differs from the "
+            f"vision projection_dim={vision.projection_dim}: give both towers one projection_dim"
+        )

@@ -13,6 +13,12 @@ Two views of each image are trained, each through its own linear head (discarded
 afterwards): the mean of the last layer's patch vectors before the post-layernorm (exactly
 the vectors CIEA feeds the projector), and CLIP's pooled CLS vector (what the ``univl-dr``
 dual encoder uses). The loss is the mean of the two symmetric in-batch losses.
+
+The ``univl-dr`` dual encoder also needs CLIP's *text* side, which no offline package
+ships: :func:`pretrain_clip_text` trains a CLIP text encoder and both projections on the
+same pairs against the pretrained, locked image encoder (LiT: "locked-image tuning"), so
+the dual encoder starts, as UniVL-DR does, from a CLIP whose two towers share one space,
+and from the very image encoder every other variant uses.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from torch import nn
 
 from .losses import contrastive_loss
-from .towers import VisionTower
+from .towers import ClipTextTower, ClipVisionTower, VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +193,86 @@ def _top1(tower: nn.Module, head: _Heads, pixel_values: torch.Tensor, text_featu
     best = scores.argmax(dim=1)
     hit = (texts[best] * texts).sum(-1) > 1 - 1e-6
     return float(hit.float().mean())
+
+
+def pretrain_clip_text(
+    text: ClipTextTower,
+    vision: ClipVisionTower,
+    pixel_values: torch.Tensor,
+    tokens: dict[str, torch.Tensor],
+    text_keys: torch.Tensor | None = None,
+    cfg: PretrainConfig = PretrainConfig(),
+    progress: bool = False,
+) -> PretrainResult:
+    """LiT: trains ``text`` (encoder and projection) and ``vision``'s projection in place
+    to match each image with its description; ``vision``'s encoder stays locked.
+
+    Args:
+        text: the CLIP text tower to train.
+        vision: the CLIP vision tower; only ``visual_projection`` learns.
+        pixel_values: (N, 3, S, S) transformed images.
+        tokens: ``input_ids`` / ``attention_mask`` (N, L) of the descriptions.
+        text_keys: (N,) int64 keys; pairs with the same description are not negatives.
+
+    Returns:
+        The loss of every step and the wall time.
+    """
+    n = pixel_values.shape[0]
+    if n < 2 or tokens["input_ids"].shape[0] != n:
+        raise ValueError(f"{n} images and {tokens['input_ids'].shape[0]} descriptions: need >= 2 pairs, one each")
+    with torch.no_grad():  # the encoder is locked: its pooled vectors are computed once
+        vision.encoder.eval()
+        pooled = torch.cat([vision.encoder(pixel_values=pixel_values[i : i + 512]).pooler_output
+                            for i in range(0, n, 512)])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    keys = text_keys if text_keys is not None else torch.arange(n)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*text.parameters(), *vision.model.visual_projection.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2] + [logit_scale], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    steps_per_epoch = n // cfg.batch_size or 1
+    total = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    result, start = PretrainResult(), time.perf_counter()
+    text.train()
+    try:
+        for step in _progress_steps(cfg.epochs, steps_per_epoch, progress, "CLIP text pretraining"):
+            if step % steps_per_epoch == 0:
+                order = torch.randperm(n, generator=generator)
+            idx = order[(step % steps_per_epoch) * cfg.batch_size : (step % steps_per_epoch + 1) * cfg.batch_size]
+            img = nn.functional.normalize(vision.model.visual_projection(pooled[idx]), dim=-1)
+            txt = nn.functional.normalize(text(tokens["attention_mask"][idx], input_ids=tokens["input_ids"][idx]), dim=-1)
+            scale, target = logit_scale.exp().clamp(max=100.0), torch.arange(len(idx))
+            loss = 0.5 * (contrastive_loss(img, txt, target, scale, keys[idx])
+                          + contrastive_loss(txt, img, target, scale, keys[idx]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            result.losses.append(float(loss.detach()))
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        text.eval()
+    result.seconds = time.perf_counter() - start
+    logger.info("CLIP text pretraining: %d steps in %.0fs, loss %.3f → %.3f", len(result.losses), result.seconds,
+                np.mean(result.losses[:10]), np.mean(result.losses[-10:]))
+    return result
+
+
+def _progress_steps(epochs: int, steps_per_epoch: int, progress: bool, desc: str):
+    """``range(epochs × steps_per_epoch)``, behind a progress bar when asked."""
+    steps = range(epochs * steps_per_epoch)
+    if not progress:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc, unit="step", leave=False)

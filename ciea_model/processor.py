@@ -163,7 +163,9 @@ class CIEAProcessor:
     and collation of mixed text/image batches for every variant.
 
     Args:
-        tokenizer: a Hugging Face tokenizer; the special tokens are added if missing.
+        tokenizer: a Hugging Face tokenizer; the special tokens are added if missing
+            (``univl-dr`` adds none: it never builds image sequences, and CLIP keeps its
+            own vocabulary).
         config: the model config (decides how image documents are laid out).
         image_size: the vision tower's input size.
         num_patches: patch vectors per image (``(image_size / patch_size)²``).
@@ -175,7 +177,7 @@ class CIEAProcessor:
         self.max_length = config.text.max_length
         self.num_patches = num_patches
         missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-        if missing:
+        if missing and not config.is_dual_encoder:
             tokenizer.add_special_tokens({"additional_special_tokens": missing})
         if tokenizer.pad_token is None:
             # Decoder-only LMs (GPT-2) ship without a pad token; pooling reads the last
@@ -268,7 +270,9 @@ class CIEAProcessor:
         """Collates mixed documents in one batch, laid out for the configured variant.
 
         ``text-only`` reads an image document as its caption; ``univl-dr`` tokenises the
-        caption as plain text beside the pixels; the CIEA family builds the image sequence.
+        bare caption as text beside the pixels (the release feeds CLIP the caption alone,
+        ``clip.tokenize(cap_inputs)`` in UniVL-DR/data.py); the CIEA family builds the image
+        sequence.
         """
         if not docs:
             raise ValueError("collate_documents got an empty batch")
@@ -283,7 +287,7 @@ class CIEAProcessor:
         if image_idx:
             captions = [docs[i].caption for i in image_idx]
             if self.config.is_dual_encoder:
-                image = self.tokenize([CAPTION_PREFIX + c for c in captions])
+                image = self.tokenize(captions)
             else:
                 image = self.collate_image_sequences(captions)
             image["pixel_values"] = torch.stack([self.image_transform(docs[i].image) for i in image_idx])

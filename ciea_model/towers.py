@@ -1,13 +1,26 @@
-"""The two towers: a Hugging Face language model with family-specific pooling, and the CLIP
-vision tower that yields patch vectors. Both are thin wrappers that know nothing of CIEA."""
+"""The towers: a Hugging Face language model with family-specific pooling and the CLIP
+vision tower that yields patch vectors (CIEA and its LM baselines), and CLIP's two
+projected encoders (the ``univl-dr`` dual encoder). All are thin wrappers that know nothing
+of CIEA."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    PretrainedConfig,
+)
 
 from .config import TextTowerConfig, VisionTowerConfig
 
@@ -155,7 +168,9 @@ class VisionTower(nn.Module):
     """CLIP ViT returning the patch vectors of the last encoder layer (before the
     post-layernorm, CLS dropped): (B, 3, S, S) → (B, (S/p)², W)."""
 
-    def __init__(self, model: CLIPVisionModel, trainable: bool) -> None:
+    _model_class: type[CLIPVisionModel] | type[CLIPVisionModelWithProjection] = CLIPVisionModel
+
+    def __init__(self, model: CLIPVisionModel | CLIPVisionModelWithProjection, trainable: bool) -> None:
         super().__init__()
         self.model = model
         self.trainable = trainable
@@ -165,17 +180,27 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: VisionTowerConfig, pretrained: bool) -> VisionTower:
-        if pretrained and cfg.name_or_path is not None:
-            # Works for both CLIPVisionModel checkpoints and full CLIPModel checkpoints
-            # (the vision half is taken, the text half dropped).
-            model = CLIPVisionModel.from_pretrained(cfg.name_or_path)
+        if cfg.hf_config is not None and not (pretrained and cfg.name_or_path is not None):
+            hf_config = CLIPVisionConfig(**cfg.hf_config)
         else:
-            if cfg.hf_config is not None:
-                hf_config = CLIPVisionConfig(**cfg.hf_config)
-            else:
-                hf_config = CLIPVisionConfig.from_pretrained(cfg.name_or_path)
-            model = CLIPVisionModel(hf_config)
+            # A CLIPVisionModel checkpoint or a full CLIPModel one (the vision half is
+            # taken, the text half dropped).
+            hf_config = clip_sub_config(cfg.name_or_path, CLIPVisionConfig)
+        if pretrained and cfg.name_or_path is not None:
+            model = cls._model_class.from_pretrained(cfg.name_or_path, config=hf_config)
+        else:
+            model = cls._model_class(hf_config)
         return cls(model, cfg.trainable)
+
+    @property
+    def encoder(self) -> CLIPVisionModel:
+        """The ViT without any projection: what every variant shares."""
+        return self.model
+
+    def load_encoder_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Loads a :class:`VisionTower` state dict (e.g. a pretrained ViT shared by every
+        variant) into :attr:`encoder`, strictly; a projection, if any, is left as it is."""
+        self.encoder.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
 
     def train(self, mode: bool = True) -> VisionTower:
         # A frozen tower stays in eval mode so that model.train() cannot switch on dropout.
@@ -203,6 +228,105 @@ class VisionTower(nn.Module):
         """(B, 3, S, S) → (B, N, W) patch vectors."""
         return self._run(pixel_values).last_hidden_state[:, 1:]
 
-    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) → (B, W): the post-layernorm CLS vector (used by ``univl-dr``)."""
-        return self._run(pixel_values).pooler_output
+
+
+def clip_sub_config(name: str, sub: type[CLIPTextConfig] | type[CLIPVisionConfig]) -> PretrainedConfig:
+    """One tower's config from a CLIP checkpoint that holds either that tower alone or a
+    whole ``CLIPModel``.
+
+    A ``CLIPModel`` sizes both projections by its top-level ``projection_dim``
+    (``CLIPModel.__init__``), which its sub-configs need not repeat; the sub-config gets
+    it here so that the tower's projection matches the saved weights.
+    """
+    loaded = AutoConfig.from_pretrained(name)
+    if isinstance(loaded, CLIPConfig):
+        part = loaded.text_config if sub is CLIPTextConfig else loaded.vision_config
+        part.projection_dim = loaded.projection_dim
+        return part
+    if not isinstance(loaded, sub):
+        raise ValueError(
+            f"{name!r} holds a {loaded.model_type!r} model, not a CLIP checkpoint: point it to a "
+            "CLIP folder (e.g. one saved from openai/clip-vit-base-patch32)."
+        )
+    return loaded
+
+
+class ClipVisionTower(VisionTower):
+    """CLIP's image encoder with its projection (UniVL-DR's image side): the patch
+    vectors as :class:`VisionTower`, and :meth:`embed` = ``image_embeds``."""
+
+    _model_class = CLIPVisionModelWithProjection
+
+    @property
+    def encoder(self) -> CLIPVisionModel:
+        return self.model.vision_model
+
+    @property
+    def projection_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, P): CLIP's projected image vector, *unnormalised*
+        (``encode_image`` in OpenAI's CLIP)."""
+        return self._run(pixel_values).image_embeds
+
+
+class ClipTextTower(nn.Module):
+    """CLIP's text encoder with its projection (UniVL-DR's query and text-document
+    tower): ids → ``text_embeds``, the projected state at the end-of-text token.
+
+    Args:
+        model: the HF module.
+    """
+
+    def __init__(self, model: CLIPTextModelWithProjection) -> None:
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_config(
+        cls, cfg: TextTowerConfig, pretrained: bool, token_ids: Mapping[str, int | None]
+    ) -> ClipTextTower:
+        """Builds the tower from a CLIP checkpoint (``name_or_path``) or at random from
+        ``hf_config`` (``model_type`` ``clip_text_model``).
+
+        Args:
+            token_ids: the tokenizer's ``eos_token_id`` (where CLIP pools),
+                ``bos_token_id`` and ``pad_token_id``, written into the model config so
+                that pooling follows the tokenizer in use: OpenAI's config still says
+                ``eos_token_id=2``, which makes HF pool at the largest id instead (the
+                same position for CLIP's own tokenizer, a wrong one for any other).
+        """
+        if cfg.hf_config is not None and not (pretrained and cfg.name_or_path is not None):
+            kwargs = dict(cfg.hf_config)
+            kwargs.pop("model_type", None)
+            hf_config = CLIPTextConfig(**{**kwargs, **token_ids})
+        else:
+            hf_config = clip_sub_config(cfg.name_or_path, CLIPTextConfig)
+            for key, value in token_ids.items():
+                setattr(hf_config, key, value)
+        if pretrained and cfg.name_or_path is not None:
+            model = CLIPTextModelWithProjection.from_pretrained(cfg.name_or_path, config=hf_config)
+        else:
+            model = CLIPTextModelWithProjection(hf_config)
+        if cfg.num_layers is not None:
+            _truncate_layers(model, cfg.num_layers)
+        return cls(model)
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the shared space: CLIP's ``projection_dim``."""
+        return self.model.config.projection_dim
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Static input embeddings: (B, L) ids → (B, L, W)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        if self.model.get_input_embeddings().num_embeddings != vocab_size:
+            self.model.resize_token_embeddings(vocab_size)
+
+    def forward(self, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-padded ids, each row ending in the end-of-text token → (B, P)
+        ``text_embeds``, *unnormalised* (``encode_text`` in OpenAI's CLIP)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds

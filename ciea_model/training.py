@@ -516,9 +516,9 @@ def _progress(total: int, enabled: bool, desc: str):
 # ---- stage 0: image–caption warm-up --------------------------------------------------------
 def image_only_plain(model: CIEAModel, image: dict[str, torch.Tensor]) -> torch.Tensor:
     """Image vectors without the extractor: ``[<im_start>] + P + [<im_end>]`` through the
-    LM (the dual encoder: its projected CLIP vector). (B, D), unit norm."""
+    LM (the dual encoder: CLIP's image vector). (B, D), unit norm."""
     if model.config.is_dual_encoder:
-        return torch.nn.functional.normalize(model.projector(model.vision.pooled(image["pixel_values"])), dim=-1)
+        return torch.nn.functional.normalize(model.vision.embed(image["pixel_values"]), dim=-1)
     return model.encode_patch_sequence(
         image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"],
         model.project_patches(image["pixel_values"]),

@@ -38,7 +38,7 @@ from ciea_model import (
 from ciea_model.config import CLIP_MEAN, CLIP_STD
 from ciea_model.inference import encode_queries
 from ciea_model.presets import demo_config, tiny_config
-from ciea_model.pretrain import PretrainConfig, pretrain_vision_tower
+from ciea_model.pretrain import PretrainConfig, pretrain_clip_text, pretrain_vision_tower
 from ciea_model.processor import ImageTransform, doc_key
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, warmup_vision
@@ -50,6 +50,7 @@ from pipelines.ingest.sources.synthetic.generator import (
 )
 from pipelines.query.evaluation import evaluate
 from pipelines.query.metrics import RetrievalReport
+from pipelines.store.secrets import redact
 from pipelines.train.config import NEW_MODULES
 from pipelines.train.draws import DrawSettings
 from pipelines.train.examples import to_document, training_examples
@@ -112,7 +113,7 @@ class VisionPretrainSettings(BaseModel):
     batch_size: int = Field(256, ge=2)
     lr: float = Field(2e-3, gt=0)
     seed: int = Field(99, description="seed of the pretraining pairs; must differ from corpus.seed")
-    freeze: bool = Field(True, description="freeze the pretrained tower in retrieval training, as the method does")
+    freeze: bool = Field(True, description="freeze the pretrained tower in retrieval training, as the method does (univl-dr fine-tunes it, as UniVL-DR's release does)")
 
 
 def distinct_variants(v: list[str]) -> list[str]:
@@ -220,7 +221,7 @@ def model_config(cfg: CompareConfig, variant: str, tokenizer_dir: Path) -> CIEAC
         base = tiny_config(variant, str(tokenizer_dir))
     else:
         base = demo_config(variant, text_model_path(cfg), num_layers=cfg.text_layers)
-    if cfg.vision_pretrain.pairs and cfg.vision_pretrain.freeze:
+    if cfg.vision_pretrain.pairs and cfg.vision_pretrain.freeze and not base.is_dual_encoder:
         base = base.replace(vision=dataclasses.replace(base.vision, trainable=False))
     return base.replace(comp_weight=cfg.comp_weight, logit_scale_init=cfg.logit_scale_init)
 
@@ -245,10 +246,7 @@ def pretrained_vision_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, p
     if path.exists():
         logger.info("vision tower: reusing %s", path)
         return path
-    transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
-    pairs = list(iter_image_text_pairs(settings.seed, settings.pairs + settings.heldout, cfg.corpus.image_size))
-    pixels = torch.stack([transform(image) for image, _ in pairs])
-    texts = [text for _, text in pairs]
+    pixels, texts = _pretraining_pairs(cfg, settings.pairs + settings.heldout)
     # Locked text side: the demo LM's own sentence vectors of the descriptions.
     features = torch.from_numpy(encode_queries(model, processor, texts, batch_size=256))
     keys = torch.tensor([doc_key(t) for t in texts])
@@ -264,6 +262,47 @@ def pretrained_vision_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, p
     save_file(state, tmp, metadata={"heldout_top1": str(result.heldout_top1), "steps": str(len(result.losses))})
     tmp.replace(path)  # a killed run never leaves a half-written cache entry
     return path
+
+
+def _pretraining_pairs(cfg: CompareConfig, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` pretraining images (transformed) and their descriptions."""
+    transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
+    pairs = list(iter_image_text_pairs(cfg.vision_pretrain.seed, n, cfg.corpus.image_size))
+    return torch.stack([transform(image) for image, _ in pairs]), [text for _, text in pairs]
+
+
+def pretrained_clip_text_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, vision_path: Path,
+                              progress: bool = True) -> Path:
+    """``univl-dr``'s CLIP text side, pretrained once per run on the vision pretraining's
+    pairs against the pretrained image encoder, locked (LiT,
+    :func:`ciea_model.pretrain.pretrain_clip_text`), and cached in ``out`` beside it.
+    Returns a safetensors file of the dual encoder's ``text.*`` and
+    ``vision.model.visual_projection.*`` weights."""
+    settings = cfg.vision_pretrain
+    key = hashlib.blake2b(f"{vision_path.name}|{cfg.text_model}|{_tokenizer_digest(tokenizer_dir)}".encode(),
+                          digest_size=8).hexdigest()
+    path = out / f"clip-text-pretrained-{key}.safetensors"
+    if path.exists():
+        logger.info("CLIP text tower: reusing %s", path)
+        return path
+    model, processor = create_model_and_processor(model_config(cfg, "univl-dr", tokenizer_dir), pretrained=True,
+                                                  seed=settings.seed)
+    model.vision.load_encoder_state(load_file(vision_path))
+    pixels, texts = _pretraining_pairs(cfg, settings.pairs)
+    pretrain_clip_text(
+        model.text, model.vision, pixels, processor.tokenize(texts), torch.tensor([doc_key(t) for t in texts]),
+        PretrainConfig(epochs=settings.epochs, batch_size=min(settings.batch_size, settings.pairs), lr=settings.lr,
+                       seed=settings.seed), progress=progress,
+    )
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if _is_clip_text_side(k)}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _is_clip_text_side(name: str) -> bool:
+    return name.startswith(("text.", "vision.model.visual_projection."))
 
 
 def _train_tokenizer_once(texts: list[str], tokenizer_dir: Path) -> None:
@@ -344,25 +383,34 @@ def epoch_examples(corpus: Corpus, settings: DrawSettings,
 
 
 # ---- training -------------------------------------------------------------------------------
-def train_config(cfg: CompareConfig, epochs: int, seed: int) -> TrainConfig:
+def train_config(cfg: CompareConfig, epochs: int, seed: int, variant: str = "ciea") -> TrainConfig:
     t = cfg.train
+    new_modules: tuple[str, ...] = NEW_MODULES
+    if variant == "univl-dr":
+        # The dual encoder is CLIP throughout: pretrained (both towers, when the vision
+        # pretraining runs) learns at lr, as the LM of the other variants does.
+        new_modules = ("logit_scale",) if cfg.vision_pretrain.pairs else ("text.", "vision.", "logit_scale")
     return TrainConfig(
         epochs=epochs, batch_size=t.batch_size, eval_every=t.eval_every, patience=t.patience,
         max_steps=t.max_steps, seed=seed,
-        optim=OptimConfig(lr=t.lr, weight_decay=t.weight_decay, module_lr={p: t.new_lr for p in NEW_MODULES}),
+        optim=OptimConfig(lr=t.lr, weight_decay=t.weight_decay, module_lr={p: t.new_lr for p in new_modules}),
     )
 
 
 def build_variant(cfg: CompareConfig, variant: str, seed: int, tokenizer_dir: Path,
-                  vision_state: dict[str, torch.Tensor] | None = None) -> tuple[CIEAModel, CIEAProcessor]:
-    """One variant's model, the pretrained vision tower loaded.
+                  vision_state: dict[str, torch.Tensor] | None = None,
+                  clip_text_state: dict[str, torch.Tensor] | None = None) -> tuple[CIEAModel, CIEAProcessor]:
+    """One variant's model, the pretrained vision encoder loaded (and, for ``univl-dr``,
+    the pretrained CLIP text side, :func:`pretrained_clip_text_path`).
 
     Raises:
         CompareSetupError: the vision tower does not fit the corpus's images.
     """
     model, processor = create_model_and_processor(model_config(cfg, variant, tokenizer_dir), pretrained=True, seed=seed)
     if model.vision is not None and vision_state is not None:
-        model.vision.load_state_dict(vision_state)
+        model.vision.load_encoder_state(vision_state)
+    if model.config.is_dual_encoder and clip_text_state is not None:
+        model.load_state_dict(clip_text_state, strict=False)
     if model.vision is not None and model.vision.image_size != cfg.corpus.image_size:
         raise CompareSetupError(
             f"corpus.image_size={cfg.corpus.image_size} but the {cfg.preset} vision tower "
@@ -377,31 +425,34 @@ def build_variant(cfg: CompareConfig, variant: str, seed: int, tokenizer_dir: Pa
 
 
 def train_variant(cfg: CompareConfig, variant: str, seed: int, corpus: Corpus,
-                  vision_state: dict[str, torch.Tensor] | None = None) -> tuple[CIEAModel, CIEAProcessor, list[FitResult]]:
+                  vision_state: dict[str, torch.Tensor] | None = None,
+                  clip_text_state: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[CIEAModel, CIEAProcessor, list[FitResult]]:
     """Builds one variant and trains it through the method's stages, keeping the model of
     whichever stage scored best on dev.
 
     ``vision_state``: the pretrained vision tower (:func:`pretrained_vision_path`), loaded
-    before any training. Stage 0 (optional): image–caption warm-up with the LM frozen.
+    before any training; ``clip_text_state``: ``univl-dr``'s pretrained CLIP text side. Stage 0 (optional): image–caption warm-up with the LM frozen.
     Stage 1 (DPR): in-batch negatives. Stage 2 (ANCE): one image and one text hard negative
     per query, mined with the best stage-1 model (CIEA_METHOD.md). Every epoch draws its
     own positives and negatives.
     """
-    model, processor = build_variant(cfg, variant, seed, corpus.tokenizer_dir, vision_state)
+    model, processor = build_variant(cfg, variant, seed, corpus.tokenizer_dir, vision_state, clip_text_state)
     settings = draw_settings(cfg, seed)
 
     def dev_mrr(m: CIEAModel) -> float:
         return evaluate(m, processor, corpus.documents, corpus.queries["dev"]).value("MRR@10")
 
     if cfg.train.warmup_epochs:
-        warmup = dataclasses.replace(train_config(cfg, cfg.train.warmup_epochs, seed), batch_size=64)
+        warmup = dataclasses.replace(train_config(cfg, cfg.train.warmup_epochs, seed, variant), batch_size=64)
         warmup_vision(model, processor, corpus.documents, warmup, progress=True)
-    stage1 = Trainer(model, processor, train_config(cfg, cfg.train.epochs, seed), evaluate=dev_mrr, progress=True)
+    stage1 = Trainer(model, processor, train_config(cfg, cfg.train.epochs, seed, variant), evaluate=dev_mrr,
+                     progress=True)
     fits = [stage1.fit(epoch_examples(corpus, settings))]
     if cfg.train.stage2_epochs:
         stage1_state = copy.deepcopy(model.state_dict())
         mined = mine_hard_negatives(model, processor, corpus.documents, corpus.queries["train"])
-        stage2 = Trainer(model, processor, train_config(cfg, cfg.train.stage2_epochs, seed), evaluate=dev_mrr,
+        stage2 = Trainer(model, processor, train_config(cfg, cfg.train.stage2_epochs, seed, variant), evaluate=dev_mrr,
                          progress=True)
         fits.append(stage2.fit(epoch_examples(corpus, settings, mined)))
         if fits[1].best_score < fits[0].best_score:
@@ -443,7 +494,7 @@ def _run_record(variant: str, seed: int, fits: list[FitResult], report: Retrieva
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    path.write_text(json.dumps(redact(obj), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def run(cfg: CompareConfig) -> CompareResult:
@@ -455,17 +506,20 @@ def run(cfg: CompareConfig) -> CompareResult:
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    (out / "compare_config.json").write_text(json.dumps(redact(cfg.model_dump(mode="json")), indent=2) + "\n")
     t_start = time.perf_counter()
     corpus = load_corpus(cfg, out)
     vision_path = pretrained_vision_path(cfg, corpus.tokenizer_dir, out) if any(
         v != "text-only" for v in cfg.variants) else None
     vision_state = None if vision_path is None else load_file(vision_path)
+    clip_text_state = None
+    if vision_path is not None and "univl-dr" in cfg.variants:
+        clip_text_state = load_file(pretrained_clip_text_path(cfg, corpus.tokenizer_dir, out, vision_path))
     reports: dict[str, list[RetrievalReport]] = {}
     records = []
     for variant in cfg.variants:
         for seed in cfg.seeds:
-            model, processor, fits = train_variant(cfg, variant, seed, corpus, vision_state)
+            model, processor, fits = train_variant(cfg, variant, seed, corpus, vision_state, clip_text_state)
             report = evaluate(model, processor, corpus.documents, corpus.queries["test"])
             reports.setdefault(variant, []).append(report)
             records.append(_run_record(variant, seed, fits, report))

@@ -243,11 +243,9 @@ def model_config_for(cfg: TrainJobConfig, tokenizer_dir: str | None):
     elif cfg.preset == "demo":
         base = demo_config(m.variant, m.text_model or _minilm_path(), num_layers=m.text_layers)
     else:
-        base = paper_config(m.variant)
-        if m.text_model:  # a local folder (save_pretrained) instead of the hub
-            base = base.replace(text=dataclasses.replace(base.text, name_or_path=m.text_model))
-        if m.vision_model:
-            base = base.replace(vision=dataclasses.replace(base.vision, name_or_path=m.vision_model))
+        # Local folders (save_pretrained) instead of the hub names; univl-dr takes both of
+        # its towers (and its tokenizer) from the CLIP folder.
+        base = paper_config(m.variant, text_model=m.text_model, clip_model=m.vision_model)
     if m.freeze_vision is not None:
         base = base.replace(vision=dataclasses.replace(base.vision, trainable=not m.freeze_vision))
     comp = m.comp_weight if cfg.train.comp_loss else 0.0

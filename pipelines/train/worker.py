@@ -151,7 +151,8 @@ class TrainWorker:
         if cfg.train.init_from:
             load_model(self.model, str(Path(cfg.train.init_from) / "model.safetensors"), strict=True)
         elif cfg.model.vision_state and self.model.vision is not None:
-            self.model.vision.load_state_dict(load_file(cfg.model.vision_state))
+            # A pretrained ViT shared by every variant; univl-dr keeps its own projection.
+            self.model.vision.load_encoder_state(load_file(cfg.model.vision_state))
         self.model.to(self.device)
 
     def _restore(self) -> int:

@@ -21,6 +21,7 @@ from ciea_model import (
 from ciea_model.config import POOLINGS
 
 T5 = {"model_type": "t5", "d_model": 32}
+CLIP_TEXT = {"model_type": "clip_text_model", "hidden_size": 32, "projection_dim": 16}
 
 
 def _text(**kw) -> TextTowerConfig:
@@ -197,9 +198,12 @@ def test_switch_table_covers_every_variant():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_switches(variant):
-    cfg = CIEAConfig(variant, text=_text(), vision=_vision(), comp_weight=0.25)
+    # univl-dr's text tower is CLIP's text encoder, never an LM.
+    text = _text(hf_config=dict(CLIP_TEXT)) if variant == "univl-dr" else _text()
+    cfg = CIEAConfig(variant, text=text, vision=_vision(), comp_weight=0.25)
     images, extractor, dual, comp = SWITCHES[variant]
     assert cfg.uses_images is images
     assert cfg.uses_extractor is extractor
     assert cfg.is_dual_encoder is dual
+    assert cfg.uses_projector is (images and not dual)
     assert cfg.effective_comp_weight == (0.25 if comp else 0.0)

@@ -26,6 +26,9 @@ from ciea_model.processor import (
 )
 
 SIZE = 32
+# univl-dr's text tower is CLIP's text encoder (CLIPTextConfig keyword arguments).
+CLIP_TEXT = {"model_type": "clip_text_model", "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
 @pytest.fixture
@@ -33,6 +36,8 @@ def make_processor(make_config, tokenizer_dirs, tiny):
     """``make_processor(variant="ciea", family="t5")`` without building a model."""
 
     def make(variant: str = "ciea", family: str = "t5", **kwargs) -> CIEAProcessor:
+        if variant == "univl-dr":
+            kwargs.setdefault("text_overrides", {"hf_config": dict(CLIP_TEXT)})
         cfg = make_config(variant, family, **kwargs)
         tok = AutoTokenizer.from_pretrained(tokenizer_dirs[tiny.tokenizer_style[family]])
         return CIEAProcessor(tok, cfg, image_size=SIZE, num_patches=tiny.num_patches)
@@ -283,7 +288,8 @@ def test_univl_dr_lays_image_documents_out_as_caption_text_plus_pixels(make_proc
     batch = proc.collate_documents([_image_doc("i1", "a red circle"), _text_doc("t1", "zoo")])
     assert batch.image_index.tolist() == [0] and batch.text_index.tolist() == [1]
     assert set(batch.image) == {"input_ids", "attention_mask", "pixel_values"}
-    expected = proc.tokenize([CAPTION_PREFIX + "a red circle"])
+    # The bare caption, as UniVL-DR's release feeds it to CLIP (no "caption:" prefix).
+    expected = proc.tokenize(["a red circle"])
     assert batch.image["input_ids"].tolist() == expected["input_ids"].tolist()
     assert proc.im_patch_id not in batch.image["input_ids"].flatten().tolist()
     assert batch.image["pixel_values"].shape == (1, 3, SIZE, SIZE)
