@@ -14,6 +14,12 @@ Re-running is safe at any point: only documents whose ``(doc_id, content_sha256)
 in the table yet are embedded, rows of changed or deleted documents are replaced, and a
 run with nothing to do commits nothing.
 
+One writer per table: a run holds the table's lease (``<db>/_ciea_leases/<table>.json``)
+while it writes; a second ``ciea embed`` or ``ciea reindex`` on the same table exits with
+code 4 and one line naming the run that holds it, having written nothing. A lease whose
+run died is taken over (its process gone from this host, or no heartbeat for 10 minutes);
+remove the file to free the table sooner.
+
 Examples::
 
     ciea embed --checkpoint runs/demo/ciea/checkpoint             # ./data → ./data/lancedb
@@ -36,6 +42,7 @@ from pydantic import Field
 
 from pipelines.index import build
 from pipelines.index.config import EmbedConfig
+from pipelines.store import storage
 from pipelines.store.delta_tables import Tables
 
 from .common import (
@@ -53,6 +60,8 @@ from .common import (
 logger = logging.getLogger("ciea.embed")
 
 PROG = "ciea embed"
+#: Exit code when another run writes the table (its lease, or its commits): nothing was written.
+EXIT_TABLE_BUSY = 4
 STORAGE = "input.storage_options"
 #: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
 FLAGS = {"checkpoint": "model.checkpoint", "root": "input.root", "version": "input.version", "db": "output.db",
@@ -119,6 +128,10 @@ def check(cfg: EmbedConfig, tables: Tables | None = None) -> dict[str, Any]:
     if not Path(cfg.model.checkpoint).is_dir():
         raise SystemExit(f"{PROG}: checkpoint {cfg.model.checkpoint} is not a directory: pass the folder "
                          "written by ciea_model.save_checkpoint (it holds ciea_checkpoint.json)")
+    db = Path(storage.normalise_uri(cfg.db_uri))
+    if not storage.is_remote(cfg.db_uri) and db.exists() and not db.is_dir():
+        raise SystemExit(f"{PROG}: the LanceDB database {cfg.db_uri} is a file, not a folder: point --db at a "
+                         "folder (created if missing)")
     try:
         facts = build.load_model_facts(cfg.model.checkpoint)
         E.resolve_source(tables or cfg.input.tables(), cfg.input.version)
@@ -133,6 +146,7 @@ def execute(cfg: EmbedJobConfig) -> int:
     the printed summary. Returns the exit code."""
     from pipelines.index.embed import EmbedError
     from pipelines.store.lance_tables import ModelMismatchError
+    from pipelines.store.lease import WriterConflict
 
     tables = cfg.input.tables()  # the Delta handle, made once for the checks and the run
     facts = check(cfg, tables)
@@ -147,6 +161,9 @@ def execute(cfg: EmbedJobConfig) -> int:
         except (ModelMismatchError, EmbedError) as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2
+        except WriterConflict as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return EXIT_TABLE_BUSY
         except build.SetupError as e:
             raise SystemExit(f"{PROG}: {e}") from None
     write_json(run_dir / "summary.json", summary)

@@ -30,6 +30,10 @@ is in the table; deletes that already happened) and converges to the same table,
 duplicate rows and no lost deletes. Readers follow the ``published`` tag, which moves only
 at the end, so they never see a half-written version.
 
+One writer per table: the run holds the table's lease (``<db>/_ciea_leases/<table>.json``)
+while it writes, as ``ciea embed`` does; when another run holds it, the job exits with code
+4 and one line naming that run, having written nothing.
+
 **Another checkpoint** (a new model): all documents are embedded with it and written as a
 new version of the same table (one Lance ``Overwrite`` commit, so the table's ``model_id``
 changes in that version only; older versions keep the old model and metadata). Then the
@@ -75,7 +79,7 @@ from .common import (
     ray_owned,
     write_json,
 )
-from .embed import add_index_flags
+from .embed import EXIT_TABLE_BUSY, add_index_flags
 
 logger = logging.getLogger("ciea.reindex")
 
@@ -118,7 +122,12 @@ def check(cfg: ReindexJobConfig, tables: Tables | None = None) -> dict[str, Any]
         SystemExit: with the fix.
     """
     from pipelines.index import embed as E
+    from pipelines.query.search import DatabaseNotFoundError, check_database
 
+    try:  # before anything connects: a missing --db is refused, never created
+        check_database(cfg.db_uri)
+    except DatabaseNotFoundError as e:
+        raise SystemExit(f"{PROG}: {e}") from None
     try:
         E.resolve_source(tables or cfg.input.tables(), cfg.input.version)
     except E.EmbedError as e:
@@ -140,10 +149,12 @@ def check(cfg: ReindexJobConfig, tables: Tables | None = None) -> dict[str, Any]
 def execute(cfg: ReindexJobConfig) -> int:
     """Runs the job on a parsed config: checks, :func:`pipelines.index.reindex.run` (which
     asks for Ray only when a step needs it), summary.json, the printed summary. Returns the
-    exit code: 0, 1 (documents failed), 2 (bad input), :data:`EXIT_GATE_REFUSED`."""
+    exit code: 0, 1 (documents failed), 2 (bad input), :data:`EXIT_GATE_REFUSED`,
+    :data:`jobs.embed.EXIT_TABLE_BUSY` (another run writes the table)."""
     from pipelines.index.embed import EmbedError
     from pipelines.query.search import SearchError
     from pipelines.store.lance_tables import ModelMismatchError
+    from pipelines.store.lease import WriterConflict
 
     tables = cfg.input.tables()  # the Delta handle, made once for the checks and the run
     facts = check(cfg, tables)
@@ -162,6 +173,9 @@ def execute(cfg: ReindexJobConfig) -> int:
         except (reindex_run.ReindexError, ModelMismatchError, EmbedError, SearchError) as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2
+        except WriterConflict as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return EXIT_TABLE_BUSY
         except build.SetupError as e:
             raise SystemExit(f"{PROG}: {e}") from None
     write_json(run_dir / "summary.json", summary)

@@ -210,6 +210,10 @@ def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None,
         tables: Tables | None = None) -> dict[str, Any]:
     """One embedding run; returns the summary.
 
+    The run holds the table's lease (:mod:`pipelines.store.lease`) from before it plans
+    to the end, and fences its commits: a second run on the same table stops before it
+    writes anything.
+
     Args:
         cfg: the validated settings.
         facts: :func:`load_model_facts` of ``cfg.model.checkpoint``.
@@ -219,24 +223,38 @@ def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None,
     Raises:
         SetupError: the encoder's settings do not fit the cluster.
         EmbedError / ModelMismatchError: the corpus or the table, with the fix.
+        WriterConflict: another run writes the table (its lease, or its commits), with the fix.
         RuntimeError: the table does not hold one row per document afterwards.
     """
     from pipelines.index import embed as E
     from pipelines.store import lance_tables as L
+    from pipelines.store.lease import TableLease
 
     t0 = time.perf_counter()
     tables = tables or cfg.input.tables()
-    documents_uri = tables.documents
     version = E.resolve_source(tables, cfg.input.version)
-    mid, dim = facts["model_id"], facts["dim"]
     table = L.VectorTable(cfg.db_uri, cfg.output.table, tables.storage_options)
-    table.check_model(mid, dim)
+    with TableLease(cfg.db_uri, cfg.output.table, "ciea embed", tables.storage_options) as lease:
+        table.check_model(facts["model_id"], facts["dim"])
+        summary = _run_leased(cfg, facts, ray, tables, table, version, lease)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def _run_leased(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None, tables: Tables, table: Any,
+                version: int, lease: Any) -> dict[str, Any]:
+    """The run once it holds the table's lease: plan, delete stale rows, embed, check,
+    index and publish."""
+    from pipelines.index import embed as E
+
+    mid, dim = facts["model_id"], facts["dim"]
     table.create_if_missing(mid, dim, patch_grid=facts.get("patch_grid"))
     res = resolve_resources(cfg, (ray or CurrentRay()).start())
 
+    table.fence_writes(lease.run_id, lease.check)
     plan = E.plan_work(E.source_keys(tables, version), table.keys())
     summary: dict[str, Any] = {
-        "model_id": mid, "variant": facts["variant"], "dim": dim, "documents_uri": documents_uri,
+        "model_id": mid, "variant": facts["variant"], "dim": dim, "documents_uri": tables.documents,
         "source_version": version, "table": f"{cfg.db_uri}/{cfg.output.table}", "resources": res,
         "documents": plan.documents, "to_embed": len(plan.to_embed), "skipped": plan.skipped,
     }
@@ -253,7 +271,6 @@ def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None,
     changed = table.version() != version_before or stream.commits > 0
     _index_and_publish(cfg, facts, table, version, changed, summary)
     summary["table_version"] = table.version()
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
 
 

@@ -599,6 +599,10 @@ def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None,
         tables: Tables | None = None) -> dict[str, Any]:
     """One re-index run; returns the summary.
 
+    Like ``ciea embed``, the run holds the table's lease (:mod:`pipelines.store.lease`)
+    from before its first write to the end and fences its commits, so it never writes
+    beside another run.
+
     Args:
         cfg: the validated settings (``model.checkpoint`` set).
         facts: ``pipelines.index.build.load_model_facts`` of the checkpoint.
@@ -610,15 +614,16 @@ def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None,
         ReindexError / EmbedError / ModelMismatchError / SearchError: the inputs or the
             table's state, with the fix.
         SetupError: the encoder's settings do not fit the cluster.
+        WriterConflict: another run writes the table (its lease, or its commits), with the fix.
         SimulatedCrash: the ``fault.crash_at`` drill.
     """
     from pipelines.index import embed as E
     from pipelines.store import lance_tables as L
+    from pipelines.store.lease import TableLease
 
     t0 = time.perf_counter()
     ray = ray or CurrentRay()
     tables = tables or cfg.input.tables()
-    documents_uri = tables.documents
     to_version = E.resolve_source(tables, cfg.input.version)
     table = L.VectorTable(cfg.db_uri, cfg.output.table, tables.storage_options)
     if not table.exists():
@@ -626,14 +631,16 @@ def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None,
                            f"--checkpoint {cfg.model.checkpoint} --table {cfg.output.table}`")
     res = resolve_resources(cfg, ray.resources())
     summary: dict[str, Any] = {"model_id": facts["model_id"], "variant": facts["variant"], "dim": facts["dim"],
-                               "documents_uri": documents_uri, "to_version": to_version,
+                               "documents_uri": tables.documents, "to_version": to_version,
                                "table": f"{cfg.db_uri}/{cfg.output.table}", "resources": res}
-    state = _discard_unpublished(table, facts["model_id"], summary)
-    if state.head_model == facts["model_id"] and (state.rows_model in (None, facts["model_id"])):
-        summary = run_incremental(cfg, facts, table, tables, to_version, res, summary, ray)
-    else:
-        summary = run_rebuild(cfg, facts, table, tables, to_version, res, summary, ray)
-    summary["table_version"] = table.version()
+    with TableLease(cfg.db_uri, cfg.output.table, "ciea reindex", tables.storage_options) as lease:
+        state = _discard_unpublished(table, facts["model_id"], summary)
+        table.fence_writes(lease.run_id, lease.check)  # what follows plans against this version
+        if state.head_model == facts["model_id"] and (state.rows_model in (None, facts["model_id"])):
+            summary = run_incremental(cfg, facts, table, tables, to_version, res, summary, ray)
+        else:
+            summary = run_rebuild(cfg, facts, table, tables, to_version, res, summary, ray)
+        summary["table_version"] = table.version()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
 

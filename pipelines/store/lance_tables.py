@@ -13,6 +13,12 @@ fragment) reaches the driver, which appends them in one Lance commit
 (:meth:`VectorTable.commit_fragments`). A reader never sees a half-written run: it reads
 the version the ``published`` tag points at, which moves only after the indexes are built.
 
+One writer at a time: a run holds the table's lease (:mod:`pipelines.store.lease`) from
+before it plans to the end, and fences its commits (:meth:`VectorTable.fence_writes`):
+each commit carries the run's id, and a commit is refused when a version after the one the
+run planned against added rows that another run wrote — Lance itself lets two appends of
+the same documents both land.
+
 Index rule (:func:`plan_ann_index`), for ``N`` rows of dimension ``D``:
 
 * **No ANN index while exact search is as fast**: below ``N x D = 2 000 000`` floats
@@ -48,7 +54,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal, Optional
@@ -58,6 +64,7 @@ import pyarrow.compute as pc
 import pydantic
 
 from pipelines.store import storage
+from pipelines.store.lease import WriterConflict
 from pipelines.store.schema import CAPTION, CONTENT_SHA256, DOC_ID, TEXT
 
 logger = logging.getLogger(__name__)
@@ -87,8 +94,38 @@ FTS_COLUMNS = (TEXT, CAPTION)
 AnnKind = Literal["ivf_pq", "ivf_hnsw_sq"]
 
 
+#: Lance transaction property naming the run that made a commit (read by the write fence).
+TX_RUN_ID = "ciea.run_id"
+#: Lance operations that put rows at the head: another run's, after this run planned, is
+#: what would make this run's commit duplicate documents (deletes, metadata, indexes and
+#: compaction cannot).
+ROW_ADDING_OPERATIONS = frozenset({"Append", "Overwrite", "Update", "Merge", "Restore", "DataReplacement", "Clone"})
+
+
 class ModelMismatchError(ValueError):
     """The table holds vectors of another model; a table never mixes two model ids."""
+
+
+class ConcurrentWriteError(WriterConflict):
+    """Another run added rows after this run planned: this run's commit is refused."""
+
+
+@dataclass
+class WriteFence:
+    """A run's claim on the table's history: every row-adding version after ``planned``
+    up to ``checked`` is its own.
+
+    Attributes:
+        run_id: stamped on each of the run's commits (:data:`TX_RUN_ID`).
+        planned: the version the run planned its work against.
+        checked: the latest version known to hold no other run's rows.
+        check_lease: raises when the run no longer holds the table's lease.
+    """
+
+    run_id: str
+    planned: int
+    checked: int
+    check_lease: Callable[[], None] | None = None
 
 
 @functools.cache
@@ -233,6 +270,7 @@ class VectorTable:
         self.storage_options = dict(storage_options or {})
         self.db = connect(db_uri, self.storage_options)
         self._table = None
+        self._fence: WriteFence | None = None
 
     # ---- open / create ------------------------------------------------------------------
     def exists(self) -> bool:
@@ -332,29 +370,109 @@ class VectorTable:
             deleted += getattr(res, "num_deleted_rows", 0) or 0
         return deleted
 
-    def commit_fragments(self, fragments: Iterable[Any]) -> int:
-        """Appends fragments written by workers in one Lance commit; returns the new version.
+    def fence_writes(self, run_id: str, check_lease: Callable[[], None] | None = None) -> int:
+        """Fences this handle's commits from here on: each is stamped with ``run_id`` and is
+        refused (:class:`ConcurrentWriteError`) when a version after the current one added
+        rows that another run wrote. Call it right before reading what the run plans from.
 
-        The commit is optimistic against the version read here: a concurrent writer
-        makes it fail (and the fragments stay unreferenced) rather than interleave.
+        Args:
+            run_id: the run's id (its lease's).
+            check_lease: called before each commit; raises when the lease is lost.
+
+        Returns:
+            The version the run plans against.
+        """
+        version = self.version()
+        self._fence = WriteFence(run_id, version, version, check_lease)
+        return version
+
+    def _foreign_rows(self, ds: Any, first: int, last: int) -> None:
+        """Raises :class:`ConcurrentWriteError` when a version in ``first..last`` added rows
+        that the fenced run did not write (a version with no transaction record counts)."""
+        fence = self._fence
+        for v in range(first, last + 1):
+            tx = ds.read_transaction(v)
+            props = (tx.transaction_properties or {}) if tx is not None else {}
+            if tx is None or (type(tx.operation).__name__ in ROW_ADDING_OPERATIONS
+                              and props.get(TX_RUN_ID) != fence.run_id):
+                by = f"run {props[TX_RUN_ID]}" if TX_RUN_ID in props else "another writer"
+                raise ConcurrentWriteError(
+                    f"table {self.name} was written by {by} (version {v}) after this run planned against "
+                    f"version {fence.planned}; nothing of this run is committed: re-run when the other one "
+                    "has finished")
+
+    def _commit(self, operation: Any, read_version: int | None = None, withdraw_on_race: bool = False) -> int:
+        """Commits ``operation`` (fenced when :meth:`fence_writes` was called); returns the version.
+
+        The fence checks the versions since its last commit before committing, and again
+        the ones that landed between that check and the commit (Lance rebases an append
+        over them): an append that raced another run's is withdrawn at once (its fragments
+        deleted), so the head never keeps both.
         """
         import lance
 
-        fragments = list(fragments)
+        opts = self.storage_options or None
         ds = self.dataset()
-        new = lance.LanceDataset.commit(
-            ds.uri, lance.LanceOperation.Append(fragments), read_version=ds.version,
-            storage_options=self.storage_options or None)
-        return new.version
+        fence = self._fence
+        if fence is None:
+            read = ds.version if read_version is None else read_version
+            return lance.LanceDataset.commit(ds.uri, operation, read_version=read, storage_options=opts).version
+        if fence.check_lease is not None:
+            fence.check_lease()
+        self._foreign_rows(ds, fence.checked + 1, ds.version)
+        return self._commit_checked(ds, operation, withdraw_on_race)
 
-    def commit_overwrite(self, schema: pa.Schema, fragments: Iterable[Any], read_version: int) -> int:
-        """Replaces every row with ``fragments`` in one Lance commit (optimistic against
-        ``read_version``); returns the new version."""
+    def _commit_checked(self, ds: Any, operation: Any, withdraw_on_race: bool) -> int:
+        """The fenced commit on top of ``ds``, the version checked last: another run's
+        rows that land between that check and this commit are caught here."""
         import lance
 
-        return lance.LanceDataset.commit(
-            self.uri, lance.LanceOperation.Overwrite(schema, list(fragments)), read_version=read_version,
-            storage_options=self.storage_options or None).version
+        fence = self._fence
+        tx = lance.Transaction(ds.version, operation, transaction_properties={TX_RUN_ID: fence.run_id})
+        new = lance.LanceDataset.commit(ds.uri, tx, storage_options=self.storage_options or None)
+        try:
+            self._foreign_rows(new, ds.version + 1, new.version - 1)
+        except ConcurrentWriteError:
+            if withdraw_on_race:
+                self._withdraw(new)
+            raise
+        fence.checked = new.version
+        return new.version
+
+    def _withdraw(self, ds: Any) -> None:
+        """Deletes the fragments the commit at ``ds.version`` added (a raced append)."""
+        import lance
+
+        before = {f.fragment_id for f in self.dataset(ds.version - 1).get_fragments()}
+        ours = [f.fragment_id for f in ds.get_fragments() if f.fragment_id not in before]
+        lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Delete([], ours, "ciea: withdrawn concurrent append"),
+                                  read_version=ds.version, storage_options=self.storage_options or None)
+        logger.error("withdrew this run's append (version %d, %d fragments): another run appended at the same time",
+                     ds.version, len(ours))
+
+    def commit_fragments(self, fragments: Iterable[Any]) -> int:
+        """Appends fragments written by workers in one Lance commit; returns the new version.
+
+        Fenced (:meth:`fence_writes`): refused when another run added rows since this run
+        planned, and the fragments stay unreferenced.
+
+        Raises:
+            ConcurrentWriteError / LeaseLostError: another run writes the table.
+        """
+        import lance
+
+        return self._commit(lance.LanceOperation.Append(list(fragments)), withdraw_on_race=True)
+
+    def commit_overwrite(self, schema: pa.Schema, fragments: Iterable[Any], read_version: int) -> int:
+        """Replaces every row with ``fragments`` in one Lance commit; returns the new version.
+
+        Unfenced, optimistic against ``read_version``; fenced, refused like
+        :meth:`commit_fragments` (an overwrite that races an append still leaves one row
+        per document: it replaces them all).
+        """
+        import lance
+
+        return self._commit(lance.LanceOperation.Overwrite(schema, list(fragments)), read_version=read_version)
 
     def update_metadata(self, values: dict[str, str | None]) -> None:
         self.dataset().update_metadata(values)

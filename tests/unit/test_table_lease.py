@@ -1,0 +1,182 @@
+"""The table lease (``pipelines.store.lease``): one holder at a time, abandoned leases taken
+over, the heartbeat, a lost lease noticed — on the local file system (real processes racing
+for it) and on S3 (moto's server on loopback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipelines.store.lease import (
+    LeaseInfo,
+    LeaseLostError,
+    TableBusyError,
+    TableLease,
+    lease_uri,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(path: str, info: LeaseInfo) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(info.to_bytes())
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_run_is_refused_with_one_line_naming_the_holder_and_the_fix(tmp_path):
+    db = str(tmp_path / "db")
+    with TableLease(db, "docs", "ciea embed") as first:
+        path = lease_uri(db, "docs")
+        held = json.loads(Path(path).read_text())
+        assert held["run_id"] == first.run_id and held["pid"] == os.getpid()
+        assert held["host"] == socket.gethostname() and held["command"] == "ciea embed"
+        with pytest.raises(TableBusyError) as e:
+            TableLease(db, "docs", "ciea reindex").acquire()
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in msg and "ciea embed" in msg
+        assert f"remove {path} if that run is dead" in msg
+        # Another table of the same database is free.
+        with TableLease(db, "other", "ciea embed"):
+            pass
+    assert not Path(path).exists()
+    with TableLease(db, "docs", "ciea reindex") as second:
+        assert json.loads(Path(path).read_text())["run_id"] == second.run_id
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
+    db = str(tmp_path / "db")
+    path = lease_uri(db, "docs")
+    now = time.time()
+    _write(path, LeaseInfo("crashed", "ciea embed", socket.gethostname(), _dead_pid(), now, now))
+    with caplog.at_level(logging.WARNING, logger="pipelines.store.lease"), TableLease(db, "docs", "ciea embed") as ours:
+        assert json.loads(Path(path).read_text())["run_id"] == ours.run_id
+    assert "taking over the lease of table docs" in caplog.text and "no longer runs on this host" in caplog.text
+
+
+def test_another_hosts_lease_is_abandoned_only_after_the_ttl(tmp_path, caplog):
+    db = str(tmp_path / "db")
+    path = lease_uri(db, "docs")
+    now = time.time()
+    other = LeaseInfo("remote-run", "ciea reindex", "some-other-host", 1, now - 3600, now - 5)
+    _write(path, other)
+    with pytest.raises(TableBusyError, match="pid 1 on host some-other-host"):
+        TableLease(db, "docs", "ciea embed", ttl_s=60).acquire()
+    _write(path, replace(other, heartbeat=now - 120))
+    with caplog.at_level(logging.WARNING, logger="pipelines.store.lease"), \
+            TableLease(db, "docs", "ciea embed", ttl_s=60) as ours:
+        assert json.loads(Path(path).read_text())["run_id"] == ours.run_id
+    assert "no heartbeat for 12" in caplog.text
+
+
+def test_an_unreadable_lease_file_is_taken_over(tmp_path):
+    db = str(tmp_path / "db")
+    path = lease_uri(db, "docs")
+    Path(path).parent.mkdir(parents=True)
+    Path(path).write_text('{"run_id": "half-writ')
+    with TableLease(db, "docs", "ciea embed") as ours:
+        assert json.loads(Path(path).read_text())["run_id"] == ours.run_id
+
+
+def test_the_heartbeat_moves_and_a_taken_lease_is_noticed(tmp_path, caplog):
+    db = str(tmp_path / "db")
+    path = lease_uri(db, "docs")
+    lease = TableLease(db, "docs", "ciea embed", heartbeat_s=0.05)
+    lease.acquire()
+    try:
+        first = json.loads(Path(path).read_text())["heartbeat"]
+        deadline = time.time() + 5
+        while json.loads(Path(path).read_text())["heartbeat"] == first and time.time() < deadline:
+            time.sleep(0.02)
+        assert json.loads(Path(path).read_text())["heartbeat"] > first
+        lease.check()  # still ours
+        # Another run judged it abandoned and took it: this run must stop committing.
+        now = time.time()
+        _write(path, LeaseInfo("usurper", "ciea embed", "host-b", 7, now, now))
+        with caplog.at_level(logging.ERROR, logger="pipelines.store.lease"), \
+                pytest.raises(LeaseLostError, match="now held by ciea embed, pid 7 on host host-b"):
+            lease.check()
+        deadline = time.time() + 5
+        while "was now held by" not in caplog.text and time.time() < deadline:
+            time.sleep(0.02)
+        assert "was now held by" in caplog.text  # the heartbeat saw it too, and stopped
+    finally:
+        lease.release()
+    assert json.loads(Path(path).read_text())["run_id"] == "usurper"  # release leaves others' leases alone
+
+
+RACER = textwrap.dedent("""
+    import sys, time
+    from pipelines.store.lease import TableBusyError, TableLease
+    start = float(sys.argv[2])
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        with TableLease(sys.argv[1], "docs", "ciea embed"):
+            print("HELD", flush=True)
+            time.sleep(1.5)
+    except TableBusyError:
+        print("BUSY", flush=True)
+""")
+
+
+def test_processes_racing_for_the_lease_get_exactly_one_holder(tmp_path):
+    db = str(tmp_path / "db")
+    start = time.time() + 3.0  # all four past their imports, then released together
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, db, str(start)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    results = sorted(out.strip() for out, _ in outs)
+    assert results == ["BUSY", "BUSY", "BUSY", "HELD"]
+    assert not Path(lease_uri(db, "docs")).exists()
+
+
+@pytest.fixture
+def s3_db(monkeypatch):
+    """An S3 bucket on moto's server (loopback); credentials only in the environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "moto-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-test-secret-value")
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="leases")
+    try:
+        yield "s3://leases/vectors", {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
+    finally:
+        server.stop()
+
+
+def test_on_s3_the_second_run_is_refused_and_release_frees_the_table(s3_db):
+    from pipelines.store import storage
+
+    db, options = s3_db
+    path = lease_uri(db, "docs")
+    assert path == "s3://leases/vectors/_ciea_leases/docs.json"
+    with TableLease(db, "docs", "ciea embed", options) as first:
+        assert LeaseInfo.from_bytes(storage.read_bytes(path, options)).run_id == first.run_id
+        with pytest.raises(TableBusyError, match=f"remove {path} if that run is dead"):
+            TableLease(db, "docs", "ciea reindex", options).acquire()
+    assert not storage.exists(path, options)
+    with TableLease(db, "docs", "ciea reindex", options):
+        assert storage.exists(path, options)
