@@ -29,6 +29,7 @@ from pipelines.train import driver
 from pipelines.train.config import TrainJobConfig
 
 from .common import (
+    RayCluster,
     RaySettings,
     command_args,
     job_logging,
@@ -104,7 +105,11 @@ def command(cfg: TrainJobConfig, always: tuple[str, ...] = ()) -> list[str]:
 
 
 def _start_ray(cfg: TrainJobConfig) -> None:
-    start_ray(RaySettings(num_cpus=cfg.run.num_cpus, temp_dir=cfg.run.ray_temp_dir), log_to_driver=cfg.run.progress)
+    settings = RaySettings(num_cpus=cfg.run.num_cpus, temp_dir=cfg.run.ray_temp_dir)
+    start_ray(settings, log_to_driver=cfg.run.progress)
+    cluster = RayCluster(settings)
+    if not cluster.remote:  # a cluster's autoscaler may still add what is missing
+        driver.check_fits(cfg, cluster.resources())
 
 
 def execute(cfg: TrainJobConfig) -> int:
@@ -117,6 +122,8 @@ def execute(cfg: TrainJobConfig) -> int:
         raise SystemExit(f"{PROG}: {e}") from None
     except driver.SetupError as e:
         raise SystemExit(str(e)) from None
+    except driver.TrainingFailed as e:
+        raise SystemExit(f"{PROG}: {e}") from None
     final = summary.get("final_metrics") or {}
     print(f"\nrun {cfg.run.name}: stage {cfg.train.stage}, {final.get('step', '?')} steps, "
           f"best dev MRR@10 {final.get('best_dev_mrr10', float('nan')):.4f} "

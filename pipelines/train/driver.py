@@ -44,6 +44,12 @@ class ModelUnavailable(SetupError):
     """A model the config names cannot be found (no hub, no local folder); found before Ray."""
 
 
+class TrainingFailed(RuntimeError):
+    """Training failed beyond ``run.max_failures`` restarts. The message is one line: what
+    each failing worker raised and how to go on (the run's checkpoints are kept, so the same
+    command resumes); Ray's own error, tracebacks included, is logged at DEBUG."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the checks resolved: the model config, the resume identity, and the latest
@@ -228,15 +234,46 @@ def run(cfg: TrainJobConfig, start_ray: Callable[[], object] | None = None) -> d
     return finish(cfg, result, counts, time.perf_counter() - t0)
 
 
+def check_fits(cfg: TrainJobConfig, resources: dict[str, float]) -> None:
+    """Refuses a worker group that a local Ray of ``resources`` can never place.
+
+    Ray Train waits for resources without a word, so ``--preset paper`` (one GPU worker,
+    4 CPUs) on a CPU-only machine would hang; Ray Data's read tasks also need a CPU
+    beside the workers, or they stall the same way (STACK_NOTES: "deadlock on 2 CPUs").
+    Only for a Ray this job started: a cluster's autoscaler may still add nodes.
+
+    Raises:
+        SetupError: what the run needs, what there is, and the settings that fix it.
+    """
+    s = cfg.scaling
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if s.use_gpu and gpus < s.num_workers:
+        raise SetupError(f"scaling.use_gpu=true needs {s.num_workers} GPU(s), but this Ray has {gpus:g}: set "
+                         f"scaling.use_gpu=false (and scaling.cpus_per_worker=0.5 on a small machine), or run "
+                         f"on a machine with GPUs")
+    need = s.num_workers * s.cpus_per_worker
+    if need + 1 > cpus:
+        raise SetupError(f"scaling.num_workers={s.num_workers} × scaling.cpus_per_worker={s.cpus_per_worker:g} "
+                         f"= {need:g} CPUs leaves none of this Ray's {cpus:g} for reading data, and the run would "
+                         f"wait forever: lower scaling.cpus_per_worker (0.5 on 2 CPUs) or scaling.num_workers")
+
+
 def fit(cfg: TrainJobConfig, plan: Plan, datasets: dict[str, Any], dev_queries: list[dict],
         n_train: int) -> Any:
     """Runs ``TorchTrainer`` over the workers (each reads its own train dataset, in epoch
     order); returns its result.
 
     Raises:
-        The training error itself, when the run failed beyond ``run.max_failures``.
+        TrainingFailed: the run failed beyond ``run.max_failures``.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchTrainer
 
     run_dir = cfg.run_dir.resolve()
@@ -263,10 +300,32 @@ def fit(cfg: TrainJobConfig, plan: Plan, datasets: dict[str, Any], dev_queries: 
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        logger.debug("training failed", exc_info=e)
+        raise TrainingFailed(failure_message(cfg, e)) from None
     if result.error is not None:
-        raise result.error
+        raise TrainingFailed(failure_message(cfg, result.error)) from None
     return result
+
+
+def failure_message(cfg: TrainJobConfig, error: BaseException) -> str:
+    """One line for a run that failed beyond its restarts: each failing worker's own error
+    (Ray's message carries every traceback) and where a re-run resumes from."""
+    failures = getattr(error, "worker_failures", None) or {}
+    causes = [f"rank {rank}: {_last_line(e)}" for rank, e in sorted(failures.items())]
+    cause = "; ".join(causes) or _last_line(getattr(error, "controller_failure", None) or error)
+    found = latest_checkpoint(cfg.run.storage_path, cfg.run.name)
+    resume = (f"re-run the same command to resume from its checkpoint at step {found[1]['step']}" if found
+              else "no checkpoint was written, so a re-run starts afresh")
+    return (f"training failed beyond run.max_failures={cfg.run.max_failures} restarts ({cause}): fix that, "
+            f"then {resume} (raise run.max_failures to ride out transient faults)")
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
 
 
 def finish(cfg: TrainJobConfig, result: Any, counts: dict[str, Any], seconds: float) -> dict[str, Any]:

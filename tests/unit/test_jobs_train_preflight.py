@@ -39,3 +39,28 @@ def test_paper_preset_points_at_local_folders(tmp_path):
     assert model.text.pooling == "decoder_step0" and not model.vision.trainable
     with pytest.raises(ValueError, match="model.vision_model is for the paper preset"):
         TrainJobConfig.model_validate({"preset": "demo", "model": {"vision_model": "x"}})
+
+
+@pytest.mark.parametrize(("scaling", "resources", "fix"), [
+    # the paper preset's GPU worker on a CPU-only machine: Ray Train would wait forever
+    ({"num_workers": 1, "use_gpu": True, "cpus_per_worker": 4}, {"CPU": 16.0}, "scaling.use_gpu=false"),
+    # 2 workers × 1 CPU on 2 CPUs: no CPU left for Ray Data's read tasks (the silent deadlock)
+    ({"num_workers": 2, "cpus_per_worker": 1}, {"CPU": 2.0}, "lower scaling.cpus_per_worker"),
+])
+def test_a_worker_group_a_local_ray_cannot_place_is_refused(scaling, resources, fix):
+    from pipelines.train.config import TrainJobConfig
+    from pipelines.train.driver import SetupError, check_fits
+
+    cfg = TrainJobConfig.model_validate({"preset": "tiny", "scaling": scaling})
+    with pytest.raises(SetupError, match=fix) as err:
+        check_fits(cfg, resources)
+    assert "\n" not in str(err.value)
+
+
+def test_a_worker_group_that_fits_passes():
+    from pipelines.train.config import TrainJobConfig
+    from pipelines.train.driver import check_fits
+
+    check_fits(TrainJobConfig.model_validate({"preset": "tiny"}), {"CPU": 2.0})  # 2 × 0.5 + 1 reader
+    check_fits(TrainJobConfig.model_validate({"preset": "tiny", "scaling": {"use_gpu": True, "num_workers": 1}}),
+               {"CPU": 2.0, "GPU": 1.0})
