@@ -211,6 +211,11 @@ def run_loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: i
     return res
 
 
+#: The loop adds rows to the table in chunks of this many: memory stays flat with the
+#: corpus (the pipeline's writers hold one fragment each) and a chunk is as large as Lance likes.
+ADD_ROWS = 65536
+
+
 def _loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int, threads: int,
           thumbnail_px: int) -> dict[str, Any]:
     """The bare in-process loop (no Ray): same work, same output table."""
@@ -232,7 +237,7 @@ def _loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int,
     schema = table_schema(dim)
     vt = VectorTable(db, table)
     vt.create_if_missing(mid, dim)
-    tables, n = [], 0
+    parts, n = [], 0  # rows waiting for the next table.add
     dataset = tables.dataset(tables.documents)
     for batch in dataset.to_batches(columns=list(SOURCE_COLUMNS), batch_size=batch_size):
         recs = pa.Table.from_batches([batch]).to_pylist()
@@ -241,7 +246,7 @@ def _loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int,
             vec = model.encode_documents(processor.collate_documents(docs)).float().numpy()
         thumbs = [make_thumbnail(r["image"], thumbnail_px, 75) if r["image"] is not None else None for r in recs]
         m = len(recs)
-        tables.append(pa.table({
+        parts.append(pa.table({
             "doc_id": [r["doc_id"] for r in recs],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1).astype(np.float32)), dim),
             "modality": [r["modality"] for r in recs], "text": [r["text"] for r in recs],
@@ -251,7 +256,11 @@ def _loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int,
             "embedded_at": pa.array([datetime.now()] * m, pa.timestamp("us")),
             "metadata": [r["metadata"] for r in recs]}, schema=schema))
         n += m
-    vt.table.add(pa.concat_tables(tables))
+        if sum(t.num_rows for t in parts) >= ADD_ROWS:
+            vt.table.add(pa.concat_tables(parts))
+            parts = []
+    if parts:
+        vt.table.add(pa.concat_tables(parts))
     secs = time.perf_counter() - t0
     assert vt.count_rows() == n
     return {"docs": n, "seconds": round(secs, 3), "docs_per_s": round(n / secs, 1)}

@@ -53,6 +53,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.meter import by_role, cpu_s, descendants, name, pss_kib, role
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -156,83 +158,6 @@ def child_ray(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo += children.get(p, [])
-    return out
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-_CLK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK  # utime + stime
-
-
-def _by_role(cpu: dict[int, float], roles: dict[int, str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for pid, seconds in cpu.items():
-        role = roles.get(pid, "ray daemons")
-        out[role] = out.get(role, 0.0) + seconds
-    return dict(sorted(out.items()))
-
-
-def _name(pid: int) -> str:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "?"
-    # The script (or binary) says what a process is; the interpreter path does not.
-    words = [a.decode(errors="replace") for a in argv[:3] if a]
-    return " ".join(w if i == 0 and w.startswith("ray::") else w.rsplit("/", 1)[-1] for i, w in enumerate(words))[:60]
-
-
-def _role(pid: int, driver: int) -> str:
-    """``driver``, ``workers`` (Ray worker processes) or ``ray daemons`` (GCS, raylet, agents)."""
-    if pid == driver:
-        return "driver"
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "ray daemons"
-    argv = cmdline.split(b"\0")
-    # Workers rename themselves ``ray::<task or actor>`` once they run (the per-node agents
-    # do too: ``ray::DashboardAgent``); before that their command line names Ray's worker
-    # entry point.
-    if argv[0].startswith(b"ray::"):
-        return "ray daemons" if argv[0].rstrip().endswith(b"Agent") else "workers"
-    if len(argv) > 1 and argv[1].endswith(b"default_worker.py"):
-        return "workers"
-    return "ray daemons"
-
-
 def measure(mode: str, rows: int, args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{mode}-", dir=args.tmp))
     ray_tmp = tempfile.mkdtemp(prefix="ray-b-", dir="/tmp")
@@ -254,13 +179,13 @@ def measure(mode: str, rows: int, args: argparse.Namespace, extra: tuple[str, ..
 
     def sample() -> None:
         while not done.is_set():
-            pids = _descendants(proc.pid)
-            peak["kib"] = max(peak["kib"], sum(_pss_kib(p) for p in pids))
+            pids = descendants(proc.pid)
+            peak["kib"] = max(peak["kib"], sum(pss_kib(p) for p in pids))
             for p in pids:
-                cpu[p] = max(cpu.get(p, 0.0), _cpu_s(p))
+                cpu[p] = max(cpu.get(p, 0.0), cpu_s(p))
                 if not names.get(p, "").startswith("ray::"):  # a worker renames itself once it runs
-                    roles[p], names[p] = _role(p, proc.pid), _name(p)
-            series.append((time.time(), _by_role(cpu, roles)))
+                    roles[p], names[p] = role(p, proc.pid), name(p)
+            series.append((time.time(), by_role(cpu, roles)))
             time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -275,7 +200,7 @@ def measure(mode: str, rows: int, args: argparse.Namespace, extra: tuple[str, ..
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_pss_mib"] = peak["kib"] / 1024
     result["cpu_s"] = sum(cpu.values())  # whole tree, start-up included (sampled every 0.2 s)
-    result["cpu_s_by_role"] = {k: round(v, 2) for k, v in _by_role(cpu, roles).items()}
+    result["cpu_s_by_role"] = {k: round(v, 2) for k, v in by_role(cpu, roles).items()}
     if "window" in result:
         # CPU spent inside the timed ingest (Ray start-up excluded): the samples just before
         # it began and just after it ended bracket it, to within the 0.2 s sampling period.

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import meter
 from bench.embed_throughput import make_checkpoint, make_corpus
 
 
@@ -59,27 +60,16 @@ class CpuMeter:
     """
 
     def __init__(self, interval: float = 0.2) -> None:
-        import psutil
-
-        self.me = psutil.Process()
+        self.pid = os.getpid()
         self.interval = interval
         self.base: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _procs(self) -> list[Any]:
-        return [self.me, *self.me.children(recursive=True)]
-
     def _sample(self) -> dict[int, float]:
-        out = {}
-        for p in self._procs():
-            try:
-                t = p.cpu_times()
-                out[p.pid] = t.user + t.system
-            except Exception:  # exited between listing and reading
-                continue
-        return out
+        # /proc (bench.meter), not psutil: it is not a dependency. An exited process reads 0.
+        return {pid: t for pid in meter.descendants(self.pid) if (t := meter.cpu_s(pid)) > 0}
 
     def __enter__(self) -> CpuMeter:
         self.base = self._sample()
@@ -102,7 +92,7 @@ class CpuMeter:
 
     @property
     def driver(self) -> float:
-        return round(self.last.get(self.me.pid, 0.0) - self.base.get(self.me.pid, 0.0), 2)
+        return round(self.last.get(self.pid, 0.0) - self.base.get(self.pid, 0.0), 2)
 
     @property
     def total(self) -> float:

@@ -304,7 +304,9 @@ def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], ta
 def _check_one_row_per_document(cfg: EmbedConfig, table: Any, expected: int) -> int:
     """Every source document must now have exactly one row (except those that failed)."""
     keys = table.keys()
-    rows, distinct = keys.num_rows, len(set(keys.column(0).to_pylist()))
+    import pyarrow.compute as pc
+
+    rows, distinct = keys.num_rows, pc.count_distinct(keys.column(0)).as_py()
     if rows != distinct or rows != expected:
         raise RuntimeError(f"table {cfg.output.table} has {rows} rows / {distinct} doc_ids, expected {expected}: "
                            "not publishing this version; re-run `ciea embed` to repair it")
