@@ -37,6 +37,7 @@ from ciea_model import (
     VisionTowerConfig,
     create_model_and_processor,
 )
+from ciea_model.presets import tiny_config
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from pipelines.ingest.sources.synthetic.generator import (
     SyntheticConfig,
@@ -171,10 +172,12 @@ def make_config(tokenizer_dirs) -> Callable[..., CIEAConfig]:
 
 
 @pytest.fixture(scope="session")
-def make_model(make_config) -> Callable[..., tuple[CIEAModel, CIEAProcessor]]:
+def make_model(make_config, tokenizer_dirs) -> Callable[..., tuple[CIEAModel, CIEAProcessor]]:
     """``make_model(variant="ciea", family="t5", trainable_vision=False, seed=0, ...)``:
     a fresh tiny random-init ``(model, processor)`` on every call (same args and seed →
-    identical weights). Extra keyword arguments go to ``make_config``."""
+    identical weights). Extra keyword arguments go to ``make_config``. ``univl-dr`` is the
+    tiny preset's CLIP dual encoder (its text tower is CLIP's, not an LM family: the other
+    arguments do not apply)."""
 
     def make(
         variant: str = "ciea",
@@ -183,7 +186,10 @@ def make_model(make_config) -> Callable[..., tuple[CIEAModel, CIEAProcessor]]:
         seed: int = 0,
         **kwargs: Any,
     ) -> tuple[CIEAModel, CIEAProcessor]:
-        cfg = make_config(variant, family, trainable_vision, **kwargs)
+        if variant == "univl-dr":
+            cfg = tiny_config("univl-dr", tokenizer_dirs["t5"])
+        else:
+            cfg = make_config(variant, family, trainable_vision, **kwargs)
         return create_model_and_processor(cfg, pretrained=False, seed=seed)
 
     return make

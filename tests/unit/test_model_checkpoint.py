@@ -10,24 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ciea_model import create_model_and_processor, load_checkpoint, model_id, save_checkpoint
+from ciea_model import load_checkpoint, model_id, save_checkpoint
 from ciea_model.checkpoint import FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, WEIGHTS, read_manifest
-from ciea_model.presets import tiny_config
 
 QUERIES = ["a red circle", "find two blue squares in the garden collection"]
 
-
-@pytest.fixture
-def make_model(make_model, tokenizer_dirs):
-    """conftest's ``make_model``, but ``univl-dr`` comes from the tiny preset: its text
-    tower is CLIP's text encoder (with the T5-style tokenizer), not an LM family."""
-
-    def make(variant: str = "ciea", *args, seed: int = 0, **kwargs):
-        if variant != "univl-dr":
-            return make_model(variant, *args, seed=seed, **kwargs)
-        return create_model_and_processor(tiny_config("univl-dr", tokenizer_dirs["t5"]), pretrained=False, seed=seed)
-
-    return make
 
 
 def _encode(model, processor, documents):

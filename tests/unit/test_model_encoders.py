@@ -10,25 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ciea_model import VARIANTS, create_model_and_processor
-from ciea_model.presets import tiny_config
+from ciea_model import VARIANTS
 from ciea_model.training import compute_loss
 
 QUERIES = ["a red circle", "find two blue squares at the top in the garden collection", "zoo"]
 IMAGE_VARIANTS = [v for v in VARIANTS if v != "text-only"]
 
-
-@pytest.fixture
-def make_model(make_model, tokenizer_dirs):
-    """conftest's ``make_model``, but ``univl-dr`` comes from the tiny preset: its text
-    tower is CLIP's text encoder (with the T5-style tokenizer), not an LM family."""
-
-    def make(variant: str = "ciea", *args, seed: int = 0, **kwargs):
-        if variant != "univl-dr":
-            return make_model(variant, *args, seed=seed, **kwargs)
-        return create_model_and_processor(tiny_config("univl-dr", tokenizer_dirs["t5"]), pretrained=False, seed=seed)
-
-    return make
 
 
 def _assert_unit_rows(x: torch.Tensor, rows: int, dim: int) -> None:

@@ -9,8 +9,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from ciea_model import contrastive_loss, create_model_and_processor
-from ciea_model.presets import tiny_config
+from ciea_model import contrastive_loss
 from ciea_model.training import (
     OptimConfig,
     SparseEmbeddingGrads,
@@ -27,18 +26,6 @@ from ciea_model.training import (
 
 ZERO_COMP = ("marvel", "ciea-no-comp", "text-only", "univl-dr")
 
-
-@pytest.fixture
-def make_model(make_model, tokenizer_dirs):
-    """conftest's ``make_model``, but ``univl-dr`` comes from the tiny preset: its text
-    tower is CLIP's text encoder (with the T5-style tokenizer), not an LM family."""
-
-    def make(variant: str = "ciea", *args, seed: int = 0, **kwargs):
-        if variant != "univl-dr":
-            return make_model(variant, *args, seed=seed, **kwargs)
-        return create_model_and_processor(tiny_config("univl-dr", tokenizer_dirs["t5"]), pretrained=False, seed=seed)
-
-    return make
 
 
 # --------------------------------------------------------------------------- optimiser
