@@ -65,6 +65,19 @@ def make_checkpoint(out: Path, texts: list[str], seed: int) -> str:
     return str(ckpt)
 
 
+def embedded_corpus(tmp: Path, num_image_docs: int, num_text_docs: int, seeds: tuple[int, ...] = (0,)) -> dict:
+    """A synthetic corpus in ``<tmp>/data`` and one tiny checkpoint per seed: ``{"tmp",
+    "root", "db", "records", "texts", "ckpt"}`` (``ckpt`` the first seed's; ``ckpt-<seed>``
+    every seed's)."""
+    records = synthetic_records(num_image_docs, num_text_docs)
+    root = tmp / "data"
+    write_corpus(root, records)
+    texts = [r["caption"] or r["text"] for r in records]
+    ckpts = {f"ckpt-{seed}": make_checkpoint(tmp, texts, seed=seed) for seed in seeds}
+    return {"tmp": tmp, "root": root, "db": str(root / "lancedb"), "records": records, "texts": texts,
+            "ckpt": ckpts[f"ckpt-{seeds[0]}"], **ckpts}
+
+
 def run_embed(tmp: Path, root: Path, checkpoint: str, table: str, *extra: str) -> tuple[int, dict | None]:
     """``ciea embed`` in-process (on the module's Ray); returns (exit code, summary)."""
     run_dir = tmp / f"runs-{table}"

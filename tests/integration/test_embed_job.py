@@ -11,7 +11,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
-from embed_helpers import make_checkpoint, run_embed, synthetic_records, write_corpus
+from embed_helpers import embedded_corpus, run_embed, synthetic_records, write_corpus
 from PIL import Image
 
 from ciea_model import load_checkpoint
@@ -28,14 +28,8 @@ N_IMAGES, N_TEXTS = 200, 100
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("embed")
-    records = synthetic_records(N_IMAGES, N_TEXTS)
-    root = tmp / "data"
-    write_corpus(root, records)
-    texts = [r["caption"] or r["text"] for r in records]
-    ckpt = make_checkpoint(tmp, texts, seed=0)
-    other = make_checkpoint(tmp, texts, seed=1)
-    return {"tmp": tmp, "root": root, "records": records, "ckpt": ckpt, "other": other, "texts": texts}
+    out = embedded_corpus(tmp_path_factory.mktemp("embed"), N_IMAGES, N_TEXTS, seeds=(0, 1))
+    return {**out, "other": out["ckpt-1"]}
 
 
 def _table(env, name: str) -> VectorTable:

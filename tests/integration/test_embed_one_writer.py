@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from embed_helpers import make_checkpoint, run_embed, synthetic_records, write_corpus
+from embed_helpers import embedded_corpus, run_embed
 
 from jobs import reindex
 from jobs.embed import EXIT_TABLE_BUSY
@@ -37,12 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one-writer")
-    records = synthetic_records(N_IMAGES, N_TEXTS)
-    root = tmp / "data"
-    write_corpus(root, records)
-    ckpt = make_checkpoint(tmp, [r["caption"] or r["text"] for r in records], seed=0)
-    return {"tmp": tmp, "root": root, "db": str(root / "lancedb"), "ckpt": ckpt}
+    return embedded_corpus(tmp_path_factory.mktemp("one-writer"), N_IMAGES, N_TEXTS)
 
 
 @pytest.fixture(scope="module")
