@@ -37,6 +37,7 @@ peak RSS of driver and largest worker beside it).
     python -m bench.scale --sizes 10000                        # ~5 min on 2 idle cores
     nice -n 5 python -m bench.scale --sizes 100000 --baselines
     python -m bench.scale --sizes 2000 --queries 8 --out /tmp/scale   # what the test runs
+    python -m bench.scale --sizes 1000000 --embed-only             # the embed goal and layout at 1M
 """
 
 from __future__ import annotations
@@ -270,26 +271,63 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def baselines(r: Runner, stages: dict[str, Any]) -> dict[str, Any]:
-    """The side-by-side baselines and their ratios (> 1: the job is faster / cheaper)."""
-    plain, loop = run_plain_ingest(r), run_loop(r)
-    progress(r.size, "ingest_plain", plain)
-    progress(r.size, "embed_loop", loop)
+def run_embed_1x2(r: Runner) -> dict[str, Any]:
+    """``ciea embed`` with one two-thread actor instead of the default one single-thread
+    actor per CPU, into a table of its own (removed after)."""
     one = run_embed(r, "layout_1x2", "embed_1x2", "--set", "encode.actors=1", "--set", "encode.cpus_per_actor=1",
                     "--set", "encode.threads=2")
     shutil.rmtree(r.db / "layout_1x2.lance", ignore_errors=True)
-    progress(r.size, "embed_1x2", one)
-    ing, emb = stages["ingest"], stages["embed"]
+    return one
+
+
+def embed_ratios(emb: dict[str, Any], loop: dict[str, Any], one: dict[str, Any]) -> dict[str, float | None]:
+    """The embed goal's ratios against the bare loop, and the layout's (> 1: the job is faster / cheaper)."""
     return {
-        "ingest_plain": plain, "embed_loop": loop, "embed_1x2": one,
-        "ingest_vs_plain_wall": ratio(plain["wall_s"], ing["wall_s"]),
-        "ingest_vs_plain_cpu": ratio(plain["cpu_s"], ing["cpu_s"]),
         "embed_vs_loop_wall": ratio(loop["wall_s"], emb["wall_s"]),
         "embed_vs_loop_docs_per_s": ratio(emb["rows"]["docs_per_s"], loop["rows"]["docs_per_s"]),
         "embed_vs_loop_cpu": ratio(loop["cpu_s"], emb["cpu_s"]),
         "layout_2x1_vs_1x2_wall": ratio(one["wall_s"], emb["wall_s"]),
         "layout_2x1_vs_1x2_cpu": ratio(one["cpu_s"], emb["cpu_s"]),
     }
+
+
+def baselines(r: Runner, stages: dict[str, Any]) -> dict[str, Any]:
+    """The side-by-side baselines and their ratios (> 1: the job is faster / cheaper)."""
+    plain, loop = run_plain_ingest(r), run_loop(r)
+    progress(r.size, "ingest_plain", plain)
+    progress(r.size, "embed_loop", loop)
+    one = run_embed_1x2(r)
+    progress(r.size, "embed_1x2", one)
+    ing = stages["ingest"]
+    return {
+        "ingest_plain": plain, "embed_loop": loop, "embed_1x2": one,
+        "ingest_vs_plain_wall": ratio(plain["wall_s"], ing["wall_s"]),
+        "ingest_vs_plain_cpu": ratio(plain["cpu_s"], ing["cpu_s"]),
+        **embed_ratios(stages["embed"], loop, one),
+    }
+
+
+def run_embed_comparison(args: argparse.Namespace, size: int, out: Path, ray_tmp: str) -> dict[str, Any]:
+    """``--embed-only``: the embed goal and the actor layout at one size without the other
+    stages: ingest, then the bare loop, the job's default layout and one two-thread actor,
+    back to back on the same corpus and checkpoint."""
+    work = Path(tempfile.mkdtemp(prefix=f"scale-embed-{size}-", dir=args.work))
+    logs = out / "logs" / f"embed-{size}"
+    logs.mkdir(parents=True, exist_ok=True)
+    r = Runner(args, size, work, logs, ray_tmp)
+    load0 = os.getloadavg()[0]
+    runs: dict[str, Any] = {}
+    try:
+        for name, fn in (("ingest", run_ingest), ("embed_loop", run_loop), ("embed", run_embed),
+                         ("embed_1x2", run_embed_1x2)):
+            runs[name] = fn(r)
+            progress(size, name, runs[name])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"size": size, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "load_avg_before": round(load0, 2),
+                        "load_avg_after": round(os.getloadavg()[0], 2)},
+            **runs, **embed_ratios(runs["embed"], runs["embed_loop"], runs["embed_1x2"])}
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,6 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default=tempfile.gettempdir(), help="where the corpus and tables are written")
     p.add_argument("--keep", action="store_true", help="keep the work folder (tables) of each size")
     p.add_argument("--checkpoint", help="checkpoint to embed with (default: a fresh tiny one)")
+    p.add_argument("--embed-only", action="store_true",
+                   help="only the embed comparison (bare loop, the job, one 2-thread actor) after the ingest; "
+                        "writes embed_vs_loop_<N>.json")
     p.add_argument("--child-loop", help=argparse.SUPPRESS)
     p.add_argument("--child-db", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -446,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
           f"checkpoint {args.checkpoint}", flush=True)
     try:
         for size in sizes:
+            if args.embed_only:
+                res = run_embed_comparison(args, size, out, ray_tmp)
+                (out / f"embed_vs_loop_{size}.json").write_text(json.dumps(res, indent=2) + "\n")
+                print(f"  [{size}] embed / loop docs/s {res['embed_vs_loop_docs_per_s']}x, "
+                      f"layout 2x1 / 1x2 wall {res['layout_2x1_vs_1x2_wall']}x", flush=True)
+                continue
             res = run_size(args, size, out, ray_tmp)
             (out / f"scale_{size}.json").write_text(json.dumps(res, indent=2) + "\n")
             bad = [k for k, ok in res["reconciled"].items() if not ok]
@@ -453,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'reconciled' if not bad else 'NOT reconciled: ' + ', '.join(bad)}", flush=True)
             if bad:
                 return 1
-        print(f"plot: {plot(out)}")
+        if not args.embed_only:
+            print(f"plot: {plot(out)}")
     except StageFailed as e:
         raise SystemExit(f"bench.scale: {e}") from None
     finally:

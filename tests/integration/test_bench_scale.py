@@ -72,3 +72,19 @@ def test_baselines_ran_side_by_side(scale_run: tuple[dict, Path]) -> None:
     assert b["embed_1x2"]["rows"]["resources"]["actors"] == 1
     for key in ("ingest_vs_plain_wall", "embed_vs_loop_docs_per_s", "layout_2x1_vs_1x2_cpu"):
         assert b[key] > 0, key
+
+
+@pytest.mark.slow
+def test_embed_only_compares_the_job_the_loop_and_the_layout(tmp_path: Path) -> None:
+    """``--embed-only``: ingest, then the bare loop, the job and one two-thread actor."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", "--sizes", "300", "--embed-only",
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "embed_vs_loop_300.json").read_text())
+    assert res["embed_loop"]["rows"]["rows_written"] == res["embed"]["rows"]["rows_written"] == 300
+    assert res["embed_1x2"]["rows"]["resources"]["actors"] == 1
+    for key in ("embed_vs_loop_docs_per_s", "embed_vs_loop_cpu", "layout_2x1_vs_1x2_wall"):
+        assert res[key] > 0, key
+    assert not (tmp_path / "out" / "scale_per_doc.png").exists()  # no plot for this mode
