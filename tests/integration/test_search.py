@@ -216,8 +216,11 @@ def test_batch_search_equals_one_query_at_a_time(searcher):
     for mode in ("vector", "fts", "hybrid"):
         batch = searcher.search_batch(QUERIES, k=6, mode=mode)
         single = [searcher.search(q, k=6, mode=mode) for q in QUERIES]
-        assert [[(h.doc_id, round(h.score, 5)) for h in hs] for hs in batch] == \
-               [[(h.doc_id, round(h.score, 5)) for h in hs] for hs in single]
+        # Same documents in the same order; scores equal to float32 noise (a batched matmul
+        # may differ from a single one in the last bits, so rounding could split a tie).
+        assert [[h.doc_id for h in hs] for hs in batch] == [[h.doc_id for h in hs] for hs in single]
+        assert [[h.score for h in hs] for hs in batch] == \
+               [pytest.approx([h.score for h in hs], abs=1e-5) for hs in single]
 
 
 def test_bad_arguments_name_the_fix(env, searcher):
