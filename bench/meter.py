@@ -49,26 +49,25 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def pss_kib(pid: int) -> int:
-    """Proportional set size (KiB): shared pages divided among the processes mapping them."""
+def _proc_kib(pid: int, file: str, field: str) -> int:
+    """The ``field:`` line (KiB) of ``/proc/<pid>/<file>``; 0 once the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size (KiB): shared pages divided among the processes mapping them."""
+    return _proc_kib(pid, "smaps_rollup", "Pss")
 
 
 def hwm_kib(pid: int) -> int:
     """Peak resident set size of the process so far (``VmHWM``, KiB)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_kib(pid, "status", "VmHWM")
 
 
 def cpu_s(pid: int) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.store.secrets import MASK, looks_secret, redact, redact_text
+from pipelines.store.secrets import MASK, looks_secret, redact, redact_text, write_json  # noqa: F401  (write_json: the jobs' writer)
 
 #: Loggers whose INFO lines are ours and reach the terminal; everything else (Ray, Ray
 #: Data, Lance, transformers) shows only warnings there, and the rest goes to the run log.
@@ -162,15 +162,6 @@ def _message(err: Any) -> str:
 
 def _shown(err: Any) -> str:
     return "value not shown" if _hidden(err) else f"got {redact(err.get('input'))!r}"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as JSON with secrets redacted (:func:`pipelines.store.secrets.redact`):
-    the values of secret-looking keys and the credentials inside URLs never reach a resolved
-    config or a summary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plain = json.loads(json.dumps(obj, default=str))  # paths, enums, dataclasses as written
-    path.write_text(json.dumps(redact(plain), indent=2, sort_keys=True) + "\n")
 
 
 def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

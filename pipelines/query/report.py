@@ -10,7 +10,6 @@ in the JSON and percentages (x100, two decimals) in the Markdown and the charts,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.query.metrics import OVERALL, RetrievalReport
-from pipelines.store.secrets import redact
+from pipelines.store.secrets import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ def write_report(doc: Mapping[str, Any], out_dir: str | Path, chart_metrics: Seq
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": str(out / "report.json")}
-    (out / "report.json").write_text(json.dumps(redact(doc), indent=2, allow_nan=False) + "\n")
+    write_json(out / "report.json", doc, sort_keys=False, allow_nan=False)
     charts = {}
     for metric in chart_metrics:
         charts[metric] = chart_filename(metric)

@@ -12,7 +12,9 @@ covered too.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -122,3 +124,14 @@ def _masked(key: Any, value: Any) -> bool:
     if value is None or isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
         return False
     return looks_secret(key)
+
+
+def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True, allow_nan: bool = True) -> None:
+    """Writes ``obj`` as indented JSON with secrets redacted (:func:`redact`): every resolved
+    config, summary and report a run writes goes through here, so none holds a credential.
+    Paths, enums and other non-JSON values are written as their ``str``; ``sort_keys=False``
+    keeps the order where it means something (config fields, a report's variants)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = json.loads(json.dumps(obj, default=str))
+    path.write_text(json.dumps(redact(plain), indent=2, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")

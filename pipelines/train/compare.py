@@ -50,7 +50,7 @@ from pipelines.ingest.sources.synthetic.generator import (
 )
 from pipelines.query.evaluation import evaluate
 from pipelines.query.metrics import RetrievalReport
-from pipelines.store.secrets import redact
+from pipelines.store.secrets import write_json
 from pipelines.train.config import NEW_MODULES
 from pipelines.train.draws import DrawSettings
 from pipelines.train.examples import to_document, training_examples
@@ -492,11 +492,6 @@ def _run_record(variant: str, seed: int, fits: list[FitResult], report: Retrieva
             "train_seconds": round(seconds, 1), "test": report.to_dict()}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(redact(obj), indent=2, sort_keys=True, default=str) + "\n")
-
-
 def run(cfg: CompareConfig) -> CompareResult:
     """Trains and scores every variant and seed; writes ``compare_config.json``,
     ``results.json`` and (CIEA, first seed) ``checkpoint-ciea`` under ``cfg.output_dir``.
@@ -506,7 +501,7 @@ def run(cfg: CompareConfig) -> CompareResult:
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_config.json").write_text(json.dumps(redact(cfg.model_dump(mode="json")), indent=2) + "\n")
+    write_json(out / "compare_config.json", cfg.model_dump(mode="json"), sort_keys=False)
     t_start = time.perf_counter()
     corpus = load_corpus(cfg, out)
     vision_path = pretrained_vision_path(cfg, corpus.tokenizer_dir, out) if any(
@@ -527,5 +522,5 @@ def run(cfg: CompareConfig) -> CompareResult:
                 save_checkpoint(model, processor, out / "checkpoint-ciea",
                                 metadata={"dev_mrr10": max(f.best_score for f in fits)})
     table = summarise(reports, ["MRR@10", "NDCG@10", "Recall@10"], ["all", "caption", "image", "text"])
-    _write_json(out / "results.json", {"config": cfg.model_dump(), "runs": records, "table": table})
+    write_json(out / "results.json", {"config": cfg.model_dump(), "runs": records, "table": table})
     return CompareResult(reports, records, table, len(corpus.queries["test"]), time.perf_counter() - t_start)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.store.secrets import redact
+from pipelines.store.secrets import write_json
 from pipelines.train.checkpoints import STATE_FILE, latest_checkpoint
 from pipelines.train.config import (
     CheckpointMismatchError,
@@ -217,7 +217,7 @@ def run(cfg: TrainJobConfig, start_ray: Callable[[], object] | None = None) -> d
         return {**summary, "already_finished": True}
     if resume:
         logger.info("resuming run %s from its latest checkpoint, step %d (%s)", cfg.run.name, resume["step"], resume["path"])
-    (run_dir / "train_config.json").write_text(json.dumps(redact(cfg.model_dump(mode="json")), indent=2) + "\n")
+    write_json(run_dir / "train_config.json", cfg.model_dump(mode="json"), sort_keys=False)
 
     if start_ray is not None:
         start_ray()
@@ -355,5 +355,5 @@ def finish(cfg: TrainJobConfig, result: Any, counts: dict[str, Any], seconds: fl
         "seconds": round(seconds, 1),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(redact(summary), indent=2, sort_keys=True, default=str) + "\n")
+    write_json(run_dir / "summary.json", summary)
     return summary
