@@ -358,7 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--at", help="tag to read each table at, or `latest` (at; default published)")
     p.add_argument("--format", choices=["table", "csv", "json", "markdown"], help="output format (format)")
     p.add_argument("--max-rows", type=int, help="print at most this many rows; the query stops there (max_rows)")
-    # Text, not float: the config parses it (the shared flag → override code quotes non-ints).
+    # Text, not type=float: the config validates it, so "soon" or 0 gets the one-line config
+    # error naming timeout_s and its rule rather than argparse's usage dump.
     p.add_argument("--timeout", metavar="SECONDS", help="stop the query after this long (timeout_s; default 60)")
     p.add_argument("--memory-limit", metavar="SIZE", help="DuckDB memory limit, e.g. 512MB (memory_limit; default 2GB)")
     return p
