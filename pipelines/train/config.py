@@ -44,6 +44,7 @@ class ModelSettings(BaseModel):
     vision_model: str | None = Field(None, description="paper preset: CLIP's folder or hub name (default openai/clip-vit-base-patch32)")
     text_layers: int | None = Field(2, ge=1, description="demo preset: keep the LM's first N layers")
     comp_weight: float = Field(0.1, ge=0, description="λ of L_comp")
+    extractor_output_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the extractor's attention output (default: the preset's, 0.05 as the release)")
     image_only_extractor: bool = Field(True, description="image-only candidates of L_comp go through the extractor (project default); false: projected patches directly (the release)")
     vision_state: str | None = Field(None, description="safetensors file of a pretrained vision tower (the demo's offline stand-in for CLIP); loaded before training")
     freeze_vision: bool | None = Field(None, description="override the preset's vision.trainable (paper: frozen)")
@@ -85,7 +86,8 @@ class TrainSettings(BaseModel):
     negatives: str | None = Field(None, description="stage 2: Delta table written by `ciea mine-negatives`")
     negative_depth: int = Field(100, ge=1, description="stage 2: each hard negative is drawn from the top N of its modality (the release: the whole mined list, 100)")
     redraw_each_epoch: bool = Field(True, description="stage 2: draw the hard negatives again every epoch (the release); false: once for the run")
-    random_positive: bool = Field(True, description="a query with several image positives trains with one picked at random every epoch (the release); false: always the first")
+    random_positive: bool = Field(True, description="a query with several positives of the kind it trains with (image, else text) trains with one picked at random every epoch (the release); false: always the first")
+    comp_captions: Literal["all", "trained"] = Field("all", description="q_comp removes the tokens of every image positive's caption (all: the release) or of the trained positive's only (trained)")
     init_from: str | None = Field(None, description="checkpoint directory whose weights start training (stage 2: the stage-1 model)")
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps as well as at every epoch end")
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
@@ -127,6 +129,7 @@ class DebugSettings(BaseModel):
     fail_rank: int = Field(0, ge=0)
     probe: int = Field(8, ge=0, description="dev queries and documents encoded into the final checkpoint (probe.safetensors)")
     profile: bool = Field(False, description="record each step's per-phase CPU and wall time in metrics.jsonl (rank 0)")
+    trace_rows: bool = Field(False, description="every rank appends what it trains on (epoch, step, qid, positive, q_comp's captions and text) to trace-rank<r>.jsonl in the run folder: an audit of the draws (local storage only)")
 
 
 class TrainJobConfig(BaseModel):
@@ -248,6 +251,8 @@ def model_config_for(cfg: TrainJobConfig, tokenizer_dir: str | None):
         base = paper_config(m.variant, text_model=m.text_model, clip_model=m.vision_model)
     if m.freeze_vision is not None:
         base = base.replace(vision=dataclasses.replace(base.vision, trainable=not m.freeze_vision))
+    if m.extractor_output_dropout is not None:
+        base = base.replace(extractor=dataclasses.replace(base.extractor, output_dropout=m.extractor_output_dropout))
     comp = m.comp_weight if cfg.train.comp_loss else 0.0
     return base.replace(comp_weight=comp, logit_scale_init=m.logit_scale_init,
                         image_only_extractor=m.image_only_extractor)

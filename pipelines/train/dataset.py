@@ -76,12 +76,12 @@ DOC_COLUMNS = (S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE, S.IMAGE_URI)
 #: Prefixes of the joined document slots: the positive and up to two hard negatives.
 POS, NEG_SLOTS = "pos", ("neg0", "neg1")
 RELEVANT_IDS = "relevant_ids"
-#: Plan columns (ids only): the query's image positives (the per-epoch choice is among
-#: them), its positive when it has none, the image documents whose captions q_comp
-#: removes, and (stage 2) its mined lists.
-IMAGE_POSITIVES, FALLBACK, CAPTION_IDS = "image_positive_ids", "fallback_id", "caption_ids"
+#: Plan columns (ids only): the query's positive candidates (its image positives, else its
+#: text positives: the per-epoch choice is among them), its first candidate, the image
+#: documents whose captions q_comp removes, and (stage 2) its mined lists.
+CANDIDATES, FALLBACK, CAPTION_IDS = "candidate_ids", "fallback_id", "caption_ids"
 MINED = {"image": "mined_image", "text": "mined_text"}
-LIST_ID_COLUMNS = (IMAGE_POSITIVES, CAPTION_IDS, *MINED.values())
+LIST_ID_COLUMNS = (CANDIDATES, CAPTION_IDS, *MINED.values())
 #: Row columns: the worker that trains the row, its epoch and its place in that epoch
 #: (``slots``: a plan row's places in every epoch), and the captions q_comp removes.
 SHARD, EPOCH, SLOT, SLOTS = "shard", "epoch", "slot", "slots"
@@ -179,7 +179,7 @@ def document_modalities(tables: Tables, ids: Sequence[str], version: int | None 
 class ExamplePlan:
     """The driver-side half of the training data: one row per usable query, ids only::
 
-        qid, query, relevant_ids, image_positive_ids, fallback_id, caption_ids
+        qid, query, relevant_ids, candidate_ids, fallback_id, caption_ids
         [, mined_image, mined_text]   (stage 2: the mined lists, cut at the draw depth)
     """
 
@@ -198,15 +198,17 @@ class ExamplePlan:
 
     @property
     def needs_captions(self) -> bool:
-        """Whether ``q_comp`` of some query needs a caption other than its positive's (so
-        the captions are joined per query; otherwise the positive's own caption is all)."""
-        columns = (IMAGE_POSITIVES, FALLBACK, CAPTION_IDS)
-        return any(c and c != (i or [f]) for i, f, c in zip(*(self.rows.column(x).to_pylist() for x in columns)))
+        """Whether ``q_comp`` of some query needs a caption other than the one of the
+        positive it trains with (so the captions are joined per query; otherwise the
+        positive's own caption is all). A query with two image positives and no target —
+        44 % of WebQA's image queries — needs them whichever one an epoch draws."""
+        columns = (CANDIDATES, CAPTION_IDS)
+        return any(len(c) > 1 or (c and c != cands) for cands, c in zip(*(self.rows.column(x).to_pylist() for x in columns)))
 
 
 def plan_examples(
     queries: Sequence[Mapping[str, Any]], modalities: Mapping[str, str],
-    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, depth: int = 100,
+    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, depth: int = 100, comp_captions: str = "all",
 ) -> ExamplePlan:
     """Each usable query's candidates, ids only (the choices per epoch come later, in
     :func:`expand_epochs`).
@@ -217,18 +219,19 @@ def plan_examples(
             and targets).
         mined: qid → {"image": [...], "text": [...]} best first (stage 2), or ``None``.
         depth: the draw depth: mined lists are kept to their top ``depth`` per modality.
+        comp_captions: :attr:`pipelines.train.draws.DrawSettings.comp_captions`.
     """
-    cols: dict[str, list[Any]] = {c: [] for c in (S.QID, S.QUERY, RELEVANT_IDS, IMAGE_POSITIVES, FALLBACK, CAPTION_IDS)}
+    cols: dict[str, list[Any]] = {c: [] for c in (S.QID, S.QUERY, RELEVANT_IDS, CANDIDATES, FALLBACK, CAPTION_IDS)}
     if mined is not None:
         cols.update({MINED[m]: [] for m in MODALITY_ORDER})
     skipped = with_negatives = 0
     for q in queries:
-        images, fallback, caption_ids = positive_candidates(q, modalities)
+        candidates, fallback, caption_ids = positive_candidates(q, modalities, comp_captions)
         if fallback is None:
             skipped += 1
             continue
         for c, v in ((S.QID, q["qid"]), (S.QUERY, q["query"]), (RELEVANT_IDS, list(q["positive_doc_ids"])),
-                     (IMAGE_POSITIVES, images), (FALLBACK, fallback), (CAPTION_IDS, caption_ids)):
+                     (CANDIDATES, candidates), (FALLBACK, fallback), (CAPTION_IDS, caption_ids)):
             cols[c].append(v)
         if mined is not None:
             lists = mined.get(q["qid"], {})
@@ -268,7 +271,7 @@ def expand_epochs(rows: pa.Table, epochs: Sequence[int], settings: DrawSettings,
     for row in rows.to_pylist():
         qid = row[S.QID]
         for epoch, slot in zip(epochs, row[SLOTS]):
-            positive = choose_positive(qid, row[IMAGE_POSITIVES], row[FALLBACK], settings, epoch)
+            positive = choose_positive(qid, row[CANDIDATES], row[FALLBACK], settings, epoch)
             out[SHARD].append(slot % num_shards)
             out[EPOCH].append(epoch)
             out[SLOT].append(slot)
@@ -404,7 +407,7 @@ def build_train_shards(
     need = sorted({d for q in queries for d in ([q["target_doc_id"]] if q.get("target_doc_id")
                                                  else q["positive_doc_ids"])})
     modalities = document_modalities(tables, need, version)
-    plan = plan_examples(queries, modalities, mined, depth=settings.depth)
+    plan = plan_examples(queries, modalities, mined, depth=settings.depth, comp_captions=settings.comp_captions)
     if plan.counts["used"] == 0:
         raise ValueError(
             f"no query of split {split!r} has a positive in {tables.documents}: the qrels "

@@ -1,10 +1,12 @@
 """The per-epoch random choices of a training query, as pure functions of
-``(seed, epoch, qid)``: which of its image positives it trains with, and which two of its
-mined hard negatives (stage 2) join it, plus the order queries are visited in.
+``(seed, epoch, qid)``: which of its positives it trains with, and which two of its mined
+hard negatives (stage 2) join it, plus the order queries are visited in; and which
+captions its ``q_comp`` removes.
 
-The authors' release re-draws both every epoch: one image positive at random among the
-query's image positives, and one image and one text hard negative at random from the whole
-mined list (top 100 over the mixed corpus, positives removed, split by modality). Both the
+The authors' release re-draws both every epoch: one positive at random among the query's
+positives of the kind it trains with (its image positives when it has any, else its text
+positives), and one image and one text hard negative at random from the whole mined list
+(top 100 over the mixed corpus, positives removed, split by modality). Both the
 Ray path (:mod:`pipelines.train.dataset`, on the cluster where the rows are built) and the
 in-memory path (:func:`pipelines.train.examples.training_examples`,
 :func:`pipelines.train.negatives.with_hard_negatives`) call these functions, so the two
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -36,20 +39,25 @@ class DrawSettings:
             the whole mined list, 100).
         redraw_each_epoch: draw the negatives again every epoch (the release); ``False``
             draws them once (at epoch 0) for the whole run.
-        random_positive: pick one image positive at random every epoch (the release);
+        random_positive: pick one positive at random every epoch among the query's image
+            positives, or its text positives when it has no image one (the release);
             ``False`` always trains with the first one.
+        comp_captions: whose captions ``q_comp`` removes: ``"all"``, every image
+            positive's (the release); ``"trained"``, only the caption of the positive the
+            query trains with that epoch (the project before 2026-12-06).
     """
 
     seed: int = 0
     depth: int = 100
     redraw_each_epoch: bool = True
     random_positive: bool = True
+    comp_captions: Literal["all", "trained"] = "all"
 
     @classmethod
     def from_train(cls, train) -> DrawSettings:
         """From a job's ``train`` settings (:class:`pipelines.train.config.TrainSettings`)."""
         return cls(seed=train.seed, depth=train.negative_depth, redraw_each_epoch=train.redraw_each_epoch,
-                   random_positive=train.random_positive)
+                   random_positive=train.random_positive, comp_captions=train.comp_captions)
 
 
 def _key(qid: str) -> int:
@@ -61,21 +69,21 @@ def query_rng(seed: int, epoch: int, qid: str, stream: int) -> np.random.Generat
     return np.random.default_rng([seed % 2**64, epoch, _key(qid), stream])
 
 
-def choose_positive(qid: str, image_positives: Sequence[str], fallback: str, settings: DrawSettings,
+def choose_positive(qid: str, candidates: Sequence[str], fallback: str, settings: DrawSettings,
                     epoch: int) -> str:
     """The positive ``qid`` trains with in ``epoch``.
 
     Args:
-        image_positives: the query's image positives (in the corpus), in a fixed order.
-        fallback: the positive when it has none (or when the source named a target, which
-            callers pass as the only candidate).
+        candidates: the query's positives of the kind it trains with (in the corpus), in a
+            fixed order (:func:`pipelines.train.examples.positive_candidates`).
+        fallback: the positive when there is no candidate.
     """
-    if not image_positives:
+    if not candidates:
         return fallback
-    if not settings.random_positive or len(image_positives) == 1:
-        return image_positives[0]
+    if not settings.random_positive or len(candidates) == 1:
+        return candidates[0]
     rng = query_rng(settings.seed, epoch, qid, _POSITIVE)
-    return image_positives[int(rng.integers(len(image_positives)))]
+    return candidates[int(rng.integers(len(candidates)))]
 
 
 def draw_negatives(qid: str, mined: Mapping[str, Sequence[str]] | None, exclude: Collection[str],

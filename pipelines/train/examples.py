@@ -32,21 +32,25 @@ def to_document(record: Mapping[str, Any], image_transform: Callable[[Any], Any]
     )
 
 
-def positive_candidates(q: Mapping[str, Any], modality: Mapping[str, str]) -> tuple[list[str], str | None, list[str]]:
-    """The rule both training paths share for one query, on ids: ``(image_positives,
-    fallback, caption_ids)``.
+def positive_candidates(q: Mapping[str, Any], modality: Mapping[str, str],
+                        comp_captions: str = "all") -> tuple[list[str], str | None, list[str]]:
+    """The rule both training paths share for one query, on ids: ``(candidates, fallback,
+    caption_ids)``.
 
     The query's ``target_doc_id``, when its source names one and it is in the corpus, is its
-    only candidate; otherwise every image positive is (one is picked per epoch, see
-    :func:`pipelines.train.draws.choose_positive`), and ``fallback`` is its first positive
-    for queries without an image one. ``caption_ids``: the image documents whose captions
-    ``q_comp`` removes (CIEA_METHOD.md: every positive image caption of the query).
-    ``fallback`` is ``None`` when no positive is in the corpus.
+    only candidate. Otherwise (every WebQA and EDIS query) the candidates are its image
+    positives, or its text positives when it has no image one: one is drawn per epoch (see
+    :func:`pipelines.train.draws.choose_positive`), as the release draws "a random positive
+    of each kind". ``fallback`` is the first candidate (``None`` when no positive is in the
+    corpus). ``caption_ids``: the image documents whose captions ``q_comp`` removes — with
+    ``comp_captions="all"`` every image positive of the query (CIEA_METHOD.md), with
+    ``"trained"`` none listed (the trained positive's own caption is used).
 
     Args:
         q: a query (``positive_doc_ids``, optional ``target_doc_id``).
         modality: doc_id → modality of the documents in the corpus (for a query with a
             target, at least the target's; "?" when unknown).
+        comp_captions: :attr:`pipelines.train.draws.DrawSettings.comp_captions`.
     """
     target = q.get("target_doc_id")
     if target in modality:
@@ -54,10 +58,11 @@ def positive_candidates(q: Mapping[str, Any], modality: Mapping[str, str]) -> tu
         # captions, and may be left out of ``modality`` ("?" kept, checked where the
         # captions are read).
         maybe = [d for d in dict.fromkeys([*q["positive_doc_ids"], target]) if modality.get(d, "?") in ("image", "?")]
-        return ([target] if modality[target] == "image" else []), target, maybe
-    positives = [d for d in q["positive_doc_ids"] if d in modality]
+        return [target], target, (maybe if comp_captions == "all" else [])
+    positives = [d for d in dict.fromkeys(q["positive_doc_ids"]) if d in modality]
     images = [d for d in positives if modality[d] == "image"]
-    return images, (positives[0] if positives else None), images
+    candidates = images or positives
+    return candidates, (candidates[0] if candidates else None), (images if comp_captions == "all" else [])
 
 
 def training_examples(
@@ -68,9 +73,10 @@ def training_examples(
     ``epoch`` of a run trains it (the Ray path builds its rows with the same rule).
 
     The positive is the query's ``target_doc_id`` when given, else one of its image
-    positives (picked at random per epoch with ``settings.random_positive``, else the
-    first), else its first positive (CIEA_METHOD.md: image positive when there is one).
-    ``q_comp`` removes the tokens of every image positive's caption.
+    positives, else one of its text positives (CIEA_METHOD.md: image positive when there is
+    one; picked at random per epoch with ``settings.random_positive``, else the first).
+    ``q_comp`` removes the tokens of every image positive's caption
+    (``settings.comp_captions="all"``) or of the trained positive's only (``"trained"``).
 
     Returns:
         ``(examples, counts)`` with counts of queries used and skipped (no positive found).
@@ -79,15 +85,18 @@ def training_examples(
     modality = {d: doc.modality for d, doc in documents.items()}
     examples, skipped = [], 0
     for q in queries:
-        images, fallback, caption_ids = positive_candidates(q, modality)
+        candidates, fallback, caption_ids = positive_candidates(q, modality, settings.comp_captions)
         if fallback is None:
             skipped += 1
             continue
-        target = documents[choose_positive(q["qid"], images, fallback, settings, epoch)]
+        target = documents[choose_positive(q["qid"], candidates, fallback, settings, epoch)]
+        captions: tuple[str, ...] = ()
+        if target.modality == "image":
+            captions = tuple(dict.fromkeys([*(documents[d].caption for d in caption_ids if d in documents),
+                                            target.caption]))
         examples.append(TrainExample(
             qid=q["qid"], query=q["query"], positive=target,
-            relevant_ids=frozenset(q["positive_doc_ids"]),
-            positive_captions=tuple(documents[d].caption for d in caption_ids) if target.modality == "image" else (),
+            relevant_ids=frozenset(q["positive_doc_ids"]), positive_captions=captions,
         ))
     if skipped:
         logger.warning("%d training queries have no positive in the corpus and were skipped", skipped)

@@ -291,6 +291,8 @@ class TrainWorker:
         for mb in micros:
             with prof("rows"):
                 examples = rows_to_examples(mb, self.storage_options)
+            if self.cfg.debug.trace_rows:
+                self._trace(examples)
             with prof("collate"):
                 batch = self.processor.collate_training(examples).to(self.device)
             with prof("forward"), self.autocast:
@@ -312,6 +314,20 @@ class TrainWorker:
                 dist.all_reduce(sums)
         sums[5] = 1
         return sums
+
+    def _trace(self, examples: list) -> None:
+        """``debug.trace_rows``: the examples of this micro-batch, as the step trains them."""
+        marker_dir = self.config.get("marker_dir")
+        if marker_dir is None:
+            return
+        state = self.state
+        with (Path(marker_dir) / f"trace-rank{self.rank}.jsonl").open("a") as f:
+            for ex in examples:
+                comp = (self.processor.query_minus_caption(ex.query, ex.positive_captions)
+                        if ex.positive.modality == "image" else None)
+                f.write(json.dumps({"epoch": state.epoch, "step": state.step + 1, "qid": ex.qid,
+                                    "positive": ex.positive.doc_id, "negatives": [d.doc_id for d in ex.negatives],
+                                    "comp_captions": sorted(ex.positive_captions), "q_comp": comp}) + "\n")
 
     def _log_step(self, sums: torch.Tensor, seconds: float) -> None:
         """Rank 0: the step's record, the progress bar and, every ``log_every`` steps, a line."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ciea_model.processor import Document
 from pipelines.train.dataset import (
@@ -193,3 +195,81 @@ def test_visit_order_deals_every_query_once_per_epoch():
     a, b = visit_order(10, 1, 0), visit_order(10, 1, 1)
     assert sorted(a) == list(range(10)) and sorted(b) == list(range(10)) and list(a) != list(b)
     assert shard_sizes(10, range(3), 3) == [12, 9, 9]
+
+
+# ---- issue 27: WebQA's shapes (no target, several positives of one kind) -----------------------
+def test_a_query_without_target_joins_every_image_positives_caption():
+    two = {"qid": "w", "query": "w", "positive_doc_ids": ["i1", "i2"], "target_doc_id": None}
+    one = {"qid": "v", "query": "v", "positive_doc_ids": ["i3", "t0"], "target_doc_id": None}
+    assert plan_examples([two], _modalities()).needs_captions, "whichever is drawn, the other's caption is needed"
+    assert not plan_examples([one], _modalities()).needs_captions, "the trained positive's own caption is all"
+    assert not plan_examples([two], _modalities(), comp_captions="trained").needs_captions
+    (ex,), _ = training_examples([two], _docs(), DrawSettings(comp_captions="trained"))
+    assert ex.positive_captions == (f"caption {ex.positive.doc_id}",)
+
+
+def test_a_text_answer_query_draws_among_its_text_positives():
+    q = {"qid": "t", "query": "t", "positive_doc_ids": ["mt1", "mt2", "mt3"], "target_doc_id": None}
+    settings = DrawSettings(seed=1234)
+    picks = [training_examples([q], _docs(), settings, epoch=e)[0][0].positive.doc_id for e in range(12)]
+    assert set(picks) == {"mt1", "mt2", "mt3"}
+    fixed = DrawSettings(seed=1234, random_positive=False)
+    assert {training_examples([q], _docs(), fixed, epoch=e)[0][0].positive.doc_id for e in range(5)} == {"mt1"}
+
+
+_IDS = [*IMAGES, "i4", "t0", "mt1", "mt2", "mt3"]
+
+
+@st.composite
+def _webqa_like(draw):
+    """Queries of any shape over the fixture's documents: with or without a target (in the
+    corpus or not), any mix of image and text positives, some not in the corpus."""
+    queries = []
+    for k in range(draw(st.integers(1, 6))):
+        positives = draw(st.lists(st.sampled_from([*_IDS, "gone"]), min_size=1, max_size=5, unique=True))
+        target = draw(st.one_of(st.none(), st.sampled_from(positives)))
+        queries.append({"qid": f"q{k}", "query": f"q{k}", "positive_doc_ids": positives, "target_doc_id": target})
+    return queries
+
+
+def _ray_examples(queries, docs, settings, epochs):
+    """The Ray path on the same queries, its joins done by hand as ``epoch_dataset`` does them:
+    the positive's columns, and the caption list only when the plan says it is needed."""
+    modalities = {d: doc.modality for d, doc in docs.items()}
+    plan = plan_examples(queries, modalities, comp_captions=settings.comp_captions)
+    rows = expand_epochs(with_visit_order(plan, epochs, settings.seed), epochs, settings, num_shards=2).to_pylist()
+    captions = dict(zip(plan.rows.column("qid").to_pylist(), plan.rows.column("caption_ids").to_pylist()))
+    out = {}
+    for r in rows:
+        pos = docs[r["pos_id"]]
+        joined = {**r, "pos_modality": pos.modality, "pos_text": pos.text, "pos_caption": pos.caption,
+                  "pos_image": pos.image, "pos_image_uri": None}
+        if plan.needs_captions:
+            joined["positive_captions"] = [docs[d].caption for d in sorted(captions[r["qid"]])
+                                           if d in docs and docs[d].modality == "image"] or None
+        (ex,) = rows_to_examples({k: [v] for k, v in joined.items()})
+        out[(r[EPOCH], ex.qid)] = ex
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(queries=_webqa_like(), comp=st.sampled_from(["all", "trained"]), seed=st.integers(0, 2**31))
+def test_both_training_paths_train_the_same_positive_and_q_comp_captions(queries, comp, seed):
+    docs = {**_docs(), "i4": Document("i4", "image", caption="caption i4", image=b"png"),
+            **{d: Document(d, "text", text=f"text {d}") for d in ("mt1", "mt2", "mt3")}}
+    draw = DrawSettings(seed=seed, comp_captions=comp)
+    ray = _ray_examples(queries, docs, draw, [0, 1])
+    for e in (0, 1):
+        examples, counts = training_examples(queries, docs, draw, epoch=e)
+        assert counts["used"] + counts["skipped_no_positive"] == len(queries)
+        for ex in examples:
+            q = next(x for x in queries if x["qid"] == ex.qid)
+            kinds = {docs[d].modality for d in q["positive_doc_ids"] if d in docs}
+            assert ex.positive.doc_id in q["positive_doc_ids"]
+            if q["target_doc_id"] is None and "image" in kinds:
+                assert ex.positive.modality == "image", "an image positive is trained when there is one"
+            if comp == "all" and ex.positive.modality == "image":
+                wanted = {docs[d].caption for d in q["positive_doc_ids"] if d in docs and docs[d].modality == "image"}
+                assert set(ex.positive_captions) == wanted
+            r = ray[(e, ex.qid)]
+            assert (r.positive.doc_id, sorted(r.positive_captions)) == (ex.positive.doc_id, sorted(ex.positive_captions))

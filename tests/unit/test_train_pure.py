@@ -46,12 +46,13 @@ def test_plan_picks_target_then_image_positive_and_skips_unknown():
     ]
     plan = plan_examples(queries, MODALITIES)
     rows = plan.rows.to_pylist()
-    assert [(r["qid"], r["image_positive_ids"], r["fallback_id"]) for r in rows] == [
-        ("a", [], "t1"), ("b", ["i1"], "t2"), ("c", [], "t3")]
+    assert [(r["qid"], r["candidate_ids"], r["fallback_id"]) for r in rows] == [
+        ("a", ["t1"], "t1"), ("b", ["i1"], "i1"), ("c", ["t3"], "t3")]
     assert plan.counts == {"used": 3, "skipped_no_positive": 1}
     assert rows[1]["relevant_ids"] == ["t2", "i1"]
     assert rows[0]["caption_ids"] == ["i2"]  # q_comp: every image positive, even beside a target
-    assert plan.needed_ids == ["i1", "i2", "t1", "t2", "t3"]
+    # b trains with its image positive only, so its text positive t2 is never joined.
+    assert plan.needed_ids == ["i1", "i2", "t1", "t3"]
     expanded = expand_epochs(with_visit_order(plan, [0], seed=0), [0], DrawSettings(), num_shards=1).to_pylist()
     assert [(r["qid"], r["pos_id"]) for r in expanded] == [("a", "t1"), ("b", "i1"), ("c", "t3")]
 
