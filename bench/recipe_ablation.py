@@ -73,16 +73,18 @@ def run_one(task: dict[str, Any]) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
+    from jobs.compare import synthetic_corpus
     from pipelines.query.evaluation import evaluate
     from pipelines.train.compare import load_corpus, pretrained_vision_path, train_variant
 
     torch.set_num_threads(1)
+    maker = synthetic_corpus()
     out = Path(task["out"])
     cfg = compare_config(task["arm"], task["variant"], task["seed"], task["epochs"], out / "cache", task["preset"])
     if "corpus" not in _CORPUS:
-        _CORPUS["corpus"] = load_corpus(cfg, out / "cache")
+        _CORPUS["corpus"] = load_corpus(cfg, maker, out / "cache")
     corpus = _CORPUS["corpus"]
-    vision = pretrained_vision_path(cfg, corpus.tokenizer_dir, out / "cache", progress=False)
+    vision = pretrained_vision_path(cfg, maker, corpus.tokenizer_dir, out / "cache", progress=False)
     c0, t0 = time.process_time(), time.perf_counter()
     model, processor, fits = train_variant(cfg, task["variant"], task["seed"], corpus,
                                            None if vision is None else load_file(vision))
@@ -167,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
              for b in args.budgets.split(",") for s in args.seeds.split(",") for v in args.variants.split(",")
              for arm in (arms if v == "ciea" else ["release"])]
     # The frozen vision tower, pretrained once here so that the runs share its cache.
+    from jobs.compare import synthetic_corpus
     from pipelines.train.compare import load_corpus, pretrained_vision_path
 
     cfg = compare_config("release", "ciea", 0, 2, out / "cache", args.preset)
-    pretrained_vision_path(cfg, load_corpus(cfg, out / "cache").tokenizer_dir, out / "cache", progress=False)
+    maker = synthetic_corpus()
+    pretrained_vision_path(cfg, maker, load_corpus(cfg, maker, out / "cache").tokenizer_dir, out / "cache",
+                           progress=False)
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -38,7 +38,8 @@ from pipelines.train.compare import (
 from .common import job_logging, job_overrides, job_parser, parse_job_config
 
 __all__ = ["PRESETS", "CompareConfig", "CorpusSettings", "DemoConfig", "Variant", "VisionPretrainSettings",
-           "check_vision_seed", "distinct_variants", "execute", "main", "parse_config", "pretrained_vision_path"]
+           "check_vision_seed", "distinct_variants", "execute", "main", "parse_config", "pretrained_vision_path",
+           "synthetic_corpus"]
 
 logger = logging.getLogger("ciea.compare")
 
@@ -78,10 +79,32 @@ def parse_config(argv: list[str] | None) -> tuple[CompareConfig, argparse.Namesp
     return parse_job_config(PROG, CompareConfig, args, job_overrides(args, FLAGS, extra=extra), presets=PRESETS), args
 
 
+def synthetic_corpus() -> C.CorpusMaker:
+    """The embedded default corpus (``pipelines.ingest.sources.synthetic.generator``) as the
+    in-process loop takes it: the job wires the two phases, which never import each other."""
+    from pipelines.ingest.sources.synthetic.generator import (
+        SyntheticConfig,
+        generate_queries,
+        iter_documents,
+        iter_image_text_pairs,
+    )
+
+    def config(c: CorpusSettings) -> SyntheticConfig:
+        return SyntheticConfig(
+            seed=c.seed, num_image_docs=c.num_image_docs, num_text_docs=c.num_text_docs, num_queries=c.num_queries,
+            image_size=c.image_size, complementary_fraction=c.complementary_fraction,
+            text_query_fraction=c.text_query_fraction, num_collections=c.num_collections,
+            p_caption_states=c.p_caption_states)
+
+    return C.CorpusMaker(documents=lambda c: iter_documents(config(c)), queries=lambda c: generate_queries(config(c)),
+                         image_text_pairs=iter_image_text_pairs)
+
+
 def pretrained_vision_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, progress: bool = True) -> Path | None:
-    """:func:`pipelines.train.compare.pretrained_vision_path`, its refusal as an exit message."""
+    """:func:`pipelines.train.compare.pretrained_vision_path` on the synthetic corpus, its
+    refusal as an exit message."""
     try:
-        return C.pretrained_vision_path(cfg, tokenizer_dir, out, progress=progress)
+        return C.pretrained_vision_path(cfg, synthetic_corpus(), tokenizer_dir, out, progress=progress)
     except CompareSetupError as e:
         raise SystemExit(str(e)) from None
 
@@ -104,7 +127,7 @@ def execute(cfg: CompareConfig) -> int:
     results.json, the checkpoint) and prints the table. Returns the exit code (1: a metric
     came out NaN)."""
     try:
-        result = C.run(cfg)
+        result = C.run(cfg, synthetic_corpus())
     except CompareSetupError as e:
         raise SystemExit(str(e)) from None
     print_results(cfg, result)

@@ -23,14 +23,11 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pipelines.store.delta_tables import Tables
 
-from .config import EmbedConfig
-
-if TYPE_CHECKING:
-    from .reindex import ReindexConfig
+from .config import EmbedConfig, ReindexConfig
 
 logger = logging.getLogger(__name__)
 

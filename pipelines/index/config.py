@@ -138,3 +138,80 @@ class EmbedConfig(BaseModel):
     @property
     def db_uri(self) -> str:
         return lance_db_uri(self.output, self.input)
+
+
+# ---- the re-index job (``ciea reindex``): the embed groups plus its own -------------------
+CrashPoint = Literal["planned", "deleted", "committed", "indexed", "recorded", "rebuilt"]
+
+class ReindexOutputSettings(OutputSettings):
+    run_dir: str = Field("runs/reindex", description="local folder for summary.json and the resolved config")
+
+
+class ReindexIndexSettings(IndexSettings):
+    max_drift: float = Field(0.25, ge=0, description="keep the trained ANN index (fold new rows in) while the "
+                                                     "row count is within this fraction of the size it was "
+                                                     "trained at; beyond, retrain it")
+
+
+class ChangeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["auto", "diff"] = Field(
+        "auto", description="auto: the Delta change data feed, or a full diff by content_sha256 when the feed "
+                            "cannot cover the range; diff: always the full diff")
+    read_max_docs: int = Field(
+        10_000, ge=0, description="up to this many documents to embed, the job reads their rows itself (from "
+                                  "the change feed's post-images, or a filtered scan of the version) and hands "
+                                  "them to the pipeline; above, Ray reads the whole version and keeps them "
+                                  "(the rows then never pass through the job's memory)")
+
+
+class ReindexEncodeSettings(EncodeSettings):
+    in_process_max_docs: int = Field(
+        1000, ge=0, description="up to this many documents to embed, they are embedded in the job's own process "
+                                "(same encoder and Lance writer, one commit) instead of a Ray Data run, whose "
+                                "actor start-up and checkpoint load cost more than encoding a small change set; "
+                                "needs encode.device usable here (cpu, or a local GPU). 0: always Ray")
+
+
+class GateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    split: str = Field("dev", pattern=r"^[A-Za-z0-9_.-]+$", description="query split the gate scores on "
+                                                                        "(queries/<split>, qrels/<split>)")
+    k: int = Field(10, ge=1, le=1000, description="the gate's metric is MRR@k")
+    tolerance: float = Field(0.01, ge=0, description="promote when candidate MRR@k >= published MRR@k - tolerance")
+    max_queries: int | None = Field(None, ge=1, description="score on the first N queries of the split (default all)")
+    published_checkpoint: str | None = Field(
+        None, description="checkpoint of the published version's model (default: the one recorded in its "
+                          "table metadata, ciea.checkpoint)")
+    missing_split: Literal["refuse", "promote"] = Field(
+        "refuse", description="no such query split: refuse the candidate (default), or promote it unscored")
+
+
+class ReindexFaultSettings(BaseModel):
+    """Fault injection for tests and failure drills; leave unset in production."""
+
+    model_config = ConfigDict(extra="forbid")
+    crash_at: CrashPoint | None = Field(
+        None, description="drill: the job dies right after this step (planned, deleted, committed, indexed, "
+                          "recorded; rebuilt: after a new model's rows are committed)")
+
+
+class ReindexConfig(BaseModel):
+    """The whole re-index run, validated before Ray starts."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: InputSettings = Field(default_factory=InputSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    output: ReindexOutputSettings = Field(default_factory=ReindexOutputSettings)
+    changes: ChangeSettings = Field(default_factory=ChangeSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    encode: ReindexEncodeSettings = Field(default_factory=ReindexEncodeSettings)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    write: WriteSettings = Field(default_factory=WriteSettings)
+    index: ReindexIndexSettings = Field(default_factory=ReindexIndexSettings)
+    fault: ReindexFaultSettings = Field(default_factory=ReindexFaultSettings)
+    progress: bool = Field(True, description="show a progress bar")
+
+    @property
+    def db_uri(self) -> str:
+        return lance_db_uri(self.output, self.input)

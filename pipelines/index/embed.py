@@ -99,15 +99,6 @@ class InjectedFault(RuntimeError):
 # ---------------------------------------------------------------------------------------
 
 
-def _plain(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """deltalake may hand out view types; cast them to plain string/binary."""
-    if pa.types.is_string_view(arr.type):
-        return arr.cast(pa.string())
-    if pa.types.is_binary_view(arr.type):
-        return arr.cast(pa.binary())
-    return arr
-
-
 def resolve_source(tables: Tables, version: int | None) -> int:
     """The Delta version of ``corpus/documents`` to embed (the latest when ``version`` is None).
 
@@ -139,7 +130,7 @@ def source_keys(tables: Tables, version: int) -> pa.Table:
     """
     documents_uri = tables.documents
     t = tables.dataset(documents_uri, version).to_table(columns=[S.DOC_ID, S.CONTENT_SHA256])
-    t = pa.table({S.DOC_ID: _plain(t[S.DOC_ID]), S.CONTENT_SHA256: _plain(t[S.CONTENT_SHA256])})
+    t = pa.table({S.DOC_ID: S.plain_array(t[S.DOC_ID]), S.CONTENT_SHA256: S.plain_array(t[S.CONTENT_SHA256])})
     if pc.count_distinct(t[S.DOC_ID]).as_py() != t.num_rows:
         raise EmbedError(
             f"{documents_uri}@{version} has repeated doc_ids; corpus/documents must hold one row "
@@ -201,7 +192,7 @@ def plan_work(source: pa.Table, table: pa.Table) -> WorkPlan:
 
 def keep_documents(batch: pa.Table, doc_ids: pa.Array) -> pa.Table:
     """The resume filter: rows whose doc_id is in ``doc_ids``."""
-    return batch.filter(pc.is_in(_plain(batch[S.DOC_ID]), value_set=doc_ids))
+    return batch.filter(pc.is_in(S.plain_array(batch[S.DOC_ID]), value_set=doc_ids))
 
 
 def make_thumbnail(image: Any, max_px: int, quality: int) -> bytes:
@@ -242,7 +233,7 @@ def preprocess_batch(
     """
     from PIL import Image
 
-    cols = {name: _plain(batch[name]).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+    cols = {name: S.plain_array(batch[name]).to_pylist() if name in batch.column_names else [None] * batch.num_rows
             for name in SOURCE_COLUMNS}
     n = batch.num_rows
     pixels = np.zeros((n, pixel_size), dtype=np.float32)

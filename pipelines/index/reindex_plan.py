@@ -111,15 +111,8 @@ class ReindexPlan:
 _EMPTY_KEYS = pa.schema([pa.field(S.DOC_ID, pa.string()), pa.field(S.CONTENT_SHA256, pa.string())])
 
 
-def _plain(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """deltalake hands out view types; pyarrow compute wants plain string."""
-    if pa.types.is_string_view(arr.type) or pa.types.is_large_string(arr.type):
-        return arr.cast(pa.string())
-    return arr
-
-
 def _keys(ids: pa.Array | pa.ChunkedArray, shas: pa.Array | pa.ChunkedArray) -> pa.Table:
-    return pa.table({S.DOC_ID: _plain(ids), S.CONTENT_SHA256: _plain(shas)}, schema=_EMPTY_KEYS)
+    return pa.table({S.DOC_ID: S.plain_array(ids), S.CONTENT_SHA256: S.plain_array(shas)}, schema=_EMPTY_KEYS)
 
 
 def no_changes(version: int) -> ChangeSet:
@@ -156,8 +149,8 @@ def read_change_feed(tables: Tables, from_version: int, to_version: int) -> pa.T
         return pa.table({S.DOC_ID: pa.array([], pa.string()), S.CONTENT_SHA256: pa.array([], pa.string()),
                          CHANGE_TYPE: pa.array([], pa.string()), COMMIT_VERSION: pa.array([], pa.int64())})
     t = pa.Table.from_batches(batches)
-    return pa.table({S.DOC_ID: _plain(t[S.DOC_ID]), S.CONTENT_SHA256: _plain(t[S.CONTENT_SHA256]),
-                     CHANGE_TYPE: _plain(t[CHANGE_TYPE]), COMMIT_VERSION: t[COMMIT_VERSION].cast(pa.int64())})
+    return pa.table({S.DOC_ID: S.plain_array(t[S.DOC_ID]), S.CONTENT_SHA256: S.plain_array(t[S.CONTENT_SHA256]),
+                     CHANGE_TYPE: S.plain_array(t[CHANGE_TYPE]), COMMIT_VERSION: t[COMMIT_VERSION].cast(pa.int64())})
 
 
 def collapse_changes(feed: pa.Table, from_version: int, to_version: int) -> ChangeSet:
@@ -230,18 +223,6 @@ def diff_changes(source: pa.Table, table: pa.Table, from_version: int | None, to
 # ---------------------------------------------------------------------------------------
 
 
-def _plain_table(t: pa.Table) -> pa.Table:
-    """View types (deltalake's feed, files written by merge) → plain string/binary."""
-    cols = []
-    for col in t.columns:
-        if pa.types.is_string_view(col.type) or pa.types.is_large_string(col.type):
-            col = col.cast(pa.string())
-        elif pa.types.is_binary_view(col.type) or pa.types.is_large_binary(col.type):
-            col = col.cast(pa.binary())
-        cols.append(col)
-    return pa.table(cols, names=t.column_names)
-
-
 def feed_documents(tables: Tables, changes: ChangeSet, doc_ids: pa.Array, columns: list[str]) -> pa.Table:
     """The post-images of ``doc_ids`` from the change data feed: their rows at ``to_version``.
 
@@ -278,7 +259,7 @@ def feed_documents(tables: Tables, changes: ChangeSet, doc_ids: pa.Array, column
         for batch in pa.RecordBatchReader.from_stream(reader):
             # Filtered batch by batch: the feed of a merge also holds pre-images, the
             # feed of an append whole files; only the planned post-images are kept.
-            b = _plain_table(pa.Table.from_batches([batch.select(read)]))
+            b = S.plain_types(pa.Table.from_batches([batch.select(read)]))
             pair = pc.binary_join_element_wise(b[S.DOC_ID], b[S.CONTENT_SHA256], "\x00")
             keep = b.filter(pc.is_in(pair, value_set=pairs))
             if keep.num_rows:
@@ -300,7 +281,7 @@ def feed_documents(tables: Tables, changes: ChangeSet, doc_ids: pa.Array, column
 def _empty(columns: list[str], tables: Tables) -> pa.Table:
     """No rows, with the columns' types as ``corpus/documents`` declares them (plain, not views)."""
     schema = tables.schema(tables.documents)
-    return _plain_table(pa.schema([schema.field(c) for c in columns]).empty_table())
+    return S.plain_types(pa.schema([schema.field(c) for c in columns]).empty_table())
 
 
 def version_documents(tables: Tables, version: int, doc_ids: pa.Array, columns: list[str]) -> pa.Table:
@@ -317,16 +298,16 @@ def version_documents(tables: Tables, version: int, doc_ids: pa.Array, columns: 
     """
     if len(doc_ids) == 0:
         return _empty(columns, tables)
-    wanted = _plain(doc_ids)
+    wanted = S.plain_array(doc_ids)
     ds = tables.dataset(tables.documents, version)
     parts = []
     for fragment in ds.get_fragments():
         pieces = fragment.split_by_row_group() if hasattr(fragment, "split_by_row_group") else [fragment]
         for piece in pieces:
-            hit = pc.is_in(_plain(piece.to_table(schema=ds.schema, columns=[S.DOC_ID])[S.DOC_ID]), value_set=wanted)
+            hit = pc.is_in(S.plain_array(piece.to_table(schema=ds.schema, columns=[S.DOC_ID])[S.DOC_ID]), value_set=wanted)
             if pc.any(hit).as_py():
                 # Same row group, same row order: the mask applies to the wide read.
-                parts.append(_plain_table(piece.to_table(schema=ds.schema, columns=columns)).filter(hit))
+                parts.append(S.plain_types(piece.to_table(schema=ds.schema, columns=columns)).filter(hit))
     if not parts:
         return _empty(columns, tables)
     return pa.concat_tables(parts)

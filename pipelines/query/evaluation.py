@@ -19,7 +19,6 @@ groupings side by side.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ def _iter_delta_documents(
 ) -> Iterator[tuple[list[Document], dict[str, str]]]:
     """Batches of ``(documents, failures)`` from a Delta ``corpus/documents`` version; an
     image that cannot be read becomes a failure, not an exception."""
-    from pipelines.store.delta_tables import plain_types
+    from pipelines.store.schema import plain_types
 
     columns = [S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE, S.IMAGE_URI]
     for batch in tables.dataset(tables.documents, version).to_batches(columns=columns, batch_size=batch_rows):
@@ -201,20 +200,6 @@ def evaluate(
 # ---------------------------------------------------------------------------------------
 
 
-def _splits_under(tables: Tables) -> list[str]:
-    """Names of the query splits under ``<root>/queries`` (for error messages)."""
-    import pyarrow.fs as pafs
-
-    from pipelines.store import storage
-
-    try:
-        fs, path = tables.filesystem(storage.join(tables.root, "queries"))
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except Exception:  # only used to make an error message more helpful
-        return []
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
-
-
 def load_split(
     tables: Tables, split: str, *, documents_version: int | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
@@ -239,13 +224,18 @@ def load_split(
         EvaluationError: no such split (naming the ones there), an empty split, or a
             split without a single judged query.
     """
-    qt = _read_queries(tables, split)
-    qids = set(qt[S.QID].to_pylist())
-    qrels = _read_qrels(tables, split, qids)
+    from pipelines.store.splits import EmptySplit, SplitNotFound, read_split
+
+    try:
+        read = read_split(tables, split)
+    except (SplitNotFound, EmptySplit) as e:
+        raise EvaluationError(f"{e} (--split)") from None
+    qids = {q[S.QID] for q in read.queries}
+    qrels = read.qrels
     judged = {q for q, docs in qrels.items() if any(r > 0 for r in docs.values())}
     if not judged:
         raise EvaluationError(
-            f"query split {split!r} has {qt.num_rows} queries but no relevant document in "
+            f"query split {split!r} has {len(qids)} queries but no relevant document in "
             f"{tables.qrels(split)}: nothing can be scored; re-ingest the source with its qrels")
     if len(judged) < len(qids):
         logger.warning("%d of %d queries in %s have no relevant document and are not scored",
@@ -254,9 +244,9 @@ def load_split(
     modality_of = _document_modalities(
         tables, {d for docs in qrels.values() for d in docs}, documents_version)
     queries: list[dict[str, Any]] = []
-    for qid, text, meta_json in sorted(zip(*(qt[c].to_pylist() for c in (S.QID, S.QUERY, S.METADATA)))):
-        meta = _parse_metadata(meta_json)
-        positives = sorted(d for d, r in qrels.get(qid, {}).items() if r > 0)
+    for row in read.queries:
+        qid, text, meta = row[S.QID], row[S.QUERY], row["metadata"]
+        positives = read.positives(qid)
         q: dict[str, Any] = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
         q.update({S.QID: qid, S.QUERY: text, "positive_doc_ids": positives, "metadata": meta,
                   ANSWER_MODALITY: _answer_modality(positives, modality_of) if positives else None})
@@ -264,73 +254,11 @@ def load_split(
     return queries, qrels
 
 
-def _read_queries(tables: Tables, split: str) -> pa.Table:
-    """``queries/<split>`` (qid, query, metadata).
-
-    Raises:
-        EvaluationError: no such split (naming the ones there), or an empty one.
-    """
-    from deltalake.exceptions import TableNotFoundError
-
-    from pipelines.store.delta_tables import plain_types
-
-    try:
-        qt = plain_types(pa.table(tables.open(tables.queries(split)).to_pyarrow_table(
-            columns=[S.QID, S.QUERY, S.METADATA])))
-    except TableNotFoundError:
-        have = _splits_under(tables)
-        there = f"splits there: {', '.join(have)}" if have else "no split there at all"
-        raise EvaluationError(
-            f"no query split {split!r} at {tables.queries(split)} ({there}); pass one of them with "
-            "--split, or ingest a source with queries: `ciea ingest ... --root <root>`") from None
-    if qt.num_rows == 0:
-        raise EvaluationError(
-            f"query split {split!r} at {tables.queries(split)} is empty: re-ingest the source that "
-            "has its queries, or pick another --split")
-    return qt
-
-
-def _read_qrels(tables: Tables, split: str, qids: set[str]) -> dict[str, dict[str, int]]:
-    """``qrels/<split>`` as qid → doc_id → relevance, for the split's ``qids`` only (a
-    missing table: no judgments)."""
-    from deltalake.exceptions import TableNotFoundError
-
-    from pipelines.store.delta_tables import plain_types
-
-    try:
-        rt = plain_types(pa.table(tables.open(tables.qrels(split)).to_pyarrow_table(
-            columns=[S.QID, S.DOC_ID, S.RELEVANCE])))
-    except TableNotFoundError:
-        rt = pa.table({S.QID: pa.array([], pa.string()), S.DOC_ID: pa.array([], pa.string()),
-                       S.RELEVANCE: pa.array([], pa.int32())})
-    qrels: dict[str, dict[str, int]] = {}
-    stray = 0
-    for qid, doc_id, rel in zip(*(rt[c].to_pylist() for c in (S.QID, S.DOC_ID, S.RELEVANCE))):
-        if qid not in qids:
-            stray += 1
-            continue
-        qrels.setdefault(qid, {})[doc_id] = int(rel)
-    if stray:
-        logger.warning("qrels/%s has %d judgments for qids that are not in queries/%s; ignored",
-                       split, stray, split)
-    return qrels
-
-
-def _parse_metadata(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _document_modalities(tables: Tables, doc_ids: set[str], version: int | None) -> dict[str, str]:
     """doc_id → modality for the judged documents (two narrow columns of the corpus)."""
     from deltalake.exceptions import TableNotFoundError
 
-    from pipelines.store.delta_tables import plain_types
+    from pipelines.store.schema import plain_types
 
     try:
         dt = tables.documents_table(version)
@@ -349,7 +277,7 @@ def corpus_doc_ids(tables: Tables, version: int | None = None) -> set[str]:
     """
     from deltalake.exceptions import TableNotFoundError
 
-    from pipelines.store.delta_tables import plain_types
+    from pipelines.store.schema import plain_types
 
     uri = tables.documents
     try:

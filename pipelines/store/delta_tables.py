@@ -42,6 +42,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from pipelines.store import schema as S
 from pipelines.store import storage
+from pipelines.store.schema import plain_types
 
 logger = logging.getLogger(__name__)
 
@@ -184,19 +185,6 @@ class Tables:
         """Change data feed rows (``_change_type``, ``_commit_version``) as plain Arrow types."""
         reader = self.open(uri).load_cdf(starting_version=starting_version, ending_version=ending_version)
         return plain_types(pa.table(reader))
-
-
-def plain_types(table: pa.Table) -> pa.Table:
-    """Casts deltalake's view types (``string_view``, ``binary_view``) to ``string``/``binary``."""
-    fields = []
-    for f in table.schema:
-        t = f.type
-        if pa.types.is_string_view(t):
-            t = pa.string()
-        elif pa.types.is_binary_view(t):
-            t = pa.binary()
-        fields.append(pa.field(f.name, t, f.nullable))
-    return table.cast(pa.schema(fields))
 
 
 def has_rows(table: DeltaTable) -> bool:

@@ -185,3 +185,29 @@ QUARANTINE_CONTENT_COLUMNS = tuple(
 def empty_raw() -> dict[str, list]:
     """Column lists for building a ``RAW_SCHEMA`` batch row by row."""
     return {name: [] for name in RAW_SCHEMA.names}
+
+
+# --- one cast of what deltalake hands out ---------------------------------------------------
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """``string``/``binary`` for deltalake's view types (``string_view``, ``binary_view``:
+    the change feed and files written by a merge) and for the large variants; any other
+    type as it is. pyarrow compute, sorting, ``is_in`` and Parquet reads want the plain ones."""
+    if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+        return pa.binary()
+    return t
+
+
+def plain_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """``arr`` cast to :func:`plain_type` (unchanged when it already is)."""
+    t = plain_type(arr.type)
+    return arr if t == arr.type else arr.cast(t)
+
+
+def plain_types(table: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Every column of ``table`` cast to :func:`plain_type` (the one cast every phase uses
+    on rows read from Delta)."""
+    table = table if isinstance(table, pa.Table) else pa.Table.from_batches([table])
+    schema = pa.schema([pa.field(f.name, plain_type(f.type), f.nullable, f.metadata) for f in table.schema])
+    return table if schema == table.schema else table.cast(schema)

@@ -1,6 +1,11 @@
-"""The research loop behind ``ciea compare``: generate the synthetic corpus, train CIEA and
-its baselines in-process (``ciea_model.training.Trainer``, no Ray), score them on the test
-split and write the results — :func:`run` on a typed :class:`CompareConfig`.
+"""The research loop behind ``ciea compare``: train CIEA and its baselines in-process
+(``ciea_model.training.Trainer``, no Ray) on a generated corpus, score them on the test
+split and write the results — :func:`run` on a typed :class:`CompareConfig` and a
+:class:`CorpusMaker`.
+
+The corpus comes in through a :class:`CorpusMaker` that the job hands over (``ciea compare``
+and ``ciea demo`` pass the synthetic generator of ``pipelines.ingest``): phases meet only
+through the store, so the training phase never imports ingest's code.
 
 Training follows the Ray path's data rules: each epoch re-draws every query's image
 positive and (stage 2) its two hard negatives from the whole mined list, as pure functions
@@ -18,7 +23,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,12 +47,6 @@ from ciea_model.pretrain import PretrainConfig, pretrain_clip_text, pretrain_vis
 from ciea_model.processor import ImageTransform, doc_key
 from ciea_model.tokenizer import train_wordpiece_tokenizer
 from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, warmup_vision
-from pipelines.ingest.sources.synthetic.generator import (
-    SyntheticConfig,
-    generate_queries,
-    iter_documents,
-    iter_image_text_pairs,
-)
 from pipelines.query.evaluation import evaluate
 from pipelines.query.metrics import RetrievalReport
 from pipelines.store.secrets import write_json
@@ -163,6 +162,24 @@ class CompareConfig(BaseModel):
         return self
 
 
+@dataclasses.dataclass(frozen=True)
+class CorpusMaker:
+    """Where the in-process corpus comes from, as functions of :class:`CorpusSettings`.
+
+    Attributes:
+        documents: ``settings → records`` (``doc_id``, ``modality``, ``text``, ``caption``,
+            ``image`` bytes), the documents table's rows.
+        queries: ``settings → {"train"|"dev"|"test": [query dicts]}`` with ``qid``,
+            ``query``, ``positive_doc_ids`` and optional ``target_doc_id`` / ``kind``.
+        image_text_pairs: ``(seed, n, image_size) → (image, description)`` pairs for the
+            stand-in CLIP's pretraining, drawn from the corpus's image distribution.
+    """
+
+    documents: Callable[[CorpusSettings], Iterable[dict[str, Any]]]
+    queries: Callable[[CorpusSettings], dict[str, list[dict[str, Any]]]]
+    image_text_pairs: Callable[[int, int, int], Iterable[tuple[Any, str]]]
+
+
 @dataclasses.dataclass
 class Corpus:
     """The synthetic corpus in memory.
@@ -230,7 +247,8 @@ def model_config(cfg: CompareConfig, variant: str, tokenizer_dir: Path) -> CIEAC
     return base.replace(comp_weight=cfg.comp_weight, logit_scale_init=cfg.logit_scale_init)
 
 
-def pretrained_vision_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, progress: bool = True) -> Path | None:
+def pretrained_vision_path(cfg: CompareConfig, maker: CorpusMaker, tokenizer_dir: Path, out: Path,
+                           progress: bool = True) -> Path | None:
     """Pretrains the vision tower once per run (every variant and seed starts from the
     same "CLIP", as they would from ``openai/clip-vit-base-patch32``) and caches it in
     ``out``, keyed by everything that shapes it, so a re-run skips the work. Returns the
@@ -250,7 +268,7 @@ def pretrained_vision_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, p
     if path.exists():
         logger.info("vision tower: reusing %s", path)
         return path
-    pixels, texts = _pretraining_pairs(cfg, settings.pairs + settings.heldout)
+    pixels, texts = _pretraining_pairs(cfg, maker, settings.pairs + settings.heldout)
     # Locked text side: the demo LM's own sentence vectors of the descriptions.
     features = torch.from_numpy(encode_queries(model, processor, texts, batch_size=256))
     keys = torch.tensor([doc_key(t) for t in texts])
@@ -268,15 +286,15 @@ def pretrained_vision_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, p
     return path
 
 
-def _pretraining_pairs(cfg: CompareConfig, n: int) -> tuple[torch.Tensor, list[str]]:
+def _pretraining_pairs(cfg: CompareConfig, maker: CorpusMaker, n: int) -> tuple[torch.Tensor, list[str]]:
     """The first ``n`` pretraining images (transformed) and their descriptions."""
     transform = ImageTransform(cfg.corpus.image_size, CLIP_MEAN, CLIP_STD)
-    pairs = list(iter_image_text_pairs(cfg.vision_pretrain.seed, n, cfg.corpus.image_size))
+    pairs = list(maker.image_text_pairs(cfg.vision_pretrain.seed, n, cfg.corpus.image_size))
     return torch.stack([transform(image) for image, _ in pairs]), [text for _, text in pairs]
 
 
-def pretrained_clip_text_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path, vision_path: Path,
-                              progress: bool = True) -> Path:
+def pretrained_clip_text_path(cfg: CompareConfig, maker: CorpusMaker, tokenizer_dir: Path, out: Path,
+                              vision_path: Path, progress: bool = True) -> Path:
     """``univl-dr``'s CLIP text side, pretrained once per run on the vision pretraining's
     pairs against the pretrained image encoder, locked (LiT,
     :func:`ciea_model.pretrain.pretrain_clip_text`), and cached in ``out`` beside it.
@@ -292,7 +310,7 @@ def pretrained_clip_text_path(cfg: CompareConfig, tokenizer_dir: Path, out: Path
     model, processor = create_model_and_processor(model_config(cfg, "univl-dr", tokenizer_dir), pretrained=True,
                                                   seed=settings.seed)
     model.vision.load_encoder_state(load_file(vision_path))
-    pixels, texts = _pretraining_pairs(cfg, settings.pairs)
+    pixels, texts = _pretraining_pairs(cfg, maker, settings.pairs)
     pretrain_clip_text(
         model.text, model.vision, pixels, processor.tokenize(texts), torch.tensor([doc_key(t) for t in texts]),
         PretrainConfig(epochs=settings.epochs, batch_size=min(settings.batch_size, settings.pairs), lr=settings.lr,
@@ -332,18 +350,12 @@ def _tokenizer_digest(tokenizer_dir: Path) -> str:
 
 
 # ---- data -----------------------------------------------------------------------------------
-def load_corpus(cfg: CompareConfig, out: Path) -> Corpus:
-    """The synthetic corpus in memory; the tiny preset's tokenizer trained on it once.
-    Training queries without a positive in the corpus are dropped here (counted once)."""
+def load_corpus(cfg: CompareConfig, maker: CorpusMaker, out: Path) -> Corpus:
+    """The corpus in memory; the tiny preset's tokenizer trained on it once. Training
+    queries without a positive in the corpus are dropped here (counted once)."""
     c = cfg.corpus
-    corpus = SyntheticConfig(
-        seed=c.seed, num_image_docs=c.num_image_docs, num_text_docs=c.num_text_docs, num_queries=c.num_queries,
-        image_size=c.image_size, complementary_fraction=c.complementary_fraction,
-        text_query_fraction=c.text_query_fraction, num_collections=c.num_collections,
-        p_caption_states=c.p_caption_states,
-    )
-    records = list(iter_documents(corpus))
-    queries = generate_queries(corpus)
+    records = list(maker.documents(c))
+    queries = maker.queries(c)
     tokenizer_dir = out / "tokenizer"
     if cfg.preset == "tiny":
         texts = [r["caption"] or r["text"] for r in records] + [q["query"] for s in queries.values() for q in s]
@@ -355,7 +367,7 @@ def load_corpus(cfg: CompareConfig, out: Path) -> Corpus:
     examples, counts = training_examples(queries["train"], {d.doc_id: d for d in documents})
     logger.info(
         "corpus: %d documents (%d image), queries train/dev/test %d/%d/%d, %d training examples",
-        len(documents), corpus.num_image_docs, *(len(queries[s]) for s in ("train", "dev", "test")),
+        len(documents), sum(d.modality == "image" for d in documents), *(len(queries[s]) for s in ("train", "dev", "test")),
         counts["used"],
     )
     used = {ex.qid for ex in examples}
@@ -496,7 +508,7 @@ def _run_record(variant: str, seed: int, fits: list[FitResult], report: Retrieva
             "train_seconds": round(seconds, 1), "test": report.to_dict()}
 
 
-def run(cfg: CompareConfig) -> CompareResult:
+def run(cfg: CompareConfig, maker: CorpusMaker) -> CompareResult:
     """Trains and scores every variant and seed; writes ``compare_config.json``,
     ``results.json`` and (CIEA, first seed) ``checkpoint-ciea`` under ``cfg.output_dir``.
 
@@ -507,13 +519,13 @@ def run(cfg: CompareConfig) -> CompareResult:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compare_config.json", cfg.model_dump(mode="json"), sort_keys=False)
     t_start = time.perf_counter()
-    corpus = load_corpus(cfg, out)
-    vision_path = pretrained_vision_path(cfg, corpus.tokenizer_dir, out) if any(
+    corpus = load_corpus(cfg, maker, out)
+    vision_path = pretrained_vision_path(cfg, maker, corpus.tokenizer_dir, out) if any(
         v != "text-only" for v in cfg.variants) else None
     vision_state = None if vision_path is None else load_file(vision_path)
     clip_text_state = None
     if vision_path is not None and "univl-dr" in cfg.variants:
-        clip_text_state = load_file(pretrained_clip_text_path(cfg, corpus.tokenizer_dir, out, vision_path))
+        clip_text_state = load_file(pretrained_clip_text_path(cfg, maker, corpus.tokenizer_dir, out, vision_path))
     reports: dict[str, list[RetrievalReport]] = {}
     records = []
     for variant in cfg.variants:

@@ -44,7 +44,6 @@ the draws from :mod:`pipelines.train.draws`.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,55 +87,16 @@ SHARD, EPOCH, SLOT, SLOTS = "shard", "epoch", "slot", "slots"
 POSITIVE_CAPTIONS, CAP = "positive_captions", "cap"
 
 
-def _plain(table: pa.Table) -> pa.Table:
-    # deltalake returns string_view/binary_view from merged files: cast before compute.
-    fields = []
-    for f in table.schema:
-        t = f.type
-        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
-            t = pa.string()
-        elif pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
-            t = pa.binary()
-        fields.append(pa.field(f.name, t, f.nullable))
-    return table.cast(pa.schema(fields))
-
-
-def _read_small(tables: Tables, uri: str, columns: list[str]) -> pa.Table:
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        table = tables.open(uri)
-    except TableNotFoundError:
-        raise FileNotFoundError(
-            f"no Delta table at {uri}: run `ciea ingest --root <root>` first, or point "
-            "data.root at the folder that holds corpus/, queries/ and qrels/"
-        ) from None
-    return _plain(pa.table(table.to_pyarrow_table(columns=columns)))
-
-
 def read_queries(tables: Tables, split: str) -> list[dict[str, Any]]:
-    """The queries of ``split`` (``queries/<split>``, ``qrels/<split>`` under ``tables``' root)
-    with their qrels, in qid order (driver side; small).
+    """The queries of ``split`` with their positives, in qid order (driver side; small):
+    :meth:`pipelines.store.splits.Split.training_queries` of the store's one split reader.
 
-    Returns:
-        dicts with ``qid``, ``query``, ``positive_doc_ids`` (relevance > 0), ``kind`` and
-        ``target_doc_id`` (from the query's metadata when the source records them, else
-        ``None``).
+    Raises:
+        pipelines.store.splits.SplitNotFound: no such split (a ``FileNotFoundError``).
     """
-    q = _read_small(tables, tables.queries(split), [S.QID, S.QUERY, S.METADATA])
-    r = _read_small(tables, tables.qrels(split), [S.QID, S.DOC_ID, S.RELEVANCE])
-    positives: dict[str, list[str]] = {}
-    for qid, doc_id, rel in zip(*(r.column(c).to_pylist() for c in (S.QID, S.DOC_ID, S.RELEVANCE))):
-        if rel and rel > 0:
-            positives.setdefault(qid, []).append(doc_id)
-    out = []
-    for qid, text, meta in zip(*(q.column(c).to_pylist() for c in (S.QID, S.QUERY, S.METADATA))):
-        m = json.loads(meta) if meta else {}
-        out.append({
-            "qid": qid, "query": text, "positive_doc_ids": sorted(positives.get(qid, [])),
-            "kind": str(m.get("kind", "all")), "target_doc_id": m.get("target_doc_id"),
-        })
-    return sorted(out, key=lambda x: x["qid"])
+    from pipelines.store.splits import read_split
+
+    return read_split(tables, split).training_queries()
 
 
 def read_documents(tables: Tables, version: int | None = None, columns: Sequence[str] = DOC_COLUMNS):
@@ -155,7 +115,7 @@ class _KeepIds:
         self.ids = pa.array(sorted(set(ids)), pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = _plain(batch)
+        batch = S.plain_types(batch)
         return batch.filter(pc.is_in(batch.column(S.DOC_ID), value_set=self.ids))
 
 
@@ -310,7 +270,7 @@ def _doc_side(docs, prefix: str, columns: Sequence[str] = DOC_COLUMNS):
 
 def _caption_list(group: pa.Table) -> pa.Table:
     """``map_groups`` UDF: one query's (qid, cap_id, cap_caption) rows → its caption list."""
-    group = _plain(group).sort_by([(f"{CAP}_id", "ascending")])
+    group = S.plain_types(group).sort_by([(f"{CAP}_id", "ascending")])
     captions = [c or "" for c in group.column(f"{CAP}_{S.CAPTION}").to_pylist()]
     return pa.table({S.QID: pa.array([group.column(S.QID)[0].as_py()], pa.string()),
                      POSITIVE_CAPTIONS: pa.array([captions], pa.list_(pa.string()))})
@@ -324,7 +284,7 @@ class _CaptionRows:
         self.queries_of = queries_of
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = _plain(batch)
+        batch = S.plain_types(batch)
         out: dict[str, list[Any]] = {S.QID: [], f"{CAP}_id": [], f"{CAP}_{S.CAPTION}": []}
         for doc_id, modality, caption in zip(*(batch.column(c).to_pylist() for c in (S.DOC_ID, S.MODALITY, S.CAPTION))):
             if modality != "image":
@@ -446,7 +406,7 @@ class _KeepPool:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import hashlib
 
-        batch = _plain(batch)
+        batch = S.plain_types(batch)
         ids = batch.column(S.DOC_ID).to_pylist()
         lucky = [int.from_bytes(hashlib.blake2b(f"{self.seed}:{d}".encode(), digest_size=8).digest(), "little")
                  / 2**64 < self.fraction for d in ids]
@@ -579,7 +539,7 @@ def rows_to_examples(batch: pa.Table | Mapping[str, Sequence[Any]], storage_opti
 def rows_to_documents(batch: pa.Table, storage_options: dict[str, str] | None = None) -> list[Document]:
     """Rows of the documents table → :class:`Document` objects (images stay encoded)."""
     out = []
-    for row in _plain(batch).to_pylist():
+    for row in S.plain_types(batch).to_pylist():
         image = row.get(S.IMAGE)
         if image is None and row.get(S.IMAGE_URI):
             image = storage.read_bytes(row[S.IMAGE_URI], storage_options)

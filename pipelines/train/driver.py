@@ -161,8 +161,9 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
     ``start_epoch`` (a resumed run's) on, each with its own draws.
 
     Raises:
-        SetupError: the dev split has no query with a positive.
+        SetupError: a split is missing or empty, or the dev split has no query with a positive.
     """
+    from pipelines.store.splits import EmptySplit, SplitNotFound
     from pipelines.train.dataset import build_train_shards, dev_documents_dataset, read_queries
     from pipelines.train.draws import DrawSettings
     from pipelines.train.negatives import read_mined
@@ -176,13 +177,17 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
 
             expect = read_manifest(cfg.train.init_from)["model_id"]
         mined = read_mined(tables, cfg.train.negatives, depth=cfg.train.negative_depth, expect_model_id=expect)
-    train, counts = build_train_shards(
-        tables, cfg.data.train_split, version=cfg.data.version, mined=mined,
-        settings=DrawSettings.from_train(cfg.train), epochs=range(min(start_epoch, cfg.train.epochs - 1), cfg.train.epochs),
-        num_shards=cfg.scaling.num_workers, max_queries=cfg.data.max_train_queries,
-        num_partitions=cfg.data.join_partitions)
-    dev_queries = [q for q in read_queries(tables, cfg.data.dev_split)
-                   if q["positive_doc_ids"]][: cfg.data.max_dev_queries]
+    try:
+        train, counts = build_train_shards(
+            tables, cfg.data.train_split, version=cfg.data.version, mined=mined,
+            settings=DrawSettings.from_train(cfg.train),
+            epochs=range(min(start_epoch, cfg.train.epochs - 1), cfg.train.epochs),
+            num_shards=cfg.scaling.num_workers, max_queries=cfg.data.max_train_queries,
+            num_partitions=cfg.data.join_partitions)
+        dev_queries = [q for q in read_queries(tables, cfg.data.dev_split)
+                       if q["positive_doc_ids"]][: cfg.data.max_dev_queries]
+    except (SplitNotFound, EmptySplit) as e:
+        raise SetupError(f"{e} (data.train_split={cfg.data.train_split!r}, data.dev_split={cfg.data.dev_split!r})") from None
     if not dev_queries:
         raise SetupError(f"queries/{cfg.data.dev_split} has no query with a positive: early stopping needs a dev split")
     dev = dev_documents_dataset(tables, dev_queries, cfg.data.version,

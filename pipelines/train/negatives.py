@@ -154,9 +154,8 @@ def mined_table(qids: Sequence[str], ranked: Sequence[Sequence[tuple[str, str, f
 
 def split_by_modality(table: pa.Table, depth: int | None = None) -> dict[str, dict[str, list[str]]]:
     """Mined rows → qid → {"image": [...], "text": [...]} best first, each cut at ``depth``."""
-    from pipelines.train.dataset import _plain
 
-    table = _plain(table).sort_by([(S.QID, "ascending"), (RANK, "ascending")])
+    table = S.plain_types(table).sort_by([(S.QID, "ascending"), (RANK, "ascending")])
     out: dict[str, dict[str, list[str]]] = {}
     for qid, doc_id, modality in zip(*(table.column(c).to_pylist() for c in (S.QID, S.DOC_ID, S.MODALITY))):
         lists = out.setdefault(qid, {"image": [], "text": []})

@@ -338,7 +338,7 @@ def _rows_for(table: Any, ids: list[str], columns: list[str]) -> pa.Table:
 
     The filter casts first: files written by a merge hold ``string_view`` columns, which
     deltalake's own ``filters=`` cannot compare with a plain string."""
-    from pipelines.store.delta_tables import plain_types
+    from pipelines.store.schema import plain_types
 
     expr = pc.field(S.DOC_ID).cast(pa.string()).isin(pa.array(ids, pa.string()))
     return plain_types(table.to_pyarrow_dataset().to_table(columns=columns, filter=expr))
