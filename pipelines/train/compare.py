@@ -50,7 +50,7 @@ from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, wa
 from pipelines.query.evaluation import evaluate
 from pipelines.query.metrics import RetrievalReport
 from pipelines.store.secrets import write_json
-from pipelines.train.config import NEW_MODULES
+from pipelines.train.config import NEW_MODULES, DrawSettingsGroup
 from pipelines.train.draws import DrawSettings
 from pipelines.train.examples import to_document, training_examples
 from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
@@ -79,19 +79,14 @@ class CorpusSettings(BaseModel):
     text_query_fraction: float = Field(0.3, ge=0, le=1, description="share of 'text' queries (text-document answers)")
 
 
-class CompareTrainSettings(BaseModel):
+class CompareTrainSettings(DrawSettingsGroup):
     """The in-process training of every variant. Random-init parts (vision tower,
     projector, extractor, θ) learn at ``new_lr``; the pretrained LM at ``lr`` (the
     release's 5e-6 is tuned for 40 epochs, not a CPU demo)."""
 
-    model_config = ConfigDict(extra="forbid")
     warmup_epochs: int = Field(0, ge=0, description="stage 0 image–caption warm-up epochs (LM frozen); 0 skips it")
     epochs: int = Field(2, ge=1, description="stage 1 (in-batch negatives) epochs")
     stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
-    negative_depth: int = Field(100, ge=1, description="stage 2: each hard negative is drawn from the top N of its modality (the release: the whole mined list, 100)")
-    redraw_each_epoch: bool = Field(True, description="stage 2: draw the hard negatives again every epoch (the release); false: once for the run")
-    random_positive: bool = Field(True, description="a query with several positives of the kind it trains with (image, else text) trains with one picked at random every epoch (the release); false: always the first")
-    comp_captions: Literal["all", "trained"] = Field("all", description="q_comp removes the tokens of every image positive's caption (all: the release) or of the trained positive's only (trained)")
     batch_size: int = Field(32, ge=2, description="queries per step")
     eval_every: int = Field(32, ge=1, description="dev evaluation interval (steps)")
     patience: int = Field(3, ge=1, description="evaluations without dev gain before stopping")
@@ -377,9 +372,7 @@ def load_corpus(cfg: CompareConfig, maker: CorpusMaker, out: Path) -> Corpus:
 def draw_settings(cfg: CompareConfig, seed: int) -> DrawSettings:
     """The per-epoch draws of a run with training seed ``seed`` (as the Ray path's
     :meth:`DrawSettings.from_train`)."""
-    t = cfg.train
-    return DrawSettings(seed=seed, depth=t.negative_depth, redraw_each_epoch=t.redraw_each_epoch,
-                        random_positive=t.random_positive, comp_captions=t.comp_captions)
+    return DrawSettings.from_train(cfg.train, seed=seed)
 
 
 def epoch_examples(corpus: Corpus, settings: DrawSettings,

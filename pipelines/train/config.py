@@ -68,8 +68,20 @@ class DataSettings(BaseModel):
         return _tables(self.root, self.storage_options)
 
 
-class TrainSettings(BaseModel):
+class DrawSettingsGroup(BaseModel):
+    """How each epoch draws a query's positive and hard negatives, and whose captions
+    ``q_comp`` removes: one group, the same keys in ``ciea train`` (``train.*``) and
+    ``ciea compare`` (``train.*``); :meth:`pipelines.train.draws.DrawSettings.from_train`
+    reads it."""
+
     model_config = ConfigDict(extra="forbid")
+    negative_depth: int = Field(100, ge=1, description="stage 2: each hard negative is drawn from the top N of its modality (the release: the whole mined list, 100)")
+    redraw_each_epoch: bool = Field(True, description="stage 2: draw the hard negatives again every epoch (the release); false: once for the run")
+    random_positive: bool = Field(True, description="a query with several positives of the kind it trains with (image, else text) trains with one picked at random every epoch (the release); false: always the first")
+    comp_captions: Literal["all", "trained"] = Field("all", description="q_comp removes the tokens of every image positive's caption (all: the release) or of the trained positive's only (trained)")
+
+
+class TrainSettings(DrawSettingsGroup):
     stage: Literal[1, 2] = Field(1, description="1: in-batch negatives; 2: + mined modality-balanced hard negatives")
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=2, description="queries per optimiser step, over all workers")
@@ -84,10 +96,6 @@ class TrainSettings(BaseModel):
     seed: int = 1234
     comp_loss: bool = Field(True, description="train with L_comp (stage 2: project default keeps it; the release drops it)")
     negatives: str | None = Field(None, description="stage 2: Delta table written by `ciea mine-negatives`")
-    negative_depth: int = Field(100, ge=1, description="stage 2: each hard negative is drawn from the top N of its modality (the release: the whole mined list, 100)")
-    redraw_each_epoch: bool = Field(True, description="stage 2: draw the hard negatives again every epoch (the release); false: once for the run")
-    random_positive: bool = Field(True, description="a query with several positives of the kind it trains with (image, else text) trains with one picked at random every epoch (the release); false: always the first")
-    comp_captions: Literal["all", "trained"] = Field("all", description="q_comp removes the tokens of every image positive's caption (all: the release) or of the trained positive's only (trained)")
     init_from: str | None = Field(None, description="checkpoint directory whose weights start training (stage 2: the stage-1 model)")
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps as well as at every epoch end")
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")

@@ -54,10 +54,12 @@ class DrawSettings:
     comp_captions: Literal["all", "trained"] = "all"
 
     @classmethod
-    def from_train(cls, train) -> DrawSettings:
-        """From a job's ``train`` settings (:class:`pipelines.train.config.TrainSettings`)."""
-        return cls(seed=train.seed, depth=train.negative_depth, redraw_each_epoch=train.redraw_each_epoch,
-                   random_positive=train.random_positive, comp_captions=train.comp_captions)
+    def from_train(cls, train, seed: int | None = None) -> DrawSettings:
+        """From a job's ``train`` settings (:class:`pipelines.train.config.DrawSettingsGroup`:
+        ``ciea train``'s and ``ciea compare``'s), with the run's seed (default ``train.seed``)."""
+        return cls(seed=train.seed if seed is None else seed, depth=train.negative_depth,
+                   redraw_each_epoch=train.redraw_each_epoch, random_positive=train.random_positive,
+                   comp_captions=train.comp_captions)
 
 
 def _key(qid: str) -> int:
