@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "demo": ("jobs.demo", "the whole pipeline on the synthetic corpus: ingest, Ray Train, embed, evaluate"),
@@ -20,8 +22,36 @@ COMMANDS = {
 }
 
 
+#: The packages ciea ships beside ``jobs``: a folder or an installed package of the same name
+#: earlier on ``sys.path`` (a Dagster, Kedro or Django project's own ``pipelines``, the
+#: ``pipelines`` package on PyPI, ``PYTHONPATH=.``) would silently run someone else's code.
+OWN_PACKAGES = ("pipelines", "ciea_model")
+
+
+def foreign_packages() -> list[str]:
+    """One line per package of :data:`OWN_PACKAGES` that resolves outside this installation."""
+    home = Path(__file__).resolve().parent.parent  # the folder that holds jobs/
+    out = []
+    for name in OWN_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        where = Path(spec.origin).resolve().parent.parent if spec is not None and spec.origin else None
+        if where != home:
+            found = spec.origin if spec is not None and spec.origin else "nowhere"
+            out.append(f"ciea: the module {name!r} resolves to {found}, not to ciea's own {home / name}: a folder "
+                       f"or package named {name!r} earlier on sys.path shadows it — rename it, drop its folder "
+                       "from PYTHONPATH, or run ciea from another directory")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    foreign = foreign_packages()
+    if foreign:
+        print(foreign[0], file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: ciea <command> [options]\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
