@@ -46,11 +46,26 @@ def foreign_packages() -> list[str]:
     return out
 
 
+#: Modules of the ``pipelines`` extra that every command needs (``pip install ciea`` alone
+#: brings the model library only).
+PIPELINE_MODULES = ("ray", "pyarrow", "deltalake", "lancedb")
+
+
+def missing_extras() -> list[str]:
+    """The modules of :data:`PIPELINE_MODULES` that are not installed."""
+    return [m for m in PIPELINE_MODULES if importlib.util.find_spec(m) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     foreign = foreign_packages()
     if foreign:
         print(foreign[0], file=sys.stderr)
+        return 2
+    missing = missing_extras()
+    if missing and argv and argv[0] in COMMANDS:
+        print(f"ciea {argv[0]}: {', '.join(missing)} not installed — the commands need the pipeline extras: "
+              'pip install "ciea[pipelines]" (the model library alone, ciea_model, needs none of them)', file=sys.stderr)
         return 2
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: ciea <command> [options]\n\ncommands:")

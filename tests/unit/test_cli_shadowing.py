@@ -35,3 +35,10 @@ def test_the_console_script_exits_2_with_one_line(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "'pipelines' resolves to" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_command_without_the_pipeline_extras_names_the_install(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "PIPELINE_MODULES", ("ray", "surely_not_installed_ciea_probe"))
+    assert cli.main(["ingest", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "surely_not_installed_ciea_probe" in err and 'ciea[pipelines]' in err
