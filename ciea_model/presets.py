@@ -57,7 +57,8 @@ def tiny_config(variant: str, tokenizer: str) -> CIEAConfig:
 def demo_config(variant: str, text_model: str, num_layers: int | None = 3) -> CIEAConfig:
     """A real pretrained sentence encoder (e.g. all-MiniLM-L6-v2, mean pooling, first
     ``num_layers`` layers) with a small random-init CLIP trained from scratch (no
-    pretrained CLIP is installable offline): 32 px images, 8 px patches → 16 patches.
+    pretrained CLIP is installable offline): 32 px images, 8 px patches → 16 patches; the
+    extractor without output dropout (the one departure from the release's extractor).
 
     ``univl-dr`` is CLIP alone: a random-init 2-layer, 128-wide CLIP text encoder (with
     ``text_model``'s tokenizer) beside the same CLIP vision tower, projected to 128."""
@@ -67,7 +68,10 @@ def demo_config(variant: str, text_model: str, num_layers: int | None = 3) -> CI
         variant=variant,
         text=TextTowerConfig(name_or_path=text_model, pooling="mean", max_length=64, num_layers=num_layers),
         vision=VisionTowerConfig(hf_config=dict(_DEMO_VISION), trainable=True),
-        extractor=ExtractorConfig(num_heads=8, ffn_dim=2048),
+        # No dropout on the attention output (the release's 0.05 stays in the paper preset):
+        # on a CPU budget of a few epochs it is what slows CIEA's start (bench/recipe_ablation.py:
+        # −2.1 MRR@10, −4.3 on image queries at 2 epochs; −1.1 at 6; BENCHMARKS.md).
+        extractor=ExtractorConfig(num_heads=8, ffn_dim=2048, output_dropout=0.0),
     )
 
 
