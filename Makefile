@@ -22,7 +22,7 @@ STAMP  := $(VENV)/.ciea-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test lint bench lock clean venv
+.PHONY: demo test test-slow test-all lint bench lock clean venv
 
 venv: $(STAMP)
 
@@ -38,8 +38,15 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/ciea demo $(DEMO_ARGS)
 
+# The loop: every tier but the tests marked `slow` (the paper-size rehearsal, the scale bench).
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The slow tier alone (CI runs it after `make test`; ≈ 15 GB peak for the paper rehearsal).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -421,11 +421,25 @@ def ray_up() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def start_ray(settings: RaySettings, log_to_driver: bool = True) -> bool:
-    """:func:`init_ray` with a job's ``ray`` settings; True if this call joined or started Ray."""
+def start_ray(settings: RaySettings, log_to_driver: bool = True, progress: bool = True) -> bool:
+    """:func:`init_ray` with a job's ``ray`` settings; True if this call joined or started Ray.
+    With ``progress`` off no Ray Data bar reaches the terminal (:func:`quiet_ray_data`)."""
     extra = {"object_store_memory": settings.object_store_mb * 1024 * 1024} if settings.object_store_mb else {}
-    return init_ray(address=settings.address, num_cpus=settings.num_cpus, temp_dir=settings.temp_dir,
-                    log_to_driver=log_to_driver, **extra)
+    started = init_ray(address=settings.address, num_cpus=settings.num_cpus, temp_dir=settings.temp_dir,
+                       log_to_driver=log_to_driver, **extra)
+    quiet_ray_data(progress)
+    return started
+
+
+def quiet_ray_data(progress: bool) -> None:
+    """Under ``--no-progress``, turns Ray Data's progress bars off for the whole run: also
+    those Ray Data draws while it plans a read ("Parquet dataset sampling" of a Delta
+    table), outside any stage's own switch."""
+    if progress:
+        return
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
 
 
 @contextlib.contextmanager
@@ -445,9 +459,10 @@ class RayCluster:
     """Ray as a job's settings say, started only when a run asks for it
     (``pipelines.index.build.RayAccess``)."""
 
-    def __init__(self, settings: RaySettings, log_to_driver: bool = True) -> None:
+    def __init__(self, settings: RaySettings, log_to_driver: bool = True, progress: bool = True) -> None:
         self.settings = settings
         self.log_to_driver = log_to_driver
+        self.progress = progress
 
     @property
     def remote(self) -> bool:
@@ -469,7 +484,7 @@ class RayCluster:
     def start(self) -> dict[str, float]:
         import ray
 
-        start_ray(self.settings, self.log_to_driver)
+        start_ray(self.settings, self.log_to_driver, self.progress)
         return ray.cluster_resources()
 
 

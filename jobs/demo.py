@@ -338,7 +338,7 @@ def execute(cfg: DemoConfig) -> int:
     t_start = time.perf_counter()
     stages = Stage()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start_ray(cfg.ray, log_to_driver=False)
+    start_ray(cfg.ray, log_to_driver=False, progress=cfg.progress)
     stages.run("ingest the corpus into Delta", ingest_call(cfg, data))
     vision = pretrain_vision(cfg, out, stages)
     trained = {v: train_variant(cfg, v, data, runs, vision, stages) for v in cfg.variants}

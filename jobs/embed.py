@@ -155,7 +155,7 @@ def execute(cfg: EmbedJobConfig) -> int:
     write_json(run_dir / "embed_config.json", cfg.model_dump(mode="json"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with ray_owned():
-        start_ray(cfg.ray, log_to_driver=cfg.progress)
+        start_ray(cfg.ray, log_to_driver=cfg.progress, progress=cfg.progress)
         try:
             summary = build.run(cfg, facts, tables=tables)
         except (ModelMismatchError, EmbedError) as e:

@@ -170,7 +170,7 @@ def execute(cfg: IngestJobConfig) -> int:
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with ray_owned():
-        start_ray(cfg.ray)
+        start_ray(cfg.ray, progress=cfg.progress)
         summary = run(cfg, source, shards)
     out = run_dir / summary["run_id"]
     write_json(out / "ingest_config.json", cfg.model_dump())

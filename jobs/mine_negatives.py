@@ -92,7 +92,7 @@ def execute(cfg: MineJobConfig) -> int:
         raise SystemExit(f"invalid config: checkpoint: {e}") from None
     from pipelines.train import negatives
 
-    start_ray(cfg.ray, log_to_driver=cfg.progress)
+    start_ray(cfg.ray, log_to_driver=cfg.progress, progress=cfg.progress)
     summary = negatives.run(cfg)
     if cfg.summary_path:
         write_json(Path(cfg.summary_path), summary)

@@ -161,7 +161,7 @@ def execute(cfg: ReindexJobConfig) -> int:
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "reindex_config.json", cfg.model_dump(mode="json"))
-    cluster = RayCluster(cfg.ray, log_to_driver=cfg.progress)
+    cluster = RayCluster(cfg.ray, log_to_driver=cfg.progress, progress=cfg.progress)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with ray_owned():
         if cluster.remote:

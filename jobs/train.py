@@ -107,7 +107,7 @@ def command(cfg: TrainJobConfig, always: tuple[str, ...] = ()) -> list[str]:
 
 def _start_ray(cfg: TrainJobConfig) -> None:
     settings = RaySettings(num_cpus=cfg.run.num_cpus, temp_dir=cfg.run.ray_temp_dir)
-    start_ray(settings, log_to_driver=cfg.run.progress)
+    start_ray(settings, log_to_driver=cfg.run.progress, progress=cfg.run.progress)
     cluster = RayCluster(settings)
     if not cluster.remote:  # a cluster's autoscaler may still add what is missing
         driver.check_fits(cfg, cluster.resources())

@@ -71,6 +71,7 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
+    ray.shutdown()  # a Ray started by an earlier module of the session
     ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
     try:
         yield

@@ -43,6 +43,9 @@ def s3(tmp_path_factory):
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="ray-s3-", dir="/tmp")
+    # A Ray of its own: its workers must start with the credentials above in their
+    # environment. The shared one (conftest's ray_local) stops first and restarts later.
+    ray.shutdown()
     ray.init(num_cpus=2, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
     try:
         yield endpoint, client

@@ -42,6 +42,9 @@ def s3():
     client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
     client.create_bucket(Bucket=BUCKET)
     ray_tmp = tempfile.mkdtemp(prefix="ray-wds-", dir="/tmp")
+    # A Ray of its own: its workers must start with the credentials above in their
+    # environment. The shared one (conftest's ray_local) stops first and restarts later.
+    ray.shutdown()
     ray.init(num_cpus=2, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
     try:
         yield f"http://{host}:{port}", client

@@ -31,6 +31,9 @@ import pytest
 import yaml
 from embed_helpers import make_checkpoint, synthetic_records, write_corpus
 
+# A real `ray start` head and `ray job submit` (≈ 30 s with the head's start and stop): slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = REPO / "infra" / "runtime_env.yaml"
 N_IMAGES, N_TEXTS = 16, 8

@@ -161,6 +161,7 @@ def test_stage1_two_workers_learn_and_agree(stage1, runs):
     assert (runs / "s1" / "training_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # ≈ 1 min: the demo preset's pretrained LM for 4 epochs
 @pytest.mark.usefixtures("ray_local")
 def test_demo_preset_two_workers_raise_dev_mrr(data_root, tmp_path):
     """Learning, measured where it is reliable: the tiny random-init T5 moves dev MRR@10 by
@@ -218,6 +219,7 @@ def test_mismatching_checkpoint_is_refused(stage1, data_root, runs):
         train.main(_args(data_root, runs, "s1", "--set", "train.lr=0.002", "--set", "train.epochs=4"))
 
 
+@pytest.mark.slow  # ≈ 1 min; the loop keeps mining (below) and a worker-group restart (WebQA-shaped test)
 @pytest.mark.usefixtures("ray_local")
 def test_stage2_on_mined_negatives_survives_a_worker_fault(stage1, data_root, runs):
     negatives = runs / "negatives-s1"
