@@ -1,11 +1,20 @@
 """``ciea demo`` end to end on the tiny preset: ingest → Ray Train → mine → stage 2 →
-embed → evaluate → examples, through the real jobs and one local Ray; then a re-run,
-which must repeat no work."""
+embed → evaluate → examples, through the real jobs and one local Ray, run as a user runs
+it (``python -m jobs.demo ... --no-progress``, its terminal captured); then a re-run, which
+must repeat no work.
+
+≈ 4 min (four Ray Train runs, two minings and embeds): the slow tier (CI). Every stage has
+its own faster integration test in the loop."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,23 +22,43 @@ from jobs import demo
 from pipelines.store.delta_tables import Tables
 
 TINY_DOCS = 120 + 40
+REPO = Path(__file__).resolve().parents[2]
+#: The one line still let through, declared: the driver's C++ core worker prints it (at
+#: error level, straight to stderr, past Python's logging) for every Ray Data actor pool;
+#: harmless, not actionable, and Ray's own bug (ray-project/ray#57733, #57838).
+KNOWN_RAY_LINE = re.compile(r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments "
+                            r"in the object store and max_restarts > 0")
+#: What Ray, Ray Data or the C++ core write when they reach a terminal: a run under
+#: --no-progress must print none of it (its run log has it all).
+RAY_NOISE = re.compile(r"Parquet dataset sampling|core_worker|\.cc:\d+\]|\(raylet\)|\((pid|\w+ pid)=\d+|"
+                       r"Running Dataset|Dataset \w+ execution|INFO (worker|streaming_executor|logging)\.py|"
+                       r"Registered dataset logger|UserWarning|it/s\]|row/s\]")
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    import ray
-
     out = tmp_path_factory.mktemp("demo")
-    try:
-        rc = demo.main(["--preset", "tiny", "--output-dir", str(out), "--no-progress", "--set", "num_cpus=2"])
-        yield rc, out
-    finally:
-        ray.shutdown()
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.demo", "--preset", "tiny", "--output-dir", str(out), "--no-progress",
+         "--set", "num_cpus=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    return done.returncode, out, done.stdout + done.stderr
 
 
+@pytest.mark.slow
+def test_no_progress_keeps_rays_own_lines_off_the_terminal(demo_run):
+    rc, _, terminal = demo_run
+    assert rc == 0, terminal[-3000:]
+    noisy = [line for line in terminal.splitlines() if RAY_NOISE.search(line) and not KNOWN_RAY_LINE.search(line)]
+    assert noisy == [], "\n".join(noisy[:20])
+    assert "── train ciea (stage 1)" in terminal and "Done in" in terminal  # ours still reach it
+
+
+@pytest.mark.slow
 def test_demo_runs_every_stage(demo_run):
-    rc, out = demo_run
-    assert rc == 0
+    rc, out, terminal = demo_run
+    assert rc == 0, terminal[-3000:]
     summary = json.loads((out / "demo_summary.json").read_text())
     labels = [s["stage"] for s in summary["stages"]]
     assert labels[0] == "ingest the corpus into Delta"
@@ -41,10 +70,11 @@ def test_demo_runs_every_stage(demo_run):
     assert len(summary["examples"]) == 3
 
 
+@pytest.mark.slow
 def test_demo_lands_in_delta_and_lancedb(demo_run):
     import lancedb
 
-    _, out = demo_run
+    _, out, _ = demo_run
     assert Tables(str(out / "data")).read("documents").num_rows == TINY_DOCS
     db = lancedb.connect(str(out / "lancedb"))
     summary = json.loads((out / "demo_summary.json").read_text())
@@ -54,8 +84,9 @@ def test_demo_lands_in_delta_and_lancedb(demo_run):
         assert set(table.to_arrow().column("model_id").to_pylist()) == {summary["models"][variant]["model_id"]}
 
 
+@pytest.mark.slow
 def test_demo_report_compares_every_variant_and_bm25(demo_run):
-    _, out = demo_run
+    _, out, _ = demo_run
     report = json.loads((out / "eval" / "report.json").read_text())
     text = json.dumps(report)
     for name in ("ciea", "text-only", "bm25"):
@@ -66,12 +97,18 @@ def test_demo_report_compares_every_variant_and_bm25(demo_run):
         assert math.isfinite(value)
 
 
+@pytest.mark.slow
 def test_demo_rerun_repeats_no_work(demo_run, capsys):
-    _, out = demo_run
+    _, out, _ = demo_run
     trained = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*/model/ciea_checkpoint.json")}
     assert len(trained) == 4
     capsys.readouterr()
-    assert demo.main(["--preset", "tiny", "--output-dir", str(out), "--no-progress", "--set", "num_cpus=2"]) == 0
+    import ray
+
+    try:
+        assert demo.main(["--preset", "tiny", "--output-dir", str(out), "--no-progress", "--set", "num_cpus=2"]) == 0
+    finally:
+        ray.shutdown()
     printed = capsys.readouterr().out
     assert printed.count("nothing to do: the table already holds this version") == 2
     assert {p: p.stat().st_mtime_ns for p in (out / "train").glob("*/model/ciea_checkpoint.json")} == trained
