@@ -55,6 +55,19 @@ DEV = [_image_query("dev-img2", IMAGE_IDS[1:3]), _text_query("dev-txt2", TEXT_ID
 TEST = [_image_query("test-img1", [IMAGE_IDS[3]])]
 
 
+def write_imgs_tsv(root: Path, images: list[tuple[int, bytes]]) -> None:
+    """WebQA's ``imgs.tsv`` (``image_id \\t base64(JPEG)`` lines, in the given order) and its
+    ``imgs.lineidx.new`` (``image_id \\t byte offset`` of each line)."""
+    lines, index, offset = [], [], 0
+    for k, data in images:
+        line = f"{k}\t{base64.b64encode(data).decode()}\n".encode()
+        index.append(f"{k}\t{offset}\n")
+        lines.append(line)
+        offset += len(line)
+    (root / "imgs.tsv").write_bytes(b"".join(lines))
+    (root / "imgs.lineidx.new").write_text("".join(index))
+
+
 def write_webqa_shaped(root: Path) -> Path:
     """Writes the corpus under ``root`` in the release layout; returns ``root``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -64,14 +77,7 @@ def write_webqa_shaped(root: Path) -> Path:
 
     jsonl("all_docs.json", [{"snippet_id": k, "fact": v, "title": k} for k, v in TEXTS.items()])
     jsonl("all_imgs.json", [{"image_id": k, "caption": v, "title": v} for k, v in IMAGES.items()])
-    lines, index, offset = [], [], 0
-    for i, k in enumerate(IMAGES):
-        line = f"{k}\t{base64.b64encode(_jpeg(i)).decode()}\n".encode()
-        index.append(f"{k}\t{offset}\n")
-        lines.append(line)
-        offset += len(line)
-    (root / "imgs.tsv").write_bytes(b"".join(lines))
-    (root / "imgs.lineidx.new").write_text("".join(index))
+    write_imgs_tsv(root, [(k, _jpeg(i)) for i, k in enumerate(IMAGES)])
     for split, rows in (("train", TRAIN), ("dev", DEV), ("test", TEST)):
         jsonl(f"{split}.json", rows)
     return root

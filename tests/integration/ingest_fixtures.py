@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import struct
@@ -12,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from webqa_shaped import write_imgs_tsv
 
 
 def image_bytes(color: tuple[int, int, int], size: tuple[int, int] = (12, 8), fmt: str = "PNG",
@@ -71,15 +71,8 @@ def write_webqa(root: Path) -> dict:
         {"image_id": k, "caption": cap, "title": f"img {k}"} for k, (_, cap) in WEBQA_IMAGES.items()])
     images = {k: image_bytes(color, fmt="JPEG") for k, (color, _) in WEBQA_IMAGES.items()}
     # The tsv holds the images in a different order than all_imgs.json, plus one unused.
-    lines, index, offset = [], [], 0
-    for k in [30000003, 99999999, 30000001, 30000002]:
-        data = images.get(k) or image_bytes((9, 9, 9), fmt="JPEG")
-        line = f"{k}\t{base64.b64encode(data).decode()}\n".encode()
-        index.append(f"{k}\t{offset}\n")
-        lines.append(line)
-        offset += len(line)
-    (root / "imgs.tsv").write_bytes(b"".join(lines))
-    (root / "imgs.lineidx.new").write_text("".join(index))
+    write_imgs_tsv(root, [(k, images.get(k) or image_bytes((9, 9, 9), fmt="JPEG"))
+                          for k in [30000003, 99999999, 30000001, 30000002]])
     d = list(WEBQA_TEXTS)
     queries = {
         "train": [{"qid": "q-train-1", "Q": "How tall is the Eiffel Tower?", "A": ["330 metres"],
