@@ -7,7 +7,7 @@ What is measured
     text, PNG images inline) written to a Delta table under a temp folder.
 
     * ``loop``: one process, torch with ``--threads`` threads: read the Delta table in
-      batches of ``--batch-size`` → ``to_document`` with the processor's image transform →
+      batches of ``--batch-size`` → ``row_to_document`` with the processor's image transform →
       ``collate_documents`` → ``encode_documents`` → thumbnails → one ``table.add``.
     * ``pipeline``: ``pipelines.index.build.run`` on a local Ray with ``--num-cpus`` CPUs — read_delta,
       preprocessing tasks, one encoder actor (``--threads`` torch threads), fragment-writing
@@ -227,8 +227,8 @@ def _loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int,
 
     from ciea_model import load_checkpoint, model_id
     from pipelines.index.embed import SOURCE_COLUMNS, make_thumbnail
+    from pipelines.store.documents import expect_document, row_to_document
     from pipelines.store.lance_tables import VectorTable, table_schema
-    from pipelines.train.examples import to_document
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -241,7 +241,8 @@ def _loop(tables: Tables, checkpoint: str, db: str, table: str, batch_size: int,
     dataset = tables.dataset(tables.documents)
     for batch in dataset.to_batches(columns=list(SOURCE_COLUMNS), batch_size=batch_size):
         recs = pa.Table.from_batches([batch]).to_pylist()
-        docs = [to_document(r, processor.image_transform) for r in recs]
+        docs = [expect_document(row_to_document(r, storage_options=tables.storage_options,
+                                                image_transform=processor.image_transform)) for r in recs]
         with torch.inference_mode():
             vec = model.encode_documents(processor.collate_documents(docs)).float().numpy()
         thumbs = [make_thumbnail(r["image"], thumbnail_px, 75) if r["image"] is not None else None for r in recs]

@@ -92,7 +92,6 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
     same sparse gradients as a Ray worker (``SparseEmbeddingGrads``, what ``Trainer.fit``
     and the Ray worker's ``GradientReducer`` use), so the baseline is not slowed by a cost
     the Ray side was relieved of."""
-    import pyarrow as pa
     import torch
 
     from ciea_model import create_model_and_processor
@@ -105,16 +104,17 @@ def run_inprocess(cfg, threads: int, profile: bool = False,
         iterate_batches,
         train_step,
     )
+    from pipelines.store.documents import batch_to_documents
     from pipelines.train.config import NEW_MODULES, model_config_for
-    from pipelines.train.dataset import read_queries, rows_to_documents
+    from pipelines.train.dataset import read_queries
     from pipelines.train.driver import tokenizer_dir
     from pipelines.train.examples import training_examples
     from pipelines.train.profiling import StepProfile
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    tables = cfg.data.tables()
-    docs = rows_to_documents(pa.table(tables.documents_table().to_pyarrow_table()))
+    tables = cfg.tables()
+    docs = batch_to_documents(tables.read(tables.documents)).require()
     examples, _ = training_examples(read_queries(tables, "train"), {d.doc_id: d for d in docs})
 
     model, processor = create_model_and_processor(model_config_for(cfg, tokenizer_dir(cfg)), pretrained=True,

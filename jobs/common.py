@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import functools
+import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.store.secrets import MASK, looks_secret, redact, redact_text, write_json  # noqa: F401  (write_json: the jobs' writer)
+from pipelines.store.storage import STORAGE_KEY as STORAGE  # noqa: F401  (every job's --storage-option key)
+from pipelines.store.storage import move_legacy_keys  # noqa: F401  (the jobs' own moved keys, e.g. num_cpus)
 
 #: Loggers whose INFO lines are ours and reach the terminal; everything else (Ray, Ray
 #: Data, Lance, transformers) shows only warnings there, and the rest goes to the run log.
@@ -129,14 +134,85 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(model: type[BaseModel], path: str | None, overrides: list[str], base: dict[str, Any]) -> BaseModel:
-    """Builds the typed job config from preset defaults ← YAML file ← ``--set`` overrides.
+#: Every job's config model (``module:class``) by the job's name, as a pipeline file's
+#: ``jobs:`` section names it (``mine_negatives`` is taken for ``mine-negatives``).
+JOB_CONFIGS = {
+    "ingest": "jobs.ingest:IngestJobConfig", "train": "pipelines.train.config:TrainJobConfig",
+    "compare": "pipelines.train.compare:CompareConfig", "mine-negatives": "jobs.mine_negatives:MineJobConfig",
+    "embed": "jobs.embed:EmbedJobConfig", "reindex": "jobs.reindex:ReindexJobConfig",
+    "evaluate": "pipelines.query.config:EvaluateConfig", "search": "pipelines.query.search_run:SearchConfig",
+    "sql": "pipelines.query.sql:SqlConfig", "serve": "pipelines.web.server:ServeConfig", "demo": "jobs.demo:DemoConfig",
+}
+
+
+@functools.cache
+def job_keys() -> frozenset[str]:
+    """Every top-level key that some job's config takes (imports every job's config: only
+    asked when a pipeline file shares a key the running job lacks)."""
+    keys: set[str] = set()
+    for where in JOB_CONFIGS.values():
+        module, name = where.split(":")
+        keys |= set(getattr(importlib.import_module(module), name).model_fields)
+    return frozenset(keys)
+
+
+def job_view(data: dict[str, Any], job: str, model: type[BaseModel], where: str) -> dict[str, Any]:
+    """A pipeline file as ``job`` reads it: its shared top-level keys deep-merged with
+    ``jobs.<job>`` (the job's own section wins); other jobs' sections are ignored, and so is
+    a shared key this job lacks but another job takes. A file without ``jobs:`` is returned
+    as it is.
+
+    Raises:
+        SystemExit: one line naming the key: a shared key no job takes, a section of no job.
+    """
+    if "jobs" not in data:
+        return data
+    sections = data["jobs"] or {}
+    if not isinstance(sections, dict):
+        raise SystemExit(f"invalid config: {where}: jobs must map job names to their keys, e.g. "
+                         "jobs: {embed: {encode: {batch_size: 128}}}")
+    for name in sections:
+        if str(name).replace("_", "-") not in JOB_CONFIGS:
+            raise SystemExit(f"invalid config: {where}: jobs.{name} is no job; the jobs are {', '.join(JOB_CONFIGS)}")
+    own = [name for name in sections if str(name).replace("_", "-") == job]
+    if len(own) > 1:
+        raise SystemExit(f"invalid config: {where}: jobs.{own[0]} and jobs.{own[1]} are the same job; keep one")
+    section = (sections[own[0]] or {}) if own else {}
+    if not isinstance(section, dict):
+        raise SystemExit(f"invalid config: {where}: jobs.{own[0]} must map config keys to values")
+    shared = {k: v for k, v in data.items() if k != "jobs"}
+    for key in shared:
+        if key not in model.model_fields and key not in job_keys():
+            near = difflib.get_close_matches(str(key), sorted(job_keys()), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise SystemExit(f"invalid config: {where}: {key!r} is no job's config key ({hint}a key of one job "
+                             "goes under jobs.<job>)")
+    return deep_merge({k: v for k, v in shared.items() if k in model.model_fields}, section)
+
+
+def _config_paths(paths: str | Sequence[str] | None) -> list[str]:
+    return [paths] if isinstance(paths, str) else list(paths or [])
+
+
+def _read_config(path: str, job: str | None, model: type[BaseModel]) -> dict[str, Any]:
+    """One ``--config`` file, as ``job`` reads it (:func:`job_view`)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"invalid config: --config {path}: expected config keys (a YAML mapping) at the top level")
+    return job_view(data, job, model, f"--config {path}") if job else data
+
+
+def load_config(model: type[BaseModel], paths: str | Sequence[str] | None, overrides: list[str],
+                base: dict[str, Any], *, job: str | None = None) -> BaseModel:
+    """Builds the typed job config from preset defaults ← YAML files (later ones win) ←
+    ``--set`` overrides. With ``job`` (its name, e.g. ``embed``) a file may be a pipeline
+    file: shared keys plus a ``jobs:`` section per job (:func:`job_view`).
 
     Exits with every validation error listed (field, value, message) before anything runs.
     """
     data = dict(base)
-    if path:
-        data = deep_merge(data, yaml.safe_load(Path(path).read_text()) or {})
+    for path in _config_paths(paths):
+        data = deep_merge(data, _read_config(path, job, model))
     data = deep_merge(data, parse_overrides(overrides))
     try:
         return model.model_validate(data)
@@ -241,9 +317,10 @@ def flag_overrides(args: Any, flags: dict[str, str], storage_key: str | None = N
     """Dotted ``key=value`` overrides for the flags given on the command line.
 
     ``flags`` maps argparse attributes to config keys; numbers stay numbers, text is quoted
-    (:func:`yaml_str`). With ``storage_key`` (e.g. ``input.storage_options``) every
-    ``--storage-option KEY=VALUE`` lands under it. Callers append their own extras and the
-    user's ``--set`` pairs after these, so ``--set`` wins.
+    (:func:`yaml_str`). With ``storage_key`` (:data:`STORAGE`, the top-level
+    ``storage_options`` of every job) each ``--storage-option KEY=VALUE`` lands under it.
+    Callers append their own extras and the user's ``--set`` pairs after these, so ``--set``
+    wins.
     """
     out: list[str] = []
     for attr, key in flags.items():
@@ -259,26 +336,29 @@ def flag_overrides(args: Any, flags: dict[str, str], storage_key: str | None = N
     return out
 
 
-def refuse_secrets(prog: str, config_path: str | None, overrides: list[str], storage_key: str | None = None) -> None:
-    """Refuses secrets in the config file and overrides *before* the config is parsed, so that
-    no validation error echoes one. Exits (one line naming the key, never the value) on:
+def refuse_secrets(prog: str, config_paths: str | Sequence[str] | None, overrides: list[str],
+                   storage_key: str | None = None) -> None:
+    """Refuses secrets in the config files (every job's section of a pipeline file too) and
+    overrides *before* the config is parsed, so that no validation error echoes one. Exits
+    (one line naming the key, never the value) on:
 
-    - a storage option that is not a backend's non-secret setting (every section named
-      ``storage_options``, and ``storage_key``, dotted): :func:`pipelines.store.storage.check_storage_option`;
+    - a storage option that is not a backend's non-secret setting (every mapping named
+      ``storage_options`` at any depth, old spellings included, and ``storage_key``, dotted):
+      :func:`pipelines.store.storage.check_storage_option`;
     - any other key that looks secret-bearing (:func:`pipelines.store.secrets.looks_secret`);
     - a value with a URL carrying credentials (``user:password@``, a signature parameter).
     """
-    data: Any = {}
-    if config_path:
+    sources: list[Any] = []
+    for path in _config_paths(config_paths):
         try:
-            data = yaml.safe_load(Path(config_path).read_text()) or {}
+            sources.append(yaml.safe_load(Path(path).read_text()) or {})
         except (OSError, yaml.YAMLError) as e:  # a YAML error quotes the file's text: not shown
-            raise SystemExit(f"{prog}: --config {config_path}: cannot read it as YAML "
+            raise SystemExit(f"{prog}: --config {path}: cannot read it as YAML "
                              f"({type(e).__name__}); pass a readable YAML file of config keys") from None
-    data = deep_merge(data, parse_overrides(overrides)) if isinstance(data, dict) else data
     storage_at = tuple(storage_key.split(".")) if storage_key else None
     try:
-        _check_secrets(data, (), storage_at)
+        for data in [*sources, parse_overrides(overrides)]:
+            _check_secrets(data, (), storage_at)
     except ValueError as e:
         raise SystemExit(f"{prog}: {e}") from None
 
@@ -328,23 +408,6 @@ class RaySettings(BaseModel):
         "Ray Data keeps in-flight blocks within it")
 
 
-def move_legacy_keys(data: Any, moved: dict[str, str]) -> Any:
-    """For a ``model_validator(mode="before")``: top-level keys that moved (``num_cpus`` →
-    ``ray.num_cpus``) are taken from where older configs put them; the new place wins."""
-    if not isinstance(data, dict) or not any(k in data for k in moved):
-        return data
-    data = dict(data)
-    for old, new in moved.items():
-        if old in data:
-            value = data.pop(old)
-            section, leaf = new.split(".", 1)
-            inner = data.get(section)
-            inner = inner.model_dump() if isinstance(inner, BaseModel) else dict(inner or {})
-            inner.setdefault(leaf, value)
-            data[section] = inner
-    return data
-
-
 #: ``--ray-*`` flags → ``ray.*`` keys.
 RAY_FLAGS = {"ray_address": "ray.address", "num_cpus": "ray.num_cpus", "ray_temp_dir": "ray.temp_dir"}
 
@@ -355,7 +418,8 @@ def job_parser(prog: str, doc: str | None, config: type[BaseModel] | None = None
                progress: str | None = "no progress bar (progress=false)", set_example: str = "",
                verbose: bool = True) -> argparse.ArgumentParser:
     """A job's parser with the flags every job spells the same way, in one group:
-    ``--preset``, ``--config``, ``--storage-option`` (into ``storage``, dotted), the Ray flags
+    ``--preset``, ``--config`` (repeatable: later files win; a file may be a pipeline file,
+    :func:`job_view`), ``--storage-option`` (into ``storage``: :data:`STORAGE`), the Ray flags
     (``--ray-address``, ``--num-cpus``, ``--ray-temp-dir``), ``--no-progress``, ``--set`` and
     ``-v``. The job adds its own flags; ``--help`` ends with every config key and default.
     :func:`parse_job_config` turns the result into the typed config."""
@@ -368,7 +432,9 @@ def job_parser(prog: str, doc: str | None, config: type[BaseModel] | None = None
     if presets:
         g.add_argument("--preset", choices=sorted(presets), default=default_preset, help=preset_help)
     name = config.__name__ if config is not None else "config"
-    g.add_argument("--config", help=f"YAML file with {name} fields" + (" (overrides the preset)" if presets else ""))
+    g.add_argument("--config", action="append", default=[],
+                   help=f"YAML file with {name} fields" + (" (overrides the preset)" if presets else "")
+                        + ", or a pipeline file (shared keys + jobs.<job>); repeatable, later files win")
     if storage:
         g.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                        help=f"object-store setting, repeatable, e.g. AWS_REGION=eu-west-1 ({storage}; never "
@@ -401,12 +467,13 @@ def job_overrides(args: argparse.Namespace, flags: dict[str, str], *, storage: s
 
 def parse_job_config(prog: str, model: type[BaseModel], args: argparse.Namespace, overrides: list[str], *,
                      storage: str | None = None, presets: dict[str, Any] | None = None) -> Any:
-    """The typed config of a parsed command line: preset defaults ← ``--config`` YAML ←
-    overrides. Secrets are refused first (:func:`refuse_secrets`), so no error echoes one;
-    every validation error is listed before anything runs (``SystemExit``)."""
+    """The typed config of a parsed command line: preset defaults ← ``--config`` YAML files
+    (a pipeline file read as the job ``prog`` names: :func:`job_view`) ← overrides. Secrets
+    are refused first (:func:`refuse_secrets`), so no error echoes one; every validation
+    error is listed before anything runs (``SystemExit``)."""
     refuse_secrets(prog, args.config, overrides, storage)
     base = presets[args.preset] if presets else {}
-    return load_config(model, args.config, overrides, base)
+    return load_config(model, args.config, overrides, base, job=prog.removeprefix("ciea "))
 
 
 def job_logging(verbose: bool) -> None:

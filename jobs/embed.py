@@ -46,6 +46,7 @@ from pipelines.store import storage
 from pipelines.store.delta_tables import Tables
 
 from .common import (
+    STORAGE,
     RaySettings,
     command_args,
     job_logging,
@@ -62,7 +63,6 @@ logger = logging.getLogger("ciea.embed")
 PROG = "ciea embed"
 #: Exit code when another run writes the table (its lease, or its commits): nothing was written.
 EXIT_TABLE_BUSY = 4
-STORAGE = "input.storage_options"
 #: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
 FLAGS = {"checkpoint": "model.checkpoint", "root": "input.root", "version": "input.version", "db": "output.db",
          "table": "output.table", "tag": "output.tag", "device": "encode.device", "batch_size": "encode.batch_size",
@@ -134,7 +134,7 @@ def check(cfg: EmbedConfig, tables: Tables | None = None) -> dict[str, Any]:
                          "folder (created if missing)")
     try:
         facts = build.load_model_facts(cfg.model.checkpoint)
-        E.resolve_source(tables or cfg.input.tables(), cfg.input.version)
+        E.resolve_source(tables or cfg.tables(), cfg.input.version)
     except (build.SetupError, E.EmbedError) as e:
         raise SystemExit(f"{PROG}: {e}") from None
     return facts
@@ -148,7 +148,7 @@ def execute(cfg: EmbedJobConfig) -> int:
     from pipelines.store.lance_tables import ModelMismatchError
     from pipelines.store.lease import WriterConflict
 
-    tables = cfg.input.tables()  # the Delta handle, made once for the checks and the run
+    tables = cfg.tables()  # the Delta handle, made once for the checks and the run
     facts = check(cfg, tables)
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from typing import Any
 from pipelines.query.config import EvaluateConfig, VariantSettings
 
 from .common import (
+    STORAGE,
     command_args,
     job_logging,
     job_overrides,
@@ -86,7 +87,6 @@ def format_variant(spec: VariantSettings) -> str:
 
 
 PROG = "ciea evaluate"
-STORAGE = "input.storage_options"
 #: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
 FLAGS = {"root": "input.root", "split": "input.split", "corpus_version": "input.corpus_version", "out": "output.out",
          "k": "search.k", "device": "search.device", "batch_size": "search.batch_size"}

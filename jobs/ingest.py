@@ -46,6 +46,7 @@ from pipelines.ingest.runner import make_source, run
 from pipelines.store import delta_tables
 
 from .common import (
+    STORAGE,
     RaySettings,
     command_args,
     job_logging,
@@ -80,7 +81,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PROG = "ciea ingest"
-STORAGE = "output.storage_options"
 #: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
 FLAGS = {"source": "source.kind", "path": "source.path", "name": "source.name", "images_dir": "source.images_dir",
          "image_mode": "source.image_mode", "root": "output.root", "run_dir": "output.run_dir",

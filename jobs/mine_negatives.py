@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from pipelines.train import config as run_config
 
 from .common import (
+    STORAGE,
     RaySettings,
     command_args,
     job_logging,
@@ -59,7 +60,7 @@ MineConfig = MineJobConfig
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = job_parser(PROG, __doc__, MineJobConfig, ray=True, progress="no progress bar (progress=false)")
+    p = job_parser(PROG, __doc__, MineJobConfig, storage=STORAGE, ray=True, progress="no progress bar (progress=false)")
     p.add_argument("--checkpoint", help="stage-1 model directory")
     p.add_argument("--root", help="data root")
     p.add_argument("--split", help="query split (default train)")
@@ -71,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None) -> tuple[MineJobConfig, argparse.Namespace]:
     """The command line → the validated config (nothing opened yet); exits with the errors."""
     args = _parser().parse_args(argv)
-    return parse_job_config(PROG, MineJobConfig, args, job_overrides(args, FLAGS)), args
+    overrides = job_overrides(args, FLAGS, storage=STORAGE)
+    return parse_job_config(PROG, MineJobConfig, args, overrides, storage=STORAGE), args
 
 
 def command(cfg: MineJobConfig, always: tuple[str, ...] = ()) -> list[str]:

@@ -70,6 +70,7 @@ from pipelines.index.reindex import ReindexConfig
 from pipelines.store.delta_tables import Tables
 
 from .common import (
+    STORAGE,
     RayCluster,
     RaySettings,
     job_logging,
@@ -87,7 +88,6 @@ logger = logging.getLogger("ciea.reindex")
 EXIT_GATE_REFUSED = 3
 
 PROG = "ciea reindex"
-STORAGE = "input.storage_options"
 #: Flags of this job → config keys (the shared ones are in ``jobs/common.py``).
 FLAGS = {"checkpoint": "model.checkpoint", "root": "input.root", "version": "input.version", "db": "output.db",
          "table": "output.table", "tag": "output.tag", "device": "encode.device", "run_dir": "output.run_dir"}
@@ -129,7 +129,7 @@ def check(cfg: ReindexJobConfig, tables: Tables | None = None) -> dict[str, Any]
     except DatabaseNotFoundError as e:
         raise SystemExit(f"{PROG}: {e}") from None
     try:
-        E.resolve_source(tables or cfg.input.tables(), cfg.input.version)
+        E.resolve_source(tables or cfg.tables(), cfg.input.version)
     except E.EmbedError as e:
         raise SystemExit(f"{PROG}: {e}") from None
     if not cfg.model.checkpoint:
@@ -156,7 +156,7 @@ def execute(cfg: ReindexJobConfig) -> int:
     from pipelines.store.lance_tables import ModelMismatchError
     from pipelines.store.lease import WriterConflict
 
-    tables = cfg.input.tables()  # the Delta handle, made once for the checks and the run
+    tables = cfg.tables()  # the Delta handle, made once for the checks and the run
     facts = check(cfg, tables)
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -23,72 +23,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pipelines.query.search_run import SearchConfig, render_results, run
 
-from pipelines.store import storage as storage_mod
-
-from .common import job_logging, job_overrides, job_parser, parse_job_config, yaml_str
-from .sql import display, format_text_table
-
-logger = logging.getLogger("ciea.search")
-
-
-class TableSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    root: str = Field("data", description="data root; the LanceDB database is <root>/lancedb unless db is set")
-    db: str | None = Field(None, description="LanceDB database folder, local or s3:// (default: <root>/lancedb)")
-    name: str = Field("documents", pattern=r"^[A-Za-z0-9_.-]+$", description="table name")
-    version: int | str | None = Field(None, description="table version number or tag (default: the `published` tag)")
-    storage_options: storage_mod.StorageOptions = Field(
-        default_factory=dict, description="object-store settings (AWS_ENDPOINT_URL, AWS_REGION, ...); "
-                                          "credentials only from the environment")
-
-
-class ModelSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    checkpoint: str | None = Field(None, description="checkpoint directory (default: the one recorded in the table; "
-                                                     "its model_id must equal the table's)")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="device that encodes the queries")
-
-
-class QuerySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: int = Field(10, ge=1, le=10_000, description="results per query")
-    mode: Literal["vector", "fts", "hybrid"] = Field("vector", description="vector, fts (BM25) or hybrid (RRF)")
-    where_modality: Literal["image", "text"] | None = Field(None, description="only documents of this modality")
-    where: list[str] = Field(default_factory=list, description="COLUMN=VALUE equality filters (typed by the column)")
-    nprobes: int | None = Field(None, ge=1, description="ANN partitions probed (default: the stored index plan)")
-    refine_factor: int | None = Field(None, ge=1, description="ANN re-rank factor (default: the stored index plan)")
-    candidates: int | None = Field(None, ge=1, description="hybrid: candidates fused from each list (default max(k, 50))")
-
-
-class OutputSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    json_output: bool = Field(False, description="print JSON instead of a table")
-    width: int = Field(70, ge=10, description="table: longest caption/text excerpt")
-
-
-class SearchConfig(BaseModel):
-    """The whole search command, validated before anything is opened."""
-
-    model_config = ConfigDict(extra="forbid")
-    table: TableSettings = Field(default_factory=TableSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    query: QuerySettings = Field(default_factory=QuerySettings)
-    output: OutputSettings = Field(default_factory=OutputSettings)
-
-    @property
-    def db_uri(self) -> str:
-        return self.table.db or storage_mod.join(storage_mod.normalise_uri(self.table.root), "lancedb")
-
+from .common import STORAGE, job_logging, job_overrides, job_parser, parse_job_config, yaml_str
 
 PROG = "ciea search"
-STORAGE = "table.storage_options"
 #: Flags of this job → config keys (the shared ones are in ``jobs/common.py``; ``--version``
 #: is a number or a tag, ``--where`` a list: both below).
 FLAGS = {"root": "table.root", "db": "table.db", "table": "table.name", "checkpoint": "model.checkpoint",
@@ -131,42 +73,6 @@ def parse_config(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespa
     return parse_job_config(PROG, SearchConfig, args, overrides, storage=STORAGE), args
 
 
-def hit_record(hit: Any) -> dict[str, Any]:
-    """A :class:`pipelines.query.search.Hit` as JSON-able fields (thumbnail as its size, no weights)."""
-    return {"rank": hit.rank, "doc_id": hit.doc_id, "score": hit.score, "modality": hit.modality,
-            "text": hit.text, "caption": hit.caption, "metadata": hit.metadata,
-            "thumbnail_bytes": len(hit.thumbnail) if hit.thumbnail else 0}
-
-
-def format_results(queries: list[str], results: list[list[Any]], header: str, width: int) -> str:
-    blocks = [header]
-    for q, hits in zip(queries, results, strict=True):
-        blocks.append(f"\nquery: {q}")
-        if not hits:
-            blocks.append("  (no results)")
-            continue
-        rows = [(h.rank, round(h.score, 4), h.doc_id, h.modality,
-                 display(h.caption if h.modality == "image" else (h.text or h.caption or ""), width)) for h in hits]
-        blocks.append(format_text_table(["rank", "score", "doc_id", "modality", "caption / text"], rows, width))
-    return "\n".join(blocks)
-
-
-def run(cfg: SearchConfig, queries: list[str]) -> tuple[Any, list[list[Any]]]:
-    """Opens the searcher and runs the batch; returns (searcher, results)."""
-    from pipelines.query.search import Filter, Searcher, parse_filter_pairs
-
-    # Searcher.open refuses a missing or file --db before connecting: a read creates nothing.
-    searcher = Searcher.open(cfg.db_uri, cfg.table.name, version=cfg.table.version, checkpoint=cfg.model.checkpoint,
-                             storage_options=cfg.table.storage_options, device=cfg.model.device)
-    q = cfg.query
-    where = None
-    if q.where_modality or q.where:
-        where = Filter(modality=q.where_modality, equals=parse_filter_pairs(q.where, searcher.schema))
-    results = searcher.search_batch(queries, k=q.k, mode=q.mode, where=where, nprobes=q.nprobes,
-                                    refine_factor=q.refine_factor, candidates=q.candidates)
-    return searcher, results
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv)
     job_logging(args.verbose)
@@ -180,18 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except SearchError as e:
         print(f"ciea search: {e}", file=sys.stderr)
         return 2
-    if cfg.output.json_output:
-        print(json.dumps({
-            "table": f"{searcher.db_uri}/{searcher.name}", "version": searcher.version, "tag": searcher.tag,
-            "model_id": searcher.model_id, "mode": cfg.query.mode, "k": cfg.query.k,
-            "results": [{"query": q, "hits": [hit_record(h) for h in hits]}
-                        for q, hits in zip(args.queries, results, strict=True)]}, indent=1, ensure_ascii=False))
-    else:
-        at = f"tag {searcher.tag!r} = version {searcher.version}" if searcher.tag else f"version {searcher.version}"
-        search_kind = "ANN" if searcher.has_ann else "exact"
-        header = (f"{searcher.name} @ {at}, model_id {searcher.model_id}; mode {cfg.query.mode}"
-                  f"{f' ({search_kind})' if cfg.query.mode != 'fts' else ''}, k={cfg.query.k}")
-        print(format_results(list(args.queries), results, header, cfg.output.width))
+    print(render_results(cfg, searcher, list(args.queries), results))
     return 0
 
 

@@ -29,6 +29,7 @@ from pipelines.train import driver
 from pipelines.train.config import TrainJobConfig
 
 from .common import (
+    STORAGE,
     RayCluster,
     RaySettings,
     command_args,
@@ -80,7 +81,7 @@ FLAGS = {"root": "data.root", "name": "run.name", "storage_path": "run.storage_p
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = job_parser(PROG, __doc__, TrainJobConfig, presets=PRESETS, default_preset="tiny",
+    p = job_parser(PROG, __doc__, TrainJobConfig, presets=PRESETS, default_preset="tiny", storage=STORAGE,
                    progress="no progress bar (log lines only)", set_example="train.epochs=5")
     p.add_argument("--root", help="data root with corpus/, queries/, qrels/ (data.root)")
     p.add_argument("--name", help="run name (run.name); the same name resumes")
@@ -94,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None) -> tuple[TrainJobConfig, argparse.Namespace]:
     """The command line → the validated config (nothing opened yet); exits with the errors."""
     args = _parser().parse_args(argv)
-    overrides = job_overrides(args, FLAGS, progress_key="run.progress")
-    return parse_job_config(PROG, TrainJobConfig, args, overrides, presets=PRESETS), args
+    overrides = job_overrides(args, FLAGS, storage=STORAGE, progress_key="run.progress")
+    return parse_job_config(PROG, TrainJobConfig, args, overrides, storage=STORAGE, presets=PRESETS), args
 
 
 def command(cfg: TrainJobConfig, always: tuple[str, ...] = ()) -> list[str]:

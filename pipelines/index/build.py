@@ -228,7 +228,7 @@ def run(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None = None,
     from pipelines.store.lease import TableLease
 
     t0 = time.perf_counter()
-    tables = tables or cfg.input.tables()
+    tables = tables or cfg.tables()
     version = E.resolve_source(tables, cfg.input.version)
     table = L.VectorTable(cfg.db_uri, cfg.output.table, tables.storage_options)
     with TableLease(cfg.db_uri, cfg.output.table, "ciea embed", tables.storage_options) as lease:

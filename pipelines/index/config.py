@@ -22,16 +22,6 @@ class InputSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: str = Field("data", description="data root holding corpus/documents (local path or s3://)")
     version: int | None = Field(None, ge=0, description="Delta version of corpus/documents to embed (default: latest)")
-    storage_options: storage_mod.StorageOptions = Field(
-        default_factory=dict,
-        description="object-store settings for Delta, images and LanceDB (AWS_ENDPOINT_URL, AWS_REGION, "
-                    "AWS_ALLOW_HTTP, ...); credentials only from the environment")
-
-    def tables(self) -> Tables:
-        """The Delta handle of ``root`` with these storage options (made once per run)."""
-        from pipelines.store.delta_tables import Tables
-
-        return Tables(self.root, self.storage_options)
 
 
 class ModelSettings(BaseModel):
@@ -114,7 +104,26 @@ def lance_db_uri(output: OutputSettings, input_: InputSettings) -> str:
     return output.db or storage_mod.join(storage_mod.normalise_uri(input_.root), "lancedb")
 
 
-class EmbedConfig(BaseModel):
+class IndexRunConfig(storage_mod.StorageOptionsConfig):
+    """What an embedding and a re-index run share: the object-store settings (top level;
+    older configs' ``input.storage_options`` is moved there) and the handles they give."""
+
+    legacy_storage_keys = ("input.storage_options",)
+    input: InputSettings
+    output: OutputSettings
+
+    def tables(self) -> Tables:
+        """The Delta handle of ``input.root`` with the storage options (made once per run)."""
+        from pipelines.store.delta_tables import Tables
+
+        return Tables(self.input.root, self.storage_options)
+
+    @property
+    def db_uri(self) -> str:
+        return lance_db_uri(self.output, self.input)
+
+
+class EmbedConfig(IndexRunConfig):
     """The whole embedding run, validated before Ray starts."""
 
     model_config = ConfigDict(extra="forbid")
@@ -134,10 +143,6 @@ class EmbedConfig(BaseModel):
             raise ValueError("model.checkpoint is required: pass --checkpoint DIR (a directory written by "
                              "ciea_model.save_checkpoint, e.g. runs/demo/<variant>/checkpoint)")
         return self
-
-    @property
-    def db_uri(self) -> str:
-        return lance_db_uri(self.output, self.input)
 
 
 # ---- the re-index job (``ciea reindex``): the embed groups plus its own -------------------
@@ -196,7 +201,7 @@ class ReindexFaultSettings(BaseModel):
                           "recorded; rebuilt: after a new model's rows are committed)")
 
 
-class ReindexConfig(BaseModel):
+class ReindexConfig(IndexRunConfig):
     """The whole re-index run, validated before Ray starts."""
 
     model_config = ConfigDict(extra="forbid")
@@ -211,7 +216,3 @@ class ReindexConfig(BaseModel):
     index: ReindexIndexSettings = Field(default_factory=ReindexIndexSettings)
     fault: ReindexFaultSettings = Field(default_factory=ReindexFaultSettings)
     progress: bool = Field(True, description="show a progress bar")
-
-    @property
-    def db_uri(self) -> str:
-        return lance_db_uri(self.output, self.input)

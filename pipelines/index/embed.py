@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.store import schema as S
-from pipelines.store import storage
+from pipelines.store.documents import image_bytes
 from pipelines.store.lance_tables import (
     EMBEDDED_AT,
     MODEL_ID,
@@ -105,7 +105,7 @@ def resolve_source(tables: Tables, version: int | None) -> int:
     Raises:
         EmbedError: no table there, or no such version, with the fix.
     """
-    from deltalake.exceptions import TableNotFoundError
+    from pipelines.store.delta_tables import TableNotFoundError
 
     documents_uri = tables.documents
     try:
@@ -243,12 +243,8 @@ def preprocess_batch(
     for i in range(n):
         if cols[S.MODALITY][i] != "image":
             continue
-        data, uri = cols[S.IMAGE][i], cols[S.IMAGE_URI][i]
         try:
-            if data is None:
-                if not uri:
-                    raise ValueError("image document with neither image bytes nor image_uri")
-                data = tables.read_bytes(uri) if tables is not None else storage.read_bytes(uri)
+            data = image_bytes(cols[S.IMAGE][i], cols[S.IMAGE_URI][i], tables.storage_options if tables else None)
             im = Image.open(io.BytesIO(data))
             im.load()
             if transform is not None:
@@ -501,10 +497,8 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table |
         step = max(1, spec.preprocess_rows)
         ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)] or [rows])
     else:
-        columns = [c for c in SOURCE_COLUMNS]
-        ds = ray.data.read_delta(spec.tables.documents, version=spec.source_version, columns=columns,
-                                 storage_options=spec.tables.storage_options or None,
-                                 override_num_blocks=spec.read_blocks)
+        ds = spec.tables.ray_dataset(spec.tables.documents, spec.source_version, columns=list(SOURCE_COLUMNS),
+                                     override_num_blocks=spec.read_blocks)
     if doc_ids is not None and rows is None:
         ds = ds.map_batches(keep_documents, fn_kwargs={"doc_ids": doc_ids}, batch_format="pyarrow",
                             batch_size=None)

@@ -111,7 +111,7 @@ def recorded_checkpoint(cfg: ReindexConfig) -> str | None:
     when the table does not exist or records none."""
     from pipelines.store import lance_tables as L
 
-    table = L.VectorTable(cfg.db_uri, cfg.output.table, cfg.input.storage_options)
+    table = L.VectorTable(cfg.db_uri, cfg.output.table, cfg.storage_options)
     return (table.metadata().get(L.META_CHECKPOINT) if table.exists() else None) or None
 
 
@@ -545,7 +545,7 @@ def run(cfg: ReindexConfig, facts: dict[str, Any], ray: RayAccess | None = None,
 
     t0 = time.perf_counter()
     ray = ray or CurrentRay()
-    tables = tables or cfg.input.tables()
+    tables = tables or cfg.tables()
     to_version = E.resolve_source(tables, cfg.input.version)
     table = L.VectorTable(cfg.db_uri, cfg.output.table, tables.storage_options)
     if not table.exists():

@@ -111,19 +111,9 @@ class SourceSettings(BaseModel):
 class OutputSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: str = Field("data", description="data root: local path or s3://bucket/prefix; tables go under it")
-    storage_options: storage_mod.StorageOptions = Field(
-        default_factory=dict,
-        description="object-store settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP, ...); "
-                    "credentials only from the environment")
     run_dir: str = Field("runs/ingest", description="local folder for the run summary and resolved config")
     target_file_mb: int = Field(16, ge=1, description="Delta data file size for new tables (MiB); "
                                 "bounds the driver's memory during a merge")
-
-    def tables(self) -> Tables:
-        """The Delta handle of ``root`` (made once per run)."""
-        from pipelines.store.delta_tables import Tables
-
-        return Tables(self.root, self.storage_options, self.target_file_mb * 1024 * 1024)
 
 
 class LimitsSettings(BaseModel):
@@ -141,11 +131,18 @@ class LimitsSettings(BaseModel):
         return Limits(**self.model_dump(exclude={"max_query_chars"}))
 
 
-class IngestConfig(BaseModel):
+class IngestConfig(storage_mod.StorageOptionsConfig):
     """The whole ingest, validated before Ray starts (Ray's own settings are the job's)."""
 
     model_config = ConfigDict(extra="forbid")
+    legacy_storage_keys = ("output.storage_options",)
     source: SourceSettings = Field(default_factory=SourceSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     progress: bool = Field(True, description="show progress bars")
+
+    def tables(self) -> Tables:
+        """The Delta handle of ``output.root`` with the storage options (made once per run)."""
+        from pipelines.store.delta_tables import Tables
+
+        return Tables(self.output.root, self.storage_options, self.output.target_file_mb * 1024 * 1024)

@@ -381,14 +381,14 @@ def make_source(cfg: IngestConfig) -> Source:
     """
     source = _make_source(cfg)
     if cfg.source.queries_path and cfg.source.queries:
-        queries = BeirQueries(cfg.source.queries_path, cfg.output.storage_options, cfg.source.allow_roots)
+        queries = BeirQueries(cfg.source.queries_path, cfg.storage_options, cfg.source.allow_roots)
         queries.check()
         source.attach_queries(queries)
     return source
 
 
 def _make_source(cfg: IngestConfig) -> Source:
-    s, opts = cfg.source, cfg.output.storage_options
+    s, opts = cfg.source, cfg.storage_options
     shard_bytes = int(s.shard_mb * (1 << 20))
     if s.kind == "synthetic":
         syn = s.synthetic
@@ -427,7 +427,7 @@ def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict
 
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    tables = cfg.output.tables()
+    tables = cfg.tables()
     spill = QuarantineSpill(run_id, now)
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)

@@ -23,15 +23,6 @@ class InputSettings(BaseModel):
     corpus_version: int | None = Field(
         None, ge=0, description="corpus/documents version that checkpoint variants encode and answer modalities "
                                 "come from (default: latest)")
-    storage_options: storage_mod.StorageOptions = Field(
-        default_factory=dict, description="object-store settings for Delta and LanceDB (AWS_ENDPOINT_URL, "
-                                          "AWS_REGION, ...); credentials only from the environment")
-
-    def tables(self) -> Tables:
-        """The Delta handle of ``root`` with these storage options (made once per run)."""
-        from pipelines.store.delta_tables import Tables
-
-        return Tables(self.root, self.storage_options)
 
 
 class VariantSettings(BaseModel):
@@ -116,10 +107,11 @@ class OutputSettings(BaseModel):
     trec: bool = Field(True, description="write qrels.txt and runs/<variant>.txt in TREC format")
 
 
-class EvaluateConfig(BaseModel):
+class EvaluateConfig(storage_mod.StorageOptionsConfig):
     """The whole evaluation, validated before anything is opened."""
 
     model_config = ConfigDict(extra="forbid")
+    legacy_storage_keys = ("input.storage_options",)
     input: InputSettings = Field(default_factory=InputSettings)
     variants: list[VariantSettings] = Field(
         default_factory=list, description="what to score: a list of {name, table: <db>/<table>[@version|@tag], "
@@ -148,6 +140,12 @@ class EvaluateConfig(BaseModel):
     @property
     def k(self) -> int:
         return self.search.k or self.metrics.max_k
+
+    def tables(self) -> Tables:
+        """The Delta handle of ``input.root`` with the storage options (made once per run)."""
+        from pipelines.store.delta_tables import Tables
+
+        return Tables(self.input.root, self.storage_options)
 
 
 def parse_table_spec(spec: str) -> tuple[str, str, int | str | None]:

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pyarrow as pa
 
 from ciea_model.inference import encode_documents, encode_queries
 from ciea_model.model import CIEAModel
 from ciea_model.processor import CIEAProcessor, Document
 from pipelines.query.metrics import RetrievalReport, evaluate_run, topk_from_scores
 from pipelines.store import schema as S
+from pipelines.store.documents import DOCUMENT_COLUMNS, batch_to_documents
 
 if TYPE_CHECKING:
     from pipelines.query.search import Searcher
@@ -106,25 +106,13 @@ def encode_corpus(
 def _iter_delta_documents(
     tables: Tables, version: int | None, batch_rows: int,
 ) -> Iterator[tuple[list[Document], dict[str, str]]]:
-    """Batches of ``(documents, failures)`` from a Delta ``corpus/documents`` version; an
-    image that cannot be read becomes a failure, not an exception."""
-    from pipelines.store.schema import plain_types
-
-    columns = [S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE, S.IMAGE_URI]
-    for batch in tables.dataset(tables.documents, version).to_batches(columns=columns, batch_size=batch_rows):
-        docs: list[Document] = []
-        failed: dict[str, str] = {}
-        for rec in plain_types(pa.Table.from_batches([batch])).to_pylist():
-            try:
-                if rec[S.MODALITY] == "image" and rec[S.IMAGE] is None:
-                    if not rec[S.IMAGE_URI]:
-                        raise ValueError("image document with neither image bytes nor image_uri")
-                    rec[S.IMAGE] = tables.read_bytes(rec[S.IMAGE_URI])
-                docs.append(Document(doc_id=rec[S.DOC_ID], modality=rec[S.MODALITY], text=rec[S.TEXT] or "",
-                                     caption=rec[S.CAPTION] or "", image=rec[S.IMAGE]))
-            except Exception as e:  # one unreadable document must not stop the evaluation
-                failed[rec[S.DOC_ID]] = f"{type(e).__name__}: {e}"
-        yield docs, failed
+    """Batches of ``(documents, failures)`` from a Delta ``corpus/documents`` version; a row
+    that cannot become a Document (an unreadable image) is a failure, doc_id → why, not an
+    exception."""
+    for batch in tables.dataset(tables.documents, version).to_batches(columns=list(DOCUMENT_COLUMNS),
+                                                                      batch_size=batch_rows):
+        docs, rejected = batch_to_documents(batch, storage_options=tables.storage_options)
+        yield docs, {str(r.doc_id): str(r) for r in rejected}
 
 
 def encode_delta_corpus(
@@ -256,16 +244,13 @@ def load_split(
 
 def _document_modalities(tables: Tables, doc_ids: set[str], version: int | None) -> dict[str, str]:
     """doc_id → modality for the judged documents (two narrow columns of the corpus)."""
-    from deltalake.exceptions import TableNotFoundError
-
-    from pipelines.store.schema import plain_types
+    from pipelines.store.delta_tables import TableNotFoundError
 
     try:
-        dt = tables.documents_table(version)
+        t = tables.read(tables.documents, columns=[S.DOC_ID, S.MODALITY], version=version)
     except TableNotFoundError:
         logger.warning("no corpus/documents at %s: answer modality is 'unknown' for every query", tables.documents)
         return {}
-    t = plain_types(pa.table(dt.to_pyarrow_dataset().to_table(columns=[S.DOC_ID, S.MODALITY])))
     return {d: m for d, m in zip(t[S.DOC_ID].to_pylist(), t[S.MODALITY].to_pylist()) if d in doc_ids}
 
 
@@ -275,22 +260,15 @@ def corpus_doc_ids(tables: Tables, version: int | None = None) -> set[str]:
     Raises:
         EvaluationError: no corpus there, with the fix.
     """
-    from deltalake.exceptions import TableNotFoundError
-
-    from pipelines.store.schema import plain_types
-
     uri = tables.documents
-    try:
-        dt = tables.documents_table()
-    except TableNotFoundError:
+    latest = tables.version(uri)
+    if latest is None:
         raise EvaluationError(f"no corpus/documents at {uri}: run `ciea ingest --root <root>` first, or point "
-                              "--root at the data root of the split") from None
-    if version is not None:
-        if not 0 <= version <= dt.version():
-            raise EvaluationError(f"corpus/documents at {uri} has versions 0..{dt.version()}; version {version} "
-                                  "does not exist (omit it for the latest)")
-        dt = tables.documents_table(version)
-    return set(plain_types(pa.table(dt.to_pyarrow_dataset().to_table(columns=[S.DOC_ID])))[S.DOC_ID].to_pylist())
+                              "--root at the data root of the split")
+    if version is not None and not 0 <= version <= latest:
+        raise EvaluationError(f"corpus/documents at {uri} has versions 0..{latest}; version {version} "
+                              "does not exist (omit it for the latest)")
+    return set(tables.read(uri, columns=[S.DOC_ID], version=version)[S.DOC_ID].to_pylist())
 
 
 def _answer_modality(positives: Sequence[str], modality_of: Mapping[str, str]) -> str:

@@ -56,7 +56,7 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
         searcher_doc_ids,
     )
 
-    opts = dict(cfg.input.storage_options)
+    opts = dict(cfg.storage_options)
     if spec.checkpoint is not None:
         from ciea_model.checkpoint import read_manifest
 
@@ -68,7 +68,7 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
         except (FileNotFoundError, ValueError) as e:
             raise EvaluationError(f"variant {spec.name!r}: {e}") from None
         # Checked on the corpus doc ids before anything is encoded.
-        doc_ids = corpus_doc_ids(tables or cfg.input.tables(), cfg.input.corpus_version)
+        doc_ids = corpus_doc_ids(tables or cfg.tables(), cfg.input.corpus_version)
         where = f"variant {spec.name!r} (corpus {cfg.input.root}, encoded with {spec.checkpoint})"
         missing = check_coverage(qrels, doc_ids, where, cfg.max_missing_fraction)
         info = {"kind": "checkpoint", "source": spec.checkpoint, "mode": "exact cosine (in-process)",
@@ -116,7 +116,7 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
 
         model, processor = load_checkpoint(prep.spec.checkpoint, map_location=cfg.search.device)
         corpus = E.encode_delta_corpus(
-            model, processor, tables or cfg.input.tables(), version=cfg.input.corpus_version,
+            model, processor, tables or cfg.tables(), version=cfg.input.corpus_version,
             batch_size=cfg.search.doc_batch_size, device=cfg.search.device, progress=cfg.progress)
         # Unreadable documents rank nowhere: checked again, they may hold judged ones.
         missing = E.check_coverage(qrels, set(corpus.doc_ids), f"variant {prep.spec.name!r} (corpus encoded with "
@@ -162,7 +162,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     from pipelines.query import report as R
 
     t0 = time.perf_counter()
-    tables = cfg.input.tables()
+    tables = cfg.tables()
     queries, qrels = E.load_split(tables, cfg.input.split, documents_version=cfg.input.corpus_version)
     judged = sum(1 for q in queries if q["positive_doc_ids"])
     logger.info("split %s: %d queries, %d with relevant documents", cfg.input.split, len(queries), judged)

@@ -123,7 +123,8 @@ class Tables:
         """The Delta table (at ``version``, default the latest) with this root's storage options.
 
         Raises:
-            TableNotFoundError: no Delta table there.
+            TableNotFoundError: no Delta table there (phases import it from this module, never
+                from ``deltalake``: their Delta I/O is the handle's).
         """
         return DeltaTable(self.uri(uri_or_kind), version=version, storage_options=self.storage_options or None)
 
@@ -141,6 +142,19 @@ class Tables:
     def dataset(self, uri_or_kind: str = KIND_DOCUMENTS, version: int | None = None) -> pads.Dataset:
         """A pyarrow dataset over the table's files at ``version`` (nothing read yet)."""
         return self.open(uri_or_kind, version).to_pyarrow_dataset()
+
+    def ray_dataset(self, uri_or_kind: str = KIND_DOCUMENTS, version: int | None = None,
+                    columns: list[str] | None = None, **read_args: Any):
+        """The table at ``version`` as a lazy Ray Dataset (read by Ray tasks, nothing in the
+        caller), with this root's storage options.
+
+        Args:
+            read_args: passed on to ``ray.data.read_delta`` (``override_num_blocks``, …).
+        """
+        import ray.data
+
+        return ray.data.read_delta(self.uri(uri_or_kind), version=version, columns=columns,
+                                   storage_options=self.storage_options or None, **read_args)
 
     def schema(self, uri_or_kind: str = KIND_DOCUMENTS) -> pa.Schema:
         """The table's Arrow schema as its Delta log declares it."""
@@ -176,6 +190,14 @@ class Tables:
                 f"Delta table {uri} has columns {have}, this ingest writes {schema.names}; "
                 "point output.root at a new location or migrate the table")
         return table
+
+    def overwrite(self, uri_or_kind: str, table: pa.Table) -> int:
+        """Replaces the table's rows and schema with ``table`` in one commit (creating the
+        table if need be; readers of earlier versions keep them). Returns the new version."""
+        uri = self.uri(uri_or_kind)
+        write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite",
+                        storage_options=self.storage_options or None)
+        return self.open(uri).version()
 
     def read(self, uri: str, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """The whole table as plain Arrow types (for tests and small tables)."""

@@ -18,11 +18,11 @@ import difflib
 import posixpath
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from pipelines.store.secrets import looks_secret, redact_text
 
@@ -198,6 +198,77 @@ def _checked(options: dict[str, str]) -> dict[str, str]:
 #: known here, so any backend's settings pass; ``check_storage_options(options, uri)`` where
 #: a handle is made for a URI narrows that to the URI's backend.
 StorageOptions = Annotated[dict[str, str], AfterValidator(_checked)]
+
+#: The one config key of object-store settings, top level in every job's config.
+STORAGE_KEY = "storage_options"
+_MISSING = object()
+
+
+def move_legacy_keys(data: Any, moved: Mapping[str, str]) -> Any:
+    """For a ``model_validator(mode="before")``: settings older configs spelled elsewhere,
+    taken from there. ``moved`` maps old dotted keys to new ones (``"num_cpus"`` →
+    ``"ray.num_cpus"``, ``"input.storage_options"`` → ``"storage_options"``).
+
+    The new place wins: given at both, the new value stays (two mappings are merged key by
+    key, the new keys winning). ``data`` itself is left as it is; anything but a dict (a
+    model instance) passes through.
+    """
+    if not isinstance(data, dict):
+        return data
+    for old, new in moved.items():
+        value, data = _popped(data, old.split("."))
+        if value is not _MISSING:
+            data = _placed(data, new.split("."), value)
+    return data
+
+
+def _popped(node: Any, path: list[str]) -> tuple[Any, Any]:
+    """``(value at path, node without it)``, or ``(_MISSING, node)``; copies, never mutates."""
+    head, *rest = path
+    if not isinstance(node, dict) or head not in node:
+        return _MISSING, node
+    if not rest:
+        node = dict(node)
+        return node.pop(head), node
+    value, inner = _popped(node[head], rest)
+    return (_MISSING, node) if value is _MISSING else (value, {**node, head: inner})
+
+
+def _placed(node: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """``node`` with ``value`` at ``path`` unless one is there already (merged if both are mappings)."""
+    head, *rest = path
+    have = node.get(head, _MISSING)
+    if isinstance(have, BaseModel):  # a section given as a model: as its fields
+        have = have.model_dump()
+    if rest:
+        have = {} if have is _MISSING or have is None else have
+        return {**node, head: _placed(have, rest, value)} if isinstance(have, dict) else node
+    if have is _MISSING:
+        return {**node, head: value}
+    if isinstance(have, dict) and isinstance(value, dict):
+        return {**node, head: {**value, **have}}
+    return node
+
+
+class StorageOptionsConfig(BaseModel):
+    """A job config's object-store settings, in one place in every job: the top-level
+    ``storage_options`` (``--storage-option KEY=VALUE``). The config hands them to every
+    table handle it makes; a job config subclasses this and lists in
+    :attr:`legacy_storage_keys` where its older configs put them."""
+
+    #: Where older configs of the job put its storage options (dotted, e.g.
+    #: ``input.storage_options``): moved to the top level on load; the top level wins.
+    legacy_storage_keys: ClassVar[tuple[str, ...]] = ()
+
+    storage_options: StorageOptions = Field(
+        default_factory=dict,
+        description="object-store settings of every table and file the job reads or writes (AWS_ENDPOINT_URL, "
+                    "AWS_REGION, AWS_ALLOW_HTTP, ...); credentials only from the environment (refused here)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_storage_options(cls, data: Any) -> Any:
+        return move_legacy_keys(data, dict.fromkeys(cls.legacy_storage_keys, STORAGE_KEY))
 
 
 def is_remote(uri: str) -> bool:

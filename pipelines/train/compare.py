@@ -49,10 +49,11 @@ from ciea_model.tokenizer import train_wordpiece_tokenizer
 from ciea_model.training import FitResult, OptimConfig, TrainConfig, Trainer, warmup_vision
 from pipelines.query.evaluation import evaluate
 from pipelines.query.metrics import RetrievalReport
+from pipelines.store.documents import expect_document, row_to_document
 from pipelines.store.secrets import write_json
 from pipelines.train.config import NEW_MODULES, DrawSettingsGroup
 from pipelines.train.draws import DrawSettings
-from pipelines.train.examples import to_document, training_examples
+from pipelines.train.examples import training_examples
 from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
 
 logger = logging.getLogger("ciea.compare")
@@ -358,7 +359,7 @@ def load_corpus(cfg: CompareConfig, maker: CorpusMaker, out: Path) -> Corpus:
     # Images are decoded and transformed once, not every epoch; every preset's vision
     # tower takes the corpus image size.
     transform = ImageTransform(c.image_size, CLIP_MEAN, CLIP_STD)
-    documents = [to_document(r, transform) for r in records]
+    documents = [expect_document(row_to_document(r, image_transform=transform)) for r in records]
     examples, counts = training_examples(queries["train"], {d.doc_id: d for d in documents})
     logger.info(
         "corpus: %d documents (%d image), queries train/dev/test %d/%d/%d, %d training examples",

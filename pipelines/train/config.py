@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.store.storage import StorageOptions
+from pipelines.store.storage import StorageOptionsConfig
 
 if TYPE_CHECKING:
     from pipelines.store.delta_tables import Tables
@@ -54,18 +54,16 @@ class ModelSettings(BaseModel):
 class DataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: str = Field("data", description="data root holding corpus/documents, queries/<split>, qrels/<split> (local path or s3://)")
-    storage_options: StorageOptions = Field(default_factory=dict, description="object-store settings; credentials from the environment only (refused here)")
     train_split: str = "train"
     dev_split: str = "dev"
     version: int | None = Field(None, ge=0, description="corpus/documents Delta version (default: latest)")
     max_train_queries: int | None = Field(None, ge=1, description="use only the first N training queries (by qid)")
     dev_pool: int | None = Field(None, ge=1, description="dev ranking pool: dev positives + about N other documents; default: the whole corpus")
     max_dev_queries: int | None = Field(None, ge=1)
-    join_partitions: int = Field(2, ge=1, description="hash partitions of the document join")
-
-    def tables(self) -> Tables:
-        """The Delta handle of ``root`` with these storage options (made once per run)."""
-        return _tables(self.root, self.storage_options)
+    join_partitions: int = Field(2, ge=1, description="hash partitions of the document join (above broadcast_join_mb)")
+    broadcast_join_mb: float = Field(
+        64, ge=0, le=65536, description="the documents a run can need, up to this size (MiB), are joined map-side: "
+        "every task holds them and nothing is shuffled; above it, hash-partitioned joins (0: always)")
 
 
 class DrawSettingsGroup(BaseModel):
@@ -140,10 +138,11 @@ class DebugSettings(BaseModel):
     trace_rows: bool = Field(False, description="every rank appends what it trains on (epoch, step, qid, positive, q_comp's captions and text) to trace-rank<r>.jsonl in the run folder: an audit of the draws (local storage only)")
 
 
-class TrainJobConfig(BaseModel):
+class TrainJobConfig(StorageOptionsConfig):
     """The whole training job, validated before Ray starts."""
 
     model_config = ConfigDict(extra="forbid")
+    legacy_storage_keys = ("data.storage_options",)
     preset: Literal["tiny", "demo", "paper"] = "tiny"
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
@@ -169,6 +168,10 @@ class TrainJobConfig(BaseModel):
             raise ValueError("model.vision_model is for the paper preset; tiny and demo build a small random CLIP")
         return self
 
+    def tables(self) -> Tables:
+        """The Delta handle of ``data.root`` with the storage options (made once per run)."""
+        return _tables(self.data.root, self.storage_options)
+
     @property
     def micro_batch(self) -> int:
         return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum)
@@ -192,7 +195,8 @@ class TrainJobConfig(BaseModel):
 _RUNTIME_ONLY = {
     "scaling", "run", "debug",
     "train.log_every", "train.max_steps", "train.epochs", "train.patience", "train.eval_every",
-    "train.checkpoint_every", "data.storage_options",
+    "train.checkpoint_every", "storage_options",
+    "data.join_partitions", "data.broadcast_join_mb",  # how the rows are joined, not which rows
 }
 
 
@@ -276,7 +280,7 @@ def _minilm_path() -> str:
 
 
 # ---- mining stage-2 hard negatives ---------------------------------------------------------
-class MineConfig(BaseModel):
+class MineConfig(StorageOptionsConfig):
     """The whole mining run, validated before Ray starts (Ray's own settings are the job's)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -286,7 +290,6 @@ class MineConfig(BaseModel):
     output: str = Field(..., description="Delta table to (over)write, local path or s3://")
     k: int = Field(100, ge=1, description="negatives kept per query (mixed corpus, positives removed)")
     version: int | None = Field(None, ge=0, description="corpus/documents Delta version")
-    storage_options: StorageOptions = Field(default_factory=dict)
     pool_size: int = Field(1, ge=1, description="encoder actors")
     cpus_per_actor: float = Field(1.0, gt=0, description="keep pool_size × cpus_per_actor + 1 <= CPUs (read tasks need one)")
     threads: int | None = Field(None, ge=1, description="torch threads per encoder actor")

@@ -17,10 +17,11 @@ So the rows are (epoch, example) pairs, built for the epochs still to run:
 2. on the cluster, :func:`expand_epochs` turns each plan row into one row per epoch with
    that epoch's draws (ids): ``shard, epoch, slot, qid, query, relevant_ids, pos_id[,
    neg0_id, neg1_id]``; worker ``r`` of ``w`` gets the slots ``r, r + w, …``;
-3. the documents, read by Ray Data and filtered to the ids the plan can need, are
-   hash-joined on (inner for the positive, left outer for the negatives), and so are the
-   captions of each query's image positives (``positive_captions``, for ``q_comp``,
-   gathered per query on the cluster; skipped when every query has one candidate caption);
+3. the documents, read by Ray Data and filtered to the ids the plan can need, are joined
+   on (inner for the positive, left outer for the negatives), and so are the captions of
+   each query's image positives (``positive_captions``, for ``q_comp``; skipped when every
+   query has one candidate caption): map-side while those documents fit
+   ``data.broadcast_join_mb`` (:mod:`pipelines.train.joins`), else hash-partitioned;
 4. the rows are sorted by (shard, epoch, slot), materialised in the object store, and cut
    into one dataset per worker (:func:`build_train_shards`, :func:`shard_name`).
 
@@ -53,9 +54,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ciea_model.processor import Document, TrainExample
+from ciea_model.processor import TrainExample
 from pipelines.store import schema as S
-from pipelines.store import storage
+from pipelines.store.documents import (
+    DOCUMENT_COLUMNS,
+    batch_rows,
+    expect_document,
+    slot_column,
+    slot_to_document,
+)
 from pipelines.train.draws import (
     MODALITY_ORDER,
     DrawSettings,
@@ -64,6 +71,7 @@ from pipelines.train.draws import (
     visit_order,
 )
 from pipelines.train.examples import positive_candidates
+from pipelines.train.joins import POSITIVE_CAPTIONS, DuplicateDocId, JoinDocuments
 
 if TYPE_CHECKING:
     from pipelines.store.delta_tables import Tables
@@ -71,7 +79,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Document columns the training rows carry (``image_uri`` is resolved on the worker).
-DOC_COLUMNS = (S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE, S.IMAGE_URI)
+DOC_COLUMNS = DOCUMENT_COLUMNS
 #: Prefixes of the joined document slots: the positive and up to two hard negatives.
 POS, NEG_SLOTS = "pos", ("neg0", "neg1")
 RELEVANT_IDS = "relevant_ids"
@@ -84,7 +92,7 @@ LIST_ID_COLUMNS = (CANDIDATES, CAPTION_IDS, *MINED.values())
 #: Row columns: the worker that trains the row, its epoch and its place in that epoch
 #: (``slots``: a plan row's places in every epoch), and the captions q_comp removes.
 SHARD, EPOCH, SLOT, SLOTS = "shard", "epoch", "slot", "slots"
-POSITIVE_CAPTIONS, CAP = "positive_captions", "cap"
+CAP = "cap"
 
 
 def read_queries(tables: Tables, split: str) -> list[dict[str, Any]]:
@@ -102,10 +110,7 @@ def read_queries(tables: Tables, split: str) -> list[dict[str, Any]]:
 def read_documents(tables: Tables, version: int | None = None, columns: Sequence[str] = DOC_COLUMNS):
     """``corpus/documents`` as a lazy Ray Dataset (nothing is read in the driver), with the
     handle's storage options."""
-    import ray.data
-
-    return ray.data.read_delta(tables.documents, version=version, columns=list(columns),
-                               storage_options=tables.storage_options or None)
+    return tables.ray_dataset(tables.documents, version, columns=list(columns))
 
 
 class _KeepIds:
@@ -264,8 +269,7 @@ def shard_sizes(n: int, epochs: Sequence[int], num_shards: int) -> list[int]:
 
 
 def _doc_side(docs, prefix: str, columns: Sequence[str] = DOC_COLUMNS):
-    return docs.select_columns(list(columns)).rename_columns(
-        {c: f"{prefix}_{'id' if c == S.DOC_ID else c}" for c in columns})
+    return docs.select_columns(list(columns)).rename_columns({c: slot_column(prefix, c) for c in columns})
 
 
 def _caption_list(group: pa.Table) -> pa.Table:
@@ -308,31 +312,44 @@ def caption_lists(plan: ExamplePlan, docs, num_partitions: int = 2):
 
 
 def epoch_dataset(plan: ExamplePlan, docs, epochs: Sequence[int], settings: DrawSettings, num_shards: int,
-                  num_partitions: int = 2):
+                  num_partitions: int = 2, broadcast_mb: float = 64):
     """The training rows of ``epochs`` (lazy), sorted by (shard, epoch, slot): the plan is
-    expanded on the cluster (:func:`expand_epochs`), then the documents are hash-joined on
-    (``Dataset.join``): an inner join for the positive, left outer joins for the negatives
-    and the caption lists.
+    expanded on the cluster (:func:`expand_epochs`), then joined with the documents: an
+    inner join for the positive, left outer joins for the negatives and the caption lists.
+
+    The documents are materialised once in the object store. Up to ``broadcast_mb`` they are
+    joined map-side (:mod:`pipelines.train.joins`: every task holds them, nothing is
+    shuffled); above it, with Ray Data's hash-partitioned joins (``Dataset.join``), which
+    scale with the corpus but start shuffle actors per join (tens of seconds on a few
+    hundred rows). Both routes give the same rows.
 
     Args:
         plan: from :func:`plan_examples`.
         docs: the documents dataset (:func:`read_documents`), ideally pre-filtered to
-            ``plan.needed_ids`` with :func:`filter_ids` so the shuffles move only those.
-        num_partitions: hash partitions of each join.
+            ``plan.needed_ids`` with :func:`filter_ids` so the joins move only those.
+        num_partitions: hash partitions of each join (the hash route).
+        broadcast_mb: the documents' size up to which the join is map-side (0: never).
     """
     import ray.data
 
     rows = with_visit_order(plan, epochs, settings.seed)
     ds = ray.data.from_arrow(rows).map_batches(
         _ExpandEpochs(epochs, settings, num_shards), batch_format="pyarrow", batch_size=max(1, 4096 // len(epochs)))
-    ds = ds.join(_doc_side(docs, POS), join_type="inner", num_partitions=num_partitions, on=(f"{POS}_id",))
-    for slot in NEG_SLOTS:
-        if MINED["image"] in plan.rows.column_names:
+    slots = (POS, *NEG_SLOTS) if MINED["image"] in plan.rows.column_names else (POS,)
+    docs = docs.select_columns(list(DOC_COLUMNS)).materialize()
+    if broadcast_mb > 0 and docs.size_bytes() <= broadcast_mb * 2**20:
+        captions = None
+        if plan.needs_captions:
+            captions = dict(zip(plan.rows.column(S.QID).to_pylist(), plan.rows.column(CAPTION_IDS).to_pylist()))
+        ds = ds.map_batches(JoinDocuments(docs.to_arrow_refs(), slots, POS, captions), batch_format="pyarrow")
+    else:
+        ds = ds.join(_doc_side(docs, POS), join_type="inner", num_partitions=num_partitions, on=(f"{POS}_id",))
+        for slot in slots[1:]:
             ds = ds.join(_doc_side(docs, slot), join_type="left_outer", num_partitions=num_partitions,
                          on=(f"{slot}_id",))
-    if plan.needs_captions:
-        ds = ds.join(caption_lists(plan, docs, num_partitions), join_type="left_outer",
-                     num_partitions=num_partitions, on=(S.QID,))
+        if plan.needs_captions:
+            ds = ds.join(caption_lists(plan, docs, num_partitions), join_type="left_outer",
+                         num_partitions=num_partitions, on=(S.QID,))
     return ds.sort([SHARD, EPOCH, SLOT])
 
 
@@ -345,7 +362,7 @@ def build_train_shards(
     tables: Tables, split: str, *,
     epochs: Sequence[int], num_shards: int, settings: DrawSettings | None = None, version: int | None = None,
     mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, max_queries: int | None = None,
-    num_partitions: int = 2,
+    num_partitions: int = 2, broadcast_mb: float = 64,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The training rows of ``split`` for ``epochs``, materialised in the object store (not
     the driver) and cut into one dataset per worker (:func:`shard_name`), each in epoch
@@ -373,16 +390,30 @@ def build_train_shards(
             f"no query of split {split!r} has a positive in {tables.documents}: the qrels "
             "point at documents that were never ingested (or were quarantined)")
     docs = filter_ids(read_documents(tables, version), plan.needed_ids)
-    ds = epoch_dataset(plan, docs, epochs, settings, num_shards, num_partitions).materialize()
     sizes = shard_sizes(plan.counts["used"], epochs, num_shards)
+    not_unique = (f"({plan.counts['used']} queries × {len(epochs)} epochs): a doc_id of {tables.documents} "
+                  "is not unique")
+    try:
+        ds = epoch_dataset(plan, docs, epochs, settings, num_shards, num_partitions, broadcast_mb).materialize()
+    except Exception as e:  # the map-side join refuses a doc_id twice; Ray wraps the error
+        if not _caused_by(e, DuplicateDocId):
+            raise
+        raise ValueError(f"the training rows cannot be joined {not_unique}") from None
     total = ds.count()
     if total != sum(sizes):
-        raise ValueError(f"the training rows number {total}, not {sum(sizes)} ({plan.counts['used']} queries × "
-                         f"{len(epochs)} epochs): a doc_id of {tables.documents} is not unique")
+        raise ValueError(f"the training rows number {total}, not {sum(sizes)} {not_unique}")
     cuts = [sum(sizes[: r + 1]) for r in range(num_shards - 1)]
     parts = ds.split_at_indices(cuts) if cuts else [ds]
     counts = {**plan.counts, "rows": plan.counts["used"], "epochs": len(epochs)}
     return {shard_name(r): part for r, part in enumerate(parts)}, counts
+
+
+def _caused_by(error: BaseException | None, kind: type[BaseException]) -> bool:
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def dev_documents_dataset(tables: Tables, queries: Sequence[Mapping[str, Any]], version: int | None = None,
@@ -415,26 +446,6 @@ class _KeepPool:
 
 
 # ---- worker side ---------------------------------------------------------------------------
-def _image(row: Mapping[str, Any], prefix: str, storage_options: dict[str, str] | None) -> Any:
-    image = row.get(f"{prefix}_{S.IMAGE}")
-    if image is None and row.get(f"{prefix}_{S.IMAGE_URI}"):
-        image = storage.read_bytes(row[f"{prefix}_{S.IMAGE_URI}"], storage_options)
-    return image
-
-
-def row_document(row: Mapping[str, Any], prefix: str, storage_options: dict[str, str] | None = None) -> Document | None:
-    """The document in slot ``prefix`` of a joined row, or ``None`` when the slot is empty."""
-    doc_id = row.get(f"{prefix}_id")
-    modality = row.get(f"{prefix}_{S.MODALITY}")
-    if doc_id is None or modality is None:
-        return None
-    return Document(
-        doc_id=str(doc_id), modality=str(modality), text=row.get(f"{prefix}_{S.TEXT}") or "",
-        caption=row.get(f"{prefix}_{S.CAPTION}") or "",
-        image=_image(row, prefix, storage_options) if modality == "image" else None,
-    )
-
-
 class EpochRows:
     """One worker's rows, which arrive sorted by (epoch, slot) through a single iterator that
     lasts the whole run, cut into the micro-batches of one epoch at a time.
@@ -516,15 +527,17 @@ def rows_to_examples(batch: pa.Table | Mapping[str, Sequence[Any]], storage_opti
     """Joined rows → :class:`TrainExample` objects; ``q_comp`` removes the captions of every
     image positive of the query (``positive_captions``; without that column, the positive's
     own caption is the only one), as :func:`pipelines.train.examples.training_examples` does."""
-    rows = batch.to_pylist() if isinstance(batch, pa.Table) else [
-        dict(zip(batch, values)) for values in zip(*batch.values())]
     out = []
-    for row in rows:
-        pos = row_document(row, POS, storage_options)
+    for row in batch_rows(batch):
+        pos = slot_to_document(row, POS, storage_options=storage_options)
         if pos is None:
             raise ValueError(f"training row for query {row.get('qid')!r} has no positive document: "
                              "build rows with build_train_shards (an inner join on the positive)")
-        negatives = tuple(d for d in (row_document(row, s, storage_options) for s in NEG_SLOTS) if d is not None)
+        pos = expect_document(pos)
+        # An empty negative slot (no draw, or a mined document gone from the corpus) is
+        # skipped; one that is there but unreadable stops the run, as an unreadable positive does.
+        negatives = tuple(expect_document(d) for d in (slot_to_document(row, s, storage_options=storage_options)
+                                                       for s in NEG_SLOTS) if d is not None)
         captions: tuple[str, ...] = ()
         if pos.modality == "image":
             listed = row.get(POSITIVE_CAPTIONS) or ()
@@ -533,16 +546,4 @@ def rows_to_examples(batch: pa.Table | Mapping[str, Sequence[Any]], storage_opti
             qid=str(row["qid"]), query=str(row[S.QUERY]), positive=pos, negatives=negatives,
             relevant_ids=frozenset(row[RELEVANT_IDS] or ()), positive_captions=captions,
         ))
-    return out
-
-
-def rows_to_documents(batch: pa.Table, storage_options: dict[str, str] | None = None) -> list[Document]:
-    """Rows of the documents table → :class:`Document` objects (images stay encoded)."""
-    out = []
-    for row in S.plain_types(batch).to_pylist():
-        image = row.get(S.IMAGE)
-        if image is None and row.get(S.IMAGE_URI):
-            image = storage.read_bytes(row[S.IMAGE_URI], storage_options)
-        out.append(Document(doc_id=row[S.DOC_ID], modality=row[S.MODALITY], text=row.get(S.TEXT) or "",
-                            caption=row.get(S.CAPTION) or "", image=image if row[S.MODALITY] == "image" else None))
     return out

@@ -139,7 +139,7 @@ def train_tokenizer(cfg: TrainJobConfig, path: Path) -> None:
     if (path / "tokenizer_config.json").exists():
         return
 
-    tables = cfg.data.tables()
+    tables = cfg.tables()
 
     def texts():
         for q in read_queries(tables, cfg.data.train_split):
@@ -168,7 +168,7 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
     from pipelines.train.draws import DrawSettings
     from pipelines.train.negatives import read_mined
 
-    tables = cfg.data.tables()
+    tables = cfg.tables()
     mined = None
     if cfg.train.stage == 2:
         expect = None
@@ -183,7 +183,7 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
             settings=DrawSettings.from_train(cfg.train),
             epochs=range(min(start_epoch, cfg.train.epochs - 1), cfg.train.epochs),
             num_shards=cfg.scaling.num_workers, max_queries=cfg.data.max_train_queries,
-            num_partitions=cfg.data.join_partitions)
+            num_partitions=cfg.data.join_partitions, broadcast_mb=cfg.data.broadcast_join_mb)
         dev_queries = [q for q in read_queries(tables, cfg.data.dev_split)
                        if q["positive_doc_ids"]][: cfg.data.max_dev_queries]
     except (SplitNotFound, EmptySplit) as e:

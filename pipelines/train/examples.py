@@ -1,35 +1,18 @@
-"""Turns corpus records and queries into the model library's ``Document`` and
-``TrainExample`` objects (the same records the Delta tables hold): the in-memory path
-(``ciea compare``). Which positive a query trains with in an epoch is decided by
-:mod:`pipelines.train.draws`, as on the Ray path."""
+"""Turns queries and their documents into the model library's ``TrainExample`` objects: the
+in-memory path (``ciea compare``; records become ``Document`` objects through the store's one
+converter, :mod:`pipelines.store.documents`). Which positive a query trains with in an epoch
+is decided by :mod:`pipelines.train.draws`, as on the Ray path."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ciea_model.processor import Document, TrainExample
 from pipelines.train.draws import DrawSettings, choose_positive
 
 logger = logging.getLogger(__name__)
-
-
-def to_document(record: Mapping[str, Any], image_transform: Callable[[Any], Any] | None = None) -> Document:
-    """A corpus record (``doc_id``, ``modality``, ``text``, ``caption``, ``image``) → Document.
-
-    Args:
-        record: one row of the documents table / synthetic generator.
-        image_transform: applied to the image once here (e.g. the processor's transform),
-            so that repeated epochs do not decode the same PNG again.
-    """
-    image = record.get("image")
-    if image is not None and image_transform is not None:
-        image = image_transform(image)
-    return Document(
-        doc_id=str(record["doc_id"]), modality=str(record["modality"]),
-        text=record.get("text") or "", caption=record.get("caption") or "", image=image,
-    )
 
 
 def positive_candidates(q: Mapping[str, Any], modality: Mapping[str, str],

@@ -74,9 +74,9 @@ class DocumentEncoder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ciea_model.inference import encode_documents
-        from pipelines.train.dataset import rows_to_documents
+        from pipelines.store.documents import batch_to_documents
 
-        docs = rows_to_documents(batch, self.storage_options)
+        docs = batch_to_documents(batch, storage_options=self.storage_options).require()
         vectors = encode_documents(self.model, self.processor, docs, batch_size=len(docs) or 1)
         flat = pa.array(vectors.astype(np.float32).reshape(-1))
         return pa.table({
@@ -173,13 +173,12 @@ def read_mined(tables: Tables, uri: str, depth: int | None = None,
         FileNotFoundError: no table at ``uri``.
         ValueError: the table was mined with another model than ``expect_model_id``.
     """
-    from deltalake.exceptions import TableNotFoundError
+    from pipelines.store.delta_tables import TableNotFoundError
 
     try:
-        dt = tables.open(uri)
+        table = tables.read(uri, columns=[S.QID, RANK, S.DOC_ID, S.MODALITY, MODEL_ID])
     except TableNotFoundError:
         raise FileNotFoundError(f"no mined negatives at {uri}: run `ciea mine-negatives --output {uri}` first") from None
-    table = pa.table(dt.to_pyarrow_table(columns=[S.QID, RANK, S.DOC_ID, S.MODALITY, MODEL_ID]))
     ids = set(table.column(MODEL_ID).cast(pa.string()).unique().to_pylist())
     if expect_model_id is not None and ids and ids != {expect_model_id}:
         raise ValueError(f"negatives at {uri} were mined with model(s) {sorted(ids)}, not {expect_model_id}: "
@@ -246,10 +245,7 @@ def mine(
 def write_mined(tables: Tables, uri: str, table: pa.Table) -> int:
     """Overwrites the Delta table at ``uri`` with ``table`` (``tables``' storage options);
     returns the new version."""
-    from deltalake import write_deltalake
-
-    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=tables.storage_options or None)
-    return tables.open(uri).version()
+    return tables.overwrite(uri, table)
 
 
 def run(cfg: MineConfig) -> dict[str, Any]:

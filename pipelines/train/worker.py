@@ -101,7 +101,7 @@ class TrainWorker:
         torch.set_num_threads(cfg.scaling.threads_per_worker)
         self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
         self.gather = self.world > 1 and dist.is_initialized()
-        self.storage_options = cfg.data.storage_options or None
+        self.storage_options = cfg.storage_options or None
         self.dev_queries: list[dict[str, Any]] = config["dev_queries"]
         self.dev_docs: list | None = None
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -408,14 +408,13 @@ class TrainWorker:
         """The dev pool (rank 0), read once, images already transformed."""
         import ray.train
 
-        from pipelines.train.dataset import rows_to_documents
+        from pipelines.store.documents import batch_to_documents
 
         if self.dev_docs is None:
             self.dev_docs = []
             for b in ray.train.get_dataset_shard("dev").iter_batches(batch_format="pyarrow", batch_size=256):
-                self.dev_docs += [
-                    dataclasses.replace(d, image=self.processor.image_transform(d.image)) if d.image is not None else d
-                    for d in rows_to_documents(b, self.storage_options)]
+                self.dev_docs += batch_to_documents(b, storage_options=self.storage_options,
+                                                    image_transform=self.processor.image_transform).require()
         return self.dev_docs
 
     # ---- checkpoints and the end -------------------------------------------------------------

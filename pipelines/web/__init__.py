@@ -1,5 +1,7 @@
 """The read-only search page behind ``ciea serve``: a FastAPI app over one
-:class:`pipelines.query.search.Searcher` and the static page in ``static/``."""
+:class:`pipelines.query.search.Searcher` and the static page in ``static/`` (``app``), and
+what the command puts around it — its config, the Host-header rule, building the app from
+the config, the port check (``server``)."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from ciea_model import load_checkpoint
 from ciea_model.inference import encode_documents
 from pipelines.index.build import SimulatedCrash
 from pipelines.store.delta_tables import Tables
+from pipelines.store.documents import batch_to_documents
 from pipelines.store.lance_tables import VectorTable
-from pipelines.train.examples import to_document
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -51,13 +51,14 @@ def first_run(env):
 def test_rows_equal_accepted_documents_and_vectors_match_in_process_encoding(env, first_run):
     vt = _table(env, "main")
     rows = _rows(vt)
-    delta = Tables(str(env["root"])).read("documents").to_pylist()
+    delta_table = Tables(str(env["root"])).read("documents")
+    delta = delta_table.to_pylist()
     assert sorted(rows) == sorted(r["doc_id"] for r in delta)
     assert vt.count_rows() == len(delta) == N_IMAGES + N_TEXTS
     assert first_run["rows_written"] == len(delta) and first_run["skipped"] == 0
 
     model, processor = load_checkpoint(env["ckpt"])
-    docs = [to_document(r) for r in delta]
+    docs = batch_to_documents(delta_table).require()
     expected = encode_documents(model, processor, docs, batch_size=64)
     got = np.stack([np.asarray(rows[d.doc_id]["vector"], dtype=np.float32) for d in docs])
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)

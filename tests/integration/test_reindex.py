@@ -42,8 +42,8 @@ from ciea_model.training import OptimConfig, TrainConfig, Trainer
 from jobs import reindex
 from pipelines.index.build import SimulatedCrash
 from pipelines.store.delta_tables import Tables
+from pipelines.store.documents import expect_document, row_to_document
 from pipelines.store.lance_tables import META_MODEL_ID, META_SOURCE_VERSION, VectorTable
-from pipelines.train.examples import to_document
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -56,7 +56,7 @@ def train_checkpoint(init: str, rows: list[dict], queries: list[dict], out: Path
     """``init`` fitted to ``queries`` for a few epochs (seconds): a model that beats its
     own random initialisation on those queries by a wide margin."""
     model, processor = load_checkpoint(init)
-    docs = {r["doc_id"]: to_document(r) for r in rows}
+    docs = {r["doc_id"]: expect_document(row_to_document(r)) for r in rows}
     examples = [TrainExample(qid=q["qid"], query=q["query"], positive=docs[q["positive_doc_ids"][0]],
                              relevant_ids=frozenset(q["positive_doc_ids"]),
                              positive_captions=tuple(docs[d].caption for d in q["positive_doc_ids"]
@@ -326,7 +326,7 @@ def test_a_model_that_is_not_worse_is_promoted_after_a_crashed_rebuild(env):
     assert {r["model_id"] for r in rows.values()} == {mid} and vt.metadata()[META_MODEL_ID] == mid
     delta = Tables(str(env["root"])).read("documents").to_pylist()
     assert sorted(rows) == sorted(r["doc_id"] for r in delta)
-    want = encode_documents(model, processor, [to_document(r) for r in delta], batch_size=64)
+    want = encode_documents(model, processor, [expect_document(row_to_document(r)) for r in delta], batch_size=64)
     got = np.array([rows[r["doc_id"]]["vector"] for r in delta], np.float32)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     # The model changed in the new version only: the old published version is intact.

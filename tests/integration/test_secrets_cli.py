@@ -34,7 +34,7 @@ def _ingest(tmp: Path, *extra: str) -> list[str]:
 CASES = {
     # (a) a credential under a key of another backend's spelling, via --storage-option
     "storage-option": (lambda t: _ingest(t, "--storage-option", f"azure_storage_account_key={SENTINEL}"),
-                       "output.storage_options.azure_storage_account_key", "AZURE_STORAGE_ACCOUNT_KEY"),
+                       "storage_options.azure_storage_account_key", "AZURE_STORAGE_ACCOUNT_KEY"),
     # (b) a misspelled credential via --set, under the storage options and elsewhere
     "set-misspelled": (lambda t: _ingest(t, "--set", f"output.storage_options.aws_secert_access_key={SENTINEL}"),
                        "output.storage_options.aws_secert_access_key", "AWS_SECRET_ACCESS_KEY"),
@@ -51,7 +51,7 @@ CASES = {
     # other commands share the rule
     "embed": (lambda t: ["embed", "--root", str(t / "data"), "--checkpoint", str(t / "ckpt"), "--run-dir",
                          str(t / "runs"), "--storage-option", f"sas_token={SENTINEL}"],
-              "input.storage_options.sas_token", "AZURE_STORAGE_SAS_KEY"),
+              "storage_options.sas_token", "AZURE_STORAGE_SAS_KEY"),
     "sql": (lambda t: ["sql", "--db", f"s3://AKIAEXAMPLE:{SENTINEL}@bucket/lancedb", "SELECT 1"],
             "db", "URL with credentials"),
 }

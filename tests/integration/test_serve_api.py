@@ -29,9 +29,10 @@ from PIL import Image
 from ciea_model import complementary_weights, load_checkpoint
 from jobs import serve
 from pipelines.query.search import Searcher
+from pipelines.store.documents import expect_document, row_to_document
 from pipelines.store.lance_tables import META_PATCH_GRID, PATCH_WEIGHTS, VectorTable
-from pipelines.train.examples import to_document
 from pipelines.web import MAX_K, MAX_QUERY_CHARS
+from pipelines.web.server import ServeConfig, build_app, resolve_allowed_hosts
 
 N_IMAGES, N_TEXTS = 40, 20
 TABLE = "docs"
@@ -109,8 +110,8 @@ def searcher(env):
 
 @pytest.fixture(scope="module")
 def server(env, searcher):
-    cfg = serve.ServeConfig.model_validate({"input": {"db": env["db"], "table": TABLE}})
-    app, _ = serve.build_app(cfg, searcher)
+    cfg = ServeConfig.model_validate({"input": {"db": env["db"], "table": TABLE}})
+    app, _ = build_app(cfg, searcher)
     with ThreadServer(app) as s:
         yield s
 
@@ -139,7 +140,7 @@ def test_stored_patch_weights_are_the_extractors_complementary_weights(env):
     # Recomputed from the checkpoint straight from the definition: P = projector(vision(x)),
     # E = the LM's static embeddings of the caption-side tokens, w = 1 - max_t (1 + cos) / 2.
     image_ids = sorted(d for d, r in rows.items() if r["modality"] == "image")[:6]
-    docs = [to_document(by_id[d]) for d in image_ids]
+    docs = [expect_document(row_to_document(by_id[d])) for d in image_ids]
     batch = processor.collate_documents(docs)
     with torch.inference_mode():
         patches = model.projector(model.vision(batch.image["pixel_values"]))
@@ -155,7 +156,7 @@ def test_stored_patch_weights_are_the_extractors_complementary_weights(env):
 def test_encode_image_documents_returns_weights_without_changing_vectors(env):
     model, processor = load_checkpoint(env["ckpt"])
     images = [r for r in env["records"] if r["modality"] == "image"][:4]
-    batch = processor.collate_documents([to_document(r) for r in images])
+    batch = processor.collate_documents([expect_document(row_to_document(r)) for r in images])
     with torch.inference_mode():
         plain = model.encode_documents(batch)
         with_w, w = model.encode_documents(batch, return_weights=True)
@@ -290,15 +291,15 @@ def test_page_and_assets_are_served_with_a_strict_content_security_policy(server
 
 def test_loopback_server_refuses_foreign_host_headers(env, searcher):
     # The default for a loopback host: a DNS-rebinding page gets nothing.
-    cfg = serve.ServeConfig.model_validate({"input": {"db": env["db"], "table": TABLE}})
-    assert serve.resolve_allowed_hosts(cfg.server)
-    app, _ = serve.build_app(cfg, searcher)
+    cfg = ServeConfig.model_validate({"input": {"db": env["db"], "table": TABLE}})
+    assert resolve_allowed_hosts(cfg.server)
+    app, _ = build_app(cfg, searcher)
     with ThreadServer(app) as s:
         assert request(s.base, "/api/health")[0] == 200
         assert request(s.base, "/api/health", headers={"Host": f"localhost:{s.port}"})[0] == 200
         assert request(s.base, "/api/health", headers={"Host": "evil.example"})[0] == 400
-    exposed = serve.ServeConfig.model_validate({"input": {"db": env["db"]}, "server": {"host": "0.0.0.0"}})
-    assert serve.resolve_allowed_hosts(exposed.server) is None
+    exposed = ServeConfig.model_validate({"input": {"db": env["db"]}, "server": {"host": "0.0.0.0"}})
+    assert resolve_allowed_hosts(exposed.server) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,8 +350,8 @@ def test_old_tables_without_weights_serve_without_an_overlay(env, tmp_path):
     t.to_lance().update_metadata({k: v for k, v in meta.items() if k != META_PATCH_GRID})
     t.create_index("caption", config=lancedb.index.FTS(with_position=False))
     t.tags.create("published", t.version)
-    cfg = serve.ServeConfig.model_validate({"input": {"db": str(tmp_path), "table": "old"}})
-    app, info = serve.build_app(cfg)
+    cfg = ServeConfig.model_validate({"input": {"db": str(tmp_path), "table": "old"}})
+    app, info = build_app(cfg)
     assert info.patch_grid is None and info.rows == src.num_rows
     with ThreadServer(app) as s:
         status, body = get_json(s.base, "/api/search", {"q": "a red shape", "k": 5})

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from jobs import sql as sql_job
+from pipelines.query.sql import SqlConfig, run_sql
 
 ROWS = 100_000
 TABLE = "docs"
@@ -45,9 +46,9 @@ def run(capsys, *argv: str) -> tuple[int, str, list[str], float]:
 
 def test_a_self_cross_join_stops_at_the_timeout(db, capsys):
     # The rate on 1/500 of the pairs: the whole join would run for far longer than the timeout.
-    cfg = sql_job.SqlConfig(db=db, timeout_s=600)
+    cfg = SqlConfig(db=db, timeout_s=600)
     t0 = time.perf_counter()
-    _, rows, _ = sql_job.run_sql(cfg, CROSS_JOIN.replace("WHERE", "WHERE b.n < 200 AND"))
+    _, rows, _ = run_sql(cfg, CROSS_JOIN.replace("WHERE", "WHERE b.n < 200 AND"))
     full_estimate = (time.perf_counter() - t0) * ROWS / 200
     assert rows == [(0,)] and full_estimate > 30, full_estimate
 
@@ -79,8 +80,8 @@ def test_max_rows_is_pushed_into_the_query(db, capsys):
 
 @pytest.mark.parametrize(("where", "more"), [("n < 5", False), ("n < 6", True), ("n < 0", False)])
 def test_the_more_rows_flag_is_truthful(db, where, more):
-    cfg = sql_job.SqlConfig(db=db, max_rows=5)
-    columns, rows, has_more = sql_job.run_sql(cfg, f"SELECT n FROM {TABLE} WHERE {where} ORDER BY n")
+    cfg = SqlConfig(db=db, max_rows=5)
+    columns, rows, has_more = run_sql(cfg, f"SELECT n FROM {TABLE} WHERE {where} ORDER BY n")
     assert columns == ["n"] and has_more is more
     assert rows == [(i,) for i in range(min(5, int(where.split("<")[1])))]
 

@@ -112,3 +112,32 @@ def test_a_restarted_worker_group_trains_the_same_rows(traces):
         p = plain[(r["epoch"], r["qid"])]
         assert (r["step"], r["positive"], r["comp_captions"], r["q_comp"]) == (
             p["step"], p["positive"], p["comp_captions"], p["q_comp"])
+
+
+def test_the_map_side_and_the_hash_joins_give_the_same_training_rows(data_root):
+    """The two routes of ``epoch_dataset`` on the shapes WebQA takes (no target, two image
+    positives, several text positives), with mined negatives that include a document not in
+    the corpus (a null slot) and the caption lists ``q_comp`` needs."""
+    from pipelines.store.delta_tables import Tables
+    from pipelines.train.dataset import build_train_shards, read_queries
+    from pipelines.train.draws import DrawSettings
+
+    tables = Tables(str(data_root), {})
+    docs = tables.read(tables.documents, columns=["doc_id", "modality"]).to_pylist()
+    by_kind = {m: sorted(d["doc_id"] for d in docs if d["modality"] == m) for m in ("image", "text")}
+    queries = read_queries(tables, "train")
+    mined = {q["qid"]: {"image": by_kind["image"][i % 3:], "text": by_kind["text"][i % 5:]}
+             for i, q in enumerate(queries)}
+    mined[queries[0]["qid"]]["image"] = ["gone"]  # mined, then deleted from the corpus
+    rows = {}
+    for mb in (64, 0):
+        shards, counts = build_train_shards(tables, "train", epochs=[0, 1], num_shards=2, mined=mined,
+                                            settings=DrawSettings(seed=7), broadcast_mb=mb, num_partitions=1)
+        rows[mb] = {name: [dict(sorted(r.items())) for r in shard.take_all()] for name, shard in shards.items()}
+    assert rows[64] == rows[0]
+    flat = [r for shard in rows[0].values() for r in shard]
+    assert len(flat) == 2 * len(TRAIN) and all(r["pos_modality"] for r in flat)
+    assert any(r["positive_captions"] and len(r["positive_captions"]) == 2 for r in flat), "q_comp's caption lists"
+    gone = [r for r in flat if r["qid"] == queries[0]["qid"]]
+    assert [(r["neg0_id"], r["neg0_modality"]) for r in gone] == [("gone", None)] * 2, "a left outer join's null slot"
+    assert all(r["neg1_modality"] == "text" for r in flat if r["neg1_id"] is not None)

@@ -196,11 +196,11 @@ def make_model(make_config, tokenizer_dirs) -> Callable[..., tuple[CIEAModel, CI
 
 
 def to_document(row: dict) -> Document:
-    """A synthetic-corpus dict → :class:`Document` (the image stays PNG bytes)."""
-    return Document(
-        doc_id=row["doc_id"], modality=row["modality"], text=row["text"],
-        caption=row["caption"], image=row["image"],
-    )
+    """A synthetic-corpus dict → :class:`Document` through the store's converter (the image
+    stays PNG bytes)."""
+    from pipelines.store.documents import expect_document, row_to_document
+
+    return expect_document(row_to_document(row))
 
 
 @pytest.fixture(scope="session")

@@ -460,8 +460,7 @@ def test_pipeline_paths_line_up_from_ingest_to_reindex():
     assert len(roots) == 1, roots
     assert cfgs["jobs.embed"].model.checkpoint == f"{cfgs['jobs.train'].run.output_dir}/model"
     for module, cfg in cfgs.items():
-        opts = getattr(cfg, "input", None) or getattr(cfg, "data", None) or cfg.output
-        assert opts.storage_options.get("AWS_REGION"), f"{module}: the bucket's region is not set"
+        assert cfg.storage_options.get("AWS_REGION"), f"{module}: the bucket's region is not set"
 
 
 # ---------------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ def test_help_documents_every_option(capsys):
     for action in ingest._parser()._actions:
         for flag in action.option_strings:
             assert flag in text
-    for key in ("source.kind", "source.shard_mb", "source.synthetic.num_image_docs", "output.storage_options",
+    for key in ("source.kind", "source.shard_mb", "source.synthetic.num_image_docs", "  storage_options = ",
                 "limits.max_image_pixels", "ray.temp_dir", "ray.object_store_mb", "output.target_file_mb"):
         assert key in text
 

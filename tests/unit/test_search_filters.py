@@ -7,14 +7,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from jobs.sql import (
-    SqlError,
-    check_read_only,
-    format_csv,
-    format_json,
-    format_markdown,
-    format_text_table,
-)
+from pipelines.query.formatting import format_csv, format_json, format_markdown, format_text_table
 from pipelines.query.search import (
     RRF_K,
     Filter,
@@ -23,6 +16,7 @@ from pipelines.query.search import (
     parse_filter_pairs,
     reciprocal_rank_fusion,
 )
+from pipelines.query.sql import SqlError, check_read_only
 from pipelines.store.lance_tables import table_schema
 
 SCHEMA = table_schema(8)

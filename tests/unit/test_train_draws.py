@@ -27,6 +27,7 @@ from pipelines.train.dataset import (
 )
 from pipelines.train.draws import DrawSettings, choose_positive, draw_negatives, visit_order
 from pipelines.train.examples import training_examples
+from pipelines.train.joins import join_documents
 from pipelines.train.negatives import with_hard_negatives
 
 IMAGES = ("i1", "i2", "i3")
@@ -233,23 +234,19 @@ def _webqa_like(draw):
 
 
 def _ray_examples(queries, docs, settings, epochs):
-    """The Ray path on the same queries, its joins done by hand as ``epoch_dataset`` does them:
-    the positive's columns, and the caption list only when the plan says it is needed."""
+    """The Ray path on the same queries: the plan expanded per epoch, then joined with the
+    documents as ``epoch_dataset`` does on a small corpus (:func:`join_documents`, the
+    map-side join; the hash-joined route is checked equal to it on Ray)."""
     modalities = {d: doc.modality for d, doc in docs.items()}
     plan = plan_examples(queries, modalities, comp_captions=settings.comp_captions)
-    rows = expand_epochs(with_visit_order(plan, epochs, settings.seed), epochs, settings, num_shards=2).to_pylist()
+    rows = expand_epochs(with_visit_order(plan, epochs, settings.seed), epochs, settings, num_shards=2)
+    table = pa.table({"doc_id": [d.doc_id for d in docs.values()], "modality": [d.modality for d in docs.values()],
+                      "text": [d.text for d in docs.values()], "caption": [d.caption for d in docs.values()],
+                      "image": pa.array([d.image for d in docs.values()], pa.binary()),
+                      "image_uri": pa.array([None] * len(docs), pa.string())})
     captions = dict(zip(plan.rows.column("qid").to_pylist(), plan.rows.column("caption_ids").to_pylist()))
-    out = {}
-    for r in rows:
-        pos = docs[r["pos_id"]]
-        joined = {**r, "pos_modality": pos.modality, "pos_text": pos.text, "pos_caption": pos.caption,
-                  "pos_image": pos.image, "pos_image_uri": None}
-        if plan.needs_captions:
-            joined["positive_captions"] = [docs[d].caption for d in sorted(captions[r["qid"]])
-                                           if d in docs and docs[d].modality == "image"] or None
-        (ex,) = rows_to_examples({k: [v] for k, v in joined.items()})
-        out[(r[EPOCH], ex.qid)] = ex
-    return out
+    joined = join_documents(rows, table, ["pos"], inner="pos", caption_ids=captions if plan.needs_captions else None)
+    return {(r[EPOCH], ex.qid): ex for r, ex in zip(joined.to_pylist(), rows_to_examples(joined))}
 
 
 @settings(max_examples=60, deadline=None)

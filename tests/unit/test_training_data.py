@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pipelines.train.examples import to_document, training_examples
+from pipelines.store.documents import expect_document, row_to_document
+from pipelines.train.examples import training_examples
 from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
 
 
 def _docs(synthetic_corpus):
     records, _ = synthetic_corpus
-    return {d.doc_id: d for d in (to_document(r) for r in records)}
+    return {d.doc_id: d for d in (expect_document(row_to_document(r)) for r in records)}
 
 
 def test_training_examples_pick_the_target_and_keep_all_relevant(synthetic_corpus):

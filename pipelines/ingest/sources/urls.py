@@ -251,9 +251,7 @@ class UrlSource(Source):
     def _open(self, which: str):
         if not self.tables_root:
             return None
-        from deltalake.exceptions import TableNotFoundError
-
-        from pipelines.store.delta_tables import Tables
+        from pipelines.store.delta_tables import TableNotFoundError, Tables
 
         tables = Tables(self.tables_root, self.storage_options)
         try:
