@@ -30,6 +30,7 @@ def _tables(root: str, storage_options: dict[str, str]) -> Tables:
 
     return Tables(root, storage_options)
 
+SelectBy = Literal["dev_in_batch_acc", "dev_mrr10"]
 Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", "univl-dr"]
 #: Parameters learnt at ``train.new_lr`` (random-init parts when the LM is pretrained).
 NEW_MODULES = ("vision.", "projector.", "extractor.", "logit_scale")
@@ -85,18 +86,21 @@ class TrainSettings(DrawSettingsGroup):
     batch_size: int = Field(64, ge=2, description="queries per optimiser step, over all workers")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step on each worker")
     eval_every: int = Field(500, ge=1, description="dev evaluation every N steps (rank 0; and before the first step and after the last)")
-    patience: int = Field(10, ge=1, description="evaluations without dev gain before stopping (release: 10 stage 1, 5 stage 2)")
+    patience: int = Field(10, ge=1, description="evaluations without dev gain before stopping (stage 1; and stage 2 unless train.stage2_patience); the release: 10")
+    stage2_patience: int | None = Field(None, ge=1, description="stage 2: evaluations without dev gain before stopping (the release: 5; default: train.patience)")
+    select_by: SelectBy = Field("dev_mrr10", description="the dev measure that keeps the best checkpoint and drives early stopping: dev_in_batch_acc (the release: each dev query against its batch's positives) or dev_mrr10 (a ranking over the dev pool)")
     max_steps: int | None = Field(None, ge=1)
     lr: float = Field(5e-6, gt=0, description="learning rate (of the LM)")
     new_lr: float | None = Field(None, gt=0, description="learning rate of random-init parts (vision, projector, extractor, θ); default: lr")
     weight_decay: float = Field(0.2, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
     seed: int = 1234
-    comp_loss: bool = Field(True, description="train with L_comp (stage 2: project default keeps it; the release drops it)")
+    comp_loss: bool = Field(True, description="train with L_comp (false: L_c alone, in both stages)")
+    comp_loss_in_stage2: bool = Field(True, description="stage 2 keeps L_comp (project default); false: stage 2 trains with L_c alone (the release)")
     negatives: str | None = Field(None, description="stage 2: Delta table written by `ciea mine-negatives`")
     init_from: str | None = Field(None, description="checkpoint directory whose weights start training (stage 2: the stage-1 model)")
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps as well as at every epoch end")
-    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU); false: fp32 (the release). The extractor's w is fp32 either way")
     log_every: int = Field(10, ge=1, description="log a progress line every N steps")
     shuffle_buffer: int = Field(256, ge=0, description="rows arrive in a new random order every epoch; each worker also shuffles windows of N of its rows (0: no more)")
 
@@ -107,6 +111,16 @@ class TrainSettings(DrawSettingsGroup):
         if self.stage == 1 and self.negatives:
             raise ValueError("train.negatives is only read in stage 2: set train.stage=2 or drop train.negatives")
         return self
+
+    @property
+    def effective_patience(self) -> int:
+        """The patience of this run's stage (``stage2_patience`` in stage 2 when set)."""
+        return self.stage2_patience if self.stage == 2 and self.stage2_patience is not None else self.patience
+
+    @property
+    def trains_comp_loss(self) -> bool:
+        """Whether this stage trains with L_comp (``comp_loss``, and ``comp_loss_in_stage2`` in stage 2)."""
+        return self.comp_loss and (self.stage == 1 or self.comp_loss_in_stage2)
 
 
 class ScalingSettings(BaseModel):
@@ -194,9 +208,19 @@ class TrainJobConfig(StorageOptionsConfig):
 # config makes resuming from it wrong.
 _RUNTIME_ONLY = {
     "scaling", "run", "debug",
-    "train.log_every", "train.max_steps", "train.epochs", "train.patience", "train.eval_every",
+    "train.log_every", "train.max_steps", "train.epochs", "train.patience", "train.stage2_patience",
+    "train.eval_every",
     "train.checkpoint_every", "storage_options",
     "data.join_partitions", "data.broadcast_join_mb",  # how the rows are joined, not which rows
+}
+
+
+#: Identity keys added after checkpoints were written without them → the value that gives
+#: the behaviour those checkpoints were trained with: a checkpoint missing the key resumes
+#: when the value now equals it (and is refused otherwise).
+_ADDED_KEYS: dict[str, Any] = {
+    "train.select_by": "dev_mrr10",
+    "train.comp_loss_in_stage2": True,
 }
 
 
@@ -219,6 +243,8 @@ def resume_identity(cfg: TrainJobConfig, model_config: dict[str, Any]) -> dict[s
     job = json.loads(cfg.model_dump_json())
     flat = {k: v for k, v in _flatten(job).items()
             if k.split(".")[0] not in _RUNTIME_ONLY and k not in _RUNTIME_ONLY}
+    if cfg.train.stage == 1:  # stage 1 trains alike either way
+        flat.pop("train.comp_loss_in_stage2", None)
     flat.update({f"model_config.{k}": v for k, v in _flatten(model_config).items()})
     # Through JSON once, as the checkpoint stores it (tuples become lists).
     return json.loads(json.dumps(flat, sort_keys=True, default=str))
@@ -233,8 +259,10 @@ class CheckpointMismatchError(ValueError):
 
 
 def check_identity(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
-    """Raises :class:`CheckpointMismatchError` naming every differing setting."""
+    """Raises :class:`CheckpointMismatchError` naming every differing setting. A key the
+    checkpoint predates (:data:`_ADDED_KEYS`) counts as its old behaviour."""
     keys = sorted(set(saved) | set(now))
+    saved = {**{k: v for k, v in _ADDED_KEYS.items() if k in now}, **saved}
     diff = [k for k in keys if saved.get(k, "<unset>") != now.get(k, "<unset>")]
     if diff:
         lines = [f"  {k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in diff[:12]]
@@ -265,7 +293,7 @@ def model_config_for(cfg: TrainJobConfig, tokenizer_dir: str | None):
         base = base.replace(vision=dataclasses.replace(base.vision, trainable=not m.freeze_vision))
     if m.extractor_output_dropout is not None:
         base = base.replace(extractor=dataclasses.replace(base.extractor, output_dropout=m.extractor_output_dropout))
-    comp = m.comp_weight if cfg.train.comp_loss else 0.0
+    comp = m.comp_weight if cfg.train.trains_comp_loss else 0.0
     return base.replace(comp_weight=comp, logit_scale_init=m.logit_scale_init,
                         image_only_extractor=m.image_only_extractor)
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -65,8 +63,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory) -> str:
-    """A real embedded table: Delta corpus → ``ciea embed`` (its own local Ray, shut down after)."""
+def table(tmp_path_factory, ray_local) -> str:
+    """A real embedded table: Delta corpus → ``ciea embed`` (on the session's Ray)."""
     from jobs import embed
 
     tmp = tmp_path_factory.mktemp("serve-e2e")
@@ -74,13 +72,8 @@ def table(tmp_path_factory) -> str:
     root = tmp / "data"
     write_corpus(root, records)
     ckpt = make_checkpoint(tmp, [r["caption"] or r["text"] for r in records], seed=0)
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
-    try:
-        rc = embed.main(["--checkpoint", ckpt, "--root", str(root), "--table", TABLE, "--run-dir",
-                         str(tmp / "runs"), "--no-progress", "--num-cpus", "2", "--set", f"ray.temp_dir={ray_tmp}",
-                         "--set", "encode.threads=1", "--set", "encode.batch_size=32"])
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rc = embed.main(["--checkpoint", ckpt, "--root", str(root), "--table", TABLE, "--run-dir", str(tmp / "runs"),
+                     "--no-progress", "--set", "encode.threads=1", "--set", "encode.batch_size=32"])
     assert rc == 0
     return str(root / "lancedb")
 
