@@ -11,6 +11,11 @@ Modes: ``vector`` (cosine; the ANN index when the table has one, with ``--nprobe
 Filters are structured: ``--where-modality image``, ``--where COLUMN=VALUE`` (typed by the
 column; values with quotes, ``;`` or ``--`` are refused) — never SQL text.
 
+A query may carry a picture: ``--image PATH`` (repeatable; with one text per picture, or
+none) is encoded as the document side encodes an image document, its text in the caption's
+place, so "this, but red" is one query. ``--like DOC_ID`` searches with the stored vector of
+a document of the table and leaves it out of its own results. Both are vector searches.
+
 Examples::
 
     ciea search "a red circle at the top"                         # ./data/lancedb, table documents
@@ -18,6 +23,9 @@ Examples::
     ciea search "museum" "harbour at night" --mode fts --json     # several queries, one batch
     ciea search "red circle" --table webqa_ciea --db s3://vectors/webqa --version 12
     ciea search "red circle" --where source_version=3 --set query.nprobes=40
+    ciea search --image photo.jpg                                 # what looks like this?
+    ciea search --image photo.jpg "at night"                      # this, but at night
+    ciea search --like img-00042 --k 5                            # more like this document
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipelines.query.search_run import SearchConfig, render_results, run
 
@@ -40,7 +49,12 @@ FLAGS = {"root": "table.root", "db": "table.db", "table": "table.name", "checkpo
 
 def _parser() -> argparse.ArgumentParser:
     p = job_parser(PROG, __doc__, SearchConfig, storage=STORAGE, progress=None, set_example="query.nprobes=40")
-    p.add_argument("queries", nargs="+", metavar="QUERY", help="query text (several: searched as one batch)")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="query text (several: searched as one batch; with "
+                   "--image: the text of each picture)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="search with this picture (repeatable; a JPEG/PNG/... file)")
+    p.add_argument("--like", action="append", default=[], metavar="DOC_ID",
+                   help="more like this document of the table (repeatable)")
     p.add_argument("--root", help="data root (table.root; the database is <root>/lancedb)")
     p.add_argument("--db", help="LanceDB database folder, local or s3:// (table.db)")
     p.add_argument("--table", help="table name (table.name)")
@@ -81,13 +95,36 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     from pipelines.query.search import SearchError
 
+    if not (args.queries or args.image or args.like):
+        print("ciea search: give a query: text, --image PATH or --like DOC_ID", file=sys.stderr)
+        return 2
     try:
-        searcher, results = run(cfg, list(args.queries))
+        images = [_read_picture(path) for path in args.image]
+        searcher, results = run(cfg, list(args.queries), images=images or None, likes=list(args.like) or None)
     except SearchError as e:
         print(f"ciea search: {e}", file=sys.stderr)
         return 2
-    print(render_results(cfg, searcher, list(args.queries), results))
+    print(render_results(cfg, searcher, _labels(args), results))
     return 0
+
+
+def _read_picture(path: str) -> bytes:
+    from pipelines.query.search import SearchError
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise SearchError(f"--image {path}: cannot read it ({e.strerror or type(e).__name__}); pass an image file") from None
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    """What each result list answers, as the output names it."""
+    if args.like:
+        return [f"more like {d}" for d in args.like]
+    if args.image:
+        texts = args.queries or [""] * len(args.image)
+        return [f"[picture {p}] {t}".rstrip() for p, t in zip(args.image, texts, strict=True)]
+    return list(args.queries)
 
 
 if __name__ == "__main__":

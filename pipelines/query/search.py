@@ -36,7 +36,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.store import storage
+from pipelines.store.images import ImageRejected, normalise_image
 from pipelines.store.lance_tables import (
     ANN_INDEX,
     FTS_COLUMNS,
@@ -595,6 +596,66 @@ class Searcher:
         return encode_queries(self.model, self.processor, list(queries), batch_size=batch_size,
                               device=self.device).astype(np.float32, copy=False)
 
+    def encode_pictures(self, images: Sequence[bytes], texts: Sequence[str | None] | None = None,
+                        batch_size: int = 64) -> np.ndarray:
+        """Queries that carry a picture (and optional text) → ``(n, dim)`` float32 unit
+        vectors, built as the document side builds an image document (the picture's patches
+        through the vision tower and projector, the text in the caption's place, through the
+        shared encoder: ``ciea_model.inference.encode_documents``), so that they live in the
+        table's space. Each picture passes the rule ingest applies to the corpus's images
+        (:func:`pipelines.store.images.normalise_image`: byte and pixel caps, a full decode).
+
+        Raises:
+            SearchError: the model encodes no image (``text-only``), or a picture is not an
+                image the project takes (the reason and the fix in the message).
+        """
+        from ciea_model.inference import encode_documents
+        from ciea_model.processor import Document
+
+        config = self.model.config
+        if not config.uses_images:
+            raise SearchError(f"table {self.name!r} was embedded by a {config.variant!r} model, which encodes no "
+                              "image: search it with text, or search a table embedded by a ciea, marvel or "
+                              "univl-dr checkpoint")
+        texts = list(texts) if texts is not None else [None] * len(images)
+        if isinstance(images, (bytes, bytearray)) or len(texts) != len(images):
+            raise SearchError("pass a list of pictures and, optionally, one text (or None) per picture")
+        docs = []
+        for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+            if not isinstance(image, (bytes, bytearray, memoryview)):
+                raise SearchError(f"picture {i} is {type(image).__name__}: pass the encoded image's bytes")
+            if text is not None and not isinstance(text, str):
+                raise SearchError(f"text {i} is {type(text).__name__}: pass a string or None")
+            try:
+                data, _, _ = normalise_image(bytes(image))
+            except ImageRejected as e:
+                raise SearchError(f"picture {i}: {e}") from None
+            docs.append(Document(doc_id=f"query-{i}", modality="image", caption=(text or "").strip(), image=data))
+        return encode_documents(self.model, self.processor, docs, batch_size=batch_size,
+                                device=self.device).astype(np.float32, copy=False)
+
+    def stored_vectors(self, doc_ids: Sequence[str]) -> np.ndarray:
+        """The vectors the pinned version stores for ``doc_ids`` (``(n, dim)``, in order):
+        "more like this" searches with them, nothing is encoded again.
+
+        Raises:
+            SearchError: a doc_id that is not in this version of the table.
+        """
+        if isinstance(doc_ids, str):
+            raise SearchError("pass a list of doc_ids (got one string): wrap it in a list")
+        ids = list(dict.fromkeys(doc_ids))
+        if not ids:
+            return np.zeros((0, self.dim), np.float32)
+        listed = ", ".join(_literal(DOC_ID, "str", d, pa.string()) for d in ids)
+        found = self._table.search().where(f"{DOC_ID} IN ({listed})").select([DOC_ID, VECTOR]).limit(
+            len(ids)).to_arrow()
+        by_id = dict(zip(found[DOC_ID].to_pylist(), found[VECTOR].to_pylist()))
+        for d in ids:
+            if d not in by_id:
+                raise SearchError(f"no document {d!r} in table {self.name!r}@{self.version}: \"more like this\" "
+                                  "takes a doc_id of the searched table (a result's doc_id)")
+        return np.asarray([by_id[d] for d in doc_ids], np.float32)
+
     @staticmethod
     def _check_queries(queries: Sequence[str]) -> Sequence[str]:
         if isinstance(queries, str):
@@ -605,13 +666,17 @@ class Searcher:
         return queries
 
     # ---- searching -----------------------------------------------------------------------
-    def search(self, query: str, *, k: int = 10, mode: Mode = "vector", where: Filter | None = None,
-               nprobes: int | None = None, refine_factor: int | None = None,
-               candidates: int | None = None, rrf_k: int = RRF_K) -> list[Hit]:
-        """The top ``k`` documents for one text query.
+    def search(self, text: str | None = None, *, image: bytes | None = None, like: str | None = None,
+               k: int = 10, mode: Mode = "vector", where: Filter | None = None, nprobes: int | None = None,
+               refine_factor: int | None = None, candidates: int | None = None, rrf_k: int = RRF_K) -> list[Hit]:
+        """The top ``k`` documents for one query: text, a picture (with optional text: a
+        composed query), or "more like this" a document of the table.
 
         Args:
-            query: the query text.
+            text: the query text (with ``image``: the text that goes with the picture).
+            image: an encoded picture (:meth:`encode_pictures`); vector mode only.
+            like: a doc_id of this table: its stored vector is the query and the document
+                itself is left out of the results; vector mode only, alone.
             k: results to return.
             mode: ``vector``, ``fts`` (BM25) or ``hybrid`` (RRF of both).
             where: a structured :class:`Filter` (applied before ranking).
@@ -623,13 +688,23 @@ class Searcher:
         Raises:
             SearchError / FilterError: bad arguments, with the fix.
         """
-        return self.search_batch([query], k=k, mode=mode, where=where, nprobes=nprobes,
+        if like is not None:
+            if text is not None or image is not None:
+                raise SearchError("\"more like this\" takes the document alone: pass like=DOC_ID without text or image")
+            return self.search_like([like], k=k, mode=mode, where=where, nprobes=nprobes,
+                                    refine_factor=refine_factor)[0]
+        if image is not None:
+            return self.search_pictures([image], [text], k=k, mode=mode, where=where, nprobes=nprobes,
+                                        refine_factor=refine_factor)[0]
+        if text is None:
+            raise SearchError("a search needs a query: pass text, image or like (one of them)")
+        return self.search_batch([text], k=k, mode=mode, where=where, nprobes=nprobes,
                                  refine_factor=refine_factor, candidates=candidates, rrf_k=rrf_k)[0]
 
     def search_batch(self, queries: Sequence[str], *, k: int = 10, mode: Mode = "vector",
                      where: Filter | None = None, nprobes: int | None = None, refine_factor: int | None = None,
                      candidates: int | None = None, rrf_k: int = RRF_K) -> list[list[Hit]]:
-        """:meth:`search` for many queries (encoded in one batch); one result list per query."""
+        """:meth:`search` for many text queries (encoded in one batch); one result list per query."""
         queries = self._check_queries(queries)
         _check_k(k)
         _check_mode(mode)
@@ -642,6 +717,37 @@ class Searcher:
         n = max(k, candidates or HYBRID_CANDIDATES)
         vec_lists = self._vector(vectors, n, sql, nprobes, refine_factor)
         return [self._fuse([v, self._fts(q, n, sql)], k, rrf_k) for q, v in zip(queries, vec_lists, strict=True)]
+
+    def search_pictures(self, images: Sequence[bytes], texts: Sequence[str | None] | None = None, *, k: int = 10,
+                        mode: Mode = "vector", where: Filter | None = None, nprobes: int | None = None,
+                        refine_factor: int | None = None) -> list[list[Hit]]:
+        """:meth:`search` for many picture queries (each with an optional text)."""
+        self._vector_only(mode, "a picture query")
+        _check_k(k)
+        sql = self._where_sql(where)
+        return self._vector(self.encode_pictures(images, texts), k, sql, nprobes, refine_factor)
+
+    def search_like(self, doc_ids: Sequence[str], *, k: int = 10, mode: Mode = "vector", where: Filter | None = None,
+                    nprobes: int | None = None, refine_factor: int | None = None) -> list[list[Hit]]:
+        """"More like this" for many documents: each one's stored vector is its query, and
+        the document is left out of its own results."""
+        self._vector_only(mode, "\"more like this\"")
+        _check_k(k)
+        sql = self._where_sql(where)
+        vectors = self.stored_vectors(doc_ids)
+        # Ask for one more: the document itself is the nearest (or tied) and is dropped.
+        found = self._vector(vectors, k + 1, sql, nprobes, refine_factor)
+        out = []
+        for d, hits in zip(doc_ids, found, strict=True):
+            kept = [h for h in hits if h.doc_id != d][:k]
+            out.append([replace(h, rank=i + 1) for i, h in enumerate(kept)])
+        return out
+
+    @staticmethod
+    def _vector_only(mode: str, what: str) -> None:
+        _check_mode(mode)
+        if mode != "vector":
+            raise SearchError(f"{what} is a vector search: use mode='vector' (fts and hybrid rank query text)")
 
     def search_vectors(self, vectors: np.ndarray, *, k: int = 10, where: Filter | None = None,
                        nprobes: int | None = None, refine_factor: int | None = None) -> list[list[Hit]]:

@@ -64,18 +64,25 @@ class SearchConfig(storage_mod.StorageOptionsConfig):
         return self.table.db or storage_mod.join(storage_mod.normalise_uri(self.table.root), "lancedb")
 
 
-def run(cfg: SearchConfig, queries: list[str]) -> tuple[Searcher, list[list[Hit]]]:
-    """Opens the searcher and runs the batch.
+def run(cfg: SearchConfig, queries: list[str], *, images: list[bytes] | None = None,
+        likes: list[str] | None = None) -> tuple[Searcher, list[list[Hit]]]:
+    """Opens the searcher and runs the batch: text ``queries``; or ``images`` (encoded
+    pictures), each with the text of the same position in ``queries`` when there is one
+    per picture; or ``likes`` ("more like this" these doc_ids, nothing else given).
 
     Returns:
         ``(searcher, one list of hits per query)``.
 
     Raises:
-        SearchError: no such database, table, version or usable checkpoint, or a bad filter,
-            with the fix.
+        SearchError: no such database, table, version, usable checkpoint or document, a bad
+            filter or picture, with the fix.
     """
-    from pipelines.query.search import Filter, Searcher, parse_filter_pairs
+    from pipelines.query.search import Filter, Searcher, SearchError, parse_filter_pairs
 
+    if likes and (images or queries):
+        raise SearchError("--like takes doc_ids alone: drop the query text and --image")
+    if images and queries and len(queries) != len(images):
+        raise SearchError(f"{len(images)} picture(s) and {len(queries)} text(s): give one text per --image, or none")
     # Searcher.open refuses a missing or file --db before connecting: a read creates nothing.
     searcher = Searcher.open(cfg.db_uri, cfg.table.name, version=cfg.table.version, checkpoint=cfg.model.checkpoint,
                              storage_options=cfg.storage_options, device=cfg.model.device)
@@ -83,9 +90,12 @@ def run(cfg: SearchConfig, queries: list[str]) -> tuple[Searcher, list[list[Hit]
     where = None
     if q.where_modality or q.where:
         where = Filter(modality=q.where_modality, equals=parse_filter_pairs(q.where, searcher.schema))
-    results = searcher.search_batch(queries, k=q.k, mode=q.mode, where=where, nprobes=q.nprobes,
-                                    refine_factor=q.refine_factor, candidates=q.candidates)
-    return searcher, results
+    settings = {"k": q.k, "mode": q.mode, "where": where, "nprobes": q.nprobes, "refine_factor": q.refine_factor}
+    if likes:
+        return searcher, searcher.search_like(likes, **settings)
+    if images:
+        return searcher, searcher.search_pictures(images, queries or None, **settings)
+    return searcher, searcher.search_batch(queries, candidates=q.candidates, **settings)
 
 
 def hit_record(hit: Any) -> dict[str, Any]:

@@ -294,6 +294,81 @@ def test_ciea_sql_reads_the_published_table_and_refuses_writes(env, capsys):
     assert lancedb.connect(db).open_table(TABLE).count_rows() == len(env["ids"])
 
 
+def _an_image_document(env) -> dict:
+    return next(r for r in env["records"] if r["modality"] == "image" and r["caption"])
+
+
+def test_a_picture_query_is_the_document_towers_vector(env, searcher):
+    """A picture with its caption is encoded exactly as the document side encodes that image
+    document (issue 25): the query's vector is the table's stored vector, and finds it first."""
+    from ciea_model.inference import encode_documents
+    from ciea_model.processor import Document
+
+    doc = _an_image_document(env)
+    got = searcher.encode_pictures([doc["image"]], [doc["caption"]])
+    model, processor = load_checkpoint(env["ckpt"])
+    expected = encode_documents(model, processor, [Document(doc["doc_id"], "image", caption=doc["caption"],
+                                                            image=doc["image"])])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(got[0], searcher.stored_vectors([doc["doc_id"]])[0], atol=1e-5)
+    hits = searcher.search(doc["caption"], image=doc["image"], k=3)
+    assert hits[0].doc_id == doc["doc_id"] and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    # The picture alone is another query (no caption in the caption's place): another vector.
+    alone = searcher.encode_pictures([doc["image"]])
+    assert np.abs(alone[0] - got[0]).max() > 1e-4
+    assert [h.doc_id for h in searcher.search(image=doc["image"], k=5)] == [
+        d for d, _ in brute_force(env, alone[0], 5)]
+
+
+def test_more_like_this_is_the_stored_vectors_neighbours_without_the_document(env, searcher):
+    for i in (0, 7, len(env["ids"]) - 1):
+        d = env["ids"][i]
+        hits = searcher.search(like=d, k=6, refine_factor=40)
+        expected = [x for x, _ in brute_force(env, env["vectors"][i], 7) if x != d][:6]
+        assert [h.doc_id for h in hits] == expected and [h.rank for h in hits] == list(range(1, 7))
+    image = next(i for i, m in enumerate(env["modality"]) if m == "image")
+    only_text = searcher.search(like=env["ids"][image], k=4, where=Filter(modality="text"))
+    assert len(only_text) == 4 and {h.modality for h in only_text} == {"text"}
+    batch = searcher.search_like(env["ids"][:3], k=2)
+    assert [[h.doc_id for h in hits] for hits in batch] == [
+        [h.doc_id for h in searcher.search(like=d, k=2)] for d in env["ids"][:3]]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s, env: s.search(), "pass text, image or like"),
+    (lambda s, env: s.search("red", like=env["ids"][0]), "alone"),
+    (lambda s, env: s.search(like="no-such-doc"), "no document 'no-such-doc'"),
+    (lambda s, env: s.search(like="x' OR 1=1 --"), "single quote"),
+    (lambda s, env: s.search(image=b"\x89PNG\r\n\x1a\n broken"), "picture 0: image_unrecognised"),
+    (lambda s, env: s.search(image=_an_image_document(env)["image"], mode="hybrid"), "vector search"),
+    (lambda s, env: s.search(like=env["ids"][0], mode="fts"), "vector search"),
+    (lambda s, env: s.search_pictures([b"a", b"b"], ["one"]), "one text"),
+])
+def test_picture_and_like_queries_refuse_bad_input_with_the_fix(env, searcher, call, match):
+    with pytest.raises(SearchError, match=match):
+        call(searcher, env)
+
+
+def test_ciea_search_with_a_picture_and_more_like_this(env, capsys, tmp_path):
+    doc = _an_image_document(env)
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(doc["image"])
+    rc = search_job.main(["--image", str(picture), doc["caption"], "--db", env["db"], "--table", TABLE, "--k", "2",
+                          "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["results"][0]["hits"][0]["doc_id"] == doc["doc_id"]
+    assert data["results"][0]["query"] == f"[picture {picture}] {doc['caption']}"
+    rc = search_job.main(["--like", doc["doc_id"], "--db", env["db"], "--table", TABLE, "--k", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"query: more like {doc['doc_id']}" in out and f" {doc['doc_id']} " not in out
+    for argv, match in ((["--image", str(tmp_path / "missing.png")], "cannot read it"),
+                        (["--like", doc["doc_id"], "red"], "--like takes doc_ids alone"),
+                        ([], "give a query")):
+        rc = search_job.main([*argv, "--db", env["db"], "--table", TABLE])
+        err = capsys.readouterr().err
+        assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_searcher_keeps_its_version_while_a_new_one_is_published(env, searcher):
     """Re-embed with one document deleted and one added: the open searcher still answers
     from the version it was opened at; a new one sees the change."""
