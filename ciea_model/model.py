@@ -79,8 +79,14 @@ class CIEAModel(nn.Module):
 
     # ---- images -----------------------------------------------------------------------
     def project_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) → (B, N, D) projected patches ``P``."""
-        return self.projector(self.vision(pixel_values))
+        """(B, 3, S, S) → (B, N, D) projected patches ``P``, float32 even under autocast.
+
+        The extractor's ``w`` compares these patches with caption embeddings; patches
+        rounded to bfloat16 by an autocast vision tower or projector moved ``w`` by ~1e-3
+        although :func:`complementary_weights` itself is float32 (issue 27). The frozen
+        ViT-B/32 over 49 patches is a small part of a step, so fp32 here costs little."""
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+            return self.projector(self.vision(pixel_values.float())).float()
 
     def encode_patch_sequence(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_mask: torch.Tensor,

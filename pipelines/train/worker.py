@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -56,27 +57,100 @@ class LoopState:
     epoch: int = 0
     batch_in_epoch: int = 0  # optimiser steps already taken in ``epoch``
     total_steps: int = 0
-    best: float = -math.inf
+    best: float = -math.inf  # of the selection measure (``train.select_by``)
     best_step: int = -1
     bad_evals: int = 0
     evals: int = 0
     last_eval_step: int = -1
-    initial_dev: float | None = None
+    initial_dev: float | None = None  # of the selection measure
+    # Both dev measures of the kept checkpoint, and the initial MRR@10 (None in checkpoints
+    # that predate them: those selected by MRR@10, so ``best``/``initial_dev`` hold it).
+    best_dev_mrr10: float | None = None
+    best_dev_in_batch_acc: float | None = None
+    initial_dev_mrr10: float | None = None
     stopped_early: bool = False
     finished: bool = False
 
 
 def dev_mrr10(model, processor, documents: Sequence, queries: Sequence[Mapping[str, Any]],
-              device: torch.device | str = "cpu") -> float:
+              device: torch.device | str = "cpu", corpus=None) -> float:
     """MRR@10 of ``queries`` ranked exhaustively by cosine over ``documents`` (on ``device``),
-    with the evaluation code every other score of the project comes from."""
+    with the evaluation code every other score of the project comes from (``corpus``: the
+    documents already encoded, an ``EncodedCorpus``)."""
     from pipelines.query.evaluation import encode_corpus, rank
     from pipelines.query.metrics import evaluate_run
 
-    corpus = encode_corpus(model, processor, documents, device=device)
+    if corpus is None:
+        corpus = encode_corpus(model, processor, documents, device=device)
     run = rank(model, processor, corpus, queries, k=10, device=device)
     qrels = {x["qid"]: set(x["positive_doc_ids"]) for x in queries}
     return evaluate_run(run, qrels, ks_recall=(10,)).value("MRR@10")
+
+
+def dev_positive(query: Mapping[str, Any], modality_of: Mapping[str, str]) -> str | None:
+    """The positive a dev query is scored against in-batch, as training picks one (without
+    the random draw): its ``target_doc_id``, else its first image positive, else its first
+    positive (only those in the dev pool, ``modality_of``); ``None`` if none is there."""
+    target = query.get("target_doc_id")
+    if target and target in modality_of:
+        return target
+    there = [d for d in query["positive_doc_ids"] if d in modality_of]
+    images = [d for d in there if modality_of[d] == "image"]
+    return (images or there or [None])[0]
+
+
+def dev_in_batch_accuracy(query_vectors: np.ndarray, doc_vectors: Mapping[str, np.ndarray],
+                          positives: Sequence[str | None], batch_size: int) -> float:
+    """The release's dev measure: the queries, in order, in batches of ``batch_size``; each
+    query is correct when its own positive scores highest among the distinct positives of
+    its batch (a document shared by two queries is one candidate, right for both; ties go to
+    the earlier candidate, as ``argmax`` breaks them in training's ``in_batch_acc``).
+    Queries without a positive in the pool (``None``) are left out.
+
+    Args:
+        query_vectors: (Q, D) unit query vectors.
+        doc_vectors: doc_id → (D,) unit vector, holding every positive named.
+        positives: per query, the doc id of its positive, or ``None``.
+        batch_size: queries per batch (the training batch).
+
+    Returns:
+        The fraction correct in [0, 1] (0 with no scorable query).
+    """
+    keep = [i for i, d in enumerate(positives) if d is not None]
+    correct = 0
+    for start in range(0, len(keep), batch_size):
+        rows = keep[start : start + batch_size]
+        ids = list(dict.fromkeys(positives[i] for i in rows))  # distinct, in first-seen order
+        cands = np.stack([doc_vectors[d] for d in ids])  # (C, D)
+        scores = query_vectors[rows] @ cands.T  # (B, C)
+        target = np.array([ids.index(positives[i]) for i in rows])
+        correct += int((scores.argmax(axis=1) == target).sum())
+    return correct / len(keep) if keep else 0.0
+
+
+def dev_scores(model, processor, documents: Sequence, queries: Sequence[Mapping[str, Any]],
+               batch_size: int, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Both dev measures from one encoding of ``documents``: ``dev_mrr10``
+    (:func:`dev_mrr10`) and ``dev_in_batch_acc`` (:func:`dev_in_batch_accuracy`, batches of
+    ``batch_size`` queries in their given order)."""
+    from ciea_model.inference import encode_queries
+    from pipelines.query.evaluation import encode_corpus
+
+    corpus = encode_corpus(model, processor, documents, device=device)
+    mrr = dev_mrr10(model, processor, documents, queries, device, corpus=corpus)
+    modality_of = {d.doc_id: d.modality for d in documents}
+    positives = [dev_positive(q, modality_of) for q in queries]
+    row_of = {d: i for i, d in enumerate(corpus.doc_ids)}
+    vectors = {d: corpus.vectors[row_of[d]] for d in set(positives) if d is not None}
+    q = encode_queries(model, processor, [x["query"] for x in queries], device=device)
+    return {"dev_mrr10": mrr, "dev_in_batch_acc": dev_in_batch_accuracy(q, vectors, positives, batch_size)}
+
+
+def step_autocast(device: torch.device, bf16: bool):
+    """The precision of the training forward: bfloat16 autocast on CUDA with ``train.bf16``
+    (the projected patches and the extractor's ``w`` stay float32 inside it), else fp32
+    (the release)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else contextlib.nullcontext()
 
 
 class TrainWorker:
@@ -104,8 +178,7 @@ class TrainWorker:
         self.storage_options = cfg.storage_options or None
         self.dev_queries: list[dict[str, Any]] = config["dev_queries"]
         self.dev_docs: list | None = None
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and cfg.train.bf16 else contextlib.nullcontext())
+        self.autocast = step_autocast(self.device, cfg.train.bf16)
         self.prof = StepProfile(cfg.debug.profile and self.rank == 0)
         self.bar = None
         self.window = (0, time.perf_counter())  # samples and start time of the progress line
@@ -370,11 +443,12 @@ class TrainWorker:
     # ---- dev evaluation ----------------------------------------------------------------------
     def evaluate(self) -> bool:
         """Rank 0 scores dev (keeping the best weights); every rank returns the broadcast
-        decision to stop (``train.patience`` evaluations without gain)."""
+        decision to stop (the stage's patience: evaluations without gain in
+        ``train.select_by``)."""
         decision = torch.zeros(2)
         if self.rank == 0:
             score = self._score_dev()
-            decision[0] = float(self.state.bad_evals >= self.cfg.train.patience)
+            decision[0] = float(self.state.bad_evals >= self.cfg.train.effective_patience)
             decision[1] = score
         if self.gather:
             dist.broadcast(decision, src=0)
@@ -385,24 +459,40 @@ class TrainWorker:
     def _score_dev(self) -> float:
         from ciea_model import save_checkpoint
 
-        state = self.state
+        state, select_by = self.state, self.cfg.train.select_by
         docs = self._dev_documents()
         t0 = time.perf_counter()
-        score = dev_mrr10(self.model, self.processor, docs, self.dev_queries, self.device)
+        scores = dev_scores(self.model, self.processor, docs, self.dev_queries, self.cfg.train.batch_size, self.device)
+        score = scores[select_by]
         state.evals += 1
         if state.initial_dev is None:
             state.initial_dev = score
+        if state.initial_dev_mrr10 is None:
+            state.initial_dev_mrr10 = scores["dev_mrr10"]
         if score > state.best:
             state.best, state.best_step, state.bad_evals = score, state.step, 0
+            state.best_dev_mrr10, state.best_dev_in_batch_acc = scores["dev_mrr10"], scores["dev_in_batch_acc"]
             shutil.rmtree(self.best_dir, ignore_errors=True)
-            save_checkpoint(self.model, self.processor, self.best_dir, metadata={"dev_mrr10": score, "step": state.step})
+            save_checkpoint(self.model, self.processor, self.best_dir,
+                            metadata={**scores, "select_by": select_by, "step": state.step})
         else:
             state.bad_evals += 1
-        self.log.write({"event": "eval", "step": state.step, "epoch": state.epoch, "dev_mrr10": score,
-                        "best_dev_mrr10": state.best, "best_step": state.best_step,
+        self.log.write({"event": "eval", "step": state.step, "epoch": state.epoch, **scores, "select_by": select_by,
+                        "best": state.best, "best_dev_mrr10": self._best_mrr10(), "best_step": state.best_step,
                         "seconds": time.perf_counter() - t0})
-        logger.info("step %d: dev MRR@10 %.4f (best %.4f at step %d)", state.step, score, state.best, state.best_step)
+        logger.info("step %d: dev MRR@10 %.4f, dev in-batch acc %.4f (best %s %.4f at step %d)", state.step,
+                    scores["dev_mrr10"], scores["dev_in_batch_acc"], select_by, state.best, state.best_step)
         return score
+
+    def _best_mrr10(self) -> float:
+        """Dev MRR@10 of the kept checkpoint (``best`` itself in checkpoints that predate
+        ``best_dev_mrr10``: they were selected by it)."""
+        s = self.state
+        return s.best_dev_mrr10 if s.best_dev_mrr10 is not None else s.best
+
+    def _initial_mrr10(self) -> float | None:
+        s = self.state
+        return s.initial_dev_mrr10 if s.initial_dev_mrr10 is not None else s.initial_dev
 
     def _dev_documents(self) -> list:
         """The dev pool (rank 0), read once, images already transformed."""
@@ -478,15 +568,18 @@ class TrainWorker:
             ids = self._rank_model_ids()
             self._restore_best()
             state.finished = True
-            summary = {"step": state.step, "best_dev_mrr10": state.best, "best_step": state.best_step,
-                       "initial_dev_mrr10": state.initial_dev, "stopped_early": state.stopped_early,
-                       "rank_model_ids": ids, "final": True}
+            summary = {"step": state.step, "best_dev_mrr10": self._best_mrr10(), "best_step": state.best_step,
+                       "initial_dev_mrr10": self._initial_mrr10(), "stopped_early": state.stopped_early,
+                       "select_by": self.cfg.train.select_by, "best": state.best,
+                       "best_dev_in_batch_acc": state.best_dev_in_batch_acc, "rank_model_ids": ids, "final": True}
             if self.rank == 0:
                 self.log.write({"event": "end", **summary})
             self.checkpoint(summary, final=True)
         shutil.rmtree(self.best_dir, ignore_errors=True)
         if self.rank == 0:
-            return {"step": state.step, "best_dev_mrr10": state.best, "initial_dev_mrr10": state.initial_dev,
+            return {"step": state.step, "best_dev_mrr10": self._best_mrr10(),
+                    "initial_dev_mrr10": self._initial_mrr10(), "select_by": self.cfg.train.select_by,
+                    "best": state.best, "best_dev_in_batch_acc": state.best_dev_in_batch_acc,
                     "stopped_early": state.stopped_early}
         return None
 

@@ -308,3 +308,25 @@ def test_masked_logits_stay_fp32_under_autocast():
     assert torch.all(fp32[..., 0] == 0) and torch.all(autocast[..., 0] == 0)
     assert torch.all(autocast[..., 3] > 0)
     torch.testing.assert_close(autocast, fp32, atol=1e-2, rtol=0)
+
+
+def test_model_weights_under_bf16_autocast_equal_fp32_end_to_end(make_model, documents):
+    """Issue 27: under autocast the vision tower and projector ran in bfloat16, so ``w`` got
+    bf16-rounded patches and moved by ~1e-3 though ``complementary_weights`` is fp32. The
+    whole path pixels → patches → ``w`` is fp32 now: the model's ``w`` under autocast equals
+    its fp32 ``w`` to ~1e-6, a tolerance that bf16-rounded patches miss by orders of magnitude."""
+    model, processor = make_model("ciea", seed=7)
+    model.eval()
+    image = processor.collate_documents([d for d in documents if d.modality == "image"]).image
+    with torch.no_grad():
+        _, w32 = model.encode_image_documents(image, return_weights=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, w_auto = model.encode_image_documents(image, return_weights=True)
+            patches = model.project_patches(image["pixel_values"])
+        # What the old path fed w: the same patches rounded to bfloat16.
+        caption = model.text.embed_tokens(image["input_ids"])
+        w_bf16_patches = complementary_weights(patches.bfloat16(), caption, image["caption_mask"])
+    torch.testing.assert_close(w_auto, w32, atol=1e-6, rtol=0)
+    assert w_auto.dtype == torch.float32 and patches.dtype == torch.float32
+    # The tolerance is tight enough to catch the bf16 path (≈1e-3 off).
+    assert (w_bf16_patches - w32).abs().max() > 1e-4
