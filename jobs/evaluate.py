@@ -1,7 +1,14 @@
 """``ciea evaluate``: score tables and checkpoints on a query split — MRR@10/@20,
 NDCG@10/@20, graded NDCG gNDCG@10/@20 (gain = the qrels grade, trec_eval's ndcg_cut),
-Recall@1/5/20/100, overall, by query kind and by answer modality — several
-variants side by side in one report.
+Recall@1/5/20/100 (share of the relevant documents in the top k) and Success@1/5/20/100 (any
+relevant document in the top k: the release's "Recall@1" is Success@1), overall, by query kind
+and by answer modality — several variants side by side in one report. The numbers are
+trec_eval's own (pytrec_eval) on the runs' scores: equal scores rank by doc id descending.
+
+``--set metrics.webqa_image_protocol=release`` also ranks the image-answer queries against
+the image documents alone (group ``image-index``): WebQA-Image as the release scores it, with
+a separate image-only index; the default scores them only in the shared index
+(``modality=image``).
 
 A variant is a name and where its ranking comes from (``--variant NAME=KIND:WHERE``):
 
@@ -20,8 +27,9 @@ judged documents (a table built from another corpus is refused, not scored near 
 
 Into ``--out``: ``report.json`` (every metric per variant and group, per query too),
 ``report.md`` (the tables), one PNG bar chart per charted metric (``mrr_at_10.png``),
-``qrels.txt`` and ``runs/<variant>.txt`` in TREC format (``trec_eval qrels.txt
-runs/ciea.txt`` reproduces the numbers), and the resolved config.
+``qrels.txt`` and ``runs/<variant>.txt`` in TREC format with the runs' own scores (``trec_eval
+qrels.txt runs/ciea.txt`` reproduces the numbers, ties included; ``runs/<variant>.image-index.txt``
+under the release protocol), and the resolved config.
 
 Examples::
 

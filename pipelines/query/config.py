@@ -57,21 +57,29 @@ class MetricSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mrr: list[int] = Field([10, 20], description="MRR cutoffs")
     ndcg: list[int] = Field([10, 20], description="NDCG cutoffs")
-    recall: list[int] = Field([1, 5, 20, 100], description="Recall cutoffs")
+    recall: list[int] = Field([1, 5, 20, 100], description="Recall cutoffs (trec_eval recall_k: share of the "
+                              "relevant documents in the top k; Recall@1 <= 1/#relevant)")
+    success: list[int] = Field([1, 5, 20, 100], description="Success cutoffs (trec_eval success_k: 1 if any relevant "
+                               "document is in the top k; the release's 'Recall@1' is Success@1)")
     graded_ndcg: list[int] = Field([10, 20], description="graded NDCG cutoffs (gNDCG@k: trec_eval ndcg_cut "
                                    "with gain = the qrels grade)")
     group_by: list[str] = Field(["kind"], description="query metadata keys to split the report by (synthetic: kind)")
     answer_modality: bool = Field(True, description="also split by the modality of the relevant documents")
     charts: list[str] = Field(["MRR@10"], description="metrics drawn as PNG bar charts (groups x variants)")
+    webqa_image_protocol: Literal["shared-index", "release"] = Field(
+        "shared-index", description="image-answer queries: 'shared-index' scores them only in the one index of "
+        "every document (group modality=image); 'release' also ranks them against the image documents alone, "
+        "the release's separate WebQA-Image index (group image-index)")
 
     @model_validator(mode="after")
     def _check(self) -> MetricSettings:
-        for name in ("mrr", "ndcg", "recall", "graded_ndcg"):
+        for name in ("mrr", "ndcg", "recall", "graded_ndcg", "success"):
             bad = [k for k in getattr(self, name) if k < 1]
             if bad:
                 raise ValueError(f"metrics.{name} cutoffs must be >= 1, got {bad}")
-        if not (self.mrr or self.ndcg or self.recall):
-            raise ValueError("no metric cutoff at all: give metrics.mrr, metrics.ndcg or metrics.recall")
+        if not (self.mrr or self.ndcg or self.recall or self.success):
+            raise ValueError("no metric cutoff at all: give metrics.mrr, metrics.ndcg, metrics.recall or "
+                             "metrics.success")
         names = self.names
         unknown = [c for c in self.charts if c not in names]
         if unknown:
@@ -82,11 +90,11 @@ class MetricSettings(BaseModel):
     def names(self) -> list[str]:
         from pipelines.query.metrics import metric_names
 
-        return metric_names(self.mrr, self.ndcg, self.recall, self.graded_ndcg)
+        return metric_names(self.mrr, self.ndcg, self.recall, self.graded_ndcg, self.success)
 
     @property
     def max_k(self) -> int:
-        return max((*self.mrr, *self.ndcg, *self.recall, *self.graded_ndcg), default=1)
+        return max((*self.mrr, *self.ndcg, *self.recall, *self.graded_ndcg, *self.success), default=1)
 
 
 class SearchSettings(BaseModel):

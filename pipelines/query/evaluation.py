@@ -29,7 +29,13 @@ import numpy as np
 from ciea_model.inference import encode_documents, encode_queries
 from ciea_model.model import CIEAModel
 from ciea_model.processor import CIEAProcessor, Document
-from pipelines.query.metrics import RetrievalReport, evaluate_run, topk_from_scores
+from pipelines.query.metrics import (
+    RetrievalReport,
+    evaluate_run,
+    group_means,
+    metric_names,
+    topk_from_scores,
+)
 from pipelines.store import schema as S
 from pipelines.store.documents import DOCUMENT_COLUMNS, batch_to_documents
 
@@ -45,9 +51,12 @@ __all__ = [
     "DEFAULT_KS_GRADED_NDCG",
     "DEFAULT_KS_NDCG",
     "DEFAULT_KS_RECALL",
+    "DEFAULT_KS_SUCCESS",
+    "IMAGE_INDEX_GROUP",
     "EncodedCorpus",
     "EvaluationError",
     "SearchRun",
+    "add_image_index_group",
     "check_coverage",
     "corpus_doc_ids",
     "encode_corpus",
@@ -55,6 +64,8 @@ __all__ = [
     "evaluate",
     "evaluate_grouped",
     "evaluate_searcher",
+    "image_doc_ids",
+    "image_only",
     "load_split",
     "query_groupings",
     "rank",
@@ -66,6 +77,9 @@ __all__ = [
 DEFAULT_KS_MRR: tuple[int, ...] = (10, 20)
 DEFAULT_KS_NDCG: tuple[int, ...] = (10, 20)
 DEFAULT_KS_RECALL: tuple[int, ...] = (1, 5, 20, 100)
+#: Success@k (trec_eval ``success_k``: a relevant document in the top k) beside Recall@k:
+#: the release's "Recall@1" is Success@1 (issue 27).
+DEFAULT_KS_SUCCESS: tuple[int, ...] = (1, 5, 20, 100)
 #: Graded NDCG (``gNDCG@k``, gain = the qrels grade) beside the binary measures (issue 17).
 DEFAULT_KS_GRADED_NDCG: tuple[int, ...] = (10, 20)
 
@@ -73,6 +87,9 @@ DEFAULT_KS_GRADED_NDCG: tuple[int, ...] = (10, 20)
 ANSWER_MODALITY = "modality"
 MIXED = "mixed"  # relevant documents of both modalities
 UNKNOWN = "unknown"  # none of the relevant documents is in corpus/documents
+#: Group of the image-answer queries ranked against the image documents alone: the release's
+#: WebQA-Image protocol (a separate image-only index), ``metrics.webqa_image_protocol=release``.
+IMAGE_INDEX_GROUP = "image-index"
 
 SearchMode = Literal["vector", "fts", "hybrid"]
 
@@ -162,25 +179,32 @@ def encode_delta_corpus(
 
 def rank(
     model: CIEAModel, processor: CIEAProcessor, corpus: EncodedCorpus,
-    queries: Sequence[Mapping[str, Any]], k: int = 100, device: str = "cpu",
-) -> dict[str, list[str]]:
-    """qid → top-k doc ids by cosine."""
+    queries: Sequence[Mapping[str, Any]], k: int = 100, device: str = "cpu", *, scores: bool = False,
+) -> dict[str, list[str]] | dict[str, dict[str, float]]:
+    """qid → top-k doc ids by cosine, ties as trec_eval breaks them (doc id descending);
+    with ``scores``, qid → doc id → cosine (best first), so the evaluation sees the ties."""
     q = encode_queries(model, processor, [x["query"] for x in queries], device=device)
-    ranked = topk_from_scores(q @ corpus.vectors.T, corpus.doc_ids, k)
+    ranked = topk_from_scores(q @ corpus.vectors.T, corpus.doc_ids, k, with_scores=scores)
     return {x["qid"]: r for x, r in zip(queries, ranked)}
+
+
+def image_only(corpus: EncodedCorpus, image_ids: set[str] | frozenset[str]) -> EncodedCorpus:
+    """The image documents of an encoded corpus: the release's separate WebQA-Image index."""
+    keep = [i for i, d in enumerate(corpus.doc_ids) if d in image_ids]
+    return EncodedCorpus([corpus.doc_ids[i] for i in keep], corpus.vectors[keep])
 
 
 def evaluate(
     model: CIEAModel, processor: CIEAProcessor, documents: Sequence[Document],
     queries: Sequence[Mapping[str, Any]], k: int = 100, group_key: str | None = "kind",
 ) -> RetrievalReport:
-    """Encodes ``documents`` and ``queries`` and returns MRR@10, NDCG@10, Recall@k,
-    overall and per ``group_key`` value (the synthetic query kind by default)."""
+    """Encodes ``documents`` and ``queries`` and returns MRR@10, NDCG@10, Recall@k and
+    Success@k, overall and per ``group_key`` value (the synthetic query kind by default)."""
     corpus = encode_corpus(model, processor, documents)
-    run = rank(model, processor, corpus, queries, k=k)
+    run = rank(model, processor, corpus, queries, k=k, scores=True)
     qrels = {x["qid"]: set(x["positive_doc_ids"]) for x in queries}
     groups = {x["qid"]: str(x[group_key]) for x in queries} if group_key else None
-    return evaluate_run(run, qrels, ks_recall=(1, 5, 10, 20, 100), groups=groups)
+    return evaluate_run(run, qrels, ks_recall=(1, 5, 10, 20, 100), groups=groups, ks_success=(1, 5, 10, 20, 100))
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,6 +278,13 @@ def _document_modalities(tables: Tables, doc_ids: set[str], version: int | None)
     return {d: m for d, m in zip(t[S.DOC_ID].to_pylist(), t[S.MODALITY].to_pylist()) if d in doc_ids}
 
 
+def image_doc_ids(tables: Tables, version: int | None = None) -> set[str]:
+    """Doc ids of the image documents of a ``corpus/documents`` version (two narrow columns):
+    the candidates of the release's WebQA-Image protocol."""
+    t = tables.read(tables.documents, columns=[S.DOC_ID, S.MODALITY], version=version)
+    return {d for d, m in zip(t[S.DOC_ID].to_pylist(), t[S.MODALITY].to_pylist()) if m == "image"}
+
+
 def corpus_doc_ids(tables: Tables, version: int | None = None) -> set[str]:
     """Doc ids of a ``corpus/documents`` version (one narrow column).
 
@@ -302,24 +333,46 @@ def query_groupings(
 
 
 def evaluate_grouped(
-    run: Mapping[str, Sequence[str]], qrels: Mapping[str, Any], groupings: Mapping[str, Mapping[str, str]],
+    run: Mapping[str, Sequence[str] | Mapping[str, float]], qrels: Mapping[str, Any],
+    groupings: Mapping[str, Mapping[str, str]],
     ks_mrr: Sequence[int] = DEFAULT_KS_MRR, ks_ndcg: Sequence[int] = DEFAULT_KS_NDCG,
     ks_recall: Sequence[int] = DEFAULT_KS_RECALL, ks_graded_ndcg: Sequence[int] = (),
+    ks_success: Sequence[int] = (),
 ) -> RetrievalReport:
     """:func:`pipelines.query.metrics.evaluate_run` with several groupings in one report.
 
+    The run is scored once (by the library); the groups are means of its per-query values.
     Group labels are ``"<grouping>=<label>"``, e.g. ``"kind=image"`` and
     ``"modality=text"``; ``num_ungrouped`` is the most any grouping left out.
     """
-    report = evaluate_run(run, qrels, ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg=ks_graded_ndcg)
+    report = evaluate_run(run, qrels, ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg=ks_graded_ndcg,
+                          ks_success=ks_success)
+    names = metric_names(ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg, ks_success)
     for name, labels in groupings.items():
-        part = evaluate_run(run, qrels, ks_mrr, ks_ndcg, ks_recall,
-                            groups={qid: f"{name}={label}" for qid, label in labels.items()},
-                            ks_graded_ndcg=ks_graded_ndcg)
-        for label in sorted(part.by_group):
-            report.by_group[label] = part.by_group[label]
-            report.group_counts[label] = part.group_counts[label]
-        report.num_ungrouped = max(report.num_ungrouped, part.num_ungrouped)
+        by_group, counts, ungrouped = group_means(
+            names, report.per_query, {qid: f"{name}={label}" for qid, label in labels.items()})
+        for label in sorted(by_group):
+            report.by_group[label] = by_group[label]
+            report.group_counts[label] = counts[label]
+        report.num_ungrouped = max(report.num_ungrouped, ungrouped)
+    return report
+
+
+def add_image_index_group(
+    report: RetrievalReport, run: Mapping[str, Sequence[str] | Mapping[str, float]], qrels: Mapping[str, Any],
+    ks_mrr: Sequence[int] = DEFAULT_KS_MRR, ks_ndcg: Sequence[int] = DEFAULT_KS_NDCG,
+    ks_recall: Sequence[int] = DEFAULT_KS_RECALL, ks_graded_ndcg: Sequence[int] = (),
+    ks_success: Sequence[int] = (),
+) -> RetrievalReport:
+    """Adds group :data:`IMAGE_INDEX_GROUP`: the image-answer queries' ``run`` against the image
+    documents alone (the release's WebQA-Image protocol), scored on their own. The overall
+    means stay those of the shared index."""
+    part = evaluate_run(run, {q: qrels[q] for q in run if q in qrels}, ks_mrr, ks_ndcg, ks_recall,
+                        groups=dict.fromkeys(run, IMAGE_INDEX_GROUP), ks_graded_ndcg=ks_graded_ndcg,
+                        ks_success=ks_success)
+    if IMAGE_INDEX_GROUP in part.by_group:
+        report.by_group[IMAGE_INDEX_GROUP] = part.by_group[IMAGE_INDEX_GROUP]
+        report.group_counts[IMAGE_INDEX_GROUP] = part.group_counts[IMAGE_INDEX_GROUP]
     return report
 
 
@@ -366,12 +419,12 @@ class SearchRun:
     """A run from a :class:`~pipelines.query.search.Searcher`.
 
     Attributes:
-        run: qid → doc ids, best first (a query whose search failed has ``[]``: it is
-            scored 0, not dropped).
+        run: qid → doc id → the search's score, best first (a query whose search failed has
+            ``{}``: it is scored 0, not dropped); trec_eval breaks equal scores by doc id.
         failed: qid → the error of its search.
     """
 
-    run: dict[str, list[str]]
+    run: dict[str, dict[str, float]]
     failed: dict[str, str] = field(default_factory=dict)
 
 
@@ -412,7 +465,9 @@ def search_run(
                     except Exception as e:
                         out.failed[qid] = f"{type(e).__name__}: {e}"
                         hits = []
-                out.run[qid] = [h.doc_id for h in hits]
+                out.run[qid] = {}
+                for h in hits:
+                    out.run[qid].setdefault(h.doc_id, float(h.score))
             bar.update(len(part))
     if out.failed:
         qid, err = next(iter(out.failed.items()))
@@ -440,7 +495,7 @@ def evaluate_searcher(
     searcher: Searcher, queries: Sequence[Mapping[str, Any]], qrels: Mapping[str, Mapping[str, int]], *,
     k: int = 100, mode: SearchMode = "vector", ks_mrr: Sequence[int] = DEFAULT_KS_MRR,
     ks_ndcg: Sequence[int] = DEFAULT_KS_NDCG, ks_recall: Sequence[int] = DEFAULT_KS_RECALL,
-    ks_graded_ndcg: Sequence[int] = DEFAULT_KS_GRADED_NDCG,
+    ks_graded_ndcg: Sequence[int] = DEFAULT_KS_GRADED_NDCG, ks_success: Sequence[int] = DEFAULT_KS_SUCCESS,
     group_keys: Sequence[str] = ("kind",), batch_size: int = 64, progress: bool = False,
     max_missing_fraction: float | None = None, storage_options: Mapping[str, str] | None = None,
     **search_kwargs: Any,
@@ -452,7 +507,7 @@ def evaluate_searcher(
         queries, qrels: from :func:`load_split`.
         k: documents retrieved per query; at least the largest cutoff.
         mode: ``vector``, ``fts`` (BM25) or ``hybrid``.
-        ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg: metric cutoffs.
+        ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg, ks_success: metric cutoffs.
         group_keys: query keys to split the report by (plus the answer modality).
         batch_size: queries per ``search_batch`` call.
         progress: show a tqdm bar.
@@ -468,7 +523,7 @@ def evaluate_searcher(
         EvaluationError: ``k`` below a cutoff, the table lacks judged documents, or every
             search failed.
     """
-    need = max((*ks_mrr, *ks_ndcg, *ks_recall, *ks_graded_ndcg), default=1)
+    need = max((*ks_mrr, *ks_ndcg, *ks_recall, *ks_graded_ndcg, *ks_success), default=1)
     if k < need:
         raise EvaluationError(f"k={k} is below the largest metric cutoff {need}: retrieve k >= {need} "
                               "documents per query, or drop that cutoff")
@@ -477,5 +532,5 @@ def evaluate_searcher(
                        f"table {searcher.db_uri}/{searcher.name}@{searcher.version}", max_missing_fraction)
     sr = search_run(searcher, queries, k=k, mode=mode, batch_size=batch_size, progress=progress, **search_kwargs)
     return evaluate_grouped(sr.run, qrels, query_groupings(queries, group_keys), ks_mrr, ks_ndcg, ks_recall,
-                            ks_graded_ndcg)
+                            ks_graded_ndcg, ks_success)
 

@@ -95,14 +95,28 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
     return Prepared(spec, info, searcher)
 
 
+Run = dict[str, dict[str, float]]
+
+
 def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any]],
-                qrels: dict[str, dict[str, int]], tables: Tables | None = None) -> dict[str, list[str]]:
-    """The ranked run of one variant (qid → doc ids); updates ``prep.info`` with what happened.
-    ``tables``: the run's Delta handle (default: made from ``cfg.input``)."""
+                qrels: dict[str, dict[str, int]], tables: Tables | None = None,
+                image_queries: list[dict[str, Any]] | None = None) -> Run | tuple[Run, Run]:
+    """The scored run of one variant (qid → doc id → score, best first; trec_eval breaks equal
+    scores); updates ``prep.info`` with what happened. ``tables``: the run's Delta handle
+    (default: made from ``cfg.input``).
+
+    With ``image_queries`` (the release's WebQA-Image protocol), returns ``(run, image_run)``:
+    ``image_run`` ranks those queries against the image documents alone (a table is searched
+    with a ``modality = 'image'`` pre-filter; a checkpoint's encoded corpus is cut to its
+    image documents).
+    """
     from pipelines.query import evaluation as E
 
     t0 = time.perf_counter()
+    image_run: Run = {}
     if prep.searcher is not None:
+        from pipelines.query.search import Filter
+
         kwargs = {"nprobes": cfg.search.nprobes, "refine_factor": cfg.search.refine_factor}
         if prep.spec.mode == "fts":
             kwargs = {}  # ANN settings mean nothing to BM25
@@ -111,6 +125,10 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
         prep.info["failed_queries"] = len(sr.failed)
         prep.info["failures"] = [{"qid": q, "error": e} for q, e in list(sr.failed.items())[:20]]
         ranked = sr.run
+        if image_queries:
+            image_run = E.search_run(prep.searcher, image_queries, k=cfg.k, mode=prep.spec.mode,
+                                     batch_size=cfg.search.batch_size, progress=cfg.progress,
+                                     where=Filter(modality="image"), **kwargs).run
     else:
         from ciea_model import load_checkpoint
 
@@ -123,10 +141,15 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
                                    f"{prep.spec.checkpoint})", cfg.max_missing_fraction)
         prep.info.update(documents=len(corpus.doc_ids), failed_documents=len(corpus.failed),
                          missing_relevant_docs=len(missing))
-        ranked = E.rank(model, processor, corpus, queries, k=cfg.k, device=cfg.search.device)
+        ranked = E.rank(model, processor, corpus, queries, k=cfg.k, device=cfg.search.device, scores=True)
+        if image_queries:
+            images = E.image_only(corpus, E.image_doc_ids(tables or cfg.tables(), cfg.input.corpus_version))
+            prep.info["image_index_documents"] = len(images.doc_ids)
+            image_run = E.rank(model, processor, images, image_queries, k=cfg.k, device=cfg.search.device,
+                               scores=True)
         del model, processor, corpus
     prep.info["seconds"] = round(time.perf_counter() - t0, 2)
-    return ranked
+    return (ranked, image_run) if image_queries is not None else ranked
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,9 +157,11 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
 # ---------------------------------------------------------------------------------------
 
 
-def write_trec(out: Path, qrels: dict[str, dict[str, int]], runs: dict[str, dict[str, list[str]]]) -> None:
-    """``qrels.txt`` and ``runs/<variant>.txt`` in TREC format. Scores are ``k - rank``
-    (trec_eval orders by score, so the file keeps each ranking's order). Relevance is
+def write_trec(out: Path, qrels: dict[str, dict[str, int]],
+               runs: dict[str, dict[str, list[str]] | dict[str, dict[str, float]]]) -> None:
+    """``qrels.txt`` and ``runs/<variant>.txt`` in TREC format. A scored run keeps its scores
+    (exactly: trec_eval breaks their ties as the report did, doc id descending); a ranking
+    list gets ``k - rank`` (the file keeps its order). Relevance is
     written binary (grade > 0 → 1): the report's NDCG uses binary gains
     (:mod:`pipelines.query.metrics`), and trec_eval on these files gives the same numbers;
     ``qrels.graded.txt`` keeps the grades, for ``gNDCG@k`` (trec_eval's ``ndcg_cut``)."""
@@ -146,9 +171,16 @@ def write_trec(out: Path, qrels: dict[str, dict[str, int]], runs: dict[str, dict
     (out / "qrels.graded.txt").write_text("\n".join(graded) + "\n")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     for name, ranking in runs.items():
-        rows = [f"{q} Q0 {d} {i + 1} {len(ranked) - i} {name}"
-                for q, ranked in sorted(ranking.items()) for i, d in enumerate(ranked)]
+        rows = [f"{q} Q0 {d} {i + 1} {score} {name}"
+                for q, ranked in sorted(ranking.items()) for i, (d, score) in enumerate(_scores(ranked))]
         (out / "runs" / f"{name}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
+
+
+def _scores(ranked: list[str] | dict[str, float]) -> list[tuple[str, str]]:
+    """``(doc_id, score text)`` best first; a score's ``repr`` reads back as the same double."""
+    if isinstance(ranked, dict):
+        return [(d, repr(float(s))) for d, s in ranked.items()]
+    return [(d, str(len(ranked) - i)) for i, d in enumerate(ranked)]
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -172,17 +204,28 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
     groupings = E.query_groupings(queries, cfg.metrics.group_by, cfg.metrics.answer_modality)
     m = cfg.metrics
-    runs: dict[str, dict[str, list[str]]] = {}
+    ks = (m.mrr, m.ndcg, m.recall, m.graded_ndcg, m.success)
+    # The release's WebQA-Image: image-answer queries against the image documents alone.
+    image_queries = ([q for q in queries if q.get(E.ANSWER_MODALITY) == "image"]
+                     if m.webqa_image_protocol == "release" else None)
+    if image_queries is not None and not image_queries:
+        logger.warning("webqa_image_protocol=release: no query has only image answers; no %s group",
+                       E.IMAGE_INDEX_GROUP)
+    runs: dict[str, Run] = {}
     reports = {}
     for prep in prepared:
         logger.info("variant %s: %s", prep.spec.name, prep.info["source"])
-        runs[prep.spec.name] = run_variant(cfg, prep, queries, qrels, tables)
-        reports[prep.spec.name] = E.evaluate_grouped(runs[prep.spec.name], qrels, groupings, m.mrr, m.ndcg, m.recall,
-                                                     m.graded_ndcg)
+        got = run_variant(cfg, prep, queries, qrels, tables, image_queries=image_queries)
+        runs[prep.spec.name], image_run = got if isinstance(got, tuple) else (got, {})
+        reports[prep.spec.name] = E.evaluate_grouped(runs[prep.spec.name], qrels, groupings, *ks)
+        if image_run:
+            E.add_image_index_group(reports[prep.spec.name], image_run, qrels, *ks)
+            runs[f"{prep.spec.name}.{E.IMAGE_INDEX_GROUP}"] = image_run
         prep.searcher = None  # release the model before the next variant loads its own
 
     meta = {"split": cfg.input.split, "root": storage_mod.normalise_uri(cfg.input.root), "queries": len(queries),
-            "judged_queries": judged, "k": cfg.k, "seconds": round(time.perf_counter() - t0, 2)}
+            "judged_queries": judged, "k": cfg.k, "webqa_image_protocol": m.webqa_image_protocol,
+            "seconds": round(time.perf_counter() - t0, 2)}
     doc = R.build_report(reports, {p.spec.name: p.info for p in prepared}, m.names, meta,
                          include_per_query=cfg.output.per_query)
     out = Path(cfg.output.out)

@@ -1,33 +1,36 @@
-"""Retrieval metrics (MRR@k, NDCG@k, Recall@k) that agree with trec_eval.
+"""Retrieval metrics computed by trec_eval itself (through ``pytrec_eval``), named as the
+release and trec_eval name them.
 
-The binary metrics use binary relevance (grade > 0) over a ranked top-k list per query, graded
-NDCG the grades themselves; all return
-fractions in ``[0, 1]``; :func:`format_table` is the only place that scales by 100.
+Only what no library does is kept by hand: turning rankings into scored runs, averaging
+per group, the top-k of a score matrix and the text table. All values are fractions in
+``[0, 1]``; :func:`format_table` is the only place that scales by 100.
 
-Conventions (chosen to match ``trec_eval`` run *without* ``-c``):
+Measures (trec_eval names in brackets; binary relevance is grade ``> 0``):
 
-* ``MRR@k`` is trec_eval's ``recip_rank`` computed on the run truncated to the
-  top ``k`` documents: ``1 / rank`` of the first relevant document, 0 if none of
-  the top ``k`` is relevant.
-* ``NDCG@k`` is trec_eval's ``ndcg_cut_k`` with binary gains:
-  ``DCG@k = sum_{r <= k, doc_r relevant} 1 / log2(r + 1)`` (ranks 1-based), divided
-  by the ideal DCG of ``min(k, #relevant)`` relevant documents at the top.
-* ``Recall@k`` is trec_eval's ``recall_k``: ``|relevant ∩ top-k| / |relevant|``.
-* ``gNDCG@k`` (graded NDCG) is trec_eval's ``ndcg_cut_k`` on graded qrels: the gain of a
-  document is its grade (grades ``<= 0`` gain nothing), the ideal DCG ranks the ``k``
-  highest grades first. With binary qrels it equals ``NDCG@k``. It is reported only for
-  the cutoffs asked for (``ks_graded_ndcg``) and averaged over the same queries as the
-  binary measures (those with at least one document of grade ``> 0``).
-* Averages are taken over the queries present in *both* the run and the qrels
-  with at least one relevant document. Run queries without such qrels are
-  skipped and counted (``num_skipped_no_qrels``); qrels queries absent from the
-  run are ignored, as trec_eval does by default, and counted
-  (``num_missing_from_run``) so the caller can see the coverage gap. A query that
-  is present in the run with an *empty* ranking is evaluated (it scores 0): the
-  system answered, it just returned nothing.
-* Duplicate document ids in a ranking keep their first occurrence (a
-  trec_eval run file cannot hold duplicates per query); ``k`` counts distinct
-  documents.
+* ``MRR@k`` [``recip_rank`` on the run cut at ``k``]: ``1 / rank`` of the first relevant
+  document, 0 if none is in the top ``k``. trec_eval's ``recip_rank`` has no cutoff, so the
+  library's value is kept when its rank ``1 / recip_rank`` is ``<= k`` and is 0 otherwise:
+  the same number, in the library's ordering.
+* ``NDCG@k`` [``ndcg_cut_k``, binary qrels]: gains 1, ideal DCG of ``min(k, #relevant)``.
+* ``gNDCG@k`` [``ndcg_cut_k``, graded qrels]: gain = the grade (grades ``<= 0`` gain
+  nothing); equals ``NDCG@k`` on binary qrels.
+* ``Recall@k`` [``recall_k``]: ``|relevant ∩ top-k| / |relevant|``. With several relevant
+  documents ``Recall@1`` is at most ``1 / #relevant``: it is *not* "the first hit is right".
+* ``Success@k`` [``success_k``]: 1 if any relevant document is in the top ``k``, else 0.
+  The release's (and most papers') "Recall@1" is ``Success@1``.
+
+Ties: a run carries scores and trec_eval orders it by score descending, ties by document
+id in *descending* lexical order (``"b"`` before ``"a"``). A ranking given as a list has
+strictly decreasing scores ``n - position`` (its order is kept); give a ``doc_id -> score``
+mapping to let the library break the ties. :func:`topk_from_scores` cuts at ``k`` with the
+same rule, so the documents kept are the ones trec_eval would rank first on the full run.
+
+Averaging (trec_eval without ``-c``): the means are over the queries present in *both*
+the run and the qrels with at least one relevant document. Run queries without such qrels
+are skipped and counted (``num_skipped_no_qrels``) — trec_eval would score them 0 — and
+qrels queries absent from the run are ignored and counted (``num_missing_from_run``). A
+query in the run with an *empty* ranking is evaluated and scores 0. Duplicate doc ids in a
+ranking list keep their first occurrence (a trec_eval run file cannot hold duplicates).
 """
 
 from __future__ import annotations
@@ -49,10 +52,12 @@ __all__ = [
     "evaluate_run",
     "format_table",
     "graded_ndcg_at_k",
+    "group_means",
     "metric_names",
     "mrr_at_k",
     "ndcg_at_k",
     "recall_at_k",
+    "success_at_k",
     "topk_from_scores",
 ]
 
@@ -64,25 +69,14 @@ OVERALL = "all"
 _TOPK_CHUNK_ELEMENTS = 1 << 24
 
 Relevant = Collection[str] | Mapping[str, Any]
+Ranking = Sequence[str] | Mapping[str, float]
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- validation
 
 
 def _check_k(k: Any, name: str = "k") -> int:
-    """Validate a rank cutoff.
-
-    Args:
-        k: The cutoff to validate (any integer-like value, bools excluded).
-        name: Name used in error messages.
-
-    Returns:
-        ``k`` as a plain ``int``.
-
-    Raises:
-        TypeError: If ``k`` is not an integer.
-        ValueError: If ``k < 1``.
-    """
+    """``k`` as an int; TypeError for a non-integer (bools too), ValueError below 1."""
     if isinstance(k, bool):
         raise TypeError(f"{name} must be an integer >= 1, got bool {k!r}")
     try:
@@ -98,19 +92,7 @@ def _check_k(k: Any, name: str = "k") -> int:
 
 
 def _check_ks(ks: Iterable[Any], name: str) -> tuple[int, ...]:
-    """Validate a sequence of cutoffs, dropping duplicates but keeping order.
-
-    Args:
-        ks: Cutoffs to validate.
-        name: Argument name used in error messages.
-
-    Returns:
-        The distinct cutoffs as ints, in their original order.
-
-    Raises:
-        TypeError: If ``ks`` is a bare integer or holds a non-integer.
-        ValueError: If any cutoff is ``< 1``.
-    """
+    """Distinct validated cutoffs in their order; TypeError for a bare integer."""
     if isinstance(ks, (int, np.integer)):
         raise TypeError(f"{name} must be a sequence of cutoffs, e.g. {name}=({int(ks)},)")
     out: list[int] = []
@@ -121,214 +103,151 @@ def _check_ks(ks: Iterable[Any], name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _relevant_set(relevant: Relevant) -> frozenset[str]:
-    """Turn a qrels entry into the set of relevant doc ids.
-
-    Args:
-        relevant: Either a collection of relevant doc ids, or a trec-style
-            mapping ``doc_id -> relevance grade`` (grades ``> 0`` are relevant).
-
-    Returns:
-        The relevant doc ids.
+def _grades(relevant: Relevant) -> dict[str, int]:
+    """``doc_id -> integer grade`` of a qrels entry (a plain collection: grade 1 each).
 
     Raises:
-        TypeError: If ``relevant`` is a bare string (almost always a mistake:
-            it would be read as a set of characters).
+        TypeError: a bare string (it would read as a set of characters).
+        ValueError: a grade that is not a whole number (trec_eval's qrels are integers).
     """
     if isinstance(relevant, (str, bytes)):
         raise TypeError(
             "relevant must be a collection of doc ids, got a single string "
             f"{relevant!r}; wrap it, e.g. {{{relevant!r}}}"
         )
-    if isinstance(relevant, Mapping):
-        return frozenset(doc for doc, grade in relevant.items() if grade > 0)
-    if isinstance(relevant, frozenset):
-        return relevant
-    return frozenset(relevant)
+    if not isinstance(relevant, Mapping):
+        return dict.fromkeys(relevant, 1)
+    out: dict[str, int] = {}
+    for doc, grade in relevant.items():
+        if float(grade) != int(grade):
+            raise ValueError(f"qrels grade {grade!r} of document {doc!r} is not a whole number; trec_eval "
+                             "reads integer grades: round the grades (e.g. 0.5 -> 1) before evaluating")
+        out[str(doc)] = int(grade)
+    return out
 
 
-def _dedup_prefix(ranked: Sequence[str], k: int) -> tuple[list[str], bool]:
-    """Return the first ``k`` distinct doc ids of a ranking.
+def _scored(ranking: Ranking) -> tuple[dict[str, float], bool]:
+    """A ranking as a trec_eval run entry ``doc_id -> score``, and whether a duplicate was dropped.
 
-    Args:
-        ranked: Doc ids, best first; may contain duplicates.
-        k: Number of distinct ids wanted.
-
-    Returns:
-        ``(top, had_duplicates)`` where ``top`` holds at most ``k`` distinct ids in
-        first-occurrence order and ``had_duplicates`` says whether a duplicate was
-        dropped while building it.
+    A list gets strictly decreasing scores (its order is kept, no ties); a mapping keeps
+    its scores, and trec_eval breaks their ties.
 
     Raises:
-        TypeError: If ``ranked`` is a bare string.
+        TypeError: a bare string.
+        ValueError: a NaN score.
     """
-    if isinstance(ranked, (str, bytes)):
-        raise TypeError(f"ranked must be a sequence of doc ids, got a single string {ranked!r}")
-    seen: set[str] = set()
-    top: list[str] = []
-    had_dup = False
-    for doc in ranked:
-        if len(top) >= k:
-            break
-        if doc in seen:
-            had_dup = True
-            continue
-        seen.add(doc)
-        top.append(doc)
-    return top, had_dup
+    if isinstance(ranking, (str, bytes)):
+        raise TypeError(f"ranked must be a sequence of doc ids, got a single string {ranking!r}")
+    if isinstance(ranking, Mapping):
+        out = {str(d): float(s) for d, s in ranking.items()}
+        bad = next((d for d, s in out.items() if math.isnan(s)), None)
+        if bad is not None:
+            raise ValueError(f"document {bad!r} has a NaN score; the ranking would be undefined. "
+                             "Replace NaN (e.g. with -inf) before evaluating")
+        return out, False
+    out, n = {}, len(ranking)
+    for i, doc in enumerate(ranking):
+        out.setdefault(doc, float(n - i))
+    return out, len(out) < n
 
 
-def _discount(rank0: int) -> float:
-    """Binary DCG gain of a relevant doc at 0-based position ``rank0``."""
-    return 1.0 / math.log2(rank0 + 2)
+# --------------------------------------------------------------------------- the library
 
 
-def _idcg(n_relevant: int, k: int) -> float:
-    """Ideal DCG@k for ``n_relevant`` binary-relevant documents."""
-    return sum(_discount(i) for i in range(min(k, n_relevant)))
+def _measure(name: str, ks: Sequence[int]) -> set[str]:
+    return {f"{name}.{','.join(map(str, ks))}"} if ks else set()
 
 
-def _mrr(hits: Sequence[int], k: int) -> float:
-    return 1.0 / (hits[0] + 1) if hits and hits[0] < k else 0.0
-
-
-def _ndcg(hits: Sequence[int], n_relevant: int, k: int) -> float:
-    if n_relevant == 0:
-        return 0.0
-    dcg = 0.0
-    for pos in hits:
-        if pos >= k:
-            break
-        dcg += _discount(pos)
-    return dcg / _idcg(n_relevant, k)
-
-
-def _grades(relevant: Relevant) -> dict[str, float]:
-    """``doc_id -> gain`` of a qrels entry: a grade mapping's positive grades, or gain 1 for
-    each doc of a plain collection (binary qrels). Grades ``<= 0`` gain nothing (trec_eval)."""
-    if isinstance(relevant, Mapping):
-        return {doc: float(g) for doc, g in relevant.items() if g > 0}
-    return dict.fromkeys(_relevant_set(relevant), 1.0)
-
-
-def _graded_ndcg(top: Sequence[str], gains: Mapping[str, float], ideal: Sequence[float], k: int) -> float:
-    """Graded NDCG@k of the deduplicated ranking ``top``; ``ideal`` = gains sorted descending."""
-    idcg = math.fsum(g * _discount(i) for i, g in enumerate(ideal[:k]))
-    if idcg <= 0.0:
-        return 0.0
-    dcg = math.fsum(gains.get(doc, 0.0) * _discount(i) for i, doc in enumerate(top[:k]))
-    return dcg / idcg
-
-
-def _recall(hits: Sequence[int], n_relevant: int, k: int) -> float:
-    if n_relevant == 0:
-        return 0.0
-    return sum(1 for pos in hits if pos < k) / n_relevant
-
-
-def _hits(ranked: Sequence[str], relevant: Relevant, k: int) -> tuple[list[int], int]:
-    """Positions (0-based, ascending) of relevant docs within the deduplicated top-k."""
-    rel = _relevant_set(relevant)
-    top, had_dup = _dedup_prefix(ranked, k)
-    if had_dup:
-        logger.debug("ranking contains duplicate doc ids; keeping first occurrences")
-    return [i for i, doc in enumerate(top) if doc in rel], len(rel)
+def _library_values(
+    runs: Mapping[str, Mapping[str, float]], grades: Mapping[str, Mapping[str, int]], cutoffs: _Cutoffs,
+) -> dict[str, dict[str, float]]:
+    """Every metric of every query of ``runs`` (all judged, with a relevant document), by trec_eval."""
+    try:
+        import pytrec_eval
+    except ImportError:  # pragma: no cover - a broken install
+        raise ImportError('the metrics are computed by pytrec_eval: pip install "ciea[pipelines]" '
+                          "(it brings pytrec-eval-terrier)") from None
+    binary = {q: {d: 1 for d, g in grades[q].items() if g > 0} for q in runs}
+    measures = ({"recip_rank"} | _measure("ndcg_cut", cutoffs.ndcg) | _measure("recall", cutoffs.recall)
+                | _measure("success", cutoffs.success))
+    lib = pytrec_eval.RelevanceEvaluator(binary, measures).evaluate(dict(runs))
+    graded: dict[str, dict[str, float]] = {}
+    if cutoffs.graded_ndcg:
+        qrels = {q: dict(grades[q]) for q in runs}
+        graded = pytrec_eval.RelevanceEvaluator(qrels, _measure("ndcg_cut", cutoffs.graded_ndcg)).evaluate(dict(runs))
+    out: dict[str, dict[str, float]] = {}
+    for qid in runs:
+        # trec_eval leaves out a query with nothing retrieved; it scores 0 on every measure.
+        got, got_graded = lib.get(qid, {}), graded.get(qid, {})
+        rr = got.get("recip_rank", 0.0)
+        first = round(1.0 / rr) if rr > 0 else math.inf
+        values: dict[str, float] = {}
+        for k in cutoffs.mrr:
+            values[f"MRR@{k}"] = rr if first <= k else 0.0
+        for k in cutoffs.ndcg:
+            values[f"NDCG@{k}"] = got.get(f"ndcg_cut_{k}", 0.0)
+        for k in cutoffs.graded_ndcg:
+            values[f"gNDCG@{k}"] = got_graded.get(f"ndcg_cut_{k}", 0.0)
+        for k in cutoffs.recall:
+            values[f"Recall@{k}"] = got.get(f"recall_{k}", 0.0)
+        for k in cutoffs.success:
+            values[f"Success@{k}"] = got.get(f"success_{k}", 0.0)
+        out[qid] = values
+    return out
 
 
 # --------------------------------------------------------------------------- per-query metrics
 
 
-def mrr_at_k(ranked: Sequence[str], relevant: Relevant, k: int) -> float:
-    """Reciprocal rank of the first relevant document within the top ``k``.
+def _one(ranked: Ranking, relevant: Relevant, k: Any, family: str) -> float:
+    k = _check_k(k)
+    grades = _grades(relevant)
+    run, _ = _scored(ranked)
+    if not any(g > 0 for g in grades.values()):
+        return 0.0
+    ks = {f: ((k,) if f == family else ()) for f in ("mrr", "ndcg", "recall", "graded_ndcg", "success")}
+    cutoffs = _Cutoffs(ks["mrr"], ks["ndcg"], ks["recall"], ks["graded_ndcg"], ks["success"])
+    return next(iter(_library_values({"q": run}, {"q": grades}, cutoffs)["q"].values()))
 
-    Matches trec_eval ``recip_rank`` on the run truncated to ``k`` documents.
+
+def mrr_at_k(ranked: Ranking, relevant: Relevant, k: int) -> float:
+    """``1 / rank`` of the first relevant document in the top ``k``, else 0 (trec_eval ``recip_rank``).
 
     Args:
-        ranked: Doc ids, best first. Duplicates keep their first occurrence.
-        relevant: Relevant doc ids (or a ``doc_id -> grade`` mapping; grade > 0
-            counts as relevant).
-        k: Rank cutoff, ``>= 1``. May exceed ``len(ranked)``.
+        ranked: doc ids best first (duplicates keep their first occurrence), or ``doc_id ->
+            score`` (ties broken by trec_eval: doc id descending).
+        relevant: relevant doc ids, or ``doc_id -> grade`` (grade > 0 is relevant).
+        k: rank cutoff, ``>= 1``; may exceed the ranking's length.
 
     Returns:
-        ``1 / rank`` (1-based) of the first relevant doc in the top ``k``, else 0.0.
+        The value in ``[0, 1]``; 0.0 without a relevant document.
 
     Raises:
-        ValueError: If ``k < 1``.
-        TypeError: If ``k`` is not an integer or ``ranked``/``relevant`` is a bare string.
+        ValueError: ``k < 1``. TypeError: a non-integer ``k`` or a bare string.
     """
-    k = _check_k(k)
-    hits, _ = _hits(ranked, relevant, k)
-    return _mrr(hits, k)
+    return _one(ranked, relevant, k, "mrr")
 
 
-def ndcg_at_k(ranked: Sequence[str], relevant: Relevant, k: int) -> float:
-    """Binary-gain NDCG@k, trec_eval ``ndcg_cut_k`` convention.
-
-    ``DCG@k = sum over ranks r <= k of rel_r / log2(r + 1)`` and the ideal DCG
-    places ``min(k, |relevant|)`` relevant documents at the top.
-
-    Args:
-        ranked: Doc ids, best first. Duplicates keep their first occurrence.
-        relevant: Relevant doc ids (or a ``doc_id -> grade`` mapping; grade > 0
-            counts as relevant, with gain 1).
-        k: Rank cutoff, ``>= 1``. May exceed ``len(ranked)``.
-
-    Returns:
-        NDCG@k in ``[0, 1]``; 0.0 when there is no relevant document.
-
-    Raises:
-        ValueError: If ``k < 1``.
-        TypeError: If ``k`` is not an integer or ``ranked``/``relevant`` is a bare string.
-    """
-    k = _check_k(k)
-    hits, n_rel = _hits(ranked, relevant, k)
-    return _ndcg(hits, n_rel, k)
+def ndcg_at_k(ranked: Ranking, relevant: Relevant, k: int) -> float:
+    """Binary-gain NDCG@k (trec_eval ``ndcg_cut_k`` on binary qrels). Arguments as :func:`mrr_at_k`."""
+    return _one(ranked, relevant, k, "ndcg")
 
 
-def graded_ndcg_at_k(ranked: Sequence[str], relevant: Relevant, k: int) -> float:
-    """Graded NDCG@k, trec_eval ``ndcg_cut_k`` with gain = grade.
-
-    ``DCG@k = sum over ranks r <= k of grade_r / log2(r + 1)`` (grades ``<= 0`` and
-    unjudged documents gain 0); the ideal DCG places the ``k`` highest grades at the top.
-
-    Args:
-        ranked: Doc ids, best first. Duplicates keep their first occurrence.
-        relevant: ``doc_id -> grade`` mapping (or a collection of doc ids, each grade 1,
-            which gives binary NDCG).
-        k: Rank cutoff, ``>= 1``. May exceed ``len(ranked)``.
-
-    Returns:
-        Graded NDCG@k in ``[0, 1]``; 0.0 when no document has a positive grade.
-
-    Raises:
-        ValueError: If ``k < 1``.
-        TypeError: If ``k`` is not an integer or ``ranked``/``relevant`` is a bare string.
-    """
-    k = _check_k(k)
-    gains = _grades(relevant)
-    top, _ = _dedup_prefix(ranked, k)
-    return _graded_ndcg(top, gains, sorted(gains.values(), reverse=True), k)
+def graded_ndcg_at_k(ranked: Ranking, relevant: Relevant, k: int) -> float:
+    """Graded NDCG@k (trec_eval ``ndcg_cut_k``, gain = the grade; a plain collection of doc ids
+    has grade 1 each, giving binary NDCG). Arguments as :func:`mrr_at_k`."""
+    return _one(ranked, relevant, k, "graded_ndcg")
 
 
-def recall_at_k(ranked: Sequence[str], relevant: Relevant, k: int) -> float:
-    """Fraction of the relevant documents found in the top ``k`` (trec_eval ``recall_k``).
+def recall_at_k(ranked: Ranking, relevant: Relevant, k: int) -> float:
+    """``|relevant ∩ top-k| / |relevant|`` (trec_eval ``recall_k``). Arguments as :func:`mrr_at_k`."""
+    return _one(ranked, relevant, k, "recall")
 
-    Args:
-        ranked: Doc ids, best first. Duplicates keep their first occurrence.
-        relevant: Relevant doc ids (or a ``doc_id -> grade`` mapping; grade > 0
-            counts as relevant).
-        k: Rank cutoff, ``>= 1``. May exceed ``len(ranked)``.
 
-    Returns:
-        ``|relevant ∩ top-k| / |relevant|``; 0.0 when there is no relevant document.
-
-    Raises:
-        ValueError: If ``k < 1``.
-        TypeError: If ``k`` is not an integer or ``ranked``/``relevant`` is a bare string.
-    """
-    k = _check_k(k)
-    hits, n_rel = _hits(ranked, relevant, k)
-    return _recall(hits, n_rel, k)
+def success_at_k(ranked: Ranking, relevant: Relevant, k: int) -> float:
+    """1.0 if a relevant document is in the top ``k``, else 0.0 (trec_eval ``success_k``; the
+    release's "Recall@k"). Arguments as :func:`mrr_at_k`."""
+    return _one(ranked, relevant, k, "success")
 
 
 # --------------------------------------------------------------------------- run-level report
@@ -339,27 +258,20 @@ def metric_names(
     ks_ndcg: Sequence[int] = (10,),
     ks_recall: Sequence[int] = (1, 5, 10, 20, 100),
     ks_graded_ndcg: Sequence[int] = (),
+    ks_success: Sequence[int] = (),
 ) -> list[str]:
-    """Names of the metrics :func:`evaluate_run` reports for the given cutoffs.
-
-    Args:
-        ks_mrr: Cutoffs for MRR.
-        ks_ndcg: Cutoffs for NDCG.
-        ks_recall: Cutoffs for Recall.
-        ks_graded_ndcg: Cutoffs for graded NDCG (``gNDCG@k``).
-
-    Returns:
-        Names such as ``["MRR@10", "NDCG@10", "gNDCG@10", "Recall@1", ...]`` in report order.
+    """Names of the metrics :func:`evaluate_run` reports, in report order: ``MRR@k``,
+    ``NDCG@k``, ``gNDCG@k``, ``Recall@k``, ``Success@k``.
 
     Raises:
-        ValueError: If a cutoff is ``< 1``.
-        TypeError: If a cutoff is not an integer.
+        ValueError: a cutoff ``< 1``. TypeError: a non-integer cutoff.
     """
     return (
         [f"MRR@{k}" for k in _check_ks(ks_mrr, "ks_mrr")]
         + [f"NDCG@{k}" for k in _check_ks(ks_ndcg, "ks_ndcg")]
         + [f"gNDCG@{k}" for k in _check_ks(ks_graded_ndcg, "ks_graded_ndcg")]
         + [f"Recall@{k}" for k in _check_ks(ks_recall, "ks_recall")]
+        + [f"Success@{k}" for k in _check_ks(ks_success, "ks_success")]
     )
 
 
@@ -368,19 +280,16 @@ class RetrievalReport:
     """Aggregate retrieval metrics for one run.
 
     Attributes:
-        metrics: Metric name (``"MRR@10"``, ``"NDCG@10"``, ``"Recall@5"``, ...) to the
-            mean over evaluated queries, as a fraction in ``[0, 1]`` (NaN if no
-            query was evaluated).
+        metrics: Metric name (``"MRR@10"``, ``"Success@1"``, ...) to the mean over evaluated
+            queries, a fraction in ``[0, 1]`` (NaN if no query was evaluated).
         num_queries: Number of queries evaluated (in run and qrels, >= 1 relevant).
-        num_skipped_no_qrels: Run queries skipped because the qrels have no
-            relevant document for them.
-        num_missing_from_run: Qrels queries (with >= 1 relevant doc) absent from
-            the run; ignored in the means, as trec_eval does without ``-c``.
-        by_group: Group label to metric name to mean over that group's evaluated
-            queries (empty when no grouping was given).
+        num_skipped_no_qrels: Run queries skipped because the qrels have no relevant
+            document for them.
+        num_missing_from_run: Qrels queries (with >= 1 relevant doc) absent from the run;
+            ignored in the means, as trec_eval does without ``-c``.
+        by_group: Group label to metric name to mean over that group's evaluated queries.
         group_counts: Group label to number of evaluated queries in it.
-        num_ungrouped: Evaluated queries that had no group label (they count in
-            ``metrics`` but in no group).
+        num_ungrouped: Evaluated queries without a group label (they count in ``metrics``).
         per_query: Query id to metric name to that query's value.
     """
 
@@ -394,31 +303,17 @@ class RetrievalReport:
     per_query: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
 
     def value(self, metric: str, group: str = OVERALL) -> float:
-        """Look up one aggregate value.
-
-        Args:
-            metric: Metric name, e.g. ``"NDCG@10"``.
-            group: Group label, or :data:`OVERALL` for the all-queries mean.
-
-        Returns:
-            The mean as a fraction in ``[0, 1]``.
+        """One aggregate value (a fraction); :data:`OVERALL` is the all-queries mean.
 
         Raises:
-            KeyError: If the metric or group is not in the report.
+            KeyError: the metric or group is not in the report.
         """
         if group == OVERALL:
             return self.metrics[metric]
         return self.by_group[group][metric]
 
     def to_dict(self, include_per_query: bool = False) -> dict[str, Any]:
-        """Plain-dict view, suitable for JSON logging.
-
-        Args:
-            include_per_query: Whether to include the per-query values.
-
-        Returns:
-            A dict of the report's fields.
-        """
+        """Plain-dict view for JSON, per-query values only when asked."""
         out: dict[str, Any] = {
             "metrics": dict(self.metrics),
             "num_queries": self.num_queries,
@@ -441,72 +336,6 @@ def _mean_over(
     return {name: math.fsum(per_query[q][name] for q in qids) / len(qids) for name in names}
 
 
-def evaluate_run(
-    run: Mapping[str, Sequence[str]],
-    qrels: Mapping[str, Relevant],
-    ks_mrr: Sequence[int] = (10,),
-    ks_ndcg: Sequence[int] = (10,),
-    ks_recall: Sequence[int] = (1, 5, 10, 20, 100),
-    groups: Mapping[str, str] | None = None,
-    ks_graded_ndcg: Sequence[int] = (),
-) -> RetrievalReport:
-    """Evaluate a ranked run against qrels, trec_eval style (no ``-c``).
-
-    Only queries present in both ``run`` and ``qrels`` with at least one relevant
-    document are averaged. Run queries with no relevant document in the qrels are
-    skipped and counted; qrels queries missing from the run are ignored and
-    counted (trec_eval's default; use the count to detect a coverage problem).
-
-    Args:
-        run: Query id to ranked doc ids, best first. Duplicate ids keep their
-            first occurrence; one warning is logged per call if any are found.
-        qrels: Query id to relevant doc ids (or a ``doc_id -> grade`` mapping where
-            grade > 0 is relevant).
-        ks_mrr: Cutoffs for ``MRR@k``.
-        ks_ndcg: Cutoffs for ``NDCG@k``.
-        ks_recall: Cutoffs for ``Recall@k``.
-        groups: Optional query id to group label (e.g. ``"caption"``/``"image"``);
-            the report then also holds per-group means. Evaluated queries without
-            a label count only in the overall means.
-        ks_graded_ndcg: Cutoffs for graded NDCG ``gNDCG@k`` (gain = grade; with
-            collection qrels every relevant doc has grade 1).
-
-    Returns:
-        A :class:`RetrievalReport`.
-
-    Raises:
-        ValueError: If a cutoff is ``< 1``, or a group label equals :data:`OVERALL`.
-        TypeError: If a cutoff is not an integer, or a ranking / qrels entry is a
-            bare string.
-    """
-    cutoffs = _Cutoffs(_check_ks(ks_mrr, "ks_mrr"), _check_ks(ks_ndcg, "ks_ndcg"),
-                       _check_ks(ks_recall, "ks_recall"), _check_ks(ks_graded_ndcg, "ks_graded_ndcg"))
-    names = metric_names(cutoffs.mrr, cutoffs.ndcg, cutoffs.recall, cutoffs.graded_ndcg)
-
-    rel_sets = {qid: _relevant_set(rel) for qid, rel in qrels.items()}
-    rel_sets = {qid: rel for qid, rel in rel_sets.items() if rel}
-
-    per_query, skipped, dup_qids = _score_queries(run, qrels, rel_sets, cutoffs)
-    missing = sum(1 for qid in rel_sets if qid not in run)
-    _log_coverage(dup_qids, skipped, missing)
-
-    evaluated = list(per_query)
-    if not evaluated:
-        logger.warning("no query is in both the run and the qrels; metrics are NaN")
-
-    by_group, group_counts, ungrouped = _group_means(names, evaluated, per_query, groups)
-    return RetrievalReport(
-        metrics=_mean_over(names, evaluated, per_query),
-        num_queries=len(evaluated),
-        num_skipped_no_qrels=skipped,
-        num_missing_from_run=missing,
-        by_group=by_group,
-        group_counts=group_counts,
-        num_ungrouped=ungrouped,
-        per_query=per_query,
-    )
-
-
 @dataclass(frozen=True)
 class _Cutoffs:
     """The validated cutoffs of one evaluation, per metric family."""
@@ -515,106 +344,111 @@ class _Cutoffs:
     ndcg: tuple[int, ...]
     recall: tuple[int, ...]
     graded_ndcg: tuple[int, ...]
-
-    @property
-    def max_k(self) -> int:
-        return max((*self.mrr, *self.ndcg, *self.recall, *self.graded_ndcg), default=0)
+    success: tuple[int, ...] = ()
 
 
-def _query_values(top: Sequence[str], rel: frozenset[str], relevant: Relevant, cutoffs: _Cutoffs) -> dict[str, float]:
-    """Every metric of one query: ``top`` its deduplicated ranking, ``rel`` its relevant
-    doc ids, ``relevant`` its qrels entry (for the grades)."""
-    hits = [i for i, doc in enumerate(top) if doc in rel]
-    n_rel = len(rel)
-    values: dict[str, float] = {}
-    for k in cutoffs.mrr:
-        values[f"MRR@{k}"] = _mrr(hits, k)
-    for k in cutoffs.ndcg:
-        values[f"NDCG@{k}"] = _ndcg(hits, n_rel, k)
-    if cutoffs.graded_ndcg:
-        gains = _grades(relevant)
-        ideal = sorted(gains.values(), reverse=True)
-        for k in cutoffs.graded_ndcg:
-            values[f"gNDCG@{k}"] = _graded_ndcg(top, gains, ideal, k)
-    for k in cutoffs.recall:
-        values[f"Recall@{k}"] = _recall(hits, n_rel, k)
-    return values
+def evaluate_run(
+    run: Mapping[str, Ranking],
+    qrels: Mapping[str, Relevant],
+    ks_mrr: Sequence[int] = (10,),
+    ks_ndcg: Sequence[int] = (10,),
+    ks_recall: Sequence[int] = (1, 5, 10, 20, 100),
+    groups: Mapping[str, str] | None = None,
+    ks_graded_ndcg: Sequence[int] = (),
+    ks_success: Sequence[int] = (),
+) -> RetrievalReport:
+    """Evaluate a run against qrels with trec_eval (no ``-c``), overall and per group.
 
+    Args:
+        run: Query id to a ranking: doc ids best first (duplicates keep their first
+            occurrence; one warning per call), or ``doc_id -> score`` (ties broken by
+            trec_eval: doc id descending).
+        qrels: Query id to relevant doc ids, or ``doc_id -> integer grade`` (grade > 0 is
+            relevant; ``gNDCG@k`` uses the grades).
+        ks_mrr, ks_ndcg, ks_recall, ks_graded_ndcg, ks_success: cutoffs per measure.
+        groups: Optional query id to group label; the report then also holds per-group
+            means. Evaluated queries without a label count only in the overall means.
 
-def _score_queries(
-    run: Mapping[str, Sequence[str]], qrels: Mapping[str, Relevant], rel_sets: Mapping[str, frozenset[str]],
-    cutoffs: _Cutoffs,
-) -> tuple[dict[str, dict[str, float]], int, list[str]]:
-    """Per-query values of the run's judged queries; the count of run queries without a
-    relevant document; the queries whose ranking repeated a doc id."""
-    per_query: dict[str, dict[str, float]] = {}
-    skipped = 0
+    Returns:
+        A :class:`RetrievalReport`.
+
+    Raises:
+        ValueError: a cutoff ``< 1``, a group label equal to :data:`OVERALL`, a
+            non-integer grade or a NaN score.
+        TypeError: a non-integer cutoff, or a ranking / qrels entry that is a bare string.
+    """
+    cutoffs = _Cutoffs(_check_ks(ks_mrr, "ks_mrr"), _check_ks(ks_ndcg, "ks_ndcg"),
+                       _check_ks(ks_recall, "ks_recall"), _check_ks(ks_graded_ndcg, "ks_graded_ndcg"),
+                       _check_ks(ks_success, "ks_success"))
+    names = metric_names(cutoffs.mrr, cutoffs.ndcg, cutoffs.recall, cutoffs.graded_ndcg, cutoffs.success)
+
+    grades = {qid: _grades(rel) for qid, rel in qrels.items()}
+    judged = {qid for qid, g in grades.items() if any(v > 0 for v in g.values())}
+    scored: dict[str, dict[str, float]] = {}
     dup_qids: list[str] = []
-    max_k = cutoffs.max_k
-    for qid, ranked in run.items():
-        rel = rel_sets.get(qid)
-        if rel is None:
+    skipped = 0
+    for qid, ranking in run.items():
+        entry, had_dup = _scored(ranking)
+        if qid not in judged:
             skipped += 1
             continue
-        top, had_dup = _dedup_prefix(ranked, max_k)
+        scored[qid] = entry
         if had_dup:
             dup_qids.append(qid)
-        per_query[qid] = _query_values(top, rel, qrels[qid], cutoffs)
-    return per_query, skipped, dup_qids
+    missing = sum(1 for qid in judged if qid not in run)
+    _log_coverage(dup_qids, skipped, missing)
+
+    per_query = _library_values(scored, grades, cutoffs) if scored else {}
+    if not per_query:
+        logger.warning("no query is in both the run and the qrels; metrics are NaN")
+    report = RetrievalReport(metrics=_mean_over(names, list(per_query), per_query), num_queries=len(per_query),
+                             num_skipped_no_qrels=skipped, num_missing_from_run=missing, per_query=per_query)
+    if groups is not None:
+        report.by_group, report.group_counts, report.num_ungrouped = group_means(names, per_query, groups)
+    return report
 
 
 def _log_coverage(dup_qids: Sequence[str], skipped: int, missing: int) -> None:
     if dup_qids:
-        logger.warning(
-            "%d ranking(s) contain duplicate doc ids (e.g. query %r); keeping the first "
-            "occurrence of each doc",
-            len(dup_qids),
-            dup_qids[0],
-        )
+        logger.warning("%d ranking(s) contain duplicate doc ids (e.g. query %r); keeping the first "
+                       "occurrence of each doc", len(dup_qids), dup_qids[0])
     if skipped:
         logger.info("skipped %d run queries with no relevant documents in qrels", skipped)
     if missing:
-        logger.info(
-            "%d qrels queries are absent from the run and are not averaged (trec_eval default)",
-            missing,
-        )
+        logger.info("%d qrels queries are absent from the run and are not averaged (trec_eval default)", missing)
 
 
-def _group_means(
-    names: Sequence[str], evaluated: Sequence[str], per_query: Mapping[str, Mapping[str, float]],
-    groups: Mapping[str, str] | None,
+def group_means(
+    names: Sequence[str], per_query: Mapping[str, Mapping[str, float]], groups: Mapping[str, str],
 ) -> tuple[dict[str, dict[str, float]], dict[str, int], int]:
-    """Per-group means and counts, and the count of evaluated queries without a label.
+    """Per-group means of per-query values (by hand: no library groups queries).
+
+    Args:
+        names: metrics to average.
+        per_query: query id -> metric -> value (the evaluated queries).
+        groups: query id -> group label.
+
+    Returns:
+        ``(by_group, group_counts, num_ungrouped)``, groups in first-seen order of ``per_query``.
 
     Raises:
         ValueError: a group label equals :data:`OVERALL`.
     """
-    by_group: dict[str, dict[str, float]] = {}
-    group_counts: dict[str, int] = {}
-    ungrouped = 0
-    if groups is None:
-        return by_group, group_counts, ungrouped
     members: dict[str, list[str]] = {}
-    for qid in evaluated:
+    ungrouped = 0
+    for qid in per_query:
         label = groups.get(qid)
         if label is None:
             ungrouped += 1
             continue
         if label == OVERALL:
-            raise ValueError(
-                f"group label {OVERALL!r} (query {qid!r}) is reserved for the overall "
-                "mean; rename that group"
-            )
+            raise ValueError(f"group label {OVERALL!r} (query {qid!r}) is reserved for the overall "
+                             "mean; rename that group")
         members.setdefault(label, []).append(qid)
     if ungrouped:
-        logger.warning(
-            "%d evaluated queries have no group label; they count only in the overall means",
-            ungrouped,
-        )
-    for label, qids in members.items():
-        by_group[label] = _mean_over(names, qids, per_query)
-        group_counts[label] = len(qids)
-    return by_group, group_counts, ungrouped
+        logger.warning("%d evaluated queries have no group label; they count only in the overall means", ungrouped)
+    by_group = {label: _mean_over(names, qids, per_query) for label, qids in members.items()}
+    return by_group, {label: len(qids) for label, qids in members.items()}, ungrouped
 
 
 # --------------------------------------------------------------------------- top-k from scores
@@ -640,27 +474,28 @@ def _topk_chunk(neg: np.ndarray, k: int) -> np.ndarray:
     return top
 
 
-def topk_from_scores(scores: np.ndarray, doc_ids: Sequence[str], k: int) -> list[list[str]]:
-    """Rank documents per query from a dense score matrix.
+def topk_from_scores(
+    scores: np.ndarray, doc_ids: Sequence[str], k: int, *, with_scores: bool = False,
+) -> list[list[str]] | list[dict[str, float]]:
+    """Rank documents per query from a dense score matrix, ties as trec_eval breaks them.
 
-    Uses ``argpartition`` then a sort of the ``k`` survivors, processing rows in
-    chunks so that only a bounded copy of the matrix is made. Ties are broken by
-    document order (lower column index first), i.e. the result equals a stable
-    descending sort truncated to ``k``.
+    Score descending, ties by doc id descending (trec_eval's rule), so the ``k`` documents
+    kept are those trec_eval ranks first on the full run. ``argpartition`` then a sort of
+    the survivors, rows in chunks so only a bounded copy of the matrix is made.
 
     Args:
-        scores: ``(Q, N)`` array, higher is better. Integer and bool scores are
-            converted to float64.
+        scores: ``(Q, N)`` array, higher is better (ints and bools become float64).
         doc_ids: ``N`` doc ids, one per column.
-        k: Number of documents per query, ``>= 1``; clamped to ``N``.
+        k: documents per query, ``>= 1``; clamped to ``N``.
+        with_scores: return ``doc_id -> score`` mappings (best first) instead of lists, so
+            the evaluation sees the ties.
 
     Returns:
-        ``Q`` lists of at most ``k`` doc ids, best first.
+        ``Q`` lists of at most ``k`` doc ids best first, or ``Q`` mappings.
 
     Raises:
-        ValueError: If ``k < 1``, ``scores`` is not 2-D, ``len(doc_ids) != N``, or
-            ``scores`` holds NaN.
-        TypeError: If ``k`` is not an integer.
+        ValueError: ``k < 1``, ``scores`` not 2-D, ``len(doc_ids) != N``, or a NaN score.
+        TypeError: ``k`` not an integer.
     """
     k = _check_k(k)
     scores = np.asarray(scores)
@@ -678,13 +513,15 @@ def topk_from_scores(scores: np.ndarray, doc_ids: Sequence[str], k: int) -> list
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if n_docs == 0:
-        return [[] for _ in range(n_q)]
+        return [{} if with_scores else [] for _ in range(n_q)]
     k = min(k, n_docs)
-    ids = np.asarray(list(doc_ids), dtype=object)
+    # Columns in descending doc-id order: the stable selection then breaks ties as trec_eval does.
+    perm = np.array(sorted(range(n_docs), key=lambda j: doc_ids[j], reverse=True), dtype=np.int64)
+    ids = np.asarray(list(doc_ids), dtype=object)[perm]
     rows_per_chunk = max(1, _TOPK_CHUNK_ELEMENTS // n_docs)
-    out: list[list[str]] = []
+    out: list[Any] = []
     for start in range(0, n_q, rows_per_chunk):
-        chunk = scores[start : start + rows_per_chunk]
+        chunk = scores[start : start + rows_per_chunk][:, perm]
         if np.isnan(chunk).any():
             bad = start + int(np.flatnonzero(np.isnan(chunk).any(axis=1))[0])
             raise ValueError(
@@ -692,7 +529,11 @@ def topk_from_scores(scores: np.ndarray, doc_ids: Sequence[str], k: int) -> list
                 "Replace NaN (e.g. with -inf) before ranking"
             )
         top = _topk_chunk(np.negative(chunk), k)
-        out.extend(ids[top].tolist())
+        if with_scores:
+            vals = np.take_along_axis(chunk, top, axis=1).tolist()
+            out.extend(dict(zip(row, v, strict=True)) for row, v in zip(ids[top].tolist(), vals, strict=True))
+        else:
+            out.extend(ids[top].tolist())
     return out
 
 
@@ -713,9 +554,8 @@ def format_table(
     Args:
         rows: System name to its report, in display order.
         metrics: Metric names to show, e.g. ``["MRR@10", "Recall@5"]``.
-        groups: Column groups; :data:`OVERALL` is the all-queries mean. ``None``
-            means :data:`OVERALL` followed by every group found in the reports
-            (first-seen order).
+        groups: Column groups; :data:`OVERALL` is the all-queries mean. ``None`` means
+            :data:`OVERALL` followed by every group found in the reports (first-seen order).
 
     Returns:
         The table, lines joined by ``"\\n"`` (no trailing newline).
@@ -730,20 +570,13 @@ def format_table(
     if groups is None:
         found: list[str] = []
         for report in rows.values():
-            for g in report.by_group:
-                if g not in found:
-                    found.append(g)
+            found += [g for g in report.by_group if g not in found]
         groups = [OVERALL, *found]
     elif isinstance(groups, str):
         groups = [groups]
 
-    header = ["system"]
-    cols: list[tuple[str, str]] = []
-    for metric in metrics:
-        for group in groups:
-            cols.append((metric, group))
-            header.append(metric if group == OVERALL else f"{metric}[{group}]")
-
+    cols = [(metric, group) for metric in metrics for group in groups]
+    header = ["system", *(m if g == OVERALL else f"{m}[{g}]" for m, g in cols)]
     body: list[list[str]] = []
     for system, report in rows.items():
         cells = [str(system)]

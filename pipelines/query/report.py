@@ -23,6 +23,10 @@ from pipelines.store.secrets import write_json
 
 logger = logging.getLogger(__name__)
 
+#: The group of ``metrics.webqa_image_protocol=release`` (``pipelines.query.evaluation.IMAGE_INDEX_GROUP``;
+#: not imported from there, which would pull in the model to render a report).
+IMAGE_INDEX_GROUP = "image-index"
+
 __all__ = ["REPORT_VERSION", "build_report", "chart_filename", "plot_metric", "render_markdown", "write_report"]
 
 REPORT_VERSION = 1
@@ -136,10 +140,15 @@ def render_markdown(doc: Mapping[str, Any], charts: Mapping[str, str] | None = N
     facts = [f"{k.replace('_', ' ')}: `{v}`" for k, v in meta.items() if k != "split" and v is not None]
     facts.append(f"created {doc['created_at']}")
     lines += ["; ".join(facts) + ".", "",
-              "Values are percentages (mean over the judged queries, trec_eval conventions); "
-              "the best variant per column is in bold.", ""]
+              "Values are percentages (mean over the judged queries), computed by trec_eval (pytrec_eval) "
+              "on the runs' scores, equal scores ranked by doc id descending as trec_eval ranks them; "
+              "the best variant per column is in bold. Recall@k is the share of a query's relevant documents "
+              "in the top k (trec_eval recall_k: with several, Recall@1 is at most 1/#relevant); Success@k is 1 "
+              "when any relevant document is in the top k (success_k: what the release calls Recall@1).", ""]
     for group in doc["groups"]:
         head = "Overall" if group == OVERALL else f"`{group}`"
+        if group == IMAGE_INDEX_GROUP:
+            head += ": image-answer queries ranked against the image documents alone (the release's WebQA-Image)"
         lines += [f"## {head} ({_count(doc, group)} queries)", "", *_table(doc, group), ""]
     lines += ["## Variants", ""]
     lines += [f"- **{n}**: {_describe(v['info'])}" for n, v in doc["variants"].items()]

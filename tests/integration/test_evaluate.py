@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 N_IMAGES, N_TEXTS, SEED = 200, 100, 3
 METRICS = ["MRR@10", "MRR@20", "NDCG@10", "NDCG@20", "gNDCG@10", "gNDCG@20", "Recall@1", "Recall@5", "Recall@20",
-           "Recall@100"]
+           "Recall@100", "Success@1", "Success@5", "Success@20", "Success@100"]
 
 
 def _exact_text_queries(records: list[dict], n: int) -> list[dict]:
@@ -165,19 +165,22 @@ def _read_qrels(path) -> dict[str, dict[str, int]]:
 
 
 def _pytrec(qrels_path, run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """trec_eval values per query, named like the report (MRR@k = recip_rank of the top k;
-    gNDCG@k = ndcg_cut on the graded qrels written beside ``qrels_path``)."""
+    """trec_eval values per query, named like the report (MRR@k = recip_rank of the top k,
+    cut in trec_eval's order: score, then doc id, descending; gNDCG@k = ndcg_cut on the graded
+    qrels written beside ``qrels_path``)."""
     import pytrec_eval
 
     qrels = _read_qrels(qrels_path)
-    res = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10,20", "recall.1,5,20,100"}).evaluate(run)
+    res = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10,20", "recall.1,5,20,100", "success.1,5,20,100"}
+                                         ).evaluate(run)
     out = {q: {**{f"NDCG@{k}": v[f"ndcg_cut_{k}"] for k in (10, 20)},
-               **{f"Recall@{k}": v[f"recall_{k}"] for k in (1, 5, 20, 100)}} for q, v in res.items()}
+               **{f"Recall@{k}": v[f"recall_{k}"] for k in (1, 5, 20, 100)},
+               **{f"Success@{k}": v[f"success_{k}"] for k in (1, 5, 20, 100)}} for q, v in res.items()}
     graded = _read_qrels(qrels_path.with_name("qrels.graded.txt"))
     for q, v in pytrec_eval.RelevanceEvaluator(graded, {"ndcg_cut.10,20"}).evaluate(run).items():
         out[q].update({f"gNDCG@{k}": v[f"ndcg_cut_{k}"] for k in (10, 20)})
     for k in (10, 20):
-        top = {q: dict(sorted(d.items(), key=lambda x: -x[1])[:k]) for q, d in run.items()}
+        top = {q: dict(sorted(d.items(), key=lambda x: (x[1], x[0]), reverse=True)[:k]) for q, d in run.items()}
         for q, v in pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top).items():
             out[q][f"MRR@{k}"] = v["recip_rank"]
     return out

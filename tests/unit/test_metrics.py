@@ -366,16 +366,23 @@ def test_agrees_with_pytrec_eval_random():
 
 
 def _reference_topk(scores, doc_ids, k):
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [[doc_ids[j] for j in row] for row in order]
+    """trec_eval's order: score descending, ties by doc id descending."""
+    return [[doc_ids[j] for j in sorted(range(len(doc_ids)), key=lambda j: (row[j], doc_ids[j]), reverse=True)[:k]]
+            for row in scores]
 
 
-def test_topk_basic_and_ties_stable():
+def test_topk_basic_and_ties_as_trec_eval():
     scores = np.array([[0.1, 0.9, 0.5, 0.9, 0.2], [1.0, 1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
     ids = ["a", "b", "c", "d", "e"]
-    assert topk_from_scores(scores, ids, 3) == [["b", "d", "c"], ["a", "b", "c"]]
-    # tie straddling the cutoff: lower doc index wins
-    assert topk_from_scores(scores, ids, 1) == [["b"], ["a"]]
+    # ties by doc id descending (trec_eval), not by column order
+    assert topk_from_scores(scores, ids, 3) == [["d", "b", "c"], ["e", "d", "c"]]
+    # tie straddling the cutoff: the larger doc id wins
+    assert topk_from_scores(scores, ids, 1) == [["d"], ["e"]]
+    # the columns' order does not matter, only the ids
+    assert topk_from_scores(scores[:, ::-1], ids[::-1], 3) == [["d", "b", "c"], ["e", "d", "c"]]
+    scored = topk_from_scores(scores, ids, 2, with_scores=True)
+    assert [list(s) for s in scored] == [["d", "b"], ["e", "d"]]
+    assert scored[0]["d"] == pytest.approx(0.9) and scored[1] == {"e": 1.0, "d": 1.0}
 
 
 def test_topk_k_larger_than_n():
@@ -419,6 +426,7 @@ def test_topk_inf_and_errors():
         topk_from_scores(np.array([[0.0, np.nan]]), ["a", "b"], 1)
     assert topk_from_scores(np.zeros((0, 3)), ["a", "b", "c"], 2) == []
     assert topk_from_scores(np.zeros((2, 0)), [], 2) == [[], []]
+    assert topk_from_scores(np.zeros((1, 0)), [], 2, with_scores=True) == [{}]
 
 
 # --------------------------------------------------------------------------- format_table
