@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.store import storage as storage_mod
+from pipelines.store.images import MAX_IMAGE_BYTES
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from pipelines.web.app import ServeInfo
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+MIB = 1024 * 1024
 
 
 class ServeError(ValueError):
@@ -60,6 +62,15 @@ class ServerSettings(BaseModel):
         None, description="Host header values accepted (default: loopback names when host is loopback, "
                           "else any)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
+    max_upload_mb: float = Field(8.0, gt=0, le=MAX_IMAGE_BYTES / MIB,
+                                 description="largest picture the page takes as a query, in MiB (held in memory "
+                                             "only; at most the store's image cap, "
+                                             f"{MAX_IMAGE_BYTES // MIB} MiB)")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mb`` in bytes (what the app enforces while reading an upload)."""
+        return max(1, int(self.max_upload_mb * MIB))
 
 
 class ServeConfig(storage_mod.StorageOptionsConfig):
@@ -130,8 +141,9 @@ def serve_info(searcher: Any) -> ServeInfo:
     grid = parse_patch_grid(searcher.metadata.get(META_PATCH_GRID))
     if grid is not None and PATCH_WEIGHTS not in searcher.schema.names:
         grid = None  # a grid without weights to lay on it
+    config = getattr(getattr(searcher, "model", None), "config", None)
     return ServeInfo(table=searcher.name, version=searcher.version, model_id=searcher.model_id, rows=rows,
-                     patch_grid=grid, tag=searcher.tag)
+                     patch_grid=grid, tag=searcher.tag, accepts_pictures=bool(getattr(config, "uses_images", False)))
 
 
 def build_app(cfg: ServeConfig, searcher: Any | None = None) -> tuple[FastAPI, ServeInfo]:
@@ -144,7 +156,8 @@ def build_app(cfg: ServeConfig, searcher: Any | None = None) -> tuple[FastAPI, S
 
     searcher = searcher if searcher is not None else open_searcher(cfg)
     info = serve_info(searcher)
-    app = create_app(searcher, info, allowed_hosts=resolve_allowed_hosts(cfg.server))
+    app = create_app(searcher, info, allowed_hosts=resolve_allowed_hosts(cfg.server),
+                     max_upload_bytes=cfg.server.max_upload_bytes)
     return app, info
 
 

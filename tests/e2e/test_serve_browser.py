@@ -2,8 +2,9 @@
 ``ciea embed`` table, driven by Selenium through Debian's headless Chromium.
 
 Types a query, submits, waits for the result cards, checks every thumbnail decoded
-(``naturalWidth > 0``), toggles the ``w`` overlay on and off, and checks that a bad request
-shows the server's error on the page.
+(``naturalWidth > 0``), toggles the ``w`` overlay on and off, checks that a bad request
+shows the server's error on the page, asks with a picture picked through the file input and
+follows a result's "more like this" link.
 
 Skips when chromium / chromedriver are missing, unless ``CIEA_REQUIRE_BROWSER=1`` (CI sets
 it), in which case it fails: a CI image without the browser must not pass silently.
@@ -217,3 +218,47 @@ def test_bad_request_shows_the_servers_error_on_the_page(driver, server):
         lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
     assert "k must be a whole number from 1 to 50" in driver.find_element(By.ID, "status").text
     assert not driver.find_elements(By.CSS_SELECTOR, "#results .card")
+
+
+def test_ask_with_a_picture_then_more_like_this(driver, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The table's corpus (same generator, same seed): a document's own picture and caption.
+    target = next(r for r in synthetic_records(N_IMAGES, N_TEXTS, seed=11) if r["modality"] == "image" and r["caption"])
+    path = tmp_path / "query.png"
+    path.write_bytes(target["image"])
+    assert server["health"]["accepts_pictures"] is True
+
+    driver.get(server["base"] + "/")
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "picture-control").is_displayed())
+    driver.find_element(By.ID, "q").send_keys(target["caption"])
+    driver.find_element(By.ID, "picture").send_keys(str(path))  # picking a file runs the search
+    status = driver.find_element(By.ID, "status")
+    WebDriverWait(driver, WAIT_S).until(lambda d: "result" in status.text or "error" in status.get_attribute("class"))
+    assert "error" not in status.get_attribute("class"), status.text
+    assert "for the picture + " in status.text
+    assert driver.find_element(By.ID, "picture-preview").is_displayed()
+    assert driver.find_element(By.ID, "mode").get_attribute("disabled") is not None  # picture: vector only
+    cards = driver.find_elements(By.CSS_SELECTOR, "#results .card")
+    assert len(cards) == 10 and cards[0].get_attribute("data-doc-id") == target["doc_id"]
+
+    # "more like this" on that result: its neighbours, without it.
+    cards[0].find_element(By.CSS_SELECTOR, ".like").click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: f"like {target['doc_id']}" in status.text
+                                        or "error" in status.get_attribute("class"))
+    assert "error" not in status.get_attribute("class"), status.text
+    ids = [c.get_attribute("data-doc-id") for c in driver.find_elements(By.CSS_SELECTOR, "#results .card")]
+    assert len(ids) == 10 and target["doc_id"] not in ids
+    assert f"like={target['doc_id']}" in driver.current_url
+    assert not driver.find_element(By.ID, "picture-preview").is_displayed()  # the picture was let go
+
+    # Garbage with a picture's name: the server's one-line refusal, shown inline.
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a picture")
+    driver.find_element(By.ID, "picture").send_keys(str(bad))
+    WebDriverWait(driver, WAIT_S).until(lambda d: "error" in status.get_attribute("class"))
+    assert "image_unrecognised" in status.text and not driver.find_elements(By.CSS_SELECTOR, "#results .card")
+    driver.find_element(By.ID, "picture-remove").click()
+    assert not driver.find_element(By.ID, "picture-preview").is_displayed()
+    assert driver.find_element(By.ID, "mode").get_attribute("disabled") is None

@@ -4,15 +4,21 @@ uvicorn on a free loopback port, requests made with urllib (httpx, which FastAPI
 TestClient needs, is not a dependency).
 
 Also checks what the page's overlay rests on: the ``patch_weights`` ``ciea embed`` stores
-are the extractor's ``w``, recomputed here in-process from the checkpoint.
+are the extractor's ``w``, recomputed here in-process from the checkpoint; and the picture
+(``POST /api/search``) and "more like this" (``like=``) queries: results, one-line 4xx for
+bad uploads, the byte cap enforced while reading, nothing written to disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import os
+import select
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
@@ -32,7 +38,8 @@ from pipelines.query.search import Searcher
 from pipelines.store.documents import expect_document, row_to_document
 from pipelines.store.lance_tables import META_PATCH_GRID, PATCH_WEIGHTS, VectorTable
 from pipelines.web import MAX_K, MAX_QUERY_CHARS
-from pipelines.web.server import ServeConfig, build_app, resolve_allowed_hosts
+from pipelines.web.app import create_app
+from pipelines.web.server import ServeConfig, build_app, resolve_allowed_hosts, serve_info
 
 N_IMAGES, N_TEXTS = 40, 20
 TABLE = "docs"
@@ -242,6 +249,10 @@ BAD_REQUESTS = [
     ({"q": "red", "modality": "video"}, "modality", "any, image, text"),
     ({"q": "red", "where": "1=1"}, "where", "unknown parameter"),
     ([("q", "red"), ("k", "3"), ("k", "4")], "k", "give it once"),
+    ({"q": "red", "like": "img-000000000"}, "like", "both given"),
+    ({"like": "  "}, "like", "like is empty"),
+    ({"like": "img-000000000", "mode": "fts"}, "mode", "use mode=vector"),
+    ({"like": "img-000000000", "mode": "hybrid"}, "mode", "use mode=vector"),
 ]
 
 
@@ -266,9 +277,12 @@ def test_hostile_queries_never_cause_a_server_error(server, mode):
 
 def test_read_only_no_method_but_get_and_no_generated_pages(env, server):
     before = VectorTable(env["db"], TABLE).version()
-    for method in ("POST", "PUT", "DELETE", "PATCH"):
+    for method in ("PUT", "DELETE", "PATCH"):
         status, _, body = request(server.base, "/api/search", method=method, params={"q": "red"})
         assert status == 405 and "read-only" in json.loads(body)["error"], method
+    for path in ("/api/health", "/"):  # POST only to /api/search (a picture query)
+        status, _, body = request(server.base, path, method="POST")
+        assert status == 405 and "read-only" in json.loads(body)["error"], path
     for path in ("/docs", "/redoc", "/openapi.json", "/api/nothing", "/static/../jobs/serve.py"):
         status, _, body = request(server.base, path)
         assert status == 404 and "error" in json.loads(body), path
@@ -358,3 +372,251 @@ def test_old_tables_without_weights_serve_without_an_overlay(env, tmp_path):
     assert status == 200 and body["patch_grid"] is None and len(body["hits"]) == 5
     assert all(h["patch_weights"] is None for h in body["hits"])
     assert isinstance(src.schema.field("vector").type, pa.FixedSizeListType)
+
+
+# ---------------------------------------------------------------------------------------
+# Asking with a picture (POST) and "more like this" (like=)
+# ---------------------------------------------------------------------------------------
+
+
+def post_picture(base: str, data, *, params: dict | None = None, content_type: str | None = "image/png",
+                 headers: dict | None = None) -> tuple[int, dict]:
+    url = base + "/api/search" + (("?" + urllib.parse.urlencode(params)) if params else "")
+    hdrs = dict(headers or {})
+    if content_type is not None:
+        hdrs["Content-Type"] = content_type
+    req = urllib.request.Request(url, method="POST", data=data, headers=hdrs)
+    if content_type is None:
+        req.remove_header("Content-type")  # urllib adds application/x-www-form-urlencoded
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, raw, ctype = r.status, r.read(), r.headers["content-type"]
+    except urllib.error.HTTPError as e:
+        status, raw, ctype = e.code, e.read(), e.headers["content-type"]
+    assert ctype.startswith("application/json"), (status, raw[:200])
+    return status, json.loads(raw)
+
+
+def _one_line_error(body: dict) -> str:
+    msg = body["error"]
+    assert "\n" not in msg and "Traceback" not in msg and " at 0x" not in msg, msg
+    assert ".py" not in msg and "site-packages" not in msg and os.getcwd() not in msg, msg  # no internal path
+    return msg
+
+
+def _image_record(env, i: int = 0) -> dict:
+    return [r for r in env["records"] if r["modality"] == "image" and r["caption"]][i]
+
+
+def test_health_says_the_table_takes_pictures_and_the_upload_cap(server, searcher):
+    status, body = get_json(server.base, "/api/health")
+    assert status == 200 and body["accepts_pictures"] is True is searcher.model.config.uses_images
+    assert body["max_upload_bytes"] == 8 * 1024 * 1024 and "image/png" in body["picture_types"]
+
+
+def test_picture_with_its_caption_finds_its_own_document_first(env, server, searcher):
+    target = _image_record(env, 3)
+    status, body = post_picture(server.base, target["image"], params={"q": target["caption"], "k": 5})
+    assert status == 200, body
+    assert body["picture"] is True and body["query"] == target["caption"] and body["mode"] == "vector"
+    assert [h["rank"] for h in body["hits"]] == [1, 2, 3, 4, 5]
+    assert body["hits"][0]["doc_id"] == target["doc_id"]
+    assert body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-3)  # the same input as the document's
+    direct = searcher.search(target["caption"], image=target["image"], k=5)
+    assert [h["doc_id"] for h in body["hits"]] == [h.doc_id for h in direct]
+
+
+def test_picture_alone_and_with_a_modality_filter(env, server, searcher):
+    target = _image_record(env, 1)
+    status, body = post_picture(server.base, target["image"], params={"k": 7})
+    assert status == 200, body
+    assert body["query"] is None and len(body["hits"]) == 7
+    direct = searcher.search(image=target["image"], k=7)
+    assert [h["doc_id"] for h in body["hits"]] == [h.doc_id for h in direct]
+    np.testing.assert_allclose([h["score"] for h in body["hits"]], [h.score for h in direct], atol=1e-5)
+    status, body = post_picture(server.base, target["image"], params={"k": 5, "modality": "text"},
+                                content_type="image/png; charset=binary")
+    assert status == 200 and {h["modality"] for h in body["hits"]} == {"text"}
+
+
+@pytest.mark.parametrize("data", [b"not a picture at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, b""])
+def test_a_bad_picture_gets_a_one_line_400(server, data):
+    status, body = post_picture(server.base, data, params={"q": "red"})
+    assert status == 400 and body["param"] == "picture", body
+    msg = _one_line_error(body)
+    assert ("empty" in msg) if not data else ("image_unrecognised" in msg or "image_decode_failed" in msg)
+
+
+def test_a_decompression_bomb_gets_a_one_line_400(server):
+    # A small PNG whose header claims 8000 x 8000 pixels: refused before a pixel is decoded.
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 1024 * 1024
+    status, body = post_picture(server.base, buf.getvalue())
+    assert status == 400 and "image_too_large" in _one_line_error(body), body
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", "image/svg+xml", None])
+def test_a_body_that_is_not_a_picture_type_gets_a_415(env, server, content_type):
+    status, body = post_picture(server.base, _image_record(env)["image"], content_type=content_type)
+    assert status == 415 and "image/png" in _one_line_error(body), body
+
+
+@pytest.mark.parametrize(("params", "param"), [({"like": "img-000000000"}, "like"), ({"mode": "fts"}, "mode"),
+                                               ({"mode": "hybrid", "q": "red"}, "mode"), ({"k": "0"}, "k")])
+def test_picture_parameters_are_checked_like_the_get_ones(env, server, params, param):
+    status, body = post_picture(server.base, _image_record(env)["image"], params=params)
+    assert status == 400 and body["param"] == param, body
+
+
+SMALL_CAP = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def small_cap_server(env, searcher):
+    cfg = ServeConfig.model_validate({"input": {"db": env["db"], "table": TABLE},
+                                      "server": {"max_upload_mb": SMALL_CAP / (1024 * 1024)}})
+    app, _ = build_app(cfg, searcher)
+    with ThreadServer(app) as s:
+        yield s
+
+
+def _chunked_post(port: int, path: str, chunk: bytes, total: int) -> tuple[int, bytes]:
+    """POSTs ``total`` bytes as chunked transfer encoding (no Content-Length: the server
+    can only stop by counting), stopping as soon as the server answers; returns
+    ``(bytes sent, response)``."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n").encode())
+        try:
+            while sent < total:
+                if select.select([sock], [], [], 0.002)[0]:
+                    break  # the server has answered: stop sending, as a browser does
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = b""
+        try:
+            while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+                part = sock.recv(65536)
+                if not part:
+                    break
+                response += part
+        except ConnectionResetError:
+            pass
+    return sent, response
+
+
+def test_an_upload_over_the_cap_gets_a_413_and_is_not_read_to_its_end(small_cap_server):
+    base = small_cap_server.base
+    status, body = get_json(base, "/api/health")
+    assert body["max_upload_bytes"] == SMALL_CAP
+    # Declared too large: refused from the header, before the body is read.
+    status, body = post_picture(base, b"\0" * (SMALL_CAP + 1))
+    assert status == 413 and "max_upload_mb" in _one_line_error(body), body
+    # Not declared (chunked): the server counts while reading and stops past the cap.
+    total = 256 * 1024 * 1024
+    sent, response = _chunked_post(small_cap_server.port, "/api/search", b"\0" * 65536, total)
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), response[:300]
+    assert "max_upload_mb" in _one_line_error(json.loads(payload))
+    assert sent < total // 4, sent  # what the sender got into socket buffers, not the whole body
+
+
+def test_the_app_reads_no_byte_more_than_the_cap_plus_one_chunk(env, searcher):
+    """At the ASGI level the count is exact: the app asks for the body chunk by chunk and
+    stops as soon as it has more than the cap."""
+    app = create_app(searcher, serve_info(searcher), max_upload_bytes=SMALL_CAP)
+    chunk = 4096
+    given = 0
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal given
+        if given >= 64 * SMALL_CAP:
+            return {"type": "http.disconnect"}
+        given += chunk
+        return {"type": "http.request", "body": b"\0" * chunk, "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/search", "raw_path": b"/api/search", "query_string": b"k=3", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"image/png")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert SMALL_CAP < given <= SMALL_CAP + chunk, given
+
+
+def test_an_upload_writes_nothing_to_disk(env, server, monkeypatch, tmp_path):
+    # The server runs in this process: a private temp dir and cwd must stay empty through
+    # uploads (a multipart parser would spool a large part to a temporary file).
+    scratch, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    scratch.mkdir()
+    cwd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.chdir(cwd)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_image_record(env)["image"])).resize((1024, 1024)).save(buf, format="BMP")
+    assert len(buf.getvalue()) > 1024 * 1024  # big enough to be spooled if anything spooled
+    for data, ctype in ((buf.getvalue(), "image/bmp"), (_image_record(env)["image"], "image/png"),
+                        (b"garbage", "image/png")):
+        status, body = post_picture(server.base, data, params={"q": "a red shape", "k": 3}, content_type=ctype)
+        assert status in (200, 400), body
+    assert status == 400
+    assert os.listdir(scratch) == [] and os.listdir(cwd) == []
+
+
+def test_more_like_this_leaves_the_document_out(env, server, searcher):
+    target = _image_record(env, 2)
+    status, body = get_json(server.base, "/api/search", {"like": target["doc_id"], "k": 6})
+    assert status == 200, body
+    assert body["like"] == target["doc_id"] and body["query"] is None and body["picture"] is False
+    ids = [h["doc_id"] for h in body["hits"]]
+    assert len(ids) == 6 and target["doc_id"] not in ids
+    assert [h["rank"] for h in body["hits"]] == list(range(1, 7))
+    assert ids == [h.doc_id for h in searcher.search(like=target["doc_id"], k=6)]
+    status, body = get_json(server.base, "/api/search", {"like": target["doc_id"], "k": 50, "modality": "image"})
+    assert status == 200 and len(body["hits"]) == N_IMAGES - 1
+    assert {h["modality"] for h in body["hits"]} == {"image"}
+
+
+def test_more_like_an_unknown_document_is_a_404(server):
+    status, body = get_json(server.base, "/api/search", {"like": "no-such-doc"})
+    assert status == 404 and body["param"] == "like" and "no-such-doc" in body["error"], body
+    _one_line_error(body)
+    status, body = get_json(server.base, "/api/search", {"like": "x'; DROP TABLE docs; --"})
+    assert status == 404, body
+
+
+def test_picture_and_like_routes_keep_the_host_check_and_headers(env, server):
+    image = _image_record(env)["image"]
+    # build_app's default for a loopback server: foreign Host names get nothing.
+    req = urllib.request.Request(server.base + "/api/search?k=2", method="POST", data=image,
+                                 headers={"Content-Type": "image/png", "Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=60)
+    assert refused.value.code == 400 and b"hits" not in refused.value.read()
+    assert request(server.base, "/api/search", params={"like": "x"}, headers={"Host": "evil.example"})[0] == 400
+    req = urllib.request.Request(server.base + "/api/search?k=2", method="POST", data=image,
+                                 headers={"Content-Type": "image/png"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+        assert r.headers["x-content-type-options"] == "nosniff"
+    status, headers, _ = request(server.base, "/api/search", params={"like": "no-such-doc"})
+    assert status == 404 and "default-src 'none'" in headers["content-security-policy"]
+
+
+def test_the_upload_cap_setting_is_checked_against_the_store_cap(env):
+    from pipelines.store.images import MAX_IMAGE_BYTES
+
+    cfg = ServeConfig.model_validate({"input": {"db": env["db"]}, "server": {"max_upload_mb": 2}})
+    assert cfg.server.max_upload_bytes == 2 * 1024 * 1024 <= MAX_IMAGE_BYTES
+    for bad in (0, -1, MAX_IMAGE_BYTES / (1024 * 1024) + 1):
+        with pytest.raises(ValueError, match="max_upload_mb"):
+            ServeConfig.model_validate({"input": {"db": env["db"]}, "server": {"max_upload_mb": bad}})
