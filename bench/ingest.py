@@ -341,7 +341,8 @@ def child_wds(args: argparse.Namespace) -> dict:
 
 def child_urls(args: argparse.Namespace) -> dict:
     res = _ray_ingest(args, {"kind": "urls", "path": args.path, "fetch": {
-        "concurrency": args.concurrency, "per_host": args.concurrency, "shard_kb": args.shard_kb}})
+        "concurrency": args.concurrency, "per_host": args.concurrency, "shard_kb": args.shard_kb,
+        "allow_private": True}})  # the test server is on loopback
     assert res["documents"]["inserted"] == args.rows, res["documents"]
     return {"mode": "urls", **res}
 

@@ -10,7 +10,9 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -112,18 +114,99 @@ def log_to_file(path: str | Path, verbose: bool = False) -> Path:
     return path
 
 
+#: The longest ``--config`` file read (a config is a few KiB; ``/dev/zero`` is not one).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+class ConfigYAMLError(ValueError):
+    """A config's YAML that is refused before it is used (aliases, nesting too deep)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: ``*name`` lets a few lines expand into gigabytes
+    (the "billion laughs") or a structure that contains itself; a config writes values out."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise ConfigYAMLError("YAML aliases (*name) are not accepted in a config: write the value out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as a config's YAML (safe types only, no aliases).
+
+    Raises:
+        ConfigYAMLError: an alias, or nesting too deep to parse.
+        yaml.YAMLError: not YAML.
+    """
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
+    except RecursionError:
+        raise ConfigYAMLError("nested too deep") from None
+
+
+def _yaml_problem(e: Exception) -> str:
+    """What is wrong with some YAML, without the text around it (which may hold a secret)."""
+    if isinstance(e, ConfigYAMLError):
+        return str(e)
+    problem = getattr(e, "problem", None) or type(e).__name__
+    return " ".join(str(problem).split())[:120]
+
+
+def read_config_file(path: str, prefix: str) -> Any:
+    """One ``--config`` file's YAML. Exits with one line (``prefix``: ``ciea embed:`` or
+    ``invalid config:``) naming the file and the fix when it cannot be read, is too large,
+    is not UTF-8 or not YAML — never quoting its text."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise SystemExit(f"{prefix} --config {path}: cannot read it as YAML ({e.strerror or type(e).__name__}); "
+                         "pass a readable YAML file of config keys") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise SystemExit(f"{prefix} --config {path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB, not a config; pass "
+                         "a YAML file of config keys")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{prefix} --config {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        return load_yaml(text)
+    except (yaml.YAMLError, ConfigYAMLError) as e:
+        raise SystemExit(f"{prefix} --config {path}: cannot read it as YAML ({_yaml_problem(e)}); pass a readable "
+                         "YAML file of config keys") from None
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["train.epochs=3", "variants=[ciea,marvel]"]`` → nested dict (values parsed as YAML)."""
+    """``["train.epochs=3", "variants=[ciea,marvel]"]`` → nested dict (values parsed as YAML).
+
+    Raises:
+        SystemExit: one line naming the key (never the value): no ``=``, an empty key part,
+            a value that is not YAML, or a key under one an earlier pair set to a value.
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+            shown = pair if not looks_secret(pair) and redact_text(pair) == pair else MASK
+            raise SystemExit(f"--set {shown!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
         key, value = pair.split("=", 1)
+        *parents, leaf = parts = key.split(".")
+        if not all(part.strip() for part in parts):
+            raise SystemExit(f"--set {key}=…: {key!r} is not a config key (an empty part between dots); e.g. "
+                             "--set train.epochs=3")
+        try:
+            parsed = load_yaml(value)
+        except (yaml.YAMLError, ConfigYAMLError) as e:
+            raise SystemExit(f"--set {key}=…: the value is not valid YAML ({_yaml_problem(e)}); quote text, e.g. "
+                             f"--set \"{key}='…'\"") from None
         node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                above = ".".join(parents[: i + 1])
+                raise SystemExit(f"--set {key}=…: {above} was set to a value by an earlier --set, so it has no key "
+                                 f"{parts[i + 1]!r}; set {above} or its keys, not both")
+        node[leaf] = parsed
     return out
 
 
@@ -196,7 +279,8 @@ def _config_paths(paths: str | Sequence[str] | None) -> list[str]:
 
 def _read_config(path: str, job: str | None, model: type[BaseModel]) -> dict[str, Any]:
     """One ``--config`` file, as ``job`` reads it (:func:`job_view`)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = read_config_file(path, "invalid config:")
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise SystemExit(f"invalid config: --config {path}: expected config keys (a YAML mapping) at the top level")
     return job_view(data, job, model, f"--config {path}") if job else data
@@ -214,11 +298,36 @@ def load_config(model: type[BaseModel], paths: str | Sequence[str] | None, overr
     for path in _config_paths(paths):
         data = deep_merge(data, _read_config(path, job, model))
     data = deep_merge(data, parse_overrides(overrides))
+    odd = _non_finite(data)
+    if odd is not None:
+        raise SystemExit(f"invalid config: {odd[0]}: {odd[1]} is not a number a setting can hold; give a finite "
+                         "number")
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {_message(err)} ({_shown(err)})" for err in e.errors()]
-        raise SystemExit("invalid config:\n" + "\n".join(lines)) from None
+        lines = [f"{redact_text('.'.join(map(str, err['loc']))) or 'the config'}: {_message(err)} ({_shown(err)})"
+                 for err in e.errors()]
+        if len(lines) == 1:
+            raise SystemExit(f"invalid config: {lines[0]}") from None
+        raise SystemExit("invalid config:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+def _non_finite(node: Any, at: str = "") -> tuple[str, str] | None:
+    """The dotted key and YAML spelling of the first infinite or NaN number in a raw config
+    (``.inf``, ``1e999``): no setting means "unbounded" by it, and pydantic takes it as a float."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found = _non_finite(v, f"{at}.{k}" if at else str(k))
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _non_finite(v, f"{at}.{i}" if at else str(i))
+            if found:
+                return found
+    elif isinstance(node, float) and not math.isfinite(node):
+        return at or "the config", ".nan" if math.isnan(node) else (".inf" if node > 0 else "-.inf")
+    return None
 
 
 def _hidden(err: Any) -> bool:
@@ -237,7 +346,27 @@ def _message(err: Any) -> str:
 
 
 def _shown(err: Any) -> str:
-    return "value not shown" if _hidden(err) else f"got {redact(err.get('input'))!r}"
+    if _hidden(err) or _holds_secret(err.get("input")):
+        return "value not shown"
+    return f"got {redact(err.get('input'))!r}"
+
+
+#: ``name=value`` inside a text (a connection string ``AccountName=a;AccountKey=…``, a query
+#: string ``…&sig=…``): the names :func:`_holds_secret` judges.
+_PAIR = re.compile(r"(?:^|[\s;&?,'\"{(])([A-Za-z][A-Za-z0-9_.-]*)\s*=")
+
+
+def _holds_secret(value: Any) -> bool:
+    """Whether a raw config value carries a credential anywhere inside it: a key that looks
+    secret-bearing, or a ``name=value`` pair whose name does (``AccountKey=``,
+    ``SharedAccessSignature=``, ``sig=``). (A URL's userinfo is masked by ``redact``.)"""
+    if isinstance(value, dict):
+        return any(looks_secret(k) or _holds_secret(k) or _holds_secret(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_secret(v) for v in value)
+    if isinstance(value, str):
+        return any(looks_secret(m.group(1)) for m in _PAIR.finditer(value))
+    return False
 
 
 def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -350,14 +479,15 @@ def refuse_secrets(prog: str, config_paths: str | Sequence[str] | None, override
     """
     sources: list[Any] = []
     for path in _config_paths(config_paths):
-        try:
-            sources.append(yaml.safe_load(Path(path).read_text()) or {})
-        except (OSError, yaml.YAMLError) as e:  # a YAML error quotes the file's text: not shown
-            raise SystemExit(f"{prog}: --config {path}: cannot read it as YAML "
-                             f"({type(e).__name__}); pass a readable YAML file of config keys") from None
+        data = read_config_file(path, f"{prog}:")  # a YAML error quotes the file's text: not shown
+        sources.append({} if data is None else data)
     storage_at = tuple(storage_key.split(".")) if storage_key else None
     try:
-        for data in [*sources, parse_overrides(overrides)]:
+        parsed = parse_overrides(overrides)
+    except SystemExit as e:
+        raise SystemExit(f"{prog}: {e.code}") from None
+    try:
+        for data in [*sources, parsed]:
             _check_secrets(data, (), storage_at)
     except ValueError as e:
         raise SystemExit(f"{prog}: {e}") from None
@@ -376,7 +506,7 @@ def _check_secrets(node: Any, at: tuple[str, ...], storage_at: tuple[str, ...] |
                     check_storage_option(str(key), value)
                 except ValueError as e:
                     raise ValueError(f"{where}.{str(e).removeprefix('storage_options.')}") from None
-            elif looks_secret(key):
+            elif looks_secret(key) and not isinstance(value, bool):  # a flag says whether, never what
                 raise ValueError(f"{'.'.join((*at, str(key)))} looks like a credential; credentials are read from "
                                  f"the environment only, never from the config. Remove it and {env_hint(str(key))}.")
             else:
@@ -388,6 +518,10 @@ def _check_secrets(node: Any, at: tuple[str, ...], storage_at: tuple[str, ...] |
         raise ValueError(f"{where or 'the config'} holds a URL with credentials in it (user:password@ or a "
                          f"signature/token parameter); give it without them and put the credentials in the "
                          f"environment")
+    elif isinstance(node, str) and _holds_secret(node):
+        raise ValueError(f"{where or 'the config'} holds a credential (a secret-looking name=value pair such as "
+                         "AccountKey=, SharedAccessSignature= or sig=, as in a connection string); credentials are "
+                         "read from the environment only, never from the config: remove it")
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,7 +607,25 @@ def parse_job_config(prog: str, model: type[BaseModel], args: argparse.Namespace
     error is listed before anything runs (``SystemExit``)."""
     refuse_secrets(prog, args.config, overrides, storage)
     base = presets[args.preset] if presets else {}
-    return load_config(model, args.config, overrides, base, job=prog.removeprefix("ciea "))
+    cfg = load_config(model, args.config, overrides, base, job=prog.removeprefix("ciea "))
+    _refuse_file_root(prog, cfg)
+    return cfg
+
+
+def _refuse_file_root(prog: str, cfg: Any) -> None:
+    """A local data root (``root``, or ``<section>.root``: ``data.root``) that names a file: one line, before
+    anything runs (an ingest would fail deep in Delta, a reader would look below the file)."""
+    from pipelines.store.storage import is_remote
+
+    holders = [("root", cfg)] + [(f"{name}.root", getattr(cfg, name)) for name in type(cfg).model_fields
+                                 if isinstance(getattr(cfg, name), BaseModel)]
+    for key, holder in holders:
+        root = getattr(holder, "root", None)
+        if isinstance(root, str) and root and not is_remote(root):
+            path = Path(root.removeprefix("file://")).expanduser()
+            if path.exists() and not path.is_dir():
+                raise SystemExit(f"{prog}: the data root {root} is a file, not a folder ({key}): point --root at a "
+                                 "folder (`ciea ingest` creates it)")
 
 
 def job_logging(verbose: bool) -> None:

@@ -24,10 +24,12 @@ Bounded, three ways over, each stop reported in one line that names the flag:
   limit, so ``DESCRIBE`` / ``SHOW`` / ``SUMMARIZE`` are wrapped alike): the scan stops once
   ``--max-rows`` rows and one more exist, and the note says *that* more rows exist, not how
   many — counting them would be the full scan the limit avoids (``SELECT count(*) …`` does);
-* time: ``--timeout`` (default 60 s) interrupts the query (``connection.interrupt()`` from a
-  timer), e.g. a self cross join that would run for hours;
-* memory: ``--memory-limit`` (default 2GB) is DuckDB's ``memory_limit``; a query that needs
-  more stops with DuckDB's out-of-memory error instead of swapping the machine.
+* time: ``--timeout`` (default 60 s, at most 86400) interrupts the query
+  (``connection.interrupt()`` from a timer), e.g. a self cross join that would run for hours;
+* memory: ``--memory-limit`` (default 2GB; 16MB up to this machine's memory) caps the whole
+  query: it runs in a child process that is stopped when it grows by more than that (DuckDB's
+  own ``memory_limit`` leaves out strings and the result), and the fetched result may not
+  pass it either — instead of swapping the machine.
 
 Examples::
 

@@ -12,10 +12,14 @@ Routes (``GET``):
 * ``/huge/<name>.png`` — ``Content-Length`` over any small cap; ``/huge-stream/<name>.png``
   — no length, streams ``huge_bytes`` bytes;
 * ``/html/<name>.png`` — 200 with an HTML page;
-* ``/loop/<name>`` — a redirect loop; ``/redirect/<name>.png`` — one redirect to the image.
+* ``/loop/<name>`` — a redirect loop; ``/redirect/<name>.png`` — one redirect to the image;
+* ``/redirect-to?url=<url>`` — one redirect to any URL (another port, another host);
+  ``/redirect-signed/<name>.png`` — one redirect to the image with ``redirect_secret`` in
+  its ``X-Amz-Signature`` and ``token`` parameters (a presigned final URL).
 
 ``delay_s`` adds latency to every response (the benchmark's 50 ms). ``hits`` counts
-requests per path.
+requests per path. ``host`` is the loopback address it listens on (``127.0.0.2``: a second
+host for the address-policy tests).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import io
 import socket
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -41,7 +46,9 @@ def png_for(name: str, size: int = 16) -> bytes:
 
 
 class FaultServer:
-    def __init__(self, delay_s: float = 0.0, slow_s: float = 3.0, huge_bytes: int = 4 << 20) -> None:
+    def __init__(self, delay_s: float = 0.0, slow_s: float = 3.0, huge_bytes: int = 4 << 20,
+                 host: str = "127.0.0.1", redirect_secret: str = "") -> None:
+        self.redirect_secret = redirect_secret
         self.delay_s, self.slow_s, self.huge_bytes = delay_s, slow_s, huge_bytes
         self.hits: Counter = Counter()
         self._seen: set[str] = set()
@@ -63,9 +70,9 @@ class FaultServer:
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 server._handle(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> FaultServer:
@@ -155,6 +162,13 @@ class FaultServer:
         elif kind == "loop":
             back = name[:-1] if name.endswith("~") else name + "~"  # a → a~ → a → …
             self._send(h, 302, b"", "text/plain", {"Location": f"/loop/{back}"})
+        elif kind == "redirect-to":
+            target = urllib.parse.parse_qs(h.path.partition("?")[2]).get("url", ["/"])[0]
+            self._send(h, 302, b"", "text/plain", {"Location": target})
+        elif kind == "redirect-signed":
+            secret = self.redirect_secret
+            self._send(h, 302, b"", "text/plain",
+                       {"Location": f"/img/{name}?X-Amz-Signature={secret}&token={secret}&w=1"})
         elif kind == "redirect":
             self._send(h, 302, b"", "text/plain", {"Location": f"/img/{name}"})
         else:

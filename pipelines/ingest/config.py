@@ -53,6 +53,12 @@ class FetchOptions(BaseModel):
     max_mb: float = Field(16.0, gt=0, description="largest body (MiB), enforced while streaming")
     shard_kb: int = Field(256, ge=1, description="JSON-lines URL lists: bytes per read task (KiB)")
     refetch_failed: bool = Field(False, description="fetch again the URLs whose fetch failed in an earlier run")
+    allow_private: bool = Field(
+        False, description="also connect to loopback, private, link-local, multicast and reserved addresses "
+                           "(off: such a URL, or a redirect there, is quarantined as fetch_blocked_address)")
+    signed_urls: Literal["strip", "refuse"] = Field(
+        "strip", description="a URL with userinfo or signature/token parameters: strip stores it with them "
+                             "masked (the fetch still uses them); refuse quarantines it (signed_url_refused)")
 
     def settings(self) -> FetchSettings:
         from pipelines.ingest.fetch import FetchSettings
@@ -78,6 +84,13 @@ class SourceSettings(BaseModel):
     shards_per_task: int = Field(1, ge=1, description="webdataset: tar shards per Ray Data read task")
     max_member_mb: float = Field(64.0, gt=0, description="webdataset: largest tar member (MiB); a larger one "
                                  "quarantines its sample unread")
+    max_sample_mb: float = Field(96.0, gt=0, description="webdataset: largest sample, its members together "
+                                 "(MiB); a larger one is quarantined (sample_too_large), the rest left unread")
+    max_header_kb: int = Field(64, ge=1, le=1 << 20, description="webdataset: largest pax extended header or "
+                               "GNU long name (KiB); a larger one quarantines its sample unread (header_too_large)")
+    max_line_mb: float = Field(16.0, gt=0, description="line files (JSON lines, BEIR queries.jsonl and qrels): "
+                               "longest line (MiB); a longer one is read past unheld and quarantined "
+                               "(line_too_long)")
     queries: bool = Field(True, description="also ingest queries and qrels when the source has them")
     queries_path: str | None = Field(
         None, description="BEIR queries folder (queries.jsonl + qrels/<split>.tsv, graded scores kept) for "

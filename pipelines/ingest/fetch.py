@@ -14,12 +14,23 @@ URL, in order. What it guarantees:
 * at most ``max_redirects`` redirects (a loop ends there);
 * at most ``max_bytes`` per body, checked on ``Content-Length`` and again while streaming,
   so an oversized body is never held;
-* the body must be an image Pillow recognises (its header; validation decodes it fully).
+* the body must be an image Pillow recognises (its header; validation decodes it fully);
+* an address policy (:mod:`pipelines.ingest.address_policy`): only ``http`` and ``https``,
+  and every connection — the first and each redirect hop — goes to a public address that
+  was resolved and checked in the same step (no loopback, private, link-local, multicast or
+  reserved address unless ``allow_private``); an address literal in any spelling is refused
+  before the client starts.
+
+What a failure says is what the operator needs, never what an internal service answered:
+a refused address is ``fetch_blocked_address`` without the address; a body that is not an
+image or is too large is not described (no size, no content type).
 
 Every failure is a result with a stable ``reason`` (``fetch_http_404``,
 ``fetch_timeout``, ``fetch_too_large``, ``fetch_truncated``, ``fetch_too_many_redirects``,
-``fetch_not_an_image``, ``fetch_connect_error``, ``fetch_network_error``, ``fetch_bad_url``)
-and a ``detail`` that starts ``GET <url>``; nothing raises for one bad URL.
+``fetch_not_an_image``, ``fetch_connect_error``, ``fetch_network_error``, ``fetch_bad_url``,
+``fetch_blocked_address``) and a ``detail`` that starts ``GET <url>`` — the URL redacted
+(:func:`pipelines.store.secrets.redact_url`), as is ``final_url``; nothing raises for one
+bad URL.
 """
 
 from __future__ import annotations
@@ -35,12 +46,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
+from pipelines.ingest.address_policy import (
+    BLOCKED_REASON,
+    BlockedAddress,
+    guarded_backend,
+    host_blocked,
+)
 from pipelines.store.secrets import redact_url
 
 logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 SCHEMES = ("http", "https")
+#: A URL refused for the credentials it carries (``signed_urls="refuse"``; the sources check it).
+SIGNED_URL_REFUSED = "signed_url_refused"
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,10 @@ class FetchSettings:
     max_redirects: int = 5
     max_bytes: int = 16 << 20
     user_agent: str = "ciea-ingest/1 (+https://github.com/ciea)"
+    #: Let loopback, private, link-local, … addresses through (a trusted internal image server).
+    allow_private: bool = False
+    #: A URL with credentials: ``strip`` stores it without them, ``refuse`` quarantines it.
+    signed_urls: str = "strip"
 
 
 @dataclass
@@ -136,9 +159,13 @@ async def _fetch_all(urls: list[str], settings: FetchSettings, rng: random.Rando
     timeout = httpx2.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
                              write=settings.read_timeout_s, pool=None)
     limits = httpx2.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
+    transport = httpx2.AsyncHTTPTransport(limits=limits, trust_env=False)
+    # The address policy sits where sockets are opened, so it sees every connection: the
+    # first request's and each redirect hop's (httpx2 takes no backend argument).
+    transport._pool._network_backend = guarded_backend(settings.allow_private)
     task_slots = asyncio.Semaphore(settings.concurrency)
     host_slots: dict[str, asyncio.Semaphore] = {}
-    async with httpx2.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True,
+    async with httpx2.AsyncClient(timeout=timeout, transport=transport, follow_redirects=True,
                                   max_redirects=settings.max_redirects, trust_env=False,
                                   headers={"User-Agent": settings.user_agent}) as client:
 
@@ -149,6 +176,9 @@ async def _fetch_all(urls: list[str], settings: FetchSettings, rng: random.Rando
                 result.reason, result.detail = "fetch_bad_url", f"GET {redact_url(url)}: {problem}"
                 return result
             host = (urlsplit(url).hostname or "").lower()
+            if host_blocked(host, settings.allow_private):  # refused before the client is asked
+                result.reason, result.detail = BLOCKED_REASON, f"GET {redact_url(url)}: {BlockedAddress()}"
+                return result
             slot = host_slots.setdefault(host, asyncio.Semaphore(settings.per_host))
             for attempt in range(1, settings.retries + 2):
                 async with slot, task_slots:  # host first: a waiter holds no task slot
@@ -184,14 +214,14 @@ async def _attempt(client, url: str, settings: FetchSettings, result: FetchResul
             async with client.stream("GET", url) as response:
                 status = response.status_code
                 result.status = status
-                result.final_url = str(response.url)
+                result.final_url = redact_url(str(response.url))
                 if status >= 400:
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
                     raise _Failure(f"fetch_http_{status}", f"HTTP {status}", status in RETRY_STATUSES, status,
                                    retry_after)
                 length = response.headers.get("content-length")
                 if length and length.isdigit() and int(length) > settings.max_bytes:
-                    raise _Failure("fetch_too_large", f"Content-Length {length} is over the cap of "
+                    raise _Failure("fetch_too_large", "the Content-Length is over the cap of "
                                    f"{settings.max_bytes} bytes (source.fetch.max_mb)", False, status)
                 chunks: list[bytes] = []
                 size = 0
@@ -203,6 +233,8 @@ async def _attempt(client, url: str, settings: FetchSettings, result: FetchResul
                     chunks.append(chunk)
                 data = b"".join(chunks)
                 content_type = response.headers.get("content-type")
+    except BlockedAddress as e:
+        raise _Failure(BLOCKED_REASON, str(e), False) from None
     except TimeoutError:
         raise _Failure("fetch_timeout", f"no complete response within {settings.total_timeout_s:g} s "
                        "(source.fetch.total_timeout_s)", True) from None
@@ -216,16 +248,19 @@ async def _attempt(client, url: str, settings: FetchSettings, result: FetchResul
         raise _Failure("fetch_truncated", f"the response broke off ({e})", True) from None
     except httpx2.ConnectError as e:
         raise _Failure("fetch_connect_error", f"cannot connect ({e})", True) from None
+    except httpx2.UnsupportedProtocol:
+        raise _Failure("fetch_bad_url", "a redirect leads to a scheme other than http or https", False) from None
     except httpx2.TransportError as e:
         raise _Failure("fetch_network_error", f"{type(e).__name__}: {e}", True) from None
     except httpx2.InvalidURL as e:
         raise _Failure("fetch_bad_url", f"invalid URL ({e})", False) from None
-    result.bytes = len(data)
-    result.content_type = content_type
     problem = _image_problem(data)
     if problem:
-        raise _Failure("fetch_not_an_image", f"{len(data)} bytes of {content_type or 'unknown type'} are not an "
-                       f"image ({problem})", False, result.status)
+        # Neither the size nor the type nor the decoder's words: the answer may be an
+        # internal service's, and the quarantine is not the place to describe it.
+        raise _Failure("fetch_not_an_image", "the body is not an image Pillow can read", False, result.status)
+    result.bytes = len(data)
+    result.content_type = content_type
     result.ok, result.data, result.reason, result.detail = True, data, None, None
 
 

@@ -56,7 +56,7 @@ from pipelines.ingest.sources import (
     WebDatasetSource,
     WebQASource,
 )
-from pipelines.ingest.sources.base import BadQrel, Query, Source
+from pipelines.ingest.sources.base import GRADE_MAX, GRADE_MIN, BadQrel, Query, Source
 from pipelines.ingest.sources.beir import BeirQueries
 from pipelines.ingest.sources.synthetic.generator import SyntheticConfig
 from pipelines.ingest.validation import (
@@ -333,6 +333,16 @@ def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limi
                               S.FINGERPRINT: f"{split}\x1fqrel\x1f{item.excerpt}"})
             continue
         qid, doc_id, rel = item
+        if isinstance(rel, bool) or not isinstance(rel, int) or not GRADE_MIN <= rel <= GRADE_MAX:
+            # Any source's grade lands in an int32 column: one out of range is this row's
+            # problem, never an error after the documents are committed.
+            bad_qrels.append({S.SOURCE: source.name, S.RECORD_REF: f"qrels/{split}:{qid}:{doc_id}"[:400],
+                              S.DOC_ID: None, S.STAGE: S.STAGE_QUERY, S.REASON: "bad_grade",
+                              S.DETAIL: f"the grade {rel!r:.40} of query {qid!r:.80}, document {doc_id!r:.80} "
+                                        f"is not an integer within int32 ({GRADE_MIN}..{GRADE_MAX})",
+                              S.EXCERPT: f"{qid}\t{doc_id}\t{rel!r:.40}"[:200],
+                              S.FINGERPRINT: f"{split}\x1fqrel\x1f{qid}\x1f{doc_id}"})
+            continue
         if (qid, doc_id) in pairs:
             repeated += 1
             continue
@@ -380,8 +390,10 @@ def make_source(cfg: IngestConfig) -> Source:
             configured (the message names the fix).
     """
     source = _make_source(cfg)
+    source.max_line_bytes = int(cfg.source.max_line_mb * (1 << 20))
     if cfg.source.queries_path and cfg.source.queries:
-        queries = BeirQueries(cfg.source.queries_path, cfg.storage_options, cfg.source.allow_roots)
+        queries = BeirQueries(cfg.source.queries_path, cfg.storage_options, cfg.source.allow_roots,
+                              source.max_line_bytes)
         queries.check()
         source.attach_queries(queries)
     return source
@@ -412,7 +424,9 @@ def _make_source(cfg: IngestConfig) -> Source:
         return UrlSource(s.path, s.fetch.settings(), cfg.output.root, s.fetch.shard_kb * 1024, s.name, opts,
                          s.fetch.refetch_failed, **roots)
     if s.kind == "webdataset":
-        return WebDatasetSource(s.path, s.shards_per_task, s.name, opts, int(s.max_member_mb * (1 << 20)), **roots)
+        return WebDatasetSource(s.path, s.shards_per_task, s.name, opts, int(s.max_member_mb * (1 << 20)),
+                                max_sample_bytes=int(s.max_sample_mb * (1 << 20)),
+                                max_header_bytes=s.max_header_kb << 10, **roots)
     return FolderSource(s.path, s.files_per_shard, s.name, opts, s.image_mode, **roots)
 
 

@@ -34,23 +34,20 @@ Rules, in the order they are applied:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from PIL import Image, ImageOps
 
+from pipelines.store import images, storage
 from pipelines.store import schema as S
-from pipelines.store import storage
+from pipelines.store.secrets import redact_text
 
 # Every control character except tab and newline (C0, DEL, C1).
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_KEEP_FORMATS = ("JPEG", "PNG")
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,9 @@ def normalise_text(value: Any, field: str, max_chars: int) -> str | None:
 
 
 def normalise_image(data: bytes, limits: Limits) -> tuple[bytes, int, int]:
-    """Decoded, upright, RGB image bytes and their size.
+    """Decoded, upright, RGB image bytes and their size: the store's one image rule
+    (:func:`pipelines.store.images.normalise_image`, which searches with a picture apply too)
+    under ``limits``.
 
     Returns:
         ``(bytes, width, height)``: the original bytes when already an upright RGB JPEG/PNG,
@@ -123,59 +122,11 @@ def normalise_image(data: bytes, limits: Limits) -> tuple[bytes, int, int]:
     Raises:
         Rejected: ``image_too_large``, ``image_unrecognised`` or ``image_decode_failed``.
     """
-    if len(data) > limits.max_image_bytes:
-        raise Rejected("image_too_large", f"encoded image is {len(data)} bytes; the limit is "
-                       f"{limits.max_image_bytes} (limits.max_image_bytes)")
-    with warnings.catch_warnings():
-        # Pillow's own bomb check is a warning below 2x its limit; ours is explicit below.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            # Pillow's own guard fires first above twice its MAX_IMAGE_PIXELS.
-            raise Rejected("image_too_large", f"decompression-bomb guard: {e} "
-                           f"(limits.max_image_pixels={limits.max_image_pixels})") from None
-        except Exception as e:  # Pillow raises many types for garbage input
-            raise Rejected("image_unrecognised", f"not a decodable image ({type(e).__name__}: "
-                           f"{e}); check the file is an image and not truncated") from None
-        width, height = img.size
-        if width * height > limits.max_image_pixels:
-            raise Rejected("image_too_large", f"header says {width}x{height} = {width * height} "
-                           f"pixels; the limit is {limits.max_image_pixels} "
-                           "(limits.max_image_pixels, the decompression-bomb guard)")
-        fmt = img.format
-        try:
-            img.load()
-        except Exception as e:
-            raise Rejected("image_decode_failed", f"{fmt or 'image'} data does not decode "
-                           f"({type(e).__name__}: {e}); the file is truncated or corrupt") from None
-        try:
-            orientation = img.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block is not worth rejecting the pixels for
-            orientation = 1
-        stored_mode = img.mode
-        if orientation != 1:
-            img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            img = _to_rgb(img)
-        width, height = img.size
-        if orientation == 1 and fmt in _KEEP_FORMATS and stored_mode == "RGB":
-            return data, width, height
-        out = io.BytesIO()
-        if fmt == "JPEG":
-            img.save(out, format="JPEG", quality=95)
-        else:
-            img.save(out, format="PNG")
-        return out.getvalue(), width, height
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
+    try:
+        return images.normalise_image(data, limits.max_image_bytes, limits.max_image_pixels,
+                                      limit_names=("limits.max_image_bytes", "limits.max_image_pixels"))
+    except images.ImageRejected as e:
+        raise Rejected(e.reason, e.detail) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,9 +167,10 @@ def _short(value: str, n: int) -> str:
 
 
 def excerpt(raw: dict[str, Any], n: int) -> str:
-    """A short, printable view of a record for the quarantine table."""
+    """A short, printable view of a record for the quarantine table, its URLs redacted
+    (:func:`pipelines.store.secrets.redact_text`: no credential reaches the quarantine)."""
     if raw.get(S.RAW_EXCERPT):
-        return _short(raw[S.RAW_EXCERPT], n)
+        return _short(redact_text(raw[S.RAW_EXCERPT]), n)
     parts: dict[str, Any] = {}
     for name in (S.DOC_ID, S.MODALITY, S.TEXT, S.CAPTION, S.IMAGE_URI):
         value = raw.get(name)
@@ -226,7 +178,7 @@ def excerpt(raw: dict[str, Any], n: int) -> str:
             continue
         if isinstance(value, (bytes, bytearray)):
             value = bytes(value[:60]).decode("utf-8", "backslashreplace")
-        parts[name] = _short(str(value), max(n // 2, 16))
+        parts[name] = _short(redact_text(str(value)), max(n // 2, 16))
     image = raw.get(S.IMAGE)
     if image is not None:
         parts["image"] = f"{len(image)} bytes, starts {bytes(image[:12]).hex()}"
@@ -309,7 +261,7 @@ def validate_record(
         doc_id = raw.get(S.DOC_ID)
         out.update({
             S.STATUS: S.STATUS_QUARANTINED, S.STAGE: r.stage, S.REASON: r.reason,
-            S.DETAIL: r.detail, S.EXCERPT: excerpt(raw, limits.excerpt_chars),
+            S.DETAIL: redact_text(r.detail), S.EXCERPT: excerpt(raw, limits.excerpt_chars),
             S.FINGERPRINT: _fingerprint(raw),
             S.DOC_ID: doc_id if isinstance(doc_id, str) else None,
         })

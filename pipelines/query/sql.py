@@ -14,17 +14,37 @@ not created.
 
 Bounded, three ways over (:func:`run_sql`): the statement runs as a relation limited to
 ``max_rows + 1`` rows (so the caller can say *that* more exist without the full scan that
-counting them would be), a timer interrupts it after ``timeout_s``, and DuckDB's
-``memory_limit`` stops it rather than swapping the machine. Each stop is a :class:`SqlError`
-that names the flag to change.
+counting them would be), a timer interrupts it after ``timeout_s``, and its memory is capped.
+Each stop is a :class:`SqlError` that names the flag to change.
+
+The memory cap holds for the whole query, not only for what DuckDB's buffer manager counts:
+DuckDB's ``memory_limit`` leaves out the strings a vector holds (``repeat('x', 10_000_000)``
+over a thousand rows is 10 GB in one vector, which no interrupt can stop half-way) and the
+Arrow batches handed to Python. So the statement runs in a child process (a fresh
+interpreter: the caller's threads, Lance's among them, are not forked), which this process
+watches: the
+child's resident memory above what it held once the tables were registered may not pass
+``memory_limit`` (polled every :data:`WATCH_S`; the child is killed, whatever it is doing),
+the fetched result's Arrow size may not either, and DuckDB's own ``memory_limit`` stops
+its operators first with a clean error where it can. A run past ``timeout_s`` is killed the
+same way should DuckDB not answer its interrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
+from multiprocessing.connection import Connection
 from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from pipelines.query.formatting import Format
 from pipelines.store import storage as storage_mod
@@ -32,6 +52,44 @@ from pipelines.store import storage as storage_mod
 
 class SqlError(ValueError):
     """A statement ``ciea sql`` refuses or cannot run, with the fix."""
+
+
+#: The longest ``--timeout`` (a day): a query is interactive, and a timer needs a finite time.
+MAX_TIMEOUT_S = 86_400.0
+#: The smallest ``--memory-limit``: below it DuckDB and Lance cannot register a table.
+MIN_MEMORY_BYTES = 16 * 1000**2
+#: How often the child's resident memory is read while a query runs (seconds).
+WATCH_S = 0.002
+#: After the timeout, how long DuckDB's own interrupt may take before the child is killed.
+KILL_GRACE_S = 2.0
+_SIZE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,6})?)\s*([kmgt]?i?b)\s*$", re.IGNORECASE)
+#: DuckDB's spelling: KB, MB, … are powers of 1000, KiB, MiB, … of 1024.
+_UNITS = {"b": 1, **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
+          **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")}}
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_bytes(text: str) -> int:
+    """``"512MB"`` → 512 000 000, ``"1GiB"`` → 1 073 741 824 (DuckDB's units).
+
+    Raises:
+        ValueError: not a size, or outside 16MB .. this machine's memory, with the fix.
+    """
+    m = _SIZE.match(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError("not a size: give a number and a unit, e.g. 512MB or 4GB (KB/MB/GB/TB, or KiB/MiB/GiB/TiB)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    ram = machine_memory()
+    if n < MIN_MEMORY_BYTES:
+        raise ValueError(f"below the smallest limit a query can run in, {MIN_MEMORY_BYTES // 1000**2}MB")
+    if n > ram:
+        raise ValueError(f"more than this machine's memory ({ram / 1024**3:.1f} GiB): give at most "
+                         f"{ram // 1000**2}MB")
+    return n
 
 
 class SqlConfig(storage_mod.StorageOptionsConfig):
@@ -46,10 +104,22 @@ class SqlConfig(storage_mod.StorageOptionsConfig):
     format: Format = Field("table", description="table (aligned text), csv, json or markdown")
     max_rows: int = Field(1000, ge=1, description="print at most this many rows; the query stops after one more "
                                                   "(a note then says more rows exist)")
-    timeout_s: float = Field(60.0, gt=0, description="stop a query that runs longer than this (seconds)")
-    memory_limit: str = Field("2GB", pattern=r"(?i)^\s*\d+(\.\d+)?\s*([kmgt]i?b|b)\s*$",
-                              description="DuckDB memory_limit: a query that needs more stops (e.g. 512MB, 4GB)")
+    timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+                             description="stop a query that runs longer than this (seconds, at most 86400)")
+    memory_limit: str = Field("2GB", description="memory the query may use (DuckDB, Lance's reads, the result): "
+                                                 "one that needs more stops (e.g. 512MB, 4GB; 16MB .. the "
+                                                 "machine's memory)")
     width: int = Field(60, ge=8, description="table/markdown: longest cell shown before it is cut with …")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, value: str) -> str:
+        memory_bytes(value)
+        return value.strip()
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        return memory_bytes(self.memory_limit)
 
     @property
     def db_uri(self) -> str:
@@ -136,7 +206,8 @@ def connect(cfg: SqlConfig, notes: list[str] | None = None) -> tuple[Any, dict[s
         # No file, extension or network access from a query, whatever it calls; no spill files
         # either (an in-memory DuckDB spills to ./.tmp): over the memory limit, a query stops.
         "enable_external_access": False, "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False, "temp_directory": "", "memory_limit": cfg.memory_limit})
+        "autoload_known_extensions": False, "temp_directory": "",
+        "memory_limit": f"{cfg.memory_limit_bytes}B"})
     versions: dict[str, int] = {}
     for name in cfg.tables or names:
         ds, version, note = _lance_at(db.open_table(name), cfg.at)
@@ -170,15 +241,116 @@ def run_sql(cfg: SqlConfig, sql: str, notes: list[str] | None = None) -> tuple[l
         SqlError: refused, failed or stopped statement, with the fix.
     """
     check_read_only(sql)
-    con, _ = connect(cfg, notes)
+    # A fresh interpreter (not multiprocessing's spawn, which re-runs the caller's main
+    # script): the request on its stdin, the answers on a pipe of their own.
+    read_fd, write_fd = os.pipe()
+    request = pickle.dumps({"path": sys.path, "cfg": cfg.model_dump(), "sql": sql, "fd": write_fd})
     try:
-        return _fetch(con, sql, cfg)
+        child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, pass_fds=(write_fd,))
     finally:
-        con.close()
+        os.close(write_fd)
+    receive = Connection(read_fd, writable=False)
+    try:
+        assert child.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.write(request)
+            child.stdin.close()
+        return _watch(child, receive, cfg, notes)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        receive.close()
 
 
-def _fetch(con: Any, sql: str, cfg: SqlConfig) -> tuple[list[str], list[tuple], bool]:
-    """The first ``max_rows + 1`` rows of ``sql``, interrupted after ``timeout_s``."""
+#: What the query process runs: the request from stdin, then :func:`_child`.
+_CHILD = ("import pickle, sys; r = pickle.load(sys.stdin.buffer); sys.path[:] = r['path']; "
+          "from pipelines.query.sql import _child; _child(r['cfg'], r['sql'], r['fd'])")
+
+
+def _memory_error(cfg: SqlConfig) -> SqlError:
+    return SqlError(f"the query needed more memory than --memory-limit {cfg.memory_limit} and was stopped; "
+                    "add a WHERE or a LIMIT, aggregate in fewer groups, or raise --memory-limit")
+
+
+def _timeout_error(cfg: SqlConfig) -> SqlError:
+    return SqlError(f"the query ran past --timeout {cfg.timeout_s:g} s and was stopped; add a LIMIT or a WHERE, "
+                    "or raise --timeout")
+
+
+def _resident(pid: int | str = "self") -> int | None:
+    """Resident memory of a process in bytes (``None`` where ``/proc`` cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _watch(child: Any, receive: Any, cfg: SqlConfig, notes: list[str] | None) -> tuple[list[str], list[tuple], bool]:
+    """Waits for the child's answer, killing it past the memory cap or the timeout."""
+    cap = cfg.memory_limit_bytes
+    baseline: int | None = None
+    deadline: float | None = None
+    while True:
+        if receive.poll(WATCH_S):
+            try:
+                kind, *payload = receive.recv()
+            except EOFError:  # it died between two polls: judged below
+                kind, payload = "gone", []
+            if kind == "ready":
+                baseline, table_notes = payload
+                if notes is not None:
+                    notes.extend(table_notes)
+                deadline = time.monotonic() + cfg.timeout_s + KILL_GRACE_S
+                continue
+            if kind == "ok":
+                columns, batches, more = payload
+                rows = [tuple(r[c] for c in columns) for batch in batches for r in batch.to_pylist()]
+                return columns, rows, more
+            if kind == "error":
+                raise SqlError(payload[0])
+        if baseline is not None:
+            rss = _resident(child.pid)
+            if rss is not None and rss - baseline > cap:
+                child.kill()
+                raise _memory_error(cfg)
+        if deadline is not None and time.monotonic() > deadline:
+            child.kill()
+            raise _timeout_error(cfg)
+        if child.poll() is not None and not receive.poll():
+            if child.returncode == -signal.SIGKILL:  # the kernel's OOM killer
+                raise _memory_error(cfg)
+            raise SqlError(f"the query process stopped unexpectedly (exit code {child.returncode}); run it again, "
+                           "or with a lower --memory-limit")
+
+
+def _child(cfg_data: dict[str, Any], sql: str, fd: int) -> None:
+    """The query process: registers the tables, says how much memory that took, runs the
+    statement and sends the Arrow batches back (or one error line) on ``fd``."""
+    cfg = SqlConfig.model_validate(cfg_data)  # validated by the caller already
+    send = Connection(fd, readable=False)
+    try:
+        notes: list[str] = []
+        con, _ = connect(cfg, notes)
+        try:
+            send.send(("ready", _resident() or 0, notes))
+            send.send(("ok", *_fetch(con, sql, cfg)))
+        finally:
+            con.close()
+    except SqlError as e:
+        send.send(("error", str(e)))
+    except MemoryError:
+        send.send(("error", str(_memory_error(cfg))))
+    except Exception as e:  # noqa: BLE001  (a Lance or Arrow failure: one line, never a traceback)
+        send.send(("error", f"{type(e).__name__}: {one_line(e)}"))
+    finally:
+        send.close()
+
+
+def _fetch(con: Any, sql: str, cfg: SqlConfig) -> tuple[list[str], list[Any], bool]:
+    """The first ``max_rows`` rows of ``sql`` as Arrow batches, whether more exist;
+    interrupted after ``timeout_s``, stopped once the batches' Arrow size passes the cap."""
     import duckdb
 
     expired = threading.Event()
@@ -198,18 +370,22 @@ def _fetch(con: Any, sql: str, cfg: SqlConfig) -> tuple[list[str], list[tuple], 
         # subquery: DuckDB stops the scan once it has the rows, where reading on would not.
         reader = con.sql(sql).limit(cfg.max_rows + 1).to_arrow_reader(1024)
         columns = list(reader.schema.names)
-        rows = [tuple(r[c] for c in columns) for batch in reader for r in batch.to_pylist()]
+        batches, rows, size = [], 0, 0
+        for batch in reader:
+            size += batch.nbytes
+            if size > cfg.memory_limit_bytes:
+                raise _memory_error(cfg)
+            batches.append(batch.slice(0, max(0, cfg.max_rows - rows)))
+            rows += batch.num_rows
     except duckdb.InterruptException:
         if expired.is_set():
-            raise SqlError(f"the query ran past --timeout {cfg.timeout_s:g} s and was stopped; add a LIMIT or a "
-                           "WHERE, or raise --timeout") from None
+            raise _timeout_error(cfg) from None
         raise SqlError("the query was interrupted") from None
     except duckdb.OutOfMemoryException:
-        raise SqlError(f"the query needed more memory than --memory-limit {cfg.memory_limit} and was stopped; "
-                       "add a WHERE or a LIMIT, aggregate in fewer groups, or raise --memory-limit") from None
+        raise _memory_error(cfg) from None
     except duckdb.Error as e:
         raise SqlError(f"DuckDB: {one_line(e)}") from None
     finally:
         timer.cancel()
         timer.join()  # a firing timer finishes before the caller closes the connection
-    return columns, rows[: cfg.max_rows], len(rows) > cfg.max_rows
+    return columns, batches, rows > cfg.max_rows

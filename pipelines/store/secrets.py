@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 #: What replaces a secret.
 MASK = "***"
@@ -37,6 +37,7 @@ NOT_THE_VALUE = frozenset({"id", "ids", "type", "types", "count", "len", "length
 CREDENTIAL_IDS = frozenset({"aws_access_key_id", "access_key_id", "x_amz_credential"})
 
 _WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+_PAIR_SEP = re.compile(r"([&;])")
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`]+")
 
 
@@ -67,36 +68,91 @@ def looks_secret(name: object) -> bool:
     return False
 
 
+def _secret_parameter(name: str) -> bool:
+    # Parameter names arrive percent-encoded and in any case (``X-AMZ-SIGNATURE``, ``%73ig``).
+    name = unquote_plus(name)
+    return looks_secret(name) or looks_secret(name.lower())
+
+
 def _redact_pairs(text: str) -> str:
-    """``a=1&sig=xyz`` → ``a=1&sig=***``: the values of secret-looking parameters."""
+    """``a=1&sig=xyz`` → ``a=1&sig=***``: the values of secret-looking parameters (``&`` or
+    ``;`` separated)."""
     out = []
-    for pair in text.split("&"):
+    for pair in _PAIR_SEP.split(text):
         name, eq, _ = pair.partition("=")
-        out.append(f"{name}={MASK}" if eq and looks_secret(name) else pair)
-    return "&".join(out)
+        out.append(f"{name}={MASK}" if eq and _secret_parameter(name) else pair)
+    return "".join(out)
+
+
+def _cut_userinfo(netloc: str) -> bool:
+    """Whether ``netloc`` looks like ``user:pass`` cut before its ``@`` (an excerpt's end):
+    a "port" that is not a number."""
+    if "@" in netloc or netloc.startswith("[") or ":" not in netloc:
+        return False
+    port = netloc.rsplit(":", 1)[1]
+    return bool(port) and not port.isdigit()
+
+
+def _redact_loose(url: str) -> str:
+    """:func:`redact_url` for a URL ``urlsplit`` refuses (``http://u:p@[bad``): the same
+    masking, found by position."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority or _cut_userinfo(authority):
+        authority = f"{MASK}@{authority.rsplit('@', 1)[1]}" if "@" in authority else MASK
+    cut = next((i for i, c in enumerate(tail) if c in "?#"), len(tail))
+    pieces = re.split(r"([?#])", tail[cut:])
+    tail = tail[:cut] + "".join(p if p in ("?", "#") else _redact_pairs(p) for p in pieces)
+    return f"{scheme}://{authority}{tail}"
 
 
 def redact_url(url: str) -> str:
     """``url`` without the credentials it carries: the userinfo (``user:password@``) and the
-    values of secret-looking query or fragment parameters (``X-Amz-Signature``, ``sig``,
-    ``token``, ``access_token``) become ``***``. Anything that is not a URL comes back as is."""
+    values of secret-looking query or fragment parameters (``X-Amz-Signature``,
+    ``X-Amz-Credential``, ``sig``, ``token``, ``access_token``, ``api_key``: :func:`looks_secret`)
+    become ``***``. A URL with none comes back exactly as given (it is an identity: a
+    re-ingest must find it again); anything that is not a URL comes back as is.
+
+    This is the one rule for every URL ciea writes: stored URLs (``metadata.url``,
+    ``final_url``), quarantine details and excerpts, log lines, summaries."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return url
+        return _redact_loose(url)
     if not parts.scheme or not parts.netloc:
         return url
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
-    return urlunsplit((parts.scheme, netloc, parts.path, _redact_pairs(parts.query), _redact_pairs(parts.fragment)))
+    elif _cut_userinfo(netloc):
+        netloc = MASK
+    query, fragment = _redact_pairs(parts.query), _redact_pairs(parts.fragment)
+    if (netloc, query, fragment) == (parts.netloc, parts.query, parts.fragment):
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def url_has_credentials(url: str) -> bool:
+    """Whether :func:`redact_url` would hide anything in ``url``."""
+    return redact_url(url) != url
 
 
 def redact_text(text: str) -> str:
     """Every URL inside ``text`` (a log line, an error message) through :func:`redact_url`."""
     if "://" not in text:
         return text
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return _URL.sub(_redact_match, text)
+
+
+def _redact_match(m: re.Match) -> str:
+    # Punctuation after a URL ends the sentence, not the URL ("GET <url>: HTTP 404"): kept
+    # outside it, so that redacting twice gives the same text.
+    url = m.group(0)
+    core = url.rstrip(".,;:!?)]}")
+    return redact_url(core) + url[len(core):]
 
 
 def redact(obj: Any) -> Any:

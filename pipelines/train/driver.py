@@ -100,7 +100,23 @@ def validate(cfg: TrainJobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                  f"{part}={saved.get(part)!r} model, but this job builds {part}={model_cfg.get(part)!r}")
     if cfg.is_remote_storage and cfg.debug.fail_at_step is not None:
         raise SetupError("invalid config: debug.fail_at_step needs a local run.storage_path (its marker file)")
+    _check_root(cfg.data.root)
     return model_cfg, resume_identity(cfg, model_cfg)
+
+
+def _check_root(root: str) -> None:
+    """A local data root must be a folder that exists (an object-store root is read later)."""
+    from pipelines.store import storage
+
+    if storage.is_remote(root):
+        return
+    path = Path(storage.normalise_uri(root))
+    if not path.exists():
+        raise SetupError(f"ciea train: the data root {path} does not exist (data.root): run `ciea ingest --root "
+                         f"{path}` first, or point --root at the folder it wrote")
+    if not path.is_dir():
+        raise SetupError(f"ciea train: the data root {path} is a file, not a folder (data.root): point --root at "
+                         "the folder `ciea ingest` wrote")
 
 
 def check_resume(cfg: TrainJobConfig, identity: dict[str, Any]) -> dict[str, Any] | None:

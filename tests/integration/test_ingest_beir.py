@@ -99,3 +99,38 @@ def test_beir_ingest_train_evaluate_graded(tmp_path):
         assert values["gNDCG@20"] == pytest.approx(expected[qid]["ndcg_cut_20"], abs=1e-9)
     mean = sum(expected[q]["ndcg_cut_10"] for q in per_query) / len(per_query)
     assert report["variants"]["ciea"]["metrics"]["gNDCG@10"] == pytest.approx(mean, abs=1e-9)
+
+
+BAD_GRADES = ["+-5", "\u00b2", "2147483648", "1.0", ""]
+
+
+def test_bad_grades_are_quarantined_and_the_run_is_whole(tmp_path):
+    """One bad grade used to abort the ingest after the documents were committed (no
+    queries, qrels, quarantine or summary). Now each is a quarantine row and every table and
+    the summary of the run agree."""
+    graded = write_beir(tmp_path / "beir")
+    tsv = tmp_path / "beir" / "qrels" / "test.tsv"
+    qid = next(iter(graded["test"]))
+    with tsv.open("a", encoding="utf-8") as f:
+        for i, grade in enumerate(BAD_GRADES):
+            f.write(f"{qid}\tbad-doc-{i}\t{grade}\n")
+    root = tmp_path / "data"
+    summary = run_ingest(tmp_path, root, "--source", "manifest", "--path", str(tmp_path / "beir"),
+                         "--queries", str(tmp_path / "beir"))
+    reconcile(summary)
+    assert summary["documents"]["inserted"] == CORPUS.num_documents
+    tables = Tables(str(root))
+    assert tables.read(tables.documents).num_rows == CORPUS.num_documents
+    for split, qrels in graded.items():
+        q = summary["queries"][split]
+        assert q["read"] == q["accepted"] + q["quarantined"] and q["accepted"] == len(qrels)
+        assert tables.read(tables.queries(split)).num_rows == len(qrels)
+        rows = {(r["qid"], r["doc_id"]): r["relevance"] for r in tables.read(tables.qrels(split)).to_pylist()}
+        assert rows == {(k, d): g for k, grades in qrels.items() for d, g in grades.items()}
+        assert q["qrels"]["rows"] == len(rows)
+        assert q["qrels"]["quarantined"] == (len(BAD_GRADES) if split == "test" else 0)
+    bad = [r for r in tables.read(tables.quarantine).to_pylist() if r["reason"] == "bad_grade"]
+    assert len(bad) == len(BAD_GRADES) == summary["quarantine"]["rows_this_run"]
+    assert all(r["record_ref"].startswith("qrels/test.tsv@") for r in bad)
+    assert any("beyond int32" in r["detail"] for r in bad)
+    assert (tmp_path / "runs" / summary["run_id"] / "summary.json").exists()

@@ -147,7 +147,7 @@ def test_manifest_url_images_are_fetched_when_a_fetcher_is_set(tmp_path):
             {"doc_id": "text", "text": "plain"}]))
         summary = run_ingest(tmp_path, tmp_path / "data", "--source", "manifest", "--path", str(src), "--fetch-urls",
                              "--set", "source.fetch.retries=0", "--set", "source.fetch.connect_timeout_s=2",
-                             "--set", "source.fetch.total_timeout_s=5")
+                             "--set", "source.fetch.total_timeout_s=5", "--set", "source.fetch.allow_private=true")
     reconcile(summary)
     assert summary["documents"]["quarantined_by_reason"] == {"fetch_http_404": 1}
     tables = Tables(str(tmp_path / "data"))

@@ -25,11 +25,12 @@ from pipelines.store.delta_tables import Tables
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--set", "source.fetch.connect_timeout_s=1", "--set", "source.fetch.read_timeout_s=0.5",
+STRICT = ["--set", "source.fetch.connect_timeout_s=1", "--set", "source.fetch.read_timeout_s=0.5",
         "--set", "source.fetch.total_timeout_s=1", "--set", "source.fetch.retries=2",
         "--set", "source.fetch.backoff_s=0.05", "--set", "source.fetch.max_backoff_s=0.1",
         "--set", "source.fetch.max_mb=1", "--set", "source.fetch.max_redirects=3",
         "--set", "source.fetch.shard_kb=1"]
+FAST = [*STRICT, "--set", "source.fetch.allow_private=true"]  # the test server is on loopback
 #: Fault class → (path, the reason it is quarantined with; None: it is stored).
 CASES = {
     "ok": ("/img/ok.png", None), "redirected": ("/redirect/r.png", None),
@@ -145,3 +146,95 @@ def test_killed_mid_fetch_then_rerun_equals_one_clean_run(tmp_path):
     a, b = Tables(str(killed_root)), Tables(str(clean_root))
     assert content(a, a.documents, DOC_DROP, "doc_id") == content(b, b.documents, DOC_DROP, "doc_id")
     assert content(a, a.quarantine, Q_DROP, "quarantine_id") == content(b, b.quarantine, Q_DROP, "quarantine_id")
+
+
+# --- the address policy and credentials, end to end ----------------------------------------
+
+SECRET = "SENTINELSECRET123"
+RESIGNED = "SENTINELSECRET456"
+
+
+def _secret_free(folder: Path) -> list[str]:
+    """Files under ``folder`` (data files, ``_delta_log``, reports, logs) holding a sentinel."""
+    return [str(p) for p in folder.rglob("*") if p.is_file()
+            and (SECRET.encode() in p.read_bytes() or RESIGNED.encode() in p.read_bytes())]
+
+
+def test_no_fetch_reaches_loopback_without_allow_private(tmp_path):
+    with FaultServer() as server:
+        port = server.url.rsplit(":", 1)[1]
+        rows = [{"doc_id": "plain", "url": f"{server.url}/img/a.png"},
+                {"doc_id": "decimal", "url": f"http://2130706433:{port}/img/b.png"},
+                {"doc_id": "named", "url": f"http://localhost:{port}/img/c.png"},
+                {"doc_id": "mapped", "url": f"http://[::ffff:127.0.0.1]:{port}/img/d.png"},
+                {"doc_id": "metadata", "url": "http://169.254.169.254/latest/meta-data/"}]
+        (tmp_path / "urls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = run_ingest(tmp_path, tmp_path / "data", "--source", "urls", "--path",
+                             str(tmp_path / "urls.jsonl"), *STRICT)
+        assert server.requests() == 0, server.hits  # the server's own log
+    reconcile(summary)
+    assert summary["documents"]["quarantined_by_reason"] == {"fetch_blocked_address": len(rows)}
+    assert summary["fetch"]["requests"] == 0 and summary["fetch"]["failed_by_reason"] == {
+        "fetch_blocked_address": len(rows)}
+    tables = Tables(str(tmp_path / "data"))
+    for q in tables.read(tables.quarantine).to_pylist():
+        said = q["detail"].split(": ", 1)[1]  # after "GET <url>: "
+        assert "127.0.0.1" not in said and port not in said and "allow_private" in said, q["detail"]
+
+
+def test_credentials_in_urls_reach_no_table_report_or_log(tmp_path, capfd):
+    with FaultServer(redirect_secret=SECRET) as server:
+        with_user = server.url.replace("http://", f"http://reader:{SECRET}@")
+        rows = [
+            {"doc_id": "userinfo", "url": f"{with_user}/img/u.png", "caption": "basic auth"},
+            {"doc_id": "amz", "url": f"{server.url}/img/s.png?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                                     f"&X-Amz-Credential=AKIA%2F{SECRET}&X-Amz-Signature={SECRET}"},
+            {"doc_id": "fragment", "url": f"{server.url}/img/f.png#access_token={SECRET}&state=1"},
+            {"doc_id": "redirect", "url": f"{server.url}/redirect-signed/r.png"},
+            {"doc_id": "token-404", "url": f"{server.url}/missing/t.png?token={SECRET}"},
+            {"url": f"{server.url}/missing/g.png?sv=2022&sig={SECRET}", "caption": "derived id"},
+            {"doc_id": "bad-scheme", "url": f"ftp://reader:{SECRET}@files.example/x.png?sig={SECRET}"},
+            {"doc_id": "bad-caption", "url": f"{with_user}/img/c.png?api_key={SECRET}", "caption": 7},
+            {"doc_id": "page", "url": f"{server.url}/img/p.png", "page": f"https://site.example/p?token={SECRET}"},
+        ]
+        listing = tmp_path / "urls.jsonl"
+        listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        root = tmp_path / "data"
+        summary = run_ingest(tmp_path, root, "--source", "urls", "--path", str(listing), *FAST)
+        reconcile(summary)
+        assert summary["documents"]["quarantined_by_reason"] == {"bad_url": 1, "fetch_http_404": 2, "wrong_type": 1}
+        tables = Tables(str(root))
+        docs = rows_by_id(tables.read(tables.documents))
+        assert set(docs) == {"userinfo", "amz", "fragment", "redirect", "page"}
+        meta = {k: json.loads(v["metadata"]) for k, v in docs.items()}
+        assert meta["userinfo"]["url"] == server.url.replace("http://", "http://***@") + "/img/u.png"
+        assert meta["amz"]["url"].endswith("X-Amz-Credential=***&X-Amz-Signature=***")
+        assert meta["redirect"]["final_url"] == f"{server.url}/img/r.png?X-Amz-Signature=***&token=***&w=1"
+        assert meta["page"]["page"] == "https://site.example/p?token=***"
+        assert docs["userinfo"]["image"] == png_for("u.png")  # the fetch itself used the credentials
+        quarantine = tables.read(tables.quarantine).to_pylist()
+        assert len(quarantine) == 4 and SECRET not in json.dumps(quarantine, default=str)
+        derived = url_doc_id(f"{server.url}/missing/g.png?sv=2022&sig=***")
+        assert {q["doc_id"] for q in quarantine} >= {"token-404", derived}
+
+        # Re-signed URLs are the same documents; the failed ones are not fetched again.
+        hits = server.requests()
+        listing.write_text("".join(json.dumps(r).replace(SECRET, RESIGNED) + "\n" for r in rows))
+        again = run_ingest(tmp_path, root, "--source", "urls", "--path", str(listing), *FAST)
+        reconcile(again)
+        assert again["fetch"]["skipped_failed"] == 2 and again["fetch"]["skipped_stored"] == 5, again["fetch"]
+        assert again["fetch"]["requests"] == 0 and server.requests() == hits
+        assert again["documents"]["inserted"] == 0 and again["quarantine"]["inserted"] == 0
+
+        # signed_urls=refuse: every credentialed URL is quarantined unfetched.
+        refused_root = tmp_path / "refused"
+        hits = server.requests()
+        refused = run_ingest(tmp_path, refused_root, "--source", "urls", "--path", str(listing), *FAST,
+                             "--set", "source.fetch.signed_urls=refuse")
+        reconcile(refused)
+        assert refused["documents"]["quarantined_by_reason"] == {"bad_url": 1, "signed_url_refused": 6}
+        assert server.requests() == hits + 3  # redirect (2 hops) and page only
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err and RESIGNED not in out + err
+    assert _secret_free(root) == [] and _secret_free(refused_root) == []
+    assert _secret_free(tmp_path / "runs") == []

@@ -162,3 +162,58 @@ def test_missing_shard_in_a_brace_range_is_quarantined(s3, tmp_path):
     reconcile(summary)
     assert summary["documents"]["accepted"] == PER_SHARD
     assert summary["documents"]["quarantined_by_reason"] == {"shard_unreadable": 1}
+
+
+def test_a_cut_between_samples_and_a_huge_pax_header_are_quarantined(s3, tmp_path):
+    """A shard cut exactly at a member boundary used to end in silence; a 1 MiB pax header
+    was parsed in memory. Both are now rows of their own and the counts reconcile."""
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    samples = [(f"k{i}", {"png": image_bytes((i * 60, 10, 10)), "txt": f"caption {i}".encode()}) for i in range(3)]
+    data = _tar(samples)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        boundary = next(m.offset for m in tar.getmembers() if m.name == "k2.png")
+    (folder / "cut.tar").write_bytes(data[:boundary])  # ends right after k1's last member
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext, blob in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(blob)
+                if key == "k1":
+                    info.pax_headers = {"comment": "x" * (1 << 20)}
+                tar.addfile(info, io.BytesIO(blob))
+    (folder / "pax.tar").write_bytes(buf.getvalue())
+    root = tmp_path / "data"
+    summary = run_ingest(tmp_path, root, "--source", "webdataset", "--path", str(folder),
+                         "--set", "source.max_header_kb=64")
+    reconcile(summary)
+    d = summary["documents"]
+    assert d["quarantined_by_reason"] == {"shard_truncated": 1, "header_too_large": 1}
+    assert d["read"] == 2 + 3 and d["accepted"] == 3
+    tables = Tables(str(root))
+    assert set(rows_by_id(tables.read(tables.documents))) == {"cut/k0", "pax/k0", "pax/k2"}
+    quarantine = {r["reason"]: r for r in tables.read(tables.quarantine).to_pylist()}
+    assert quarantine["shard_truncated"]["record_ref"] == "cut.tar#k1"
+    assert f"byte {boundary}" in quarantine["shard_truncated"]["detail"]
+    assert quarantine["header_too_large"]["record_ref"] == "pax.tar#k1"
+    assert summary["quarantine"]["rows_this_run"] == 2
+
+
+def test_an_unreachable_endpoint_is_one_line(s3, tmp_path, capsys):
+    import socket
+
+    from jobs import ingest
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [a for kv in (f"AWS_ENDPOINT_URL=http://127.0.0.1:{port}", "AWS_ALLOW_HTTP=true",
+                          "AWS_REGION=us-east-1") for a in ("--storage-option", kv)]
+    with pytest.raises(SystemExit) as e:
+        ingest.main(["--source", "webdataset", "--path", f"s3://{BUCKET}/wds/", *flags, "--root",
+                     str(tmp_path / "data"), "--run-dir", str(tmp_path / "runs"), "--no-progress"])
+    message = str(e.value.code)
+    assert message.startswith(f"ciea ingest: cannot reach s3://{BUCKET}/wds") and "\n" not in message
+    assert "check the endpoint / storage_options" in message
+    assert "Traceback" not in capsys.readouterr().err

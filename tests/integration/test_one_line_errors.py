@@ -227,3 +227,77 @@ def test_integer_filters_at_the_edges_of_the_range(env):
     assert len(s.search("red", where=Filter(in_={"source_version": [-(2**63), 0]}), k=3)) == 3
     with pytest.raises(FilterError, match=f"holds {INT64}"):
         s.search("red", where=Filter(in_={"source_version": [0, 2**63]}))
+
+
+# ---------------------------------------------------------------------------------------
+# Config mistakes through the console script: one line, never a traceback, nothing echoed
+# ---------------------------------------------------------------------------------------
+
+#: A credential that must never be printed, whichever way a config carries it.
+SECRET = "S3NT1NEL-CREDENTIAL-0123456789"
+#: Nine levels of nine aliases: 9^9 (387 million) strings when expanded.
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+
+
+def _config_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(case, argv after ``ciea``, a part of the one line it must print)."""
+    def file(name: str, content: str | bytes) -> str:
+        path = tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+    a_file = file("not-a-folder", "x")
+    sql = ["sql", "SELECT 1", "--db", str(tmp / "no-db")]
+    azure = ("DefaultEndpointsProtocol=https;AccountName=acct;"
+             f"AccountKey={SECRET}==;EndpointSuffix=core.windows.net")
+    return [
+        ("yaml list", [*sql, "--config", file("list.yaml", "- a\n- b\n")], "expected config keys (a YAML mapping)"),
+        ("yaml scalar", [*sql, "--config", file("scalar.yaml", "42\n")], "expected config keys (a YAML mapping)"),
+        ("not utf-8", [*sql, "--config", file("latin1.yaml", b"root: caf\xe9\n")], "not UTF-8 text"),
+        ("alias bomb", [*sql, "--config", file("bomb.yaml", ALIAS_BOMB)], "YAML aliases (*name) are not accepted"),
+        ("nested too deep", [*sql, "--config", file("deep.yaml", "a: " + "[" * 20000 + "]" * 20000 + "\n")],
+         "nested too deep"),
+        ("value then key", [*sql, "--set", "a=x", "--set", "a.b=y"], "a was set to a value by an earlier --set"),
+        ("unclosed", [*sql, "--set", "k=[unclosed"], "--set k=…: the value is not valid YAML"),
+        (".inf", [*sql, "--set", "max_rows=.inf"], "max_rows: .inf is not a number a setting can hold"),
+        ("timeout 1e308", [*sql, "--timeout", "1e308"], "timeout_s: Input should be less than or equal to 86400"),
+        ("memory limit", [*sql, "--memory-limit", "999999TB"], "more than this machine's memory"),
+        ("root is a file", ["sql", "SELECT 1", "--root", a_file], "is a file, not a folder (root)"),
+        ("ingest root is a file", ["ingest", "--preset", "tiny", "--root", a_file], "is a file, not a folder"),
+        ("train root missing", ["train", "--preset", "tiny", "--root", str(tmp / "no-root"), "--set",
+                                f"run.storage_path={tmp / 'runs'}"], "does not exist (data.root)"),
+        ("azure string", [*sql, "--config", file("azure.yaml", f"storage_optons:\n  connection: \"{azure}\"\n")],
+         "storage_optons.connection holds a credential"),
+        ("azure string --set", [*sql, "--set", f"storge.conn={azure}"], "storge.conn holds a credential"),
+        ("sas in a value", [*sql, "--set", f"note=SharedAccessSignature=sv=2020&sig={SECRET}"], "holds a credential"),
+        ("signed url", [*sql, "--set", f"storge.url=https://h.example/x?sig={SECRET}"], "URL with credentials"),
+    ]
+
+
+def test_config_mistakes_through_the_console_script_are_one_line(tmp_path):
+    """Each case in a fresh ``python -m jobs.cli`` (what ``ciea`` runs), several at a time:
+    exit code not 0, exactly one line on stderr, no traceback, no secret, no hang."""
+    cases = _config_cases(tmp_path)
+    failures = []
+    for start in range(0, len(cases), 6):
+        batch = [(name, part, subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=tmp_path,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                 for name, argv, part in cases[start:start + 6]]
+        for name, part, proc in batch:
+            try:
+                out, err = proc.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                failures.append(f"{name}: still running after 240 s (hangs)")
+                continue
+            lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
+            problems = [what for what, bad in (
+                ("a traceback", "Traceback" in out + err), (f"exit code {proc.returncode}", proc.returncode == 0),
+                (f"{len(lines)} lines on stderr", len(lines) != 1), ("the secret", SECRET in out + err),
+                (f"no {part!r}", part not in err)) if bad]
+            if problems:
+                failures.append(f"{name}: {', '.join(problems)}:\n{err[-2000:]}")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "no-db").exists() and not (tmp_path / "no-root").exists()

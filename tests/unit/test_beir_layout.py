@@ -35,7 +35,7 @@ def test_splits_queries_and_graded_qrels(tmp_path):
     assert b.splits() == ["test", "train"]
     qrels = list(b.iter_qrels("test"))
     assert qrels[:4] == [("q1", "d1", 2), ("q1", "d2", 0), ("2", "d3", 1), ("q9", "d1", 1)]
-    assert isinstance(qrels[4], BadQrel) and qrels[4].reason == "bad_qrel"
+    assert isinstance(qrels[4], BadQrel) and qrels[4].reason == "bad_grade"  # "x" is no grade
     assert qrels[4].record_ref.startswith("qrels/test.tsv@")
     queries = list(b.iter_queries("test"))
     good = [(q.qid, q.query, q.metadata) for q in queries if not q.error]

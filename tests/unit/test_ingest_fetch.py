@@ -12,7 +12,7 @@ from pipelines.ingest.fetch import FetchSettings, backoff, check_url, fetch_all,
 
 FAST = FetchSettings(concurrency=8, per_host=8, connect_timeout_s=1.0, read_timeout_s=0.5, total_timeout_s=1.0,
                      retries=2, backoff_s=0.05, max_backoff_s=0.1, max_retry_after_s=5.0, max_redirects=3,
-                     max_bytes=1 << 20)
+                     max_bytes=1 << 20, allow_private=True)  # the test server is on loopback
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,10 @@ def test_every_fault_class_has_its_reason(server):
     assert by["slow"].reason == "fetch_timeout" and by["slow"].attempts == 3
     assert by["truncated"].reason == "fetch_truncated" and by["truncated"].attempts == 3
     assert by["huge"].reason == "fetch_too_large" and "Content-Length" in by["huge"].detail
+    assert str(2 << 20) not in by["huge"].detail  # the cap, never the size an internal service claims
     assert by["huge-stream"].reason == "fetch_too_large" and "while streaming" in by["huge-stream"].detail
-    assert by["html"].reason == "fetch_not_an_image" and "text/html" in by["html"].detail
+    assert by["html"].reason == "fetch_not_an_image" and "not an image" in by["html"].detail
+    assert "text/html" not in by["html"].detail and "bytes" not in by["html"].detail  # nothing of the answer
     assert by["loop"].reason == "fetch_too_many_redirects"
     assert by["redirect"].ok and by["redirect"].final_url.endswith("/img/k.png")
     assert by["bad"].reason == "fetch_bad_url" and by["bad"].attempts == 0
@@ -51,7 +53,7 @@ def test_every_fault_class_has_its_reason(server):
 
 
 def test_retry_after_too_long_gives_up(server):
-    s = FetchSettings(max_retry_after_s=0.5, retries=3, backoff_s=0.01)
+    s = FetchSettings(max_retry_after_s=0.5, retries=3, backoff_s=0.01, allow_private=True)
     (r,) = fetch_all([f"{server.url}/limited/zz.png"], s)
     assert r.reason == "fetch_http_429" and r.attempts == 1 and "Retry-After" in r.detail
 
@@ -60,7 +62,7 @@ def test_per_host_limit_bounds_concurrency():
     with FaultServer(delay_s=0.2) as s:
         urls = [f"{s.url}/img/{i}.png" for i in range(8)]
         t0 = time.perf_counter()
-        res = fetch_all(urls, FetchSettings(concurrency=8, per_host=2))
+        res = fetch_all(urls, FetchSettings(concurrency=8, per_host=2, allow_private=True))
         took = time.perf_counter() - t0
     assert all(r.ok for r in res)
     assert took >= 0.8 - 0.05  # 8 requests, 2 at a time, 0.2 s each

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.store.lease import (
+    LeaseFileError,
     LeaseInfo,
     LeaseLostError,
     TableBusyError,
@@ -84,11 +85,19 @@ def test_another_hosts_lease_is_abandoned_only_after_the_ttl(tmp_path, caplog):
     assert "no heartbeat for 12" in caplog.text
 
 
-def test_an_unreadable_lease_file_is_taken_over(tmp_path):
+def test_an_unreadable_lease_file_stops_the_run_with_one_line(tmp_path):
+    # Leases are written atomically (temp file + rename): a file that is not one was edited
+    # by hand, and only a person can say whether a run still holds the table.
     db = str(tmp_path / "db")
     path = lease_uri(db, "docs")
     Path(path).parent.mkdir(parents=True)
     Path(path).write_text('{"run_id": "half-writ')
+    with pytest.raises(LeaseFileError) as e:
+        TableLease(db, "docs", "ciea embed").acquire()
+    assert str(e.value) == (f"the lease file {path} is not a lease ciea wrote (not a JSON object); delete it if "
+                            "no run holds the table, then re-run")
+    assert Path(path).read_text() == '{"run_id": "half-writ'
+    Path(path).unlink()
     with TableLease(db, "docs", "ciea embed") as ours:
         assert json.loads(Path(path).read_text())["run_id"] == ours.run_id
 

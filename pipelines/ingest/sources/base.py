@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,9 @@ BATCH_ROWS = 256
 #: ``seq`` = shard index << SHARD_SHIFT | row within the shard: a global source order.
 SHARD_SHIFT = 32
 _READ_CHUNK = 1 << 20
+#: The longest line a line file may hold (``source.max_line_mb``): a longer line is read past
+#: in chunks without being held and becomes one quarantined record (``line_too_long``).
+MAX_LINE_BYTES = 16 << 20
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Source:
     kind = "base"
     #: Queries and qrels from elsewhere (``pipelines.ingest.sources.beir.BeirQueries``).
     attached_queries: Any = None
+    #: The longest line of a line file (``source.max_line_mb``; the run sets it).
+    max_line_bytes: int = MAX_LINE_BYTES
 
     def __init__(self, name: str | None, storage_options: dict[str, str] | None = None,
                  image_mode: str = "inline", allow_roots: Iterable[str] = ()) -> None:
@@ -233,46 +239,96 @@ def byte_ranges(size: int, shard_bytes: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
 
 
-def iter_lines(f: pafs.NativeFile | Any, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+LINE_TOO_LONG = "line_too_long"
+#: Bytes of an over-long line kept for its quarantine excerpt.
+_HEAD_BYTES = 1024
+
+
+class OverlongLine(bytes):
+    """What ``iter_lines`` yields for a line over its cap: the line's first bytes (so
+    ``text_excerpt`` and ``strip`` work on it), with ``length`` (the whole line's, in bytes)
+    and ``limit``. ``parse_json_line`` turns it into a ``line_too_long`` error."""
+
+    length: int
+    limit: int
+
+    def __new__(cls, head: bytes, length: int, limit: int) -> OverlongLine:
+        line = super().__new__(cls, head)
+        line.length, line.limit = length, limit
+        return line
+
+    def detail(self) -> str:
+        return (f"the line is {self.length} bytes; the limit is {self.limit} (source.max_line_mb) — it was "
+                "read past, not parsed: split the record or raise the limit")
+
+
+def iter_lines(f: pafs.NativeFile | Any, start: int, end: int,
+               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
     """``(offset, line)`` for every line whose first byte is in ``[start, end)``.
 
-    ``f`` is a random-access file. The line is returned without its ``\\n`` (and ``\\r``).
-    Never reads more than the range plus one line past its end.
+    ``f`` is a random-access file. The line is returned without its ``\\n`` (and ``\\r``);
+    a line over ``max_line_bytes`` is an :class:`OverlongLine` (its head only). Linear in the
+    bytes read, whatever the line lengths: each chunk is scanned once from an index and a
+    line's pieces are joined once. Never holds more than one line (up to the cap) plus one
+    chunk, and never reads more than the range plus one line past its end.
     """
-    pos = start
     if start > 0:
         # The line containing byte start-1 belongs to the previous range (unless it ends
         # exactly there, then ours starts at `start`).
-        f.seek(start - 1)
-        pos = start - 1
+        base = start - 1
         skip = True
     else:
-        f.seek(0)
+        base = 0
         skip = False
-    buf = b""
-    buf_pos = pos
+    f.seek(base)
+    parts: list[bytes] = []  # the current line's pieces, dropped once it is over the cap
+    head = b""
+    length = 0
+    line_pos = base
+    over = False
     while True:
-        nl = buf.find(b"\n")
-        if nl < 0:
-            chunk = f.read(_READ_CHUNK)
-            if not chunk:
-                if buf and not skip and buf_pos < end:
-                    yield buf_pos, buf.rstrip(b"\r")
-                return
-            buf += chunk
-            continue
-        line, line_pos = buf[:nl], buf_pos
-        buf, buf_pos = buf[nl + 1 :], buf_pos + nl + 1
-        if skip:
+        chunk = f.read(_READ_CHUNK)
+        if not chunk:
+            break
+        i, n = 0, len(chunk)
+        while i < n:
+            if not skip and line_pos >= end:
+                return  # the next line is the next range's: not a byte more of it is read
+            nl = chunk.find(b"\n", i)
+            stop = n if nl < 0 else nl
+            if not skip and stop > i:
+                piece = chunk[i:stop]
+                if len(head) < _HEAD_BYTES:
+                    head += piece[: _HEAD_BYTES - len(head)]
+                length += len(piece)
+                if not over and length > max_line_bytes:
+                    over, parts = True, []
+                elif not over:
+                    parts.append(piece)
+            if nl < 0:
+                break
+            if not skip:
+                yield line_pos, _line(parts, head, length, over, max_line_bytes)
             skip = False
-            continue
-        if line_pos >= end:
-            return
-        yield line_pos, line.rstrip(b"\r")
+            i = nl + 1
+            line_pos, parts, head, length, over = base + i, [], b"", 0, False
+        base += n
+    if length and not skip and line_pos < end:
+        yield line_pos, _line(parts, head, length, over, max_line_bytes)
+
+
+def _line(parts: list[bytes], head: bytes, length: int, over: bool, limit: int) -> bytes:
+    if over:
+        return OverlongLine(head.rstrip(b"\r"), length, limit)
+    line = parts[0] if len(parts) == 1 else b"".join(parts)
+    return line.rstrip(b"\r")
 
 
 def parse_json_line(line: bytes) -> tuple[dict[str, Any] | None, str | None, str | None]:
-    """``(record, error_reason, detail)``: a dict, or why the line is not one."""
+    """``(record, error_reason, detail)``: a dict, or why the line is not one (an
+    :class:`OverlongLine` is ``line_too_long``, never parsed)."""
+    if isinstance(line, OverlongLine):
+        return None, LINE_TOO_LONG, line.detail()
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -282,18 +338,22 @@ def parse_json_line(line: bytes) -> tuple[dict[str, Any] | None, str | None, str
         value = json.loads(text)
     except json.JSONDecodeError as e:
         return None, "bad_json", f"line is not JSON ({e.msg} at column {e.colno}); fix or remove it"
+    except (ValueError, RecursionError) as e:  # an integer of 4300+ digits, nesting past the stack
+        return None, "bad_json", f"line is not JSON this reader takes ({type(e).__name__}: {str(e)[:120]}); " \
+                                 "fix or remove it"
     if not isinstance(value, dict):
         return None, "wrong_type", f"line holds a JSON {type(value).__name__}, expected an object"
     return value, None, None
 
 
 def iter_json_records(
-    f: pafs.NativeFile | Any, start: int, end: int, name: str
+    f: pafs.NativeFile | Any, start: int, end: int, name: str, max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any] | None, bytes]]:
     """Every non-blank line of a JSON-lines byte range as ``(ref, record, error, line)``:
     ``ref`` is ``name@offset``; ``record`` the parsed object, or ``None`` with ``error``
-    holding the raw row's error fields (reason, detail, excerpt) so it reaches quarantine."""
-    for offset, line in iter_lines(f, start, end):
+    holding the raw row's error fields (reason, detail, excerpt) so it reaches quarantine
+    (a line over ``max_line_bytes`` is ``line_too_long``, read past without being held)."""
+    for offset, line in iter_lines(f, start, end, max_line_bytes):
         if not line.strip():
             continue
         value, reason, detail = parse_json_line(line)
@@ -347,3 +407,25 @@ def int_or_str_id(value: Any) -> tuple[str | None, str | None]:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None, f"id must be a string or an integer, got {type(value).__name__} {value!r:.40}"
     return str(value), None
+
+
+#: A grade: an optional sign and ASCII digits only (``str.isdigit`` also takes ``²``).
+_GRADE_RE = re.compile(r"[+-]?[0-9]+")
+#: Grades are stored as int32 (``qrels.relevance``).
+GRADE_MIN, GRADE_MAX = -(2**31), 2**31 - 1
+
+
+def parse_grade(text: str) -> tuple[int | None, str | None]:
+    """A qrels grade as an int32, or ``(None, why not)``: an optional sign and ASCII digits
+    only — ``+-5``, ``²``, ``٣``, ``1.0``, ``1e3``, ``1_0`` and the empty string are not
+    grades, nor is anything beyond int32."""
+    if not text:
+        return None, "is empty (expected an integer)"
+    if not _GRADE_RE.fullmatch(text):
+        return None, f"{text[:40]!r} is not an integer (an optional sign and the digits 0-9)"
+    if len(text.lstrip("+-").lstrip("0")) > 10:  # never int() of a huge digit string
+        return None, f"{text[:40]} is beyond int32 ({GRADE_MIN}..{GRADE_MAX})"
+    value = int(text)
+    if not GRADE_MIN <= value <= GRADE_MAX:
+        return None, f"{value} is beyond int32 ({GRADE_MIN}..{GRADE_MAX})"
+    return value, None

@@ -11,9 +11,14 @@ Files under ``path`` (a local folder or ``s3://`` prefix):
 A split's queries are the ``queries.jsonl`` entries whose ``_id`` its qrels name, in file
 order; a qid the qrels name that ``queries.jsonl`` lacks is a query read error
 (``missing_query``), quarantined with the qrels line. Scores are graded judgments and
-stored as they are (``relevance``: ``> 0`` relevant, ``0`` judged non-relevant); a
-malformed qrels line is quarantined (``bad_qrel``), never dropped. A ``queries.jsonl`` line
-that is not a JSON object is quarantined once, with the first split.
+stored as they are (``relevance``: ``> 0`` relevant, ``0`` judged non-relevant); a qrels
+line without three fields is quarantined (``bad_qrel``), and so is one whose grade is not a
+plain ASCII integer within int32 (``bad_grade``: ``+-5``, ``²``, ``1.0``, ``1e3``, an empty
+grade, ``2147483648``) — never dropped, and never an error that stops the ingest after
+its documents are committed. A ``queries.jsonl`` line that is not a JSON object is
+quarantined once, with the first split. A line over ``max_line_bytes``
+(``source.max_line_mb``) in either file is read past without being held and quarantined
+(``line_too_long``); lines are read in linear time whatever their length.
 
 Everything is read by the driver, one split at a time (queries are small next to a corpus);
 ``check()`` validates the layout before Ray starts. The folder is confined like a corpus
@@ -32,10 +37,14 @@ import pyarrow.fs as pafs
 
 from pipelines.ingest.confine import Refused, Roots
 from pipelines.ingest.sources.base import (
+    LINE_TOO_LONG,
+    MAX_LINE_BYTES,
     BadQrel,
+    OverlongLine,
     Query,
     int_or_str_id,
     iter_lines,
+    parse_grade,
     parse_json_line,
     text_excerpt,
 )
@@ -52,8 +61,9 @@ class BeirQueries:
     """The queries and qrels of a BEIR folder (picklable: a path, storage options, roots)."""
 
     def __init__(self, path: str, storage_options: dict[str, str] | None = None,
-                 allow_roots: Iterable[str] = ()) -> None:
+                 allow_roots: Iterable[str] = (), max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.path = storage.normalise_uri(path)
+        self.max_line_bytes = max_line_bytes
         self.storage_options = dict(storage_options or {})
         self.roots = Roots.of(self.path, extra=allow_roots)
 
@@ -88,7 +98,7 @@ class BeirQueries:
     def _lines(self, *parts: str) -> Iterator[tuple[int, bytes]]:
         # Confined again at open: the folder may have changed since check().
         with self.roots.open(self._uri(*parts), self.storage_options, shown="/".join(parts)) as f:
-            yield from iter_lines(f, 0, _size(f))
+            yield from iter_lines(f, 0, _size(f), self.max_line_bytes)
 
     def _qrel_rows(self, split: str) -> Iterator[tuple[str, str, int] | BadQrel]:
         name = f"{QRELS_DIR}/{split}.tsv"
@@ -97,6 +107,10 @@ class BeirQueries:
             if not line.strip():
                 continue
             ref = f"{name}@{offset}"
+            if isinstance(line, OverlongLine):
+                first = False
+                yield BadQrel(ref, LINE_TOO_LONG, line.detail(), text_excerpt(line))
+                continue
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -108,11 +122,16 @@ class BeirQueries:
                 first = False
                 if tuple(p.lower() for p in parts) == HEADER:
                     continue
-            if len(parts) != 3 or not parts[0] or not parts[1] or not _is_int(parts[2]):
+            if len(parts) != 3 or not parts[0] or not parts[1]:
                 yield BadQrel(ref, "bad_qrel", f"{text[:80]!r} is not 'query-id<TAB>corpus-id<TAB>score' with an "
                               "integer score; fix or remove the line", text[:200])
                 continue
-            yield parts[0], parts[1], int(parts[2])
+            grade, problem = parse_grade(parts[2])
+            if grade is None:
+                yield BadQrel(ref, "bad_grade", f"the grade of query {parts[0][:80]!r}, document "
+                              f"{parts[1][:80]!r} {problem}; fix or remove the line", text[:200])
+                continue
+            yield parts[0], parts[1], grade
 
     def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int] | BadQrel]:
         yield from self._qrel_rows(split)
@@ -158,7 +177,3 @@ class BeirQueries:
 def _size(f) -> int:
     """Bytes in an open file: a pyarrow file knows its size, a local one is asked."""
     return f.size() if hasattr(f, "size") else os.fstat(f.fileno()).st_size
-
-
-def _is_int(s: str) -> bool:
-    return s.lstrip("+-").isdigit()

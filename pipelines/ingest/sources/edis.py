@@ -140,7 +140,8 @@ class EDISSource(Source):
                 yield ref, self._guarded(ref, item, json.dumps(item)[:200])
             return
         with opened as f:
-            for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], CANDIDATES_FILE):
+            for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], CANDIDATES_FILE,
+                                                            self.max_line_bytes):
                 yield ref, error if value is None else self._guarded(ref, value, text_excerpt(line))
 
     def _guarded(self, ref: str, item: dict[str, Any], excerpt: str) -> dict[str, Any]:
@@ -215,7 +216,7 @@ class EDISSource(Source):
             return
         fs, path = self.fs(uri)
         with self.roots().open(uri, self.storage_options, shown=name) as f:
-            for offset, line in iter_lines(f, 0, fs.get_file_info(path).size):
+            for offset, line in iter_lines(f, 0, fs.get_file_info(path).size, self.max_line_bytes):
                 if line.strip():
                     value, reason, detail = parse_json_line(line)
                     yield f"{name}@{offset}", value, None if value is not None else f"{reason}\x1f{detail}"

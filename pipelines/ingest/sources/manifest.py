@@ -22,7 +22,9 @@ file inside the manifest's folder or ``allow_roots``; otherwise the record is qu
 ``outside_root`` / ``not_a_regular_file`` / ``unsupported_uri`` and nothing of the file is
 read. Manifest files in a folder are listed the same way (a symlinked folder is not
 walked). An ``http(s)://`` image goes through the URL fetcher (``pipelines.ingest.fetch``)
-when the source has one (``fetch``), else is quarantined as ``url_not_fetched``.
+when the source has one (``fetch``), else is quarantined as ``url_not_fetched``; its
+address policy and credential rule (``source.fetch.allow_private``, ``signed_urls``) are the
+URL source's (:mod:`pipelines.ingest.sources.urls`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pyarrow.parquet as pq
 
 from pipelines.ingest.confine import Refused, walk
 from pipelines.ingest.fetch import SCHEMES as FETCH_SCHEMES
-from pipelines.ingest.fetch import FetchSettings, fetch_all
+from pipelines.ingest.fetch import SIGNED_URL_REFUSED, FetchSettings, fetch_all
 from pipelines.ingest.sources.base import (
     BATCH_ROWS,
     FILE_UNREADABLE,
@@ -54,6 +56,7 @@ from pipelines.ingest.sources.base import (
     text_excerpt,
 )
 from pipelines.store import storage
+from pipelines.store.secrets import redact_text, redact_url, url_has_credentials
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -190,7 +193,8 @@ class ManifestSource(Source):
         name = relative_name(uri, self.path)
         try:
             with self.roots().open(uri, self.storage_options, shown=name) as f:
-                for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name):
+                for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name,
+                                                                self.max_line_bytes):
                     excerpt = text_excerpt(line)
                     yield ref, error if value is None else self._guarded(ref, value, uri, excerpt)
         except Exception as e:  # the file, not a line: its unread lines are this one record
@@ -262,7 +266,9 @@ class ManifestSource(Source):
             image_fields = self._image(image, uri)
             if "error" in image_fields:
                 return {**image_fields, "raw_excerpt": excerpt or _row_excerpt(value), "doc_id": doc_id}
-        extra = {k: v for k, v in value.items() if k not in CORE and k != id_key}
+        # Free columns are stored: their URLs without credentials (pipelines.store.secrets).
+        extra = {k: redact_text(v) if isinstance(v, str) else v for k, v in value.items()
+                 if k not in CORE and k != id_key}
         return {
             "doc_id": doc_id, "text": value.get("text"), "caption": value.get("caption"),
             "modality": value.get("modality"), "metadata": metadata_json(extra), **image_fields,
@@ -282,6 +288,10 @@ class ManifestSource(Source):
                     f"image {image!r:.200} is an http(s) URL and this manifest ingest has no URL fetcher; "
                     "turn it on (--fetch-urls, source.fetch_urls=true: timeouts, retries, a byte cap) or "
                     "download the image next to the manifest")}
+            if self.fetch.signed_urls == "refuse" and url_has_credentials(image.strip()):
+                return {"error": SIGNED_URL_REFUSED, "error_detail": (
+                    f"image {redact_url(image.strip())!r:.300} carries credentials (userinfo or signature/token "
+                    "parameters) and source.fetch.signed_urls=refuse; strip fetches it and stores nothing of them")}
             return {URL_KEY: image.strip()}
         uri = image if ("://" in image or image.startswith("/")) else storage.join(
             self._base_dir(manifest_uri), image)

@@ -21,6 +21,15 @@ the same quarantine record (nothing new) unless ``refetch_failed``. The driver c
 happened (``observe`` / ``fetch_report``): fetched, failed by reason, skipped, bytes,
 requests per second.
 
+Network and credentials: the fetcher connects only to public addresses unless
+``source.fetch.allow_private`` (:mod:`pipelines.ingest.address_policy`; a refusal is
+``fetch_blocked_address``). A URL carrying credentials (``user:pass@``, ``X-Amz-Signature``,
+``sig``, ``token``, … — :func:`pipelines.store.secrets.redact_url`) is fetched as given but
+stored, shown and identified masked (``metadata.url``, ``final_url``, the derived doc_id,
+quarantine detail and excerpt), so no credential reaches a table or its Delta statistics and
+a re-signed URL is the same document; ``source.fetch.signed_urls=refuse`` quarantines it
+instead (``signed_url_refused``).
+
 Confinement (``pipelines.ingest.confine``): list files are read only when they are regular
 files inside the list's folder or ``allow_roots``; a refused file (a symlink elsewhere, a
 FIFO) or a Parquet file that does not read is one quarantined record, and the rest goes on.
@@ -42,8 +51,9 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.ingest.address_policy import BLOCKED_REASON
 from pipelines.ingest.confine import Refused, walk
-from pipelines.ingest.fetch import FetchSettings, check_url, fetch_all
+from pipelines.ingest.fetch import SIGNED_URL_REFUSED, FetchSettings, check_url, fetch_all
 from pipelines.ingest.sources.base import (
     BATCH_ROWS,
     FILE_UNREADABLE,
@@ -62,7 +72,7 @@ from pipelines.ingest.sources.base import (
 from pipelines.ingest.validation import Rejected, normalise_text
 from pipelines.store import schema as S
 from pipelines.store import storage
-from pipelines.store.secrets import redact_text
+from pipelines.store.secrets import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +193,7 @@ class UrlSource(Source):
             rec = chunk[i][1]
             decided[i] = {**_fields(rec, {"skipped": True}), "image": images.get(doc_id),
                           "modality": stored[doc_id][S.MODALITY]}
-        results = fetch_all([chunk[i][1]["url"] for i in to_fetch], self.fetch)
+        results = fetch_all([chunk[i][1]["fetch_url"] for i in to_fetch], self.fetch)
         for i, res in zip(to_fetch, results):
             rec = chunk[i][1]
             info = {"attempts": res.attempts, "bytes": res.bytes}
@@ -226,26 +236,34 @@ class UrlSource(Source):
                 yield f"{name}#row={i}", self._record(row)
         else:
             with roots.open(uri, opts, shown=name) as f:
-                for ref, value, error, _ in iter_json_records(f, spec["start"], spec["end"], name):
+                for ref, value, error, _ in iter_json_records(f, spec["start"], spec["end"], name,
+                                                              self.max_line_bytes):
                     yield ref, error if value is None else self._record(value)
 
     def _record(self, value: dict[str, Any]) -> dict[str, Any]:
         url = value.get("url")
         doc_id, id_error = int_or_str_id(value.get("doc_id"))
-        excerpt = redact_text(json.dumps({k: v for k, v in value.items() if not isinstance(v, bytes)}, default=str)[:200])
+        # Redacted before it is cut: a cut URL's userinfo would no longer look like one.
+        excerpt = redact_text(json.dumps({k: v for k, v in value.items() if not isinstance(v, bytes)},
+                                         default=str))[:200]
         problem = id_error or check_url(url)
         if problem:
             return {"error": "bad_url" if not id_error else "wrong_type", "error_detail": problem,
                     "raw_excerpt": excerpt, "doc_id": doc_id}
         url = url.strip()
+        shown = redact_url(url)  # what is stored and shown; the fetch alone uses ``url``
+        if shown != url and self.fetch.signed_urls == "refuse":
+            return {"error": SIGNED_URL_REFUSED, "raw_excerpt": excerpt, "doc_id": doc_id or url_doc_id(shown),
+                    "error_detail": f"url {shown!r:.300} carries credentials (userinfo or signature/token "
+                                    "parameters) and source.fetch.signed_urls=refuse; strip stores it without them"}
         for key in ("caption", "text"):
             v = value.get(key)
             if v is not None and not isinstance(v, str):
                 return {"error": "wrong_type", "error_detail": f"{key} must be a string, got {type(v).__name__}",
                         "raw_excerpt": excerpt, "doc_id": doc_id}
-        extra = {k: v for k, v in value.items() if k not in CORE}
-        return {"doc_id": doc_id or url_doc_id(url), "url": url, "caption": value.get("caption"),
-                "text": value.get("text"), "extra": extra}
+        extra = {k: redact_text(v) if isinstance(v, str) else v for k, v in value.items() if k not in CORE}
+        return {"doc_id": doc_id or url_doc_id(shown), "url": shown, "fetch_url": url,
+                "caption": value.get("caption"), "text": value.get("text"), "extra": extra}
 
     # what earlier runs decided ------------------------------------------------------------
     def _open(self, which: str):
@@ -311,6 +329,8 @@ class UrlSource(Source):
                     st["skipped_failed"] += 1
                     continue
                 st["failed_by_reason"][reason] += 1
+                if reason == BLOCKED_REASON:
+                    continue  # refused before its request (or at a redirect): not counted as requests
                 m = _ATTEMPTS_RE.search(detail or "")
                 st["requests"] += int(m.group(1)) if m else 1
         index = table.schema.get_field_index(S.METADATA)
@@ -350,7 +370,7 @@ def _empty_stats() -> dict[str, Any]:
 def _facts(res: Any) -> dict[str, Any]:
     """What a successful fetch says about the image, kept in the stored metadata."""
     facts = {"content_type": res.content_type}
-    if res.final_url and res.final_url != res.url:
+    if res.final_url and res.final_url != redact_url(res.url):  # both redacted: a hop, not a mask
         facts["final_url"] = res.final_url
     return facts
 

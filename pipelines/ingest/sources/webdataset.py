@@ -15,14 +15,27 @@ key (the member path up to the first dot of its file name) are one sample:
 ``doc_id`` is the json's id, else ``<shard>/<key>`` where ``<shard>`` is the shard's path
 below the listed folder without ``.tar``. ``record_ref`` is ``<shard>.tar#<key>``.
 
-Shards are streamed (``tarfile`` stream mode over a pyarrow input stream): one sample's
-members are in memory at a time, never a shard; one Ray Data task reads
-``shards_per_task`` shards. A member that does not parse (a JSON that is not an object, a
-caption that is not UTF-8, a member over ``max_member_bytes``) quarantines its sample at
-read, a corrupt image at validation. A truncated shard keeps every sample read before the
-cut and quarantines the sample it cut (``shard_truncated``); a shard that cannot be opened
-or is not a tar at all is one quarantined record (``shard_unreadable``). Images are always
-stored inline (they live inside the tar).
+Shards are streamed, their tar headers parsed here (``iter_tar_samples``; gzip, bzip2 and xz
+shards are decompressed on the fly): one sample's members are in memory at a time, never a
+shard, and every cap is checked on a header before its bytes are read — a member over
+``max_member_bytes`` (``source.max_member_mb``), a sample over ``max_sample_bytes``
+(``source.max_sample_mb``, all its members together) or a pax extended header / GNU long
+name over ``max_header_bytes`` (``source.max_header_kb``) quarantines its sample
+(``member_too_large``, ``sample_too_large``, ``header_too_large``) and its bytes are read
+past in 1 MiB chunks, never held. One Ray Data task reads ``shards_per_task`` shards. A
+member that does not parse (a JSON that is not an object, a caption that is not UTF-8)
+quarantines its sample at read, a corrupt image at validation.
+
+Every sample is a document or a quarantine row, for a shard cut at any byte: a shard that
+ends before its end-of-archive block (a cut inside a header, inside a member, or exactly
+between two members) keeps every sample read before the cut and quarantines the sample it
+was reading (``shard_truncated``, naming the shard and the byte offset) — that sample may
+have had more members, so it is never stored half-read; a header that fails its checksum
+ends the shard the same way (``shard_corrupt``). A shard that cannot be opened, is empty or
+is not a tar at all is one quarantined record (``shard_unreadable``). Images are always
+stored inline (they live inside the tar). A storage that does not answer while shards are
+listed (an ``s3://`` endpoint down) stops ``plan()`` with one line naming the URI and the
+fix.
 
 Confinement (``pipelines.ingest.confine``): a shard must resolve to a regular file inside the
 pattern's folder or ``allow_roots``; a symlinked shard (or folder) pointing elsewhere is one
@@ -31,15 +44,18 @@ record quarantined as ``outside_root``, a FIFO as ``not_a_regular_file``, neithe
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
+import gzip
 import json
 import logging
+import lzma
 import os
 import posixpath
 import re
-import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -62,6 +78,8 @@ SHARD_SUFFIX = ".tar"
 #: The most members a brace pattern may expand to (a typo like {0..99999999} fails fast).
 MAX_EXPANDED = 1_000_000
 _BRACE_RE = re.compile(r"\{([^{}]*)\}")
+#: Reasons that reject one sample and let the shard's reading go on.
+_SAMPLE_REASONS = frozenset(("member_too_large", "sample_too_large", "header_too_large"))
 _GLOB_CHARS = "*?["
 
 
@@ -112,11 +130,12 @@ class WebDatasetSource(Source):
 
     def __init__(self, path: str, shards_per_task: int = 1, name: str | None = None,
                  storage_options: dict[str, str] | None = None, max_member_bytes: int = 64 << 20,
-                 allow_roots: Iterable[str] = ()) -> None:
+                 allow_roots: Iterable[str] = (), max_sample_bytes: int = 96 << 20,
+                 max_header_bytes: int = 64 << 10) -> None:
         super().__init__(name, storage_options, "inline", allow_roots)
         self.pattern = path if storage.is_remote(path) else _local(path)
         self.shards_per_task = max(1, shards_per_task)
-        self.max_member_bytes = max_member_bytes
+        self.caps = TarCaps(max_member_bytes, max(max_sample_bytes, 1), max_header_bytes)
 
     def own_roots(self) -> list[str]:
         return [self._root()]
@@ -134,8 +153,22 @@ class WebDatasetSource(Source):
 
         Raises:
             FileNotFoundError: Nothing matches, with the pattern.
-            ValueError: A malformed brace pattern.
+            ValueError: A malformed brace pattern, or storage that cannot be reached (one line
+                naming the URI, the reason and the fix).
         """
+        try:
+            return self._shard_uris()
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # an object store that does not answer (endpoint down, DNS, TLS)
+            reason = " ".join(str(e).split())[:300]
+            if not storage.is_remote(self.pattern):
+                raise ValueError(f"cannot list {self.pattern}: {reason}; check the path and its "
+                                 "permissions") from None
+            raise ValueError(f"cannot reach {self.pattern}: {reason}; check the endpoint / storage_options "
+                             "(AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP) and the credentials") from None
+
+    def _shard_uris(self) -> list[str]:
         if "{" in self.pattern:
             return expand_braces(self.pattern)
         fs, path = self.fs(self._root())
@@ -195,44 +228,28 @@ class WebDatasetSource(Source):
             return
         except (OSError, ValueError) as e:
             yield tar_name, _error("shard_unreadable", f"cannot open shard {uri}: {e}; check the shard list "
-                                   "(a brace range names every shard whether or not it exists)")
+                                   "(a brace range names every shard whether or not it exists) and, for "
+                                   "s3://, the endpoint / storage_options")
             return
-        key: str | None = None
-        members: dict[str, bytes] = {}
-        errors: list[str] = []
-        position = "the start"
-        try:
-            with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    k, ext = split_key(info.name)
-                    if k != key:
-                        if key is not None:
-                            yield self._record(shard, tar_name, key, members, errors)
-                        key, members, errors = k, {}, []
-                    position = f"member {info.name}"
-                    if info.size > self.max_member_bytes:
-                        errors.append(f"member {info.name} is {info.size} bytes; the limit is "
-                                      f"{self.max_member_bytes} (source.max_member_mb)")
-                        continue  # the stream skips its bytes without keeping them
-                    f = tar.extractfile(info)
-                    members[ext] = f.read() if f is not None else b""
-                if key is not None:
-                    yield self._record(shard, tar_name, key, members, errors)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            if key is None and not members:
-                yield tar_name, _error("shard_unreadable", f"{uri} is not a readable tar archive "
-                                       f"({type(e).__name__}: {e}); re-create the shard")
-                return
-            # Every sample before the cut was already yielded; the one it cut is lost.
-            ref = f"{tar_name}#{key}"
-            yield ref, _error("shard_truncated", f"shard {uri} ends inside {position} ({type(e).__name__}: "
-                              f"{e}); the samples before it were kept — re-create the shard to recover this "
-                              "sample and any after it", doc_id=f"{shard}/{key}")
+        with stream:
+            for sample in iter_tar_samples(stream, self.caps):
+                if sample.reason is None:
+                    yield self._record(shard, tar_name, sample.key, sample.members)
+                elif sample.reason in _SAMPLE_REASONS:
+                    yield f"{tar_name}#{sample.key}", _error(sample.reason, sample.detail,
+                                                            doc_id=f"{shard}/{sample.key}")
+                elif sample.key is None:  # broke before its first member: the shard's one row
+                    yield tar_name, _error(sample.reason, f"shard {uri}: {sample.detail}; nothing of it was "
+                                           "read — re-create the shard")
+                else:
+                    # Every sample before the cut was yielded; the one it cut (which may have
+                    # had more members) is this row, and the shard is not read past it.
+                    yield f"{tar_name}#{sample.key}", _error(
+                        sample.reason, f"shard {uri}: {sample.detail} (sample {sample.key}); the samples "
+                        "before it were kept — re-create the shard to recover this sample and any after it",
+                        doc_id=f"{shard}/{sample.key}")
 
-    def _record(self, shard: str, tar_name: str, key: str, members: dict[str, bytes],
-                errors: list[str]) -> tuple[str, dict[str, Any]]:
+    def _record(self, shard: str, tar_name: str, key: str, members: dict[str, bytes]) -> tuple[str, dict[str, Any]]:
         ref = f"{tar_name}#{key}"
         doc_id = f"{shard}/{key}"
         meta: dict[str, Any] = {}
@@ -262,8 +279,6 @@ class WebDatasetSource(Source):
             fields["text"] = value.get("text")
             fields["caption"] = value.get("caption")
             meta.update({k: v for k, v in value.items() if k not in (id_key, "text", "caption")})
-        if errors:
-            return ref, _error("member_too_large", "; ".join(errors), doc_id=doc_id)
         if "txt" in members:
             try:
                 fields["caption"] = members["txt"].decode("utf-8")
@@ -302,3 +317,296 @@ def _local(path: str) -> str:
 def _error(reason: str, detail: str, excerpt: str | None = None, doc_id: str | None = None) -> dict[str, Any]:
     return {"error": reason, "error_detail": detail, "raw_excerpt": excerpt, "doc_id": doc_id}
 
+
+# ---------------------------------------------------------------------------------------
+# The tar reader: headers parsed here, so every cap holds while reading
+# ---------------------------------------------------------------------------------------
+
+BLOCK = 512
+_CHUNK = 1 << 20
+#: Member types that carry no data blocks (hard/sym links, devices, folders, FIFOs).
+_NO_DATA_TYPES = frozenset(b"123456")
+_FILE_TYPES = frozenset((b"0", b"\0", b"7"))
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+@dataclass(frozen=True)
+class TarCaps:
+    """What one sample of a shard may hold; each is checked on the header, before its bytes
+    are read (a member over a cap is skipped in 1 MiB chunks, never held)."""
+
+    max_member_bytes: int = 64 << 20
+    max_sample_bytes: int = 96 << 20
+    #: A pax extended header or GNU long name: it is parsed in memory, so it is capped too.
+    max_header_bytes: int = 64 << 10
+
+
+@dataclass
+class TarSample:
+    """One sample read from a shard: its members (extension → bytes), or why it is not one.
+
+    ``key`` is None when the shard broke before any member was read (the row is the shard's).
+    ``reason`` ``shard_truncated`` / ``shard_corrupt`` / ``shard_unreadable`` end the shard.
+    """
+
+    key: str | None
+    members: dict[str, bytes] = field(default_factory=dict)
+    reason: str | None = None
+    detail: str | None = None
+    offset: int = 0
+
+
+class _Stop(Exception):
+    """The shard cannot be read past ``offset``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class _Prefixed:
+    """A stream with bytes already read from it put back in front (for the compression sniff)."""
+
+    def __init__(self, head: bytes, f: Any) -> None:
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
+            return out
+        return self.f.read(n) if n >= 0 else self.f.read()
+
+    def readable(self) -> bool:
+        return True
+
+
+class _Reader:
+    """Exact reads from a (possibly decompressed) stream, counting the offset."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.pos = f, 0
+
+    def read(self, n: int) -> bytes:
+        """``n`` bytes, fewer only at the end of the stream (or a cut)."""
+        try:
+            first = self.f.read(n)
+            if len(first) == n or not first:
+                self.pos += len(first)
+                return first
+            parts, got = [first], len(first)
+            while got < n:
+                part = self.f.read(min(_CHUNK, n - got))
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            self.pos += got
+            return b"".join(parts)
+        except EOFError as e:  # a compressed stream cut short
+            raise _Stop("shard_truncated", f"the compressed stream ends early ({e})") from None
+        except (OSError, zlib.error, lzma.LZMAError, ValueError) as e:
+            raise _Stop("shard_unreadable", f"reading failed at byte {self.pos} ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from None
+
+    def data(self, n: int, what: str) -> bytes:
+        """A member's ``n`` bytes and its padding to the block; raises ``_Stop`` at a cut."""
+        out = self.read(n)
+        if len(out) < n:
+            raise _Stop("shard_truncated", f"the shard ends inside {what} at byte {self.pos} "
+                        f"({len(out)} of its {n} bytes)")
+        self.skip(-n % BLOCK, what)
+        return out
+
+    def skip(self, n: int, what: str) -> None:
+        """Reads past ``n`` bytes in chunks, keeping none."""
+        left = n
+        while left > 0:
+            part = self.read(min(_CHUNK, left))
+            if not part:
+                raise _Stop("shard_truncated", f"the shard ends inside {what} at byte {self.pos}")
+            left -= len(part)
+
+    def skip_member(self, n: int, what: str) -> None:
+        self.skip(n + (-n % BLOCK), what)
+
+
+def _open_tar_stream(f: Any) -> _Reader:
+    """``f`` as a stream of tar blocks: gzip, bzip2 and xz shards are decompressed on the fly."""
+    head = f.read(6)
+    stream: Any = _Prefixed(head, f)
+    for magic, kind in _COMPRESSED:
+        if head.startswith(magic):
+            if kind == "gzip":
+                stream = gzip.GzipFile(fileobj=stream, mode="rb")
+            elif kind == "bz2":
+                stream = bz2.BZ2File(stream, mode="rb")
+            else:
+                stream = lzma.LZMAFile(stream, mode="rb")
+            break
+    return _Reader(stream)
+
+
+def _octal(field_: bytes, what: str, offset: int) -> int:
+    if field_[:1] and field_[0] & 0x80:  # GNU base-256 for numbers beyond the octal field
+        value = int.from_bytes(field_[1:], "big")
+        return -value if field_[0] & 0x40 else value
+    text = field_.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise _Stop("shard_corrupt", f"the header at byte {offset} has a malformed {what} field "
+                    f"{text[:20]!r}") from None
+
+
+def _header(block: bytes, offset: int) -> tuple[bytes, str, int]:
+    """``(type, name, size)`` of one 512-byte ustar/GNU header, its checksum verified."""
+    stored = _octal(block[148:156], "checksum", offset)
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
+    if stored not in (unsigned, signed):
+        raise _Stop("shard_corrupt", f"the header at byte {offset} fails its checksum (not a tar header: "
+                    "the shard is corrupt there)")
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:265] == b"ustar\x0000":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    size = _octal(block[124:136], "size", offset)
+    if size < 0:
+        raise _Stop("shard_corrupt", f"the header at byte {offset} gives a negative size")
+    return block[156:157], name.decode("utf-8", "backslashreplace"), size
+
+
+def _pax(data: bytes, offset: int) -> dict[str, str]:
+    """The records of a pax extended header (``"<len> <key>=<value>\\n"``)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos, pos + 24)
+        try:
+            length = int(data[pos:space]) if space > pos else -1
+        except ValueError:
+            length = -1
+        record = data[space + 1 : pos + length] if length > 0 else b""
+        if length <= 0 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise _Stop("shard_corrupt", f"the pax header at byte {offset} has a malformed record at "
+                        f"{pos}")
+        key, _, value = record[:-1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "backslashreplace")
+        pos += length
+    return out
+
+
+def iter_tar_samples(f: Any, caps: TarCaps = TarCaps()) -> Iterator[TarSample]:
+    """Every sample of one tar shard in order, streamed from ``f`` (anything with ``read``).
+
+    Never raises for what the shard holds: a sample over a cap is yielded with its
+    reason and no members; a shard that ends early (a cut at any byte, a missing
+    end-of-archive block) or stops parsing yields the sample it was reading (or, before any
+    member, one sample with ``key=None``) with ``shard_truncated`` / ``shard_corrupt`` and
+    ends. Only one sample's members are in memory, each under ``caps``.
+    """
+    try:
+        r = _open_tar_stream(f)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as e:
+        yield TarSample(None, reason="shard_unreadable", detail=f"cannot read the shard ({type(e).__name__}: "
+                        f"{str(e)[:200]})")
+        return
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    held = 0
+    error: tuple[str, str] | None = None
+    pending_name: str | None = None  # from a pax header or a GNU long name
+    pending_error: tuple[str, str] | None = None
+    pending_size: int | None = None
+    started = False
+    try:
+        while True:
+            offset = r.pos
+            block = r.read(BLOCK)
+            if len(block) < BLOCK:
+                if not block and offset == 0:
+                    raise _Stop("shard_unreadable", "the shard is empty (0 bytes)")
+                raise _Stop("shard_truncated", f"the shard ends at byte {r.pos} without its end-of-archive "
+                            "blocks" if not block else f"the shard ends inside the header at byte {offset}")
+            if not any(block):
+                if pending_name is not None or pending_error is not None or pending_size is not None:
+                    raise _Stop("shard_corrupt", f"the archive ends at byte {offset} after an extended header "
+                                "with no member for it")
+                break
+            try:
+                kind, name, size = _header(block, offset)
+            except _Stop:
+                if not started:  # the first block is no tar header: not a tar at all
+                    raise _Stop("shard_unreadable", "it is not a tar archive (its first block is no tar "
+                                "header)") from None
+                raise
+            started = True
+            if kind in (b"x", b"g", b"L", b"K"):
+                what = {b"x": "pax header", b"g": "global pax header", b"L": "GNU long name",
+                        b"K": "GNU long link"}[kind]
+                if kind == b"K":
+                    r.skip_member(size, f"the {what} at byte {offset}")
+                    continue
+                if size > caps.max_header_bytes:
+                    r.skip_member(size, f"the {what} at byte {offset}")
+                    pending_error = pending_error or (
+                        "header_too_large", f"the {what} at byte {offset} is {size} bytes; the limit is "
+                        f"{caps.max_header_bytes} (source.max_header_kb)")
+                    continue
+                data = r.data(size, f"the {what} at byte {offset}")
+                if kind == b"x":
+                    pax = _pax(data, offset)
+                    if "size" in pax:  # a member beyond the octal field's 8 GiB
+                        if not pax["size"].isascii() or not pax["size"].isdigit():
+                            raise _Stop("shard_corrupt", f"the pax header at byte {offset} gives the size "
+                                        f"{pax['size'][:24]!r}, not a number")
+                        pending_size = int(pax["size"])
+                    if "path" in pax:
+                        pending_name = pax["path"]
+                elif kind == b"L":
+                    pending_name = data.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+                continue
+            if pending_name is not None:
+                name, pending_name = pending_name, None
+            if pending_size is not None:
+                size, pending_size = pending_size, None
+            if kind in _NO_DATA_TYPES:
+                size = 0
+            if kind not in _FILE_TYPES:
+                r.skip_member(size, f"member {name!r}")
+                pending_error = None
+                continue
+            k, ext = split_key(name)
+            if k != key:
+                if key is not None:
+                    yield _sample(key, members, error)
+                key, members, held, error = k, {}, 0, None
+            if pending_error is not None:
+                error, pending_error = error or pending_error, None
+            what = f"member {name!r} at byte {offset}"
+            if error is None and size > caps.max_member_bytes:
+                error = ("member_too_large", f"member {name} is {size} bytes; the limit is "
+                         f"{caps.max_member_bytes} (source.max_member_mb)")
+            elif error is None and held + size > caps.max_sample_bytes:
+                error = ("sample_too_large", f"sample {k} holds more than {caps.max_sample_bytes} bytes "
+                         f"(at least {held + size}); the limit is source.max_sample_mb")
+            if error is not None:
+                members, held = {}, 0  # nothing of a rejected sample is kept
+                r.skip_member(size, what)
+                continue
+            members[ext] = r.data(size, what)
+            held += size
+    except _Stop as stop:
+        yield TarSample(key, {}, stop.reason, f"{stop.detail}", offset=r.pos)
+        return
+    if key is not None:
+        yield _sample(key, members, error)
+
+
+def _sample(key: str, members: dict[str, bytes], error: tuple[str, str] | None) -> TarSample:
+    if error is not None:
+        return TarSample(key, {}, error[0], error[1])
+    return TarSample(key, members)

@@ -35,6 +35,9 @@ import pyarrow as pa
 
 from pipelines.ingest.confine import Refused, Roots
 from pipelines.ingest.sources.base import (
+    LINE_TOO_LONG,
+    BadQrel,
+    OverlongLine,
     Query,
     RawBuilder,
     Source,
@@ -43,6 +46,7 @@ from pipelines.ingest.sources.base import (
     iter_lines,
     line_file_shards,
     metadata_json,
+    parse_grade,
     parse_json_line,
     text_excerpt,
 )
@@ -140,7 +144,8 @@ class WebQASource(Source):
             tsv = roots.open_file(self._uri(TSV_FILE), self.storage_options, shown=TSV_FILE)
         try:
             with roots.open(spec["uri"], self.storage_options, shown=name) as f:
-                for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name):
+                for ref, value, error, line in iter_json_records(f, spec["start"], spec["end"], name,
+                                                                self.max_line_bytes):
                     if value is None:
                         fields = error
                     elif spec["part"] == "docs":
@@ -211,7 +216,7 @@ class WebQASource(Source):
         fs, path = self.fs(self._uri(name))
         size = fs.get_file_info(path).size
         with self.roots().open(self._uri(name), self.storage_options, shown=name) as f:
-            yield from iter_lines(f, 0, size)
+            yield from iter_lines(f, 0, size, self.max_line_bytes)
 
     def iter_queries(self, split: str) -> Iterator[Query]:
         name = SPLIT_FILES[split]
@@ -226,7 +231,7 @@ class WebQASource(Source):
             extra = {k: v for k, v in value.items() if k not in ("qid", "Q", "A")}
             yield Query(value.get("qid"), value.get("Q"), ref, answer=value.get("A"), metadata=extra)
 
-    def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int]]:
+    def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int] | BadQrel]:
         qrels_file = f"{split}_qrels.txt"
         if storage.exists(self._uri(qrels_file), self.storage_options):
             yield from parse_qrels(self._lines(qrels_file), qrels_file)
@@ -243,18 +248,25 @@ class WebQASource(Source):
                         yield qid, str(doc), 1
 
 
-def parse_qrels(lines: Iterator[tuple[int, bytes]], name: str) -> Iterator[tuple[str, str, int]]:
-    """``qid doc_id rel`` (or TREC ``qid 0 doc_id rel``) lines, whitespace separated.
-
-    Raises:
-        ValueError: A malformed line, naming the file, byte offset and the expected forms.
-    """
+def parse_qrels(lines: Iterator[tuple[int, bytes]], name: str) -> Iterator[tuple[str, str, int] | BadQrel]:
+    """``qid doc_id rel`` (or TREC ``qid 0 doc_id rel``) lines, whitespace separated; a
+    malformed line (``bad_qrel``) or grade (``bad_grade``: not an ASCII integer within int32)
+    is a ``BadQrel``, quarantined by the run — never an error after the documents commit."""
     for offset, line in lines:
+        ref = f"{name}@{offset}"
+        if isinstance(line, OverlongLine):
+            yield BadQrel(ref, LINE_TOO_LONG, line.detail(), text_excerpt(line))
+            continue
         parts = line.decode("utf-8", "replace").split()
         if not parts:
             continue
-        if len(parts) in (3, 4) and parts[-1].lstrip("-").isdigit():
-            yield parts[0], parts[-2], int(parts[-1])
-        else:
-            raise ValueError(f"{name} at byte {offset}: {line[:80]!r} is not 'qid doc_id relevance' "
-                             "or 'qid 0 doc_id relevance'; fix the qrels file")
+        if len(parts) not in (3, 4):
+            yield BadQrel(ref, "bad_qrel", f"{name} at byte {offset}: {line[:80]!r} is not 'qid doc_id relevance' "
+                          "or 'qid 0 doc_id relevance'; fix the qrels file", text_excerpt(line))
+            continue
+        grade, problem = parse_grade(parts[-1])
+        if grade is None:
+            yield BadQrel(ref, "bad_grade", f"{name} at byte {offset}: the grade {problem}; fix the qrels file",
+                          text_excerpt(line))
+            continue
+        yield parts[0], parts[-2], grade
