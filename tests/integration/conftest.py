@@ -12,3 +12,6 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# The unit tier's offline tokenizers, for the multi-process model tests kept here.
+from unit.conftest import corpus_texts, synthetic_corpus, tokenizer_dirs  # noqa: E402, F401
