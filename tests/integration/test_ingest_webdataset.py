@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from ingest_fixtures import image_bytes
 from ingest_helpers import reconcile, rows_by_id, run_ingest
+from tar_shards import write_shard
 
 from pipelines.store.delta_tables import Tables
 
@@ -59,17 +60,6 @@ def s3():
                 os.environ[k] = v
 
 
-def _tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def make_shards() -> tuple[dict[str, bytes], dict[str, dict]]:
     """Three shards of PER_SHARD samples: 00001 has a corrupt image, 00002 is cut inside
     its third sample. Returns (shard name → bytes, doc_id → expected fields)."""
@@ -89,7 +79,7 @@ def make_shards() -> tuple[dict[str, bytes], dict[str, dict]]:
             samples.append((key, members))
             doc_id = meta.get("doc_id") or f"{s:05d}/{key}"
             expected[doc_id] = {"caption": f"sample {s}/{i}", "image": img, "shard": s, "i": i}
-        data = _tar(samples)
+        data = write_shard(samples)
         if s == 2:
             cut = data.index(f"{s:05d}0002.png".encode()) + 512 + 30  # inside the third image
             data = data[:cut]
@@ -170,20 +160,11 @@ def test_a_cut_between_samples_and_a_huge_pax_header_are_quarantined(s3, tmp_pat
     folder = tmp_path / "wds"
     folder.mkdir()
     samples = [(f"k{i}", {"png": image_bytes((i * 60, 10, 10)), "txt": f"caption {i}".encode()}) for i in range(3)]
-    data = _tar(samples)
+    data = write_shard(samples)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         boundary = next(m.offset for m in tar.getmembers() if m.name == "k2.png")
     (folder / "cut.tar").write_bytes(data[:boundary])  # ends right after k1's last member
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for key, members in samples:
-            for ext, blob in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(blob)
-                if key == "k1":
-                    info.pax_headers = {"comment": "x" * (1 << 20)}
-                tar.addfile(info, io.BytesIO(blob))
-    (folder / "pax.tar").write_bytes(buf.getvalue())
+    (folder / "pax.tar").write_bytes(write_shard(samples, pax={"k1": {"comment": "x" * (1 << 20)}}))
     root = tmp_path / "data"
     summary = run_ingest(tmp_path, root, "--source", "webdataset", "--path", str(folder),
                          "--set", "source.max_header_kb=64")

@@ -11,6 +11,7 @@ import tracemalloc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tar_shards import write_shard
 
 from pipelines.ingest.sources.webdataset import (
     BLOCK,
@@ -44,16 +45,7 @@ def samples(n: int = 4) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def shard(fmt: int = tarfile.PAX_FORMAT, items=None, pax: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for key, members in items if items is not None else samples():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                if pax:
-                    info.pax_headers = dict(pax)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return write_shard(items if items is not None else samples(), fmt, {"*": pax} if pax else None)
 
 
 def layout(data: bytes) -> tuple[list[int], int]:
@@ -170,18 +162,8 @@ def test_members_of_one_sample_count_together():
 
 def test_a_huge_pax_header_is_quarantined_unread_and_memory_stays_bounded(tmp_path):
     items = [("a", {"txt": b"first"}), ("p", {"txt": b"padded"}), ("c", {"txt": b"last"})]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for key, members in items:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                if key == "p":
-                    info.pax_headers = {"comment": "x" * (4 << 20)}  # a 4 MiB extended header
-                tar.addfile(info, io.BytesIO(data))
     path = tmp_path / "pax.tar"
-    path.write_bytes(buf.getvalue())
-    del buf
+    path.write_bytes(write_shard(items, pax={"p": {"comment": "x" * (4 << 20)}}))  # a 4 MiB extended header
     with open(path, "rb") as f:
         tracemalloc.start()
         got = [(s.key, s.reason, s.members) for s in iter_tar_samples(f, TarCaps(max_header_bytes=64 << 10))]
