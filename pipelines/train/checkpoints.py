@@ -28,6 +28,17 @@ def _fs(uri: str, storage_options: dict[str, str] | None = None):
     return pafs.FileSystem.from_uri(uri)
 
 
+def checkpoint_at(storage_path: str, path: str):
+    """A ``ray.train.Checkpoint`` of ``path`` (as :func:`latest_checkpoint` names it) on the
+    filesystem of ``storage_path``: what a re-run's workers resume from when Ray Train has
+    registered no checkpoint of the run (a run killed before its controller wrote
+    ``checkpoint_manager_snapshot.json``)."""
+    import ray.train
+
+    fs, _ = _fs(storage_path)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
 def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint a re-run of ``name`` resumes from, and its training state, or ``None``.
 

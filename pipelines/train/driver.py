@@ -309,6 +309,7 @@ def fit(cfg: TrainJobConfig, plan: Plan, datasets: dict[str, Any], dev_queries: 
             "fingerprint": fingerprint(plan.identity), "n_train": n_train, "dev_queries": dev_queries,
             "metrics_path": str(run_dir / METRICS_FILE) if local else None,
             "marker_dir": str(run_dir) if local else None,
+            "resume_from": plan.resume["path"] if plan.resume else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),

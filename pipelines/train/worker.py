@@ -237,6 +237,12 @@ class TrainWorker:
         from ciea_model.training import build_scheduler
 
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.config.get("resume_from"):
+            # Ray registered no checkpoint of this run (it was killed before its controller's
+            # bookkeeping): the one the driver found on storage, as it told the user.
+            from pipelines.train.checkpoints import checkpoint_at
+
+            checkpoint = checkpoint_at(self.cfg.run.storage_path, self.config["resume_from"])
         if checkpoint is None:
             self.scheduler = build_scheduler(self.optimizer, self.state.total_steps)
             return 0

@@ -80,6 +80,11 @@ def stage1(data_root, runs, tmp_path_factory, ray_local) -> dict:
     checkpointed = {r["step"] for r in read_metrics(metrics) if r["event"] == "checkpoint"}
     on_disk = _checkpoint_steps(runs / "s1")
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    # Ray Train registers a checkpoint (checkpoint_manager_snapshot.json) after it lands; a
+    # kill in between leaves none, and then Ray resumes nothing. The re-run must resume from
+    # the checkpoint on storage all the same (it once restarted from step 0 while saying it
+    # resumed): the test makes that case certain.
+    (runs / "s1" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
     # The re-run is what a user types again; it joins the session's Ray in-process (the
     # killed run needed a Ray of its own, so that the kill took it down too).
     assert train.main(args) == 0
