@@ -4,59 +4,39 @@ started on loopback by the fixture. Credentials come only from the environment."
 from __future__ import annotations
 
 import json
-import logging
-import os
+import tempfile
 
 import pytest
 from ingest_fixtures import image_bytes
+from s3_server import CREDS, moto_s3, s3_credentials
 
 from jobs import ingest
 from pipelines.store.delta_tables import Tables
 
 BUCKET = "ciea-ingest-test"
-CREDS = {"AWS_ACCESS_KEY_ID": "moto-test-key", "AWS_SECRET_ACCESS_KEY": "moto-test-secret-value"}
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 and a local Ray whose workers see the credentials."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in (*CREDS, "AWS_REGION")}
-    os.environ.update(CREDS, AWS_REGION="us-east-1")
-    import boto3
     import ray
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    rows = [{"doc_id": "s1", "text": "stored in object storage"},
-            {"doc_id": "s2", "caption": "an image on S3", "image": "img/s2.png"},
-            {"doc_id": "s3", "caption": "broken", "image": "img/missing.png"}]
-    client.put_object(Bucket=BUCKET, Key="src/docs.jsonl",
-                      Body="".join(json.dumps(r) + "\n" for r in rows).encode())
-    client.put_object(Bucket=BUCKET, Key="src/img/s2.png", Body=image_bytes((4, 5, 6)))
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="ray-s3-", dir="/tmp")
-    # A Ray of its own: its workers must start with the credentials above in their
-    # environment. The shared one (conftest's ray_local) stops first and restarts later.
-    ray.shutdown()
-    ray.init(num_cpus=2, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
-    try:
-        yield endpoint, client
-    finally:
+    with s3_credentials(), moto_s3(BUCKET) as (endpoint, client):
+        rows = [{"doc_id": "s1", "text": "stored in object storage"},
+                {"doc_id": "s2", "caption": "an image on S3", "image": "img/s2.png"},
+                {"doc_id": "s3", "caption": "broken", "image": "img/missing.png"}]
+        client.put_object(Bucket=BUCKET, Key="src/docs.jsonl",
+                          Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+        client.put_object(Bucket=BUCKET, Key="src/img/s2.png", Body=image_bytes((4, 5, 6)))
+        ray_tmp = tempfile.mkdtemp(prefix="ray-s3-", dir="/tmp")
+        # A Ray of its own: its workers must start with the credentials above in their
+        # environment. The shared one (conftest's ray_local) stops first and restarts later.
         ray.shutdown()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ray.init(num_cpus=2, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
+        try:
+            yield endpoint, client
+        finally:
+            ray.shutdown()
 
 
 def _ingest(endpoint: str, run_dir, *extra: str) -> dict:

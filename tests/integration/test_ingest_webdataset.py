@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import os
 import shutil
 import tarfile
 import tempfile
@@ -16,12 +14,12 @@ from pathlib import Path
 import pytest
 from ingest_fixtures import image_bytes
 from ingest_helpers import reconcile, rows_by_id, run_ingest
+from s3_server import moto_s3, s3_credentials
 from tar_shards import write_shard
 
 from pipelines.store.delta_tables import Tables
 
 BUCKET = "ciea-wds-test"
-CREDS = {"AWS_ACCESS_KEY_ID": "moto-test-key", "AWS_SECRET_ACCESS_KEY": "moto-test-secret-value"}
 PER_SHARD = 4
 
 
@@ -29,35 +27,19 @@ PER_SHARD = 4
 def s3():
     """moto's S3 server on 127.0.0.1 and the module's local Ray (its workers see the
     credentials, which come only from the environment)."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in (*CREDS, "AWS_REGION")}
-    os.environ.update(CREDS, AWS_REGION="us-east-1")
-    import boto3
     import ray
 
-    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    ray_tmp = tempfile.mkdtemp(prefix="ray-wds-", dir="/tmp")
-    # A Ray of its own: its workers must start with the credentials above in their
-    # environment. The shared one (conftest's ray_local) stops first and restarts later.
-    ray.shutdown()
-    ray.init(num_cpus=2, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
-    try:
-        yield f"http://{host}:{port}", client
-    finally:
+    with s3_credentials(), moto_s3(BUCKET) as (endpoint, client):
+        ray_tmp = tempfile.mkdtemp(prefix="ray-wds-", dir="/tmp")
+        # A Ray of its own: its workers must start with the credentials above in their
+        # environment. The shared one (conftest's ray_local) stops first and restarts later.
         ray.shutdown()
-        server.stop()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ray.init(num_cpus=2, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
+        try:
+            yield endpoint, client
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def make_shards() -> tuple[dict[str, bytes], dict[str, dict]]:

@@ -4,7 +4,6 @@ loopback)."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from s3_server import CREDS, moto_s3
 
 from pipelines.store.lease import LeaseInfo, TableBusyError, TableLease, lease_uri
 
@@ -47,21 +47,10 @@ def test_processes_racing_for_the_lease_get_exactly_one_holder(tmp_path):
 @pytest.fixture
 def s3_db(monkeypatch):
     """An S3 bucket on moto's server (loopback); credentials only in the environment."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "moto-test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-test-secret-value")
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="leases")
-    try:
+    for key, value in CREDS.items():
+        monkeypatch.setenv(key, value)
+    with moto_s3("leases") as (endpoint, _):
         yield "s3://leases/vectors", {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
-    finally:
-        server.stop()
 
 
 def test_on_s3_the_second_run_is_refused_and_release_frees_the_table(s3_db):
