@@ -207,6 +207,26 @@ def test_values_equal_pytrec_eval_on_the_same_run(env, full, variant):
             assert got == pytest.approx(mean, abs=1e-9), (group, name)
 
 
+def test_the_release_webqa_image_protocol_searches_a_table_for_images_only(env):
+    """metrics.webqa_image_protocol=release on a real table: image-answer queries are ranked
+    again against the image documents alone (a modality pre-filter on the table), reported
+    as the image-index group, and scored as trec_eval scores that run."""
+    db = env["db"]
+    rc, doc = _evaluate(env, "release-protocol", "--variant", f"ciea=table:{db}/docs",
+                        "--set", "metrics.webqa_image_protocol=release", "--set", "metrics.charts=[]")
+    assert rc == 0
+    v = doc["variants"]["ciea"]
+    image_qids = {q["qid"] for q in env["queries"] if q["kind"] != "text"}
+    assert v["group_counts"]["image-index"] == len(image_qids)
+    run = _read_trec_run(env["tmp"] / "release-protocol" / "runs" / "ciea.image-index.txt")
+    modality = {r["doc_id"]: r["modality"] for r in env["records"]}
+    assert set(run) == image_qids and {modality[d] for docs in run.values() for d in docs} == {"image"}
+    expected = _pytrec(env["tmp"] / "release-protocol" / "qrels.txt", run)
+    for name in METRICS:
+        mean = math.fsum(expected[q][name] for q in run) / len(run)
+        assert v["by_group"]["image-index"][name] == pytest.approx(mean, abs=1e-9), name
+
+
 def test_the_in_process_checkpoint_ranks_like_the_table(full):
     # Below the ANN threshold the table is searched exactly: the same model, the same
     # vectors, so the same rankings (up to float rounding between Lance and numpy).

@@ -4,7 +4,6 @@ protocol (image-answer queries ranked against the image documents alone)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,34 +59,6 @@ def test_add_image_index_group_scores_only_those_queries():
     assert report.group_counts["image-index"] == 1
     assert report.by_group["image-index"] == {"MRR@10": 0.5, "Recall@1": 0.0, "Success@1": 0.0}
     assert report.metrics["MRR@10"] == pytest.approx(0.75)  # the shared index's means are untouched
-
-
-class _FakeSearcher:
-    """Answers every query with the documents its filter lets through, best first."""
-
-    def __init__(self):
-        self.wheres = []
-
-    def search_batch(self, texts, *, k, mode, where=None, **kwargs):
-        self.wheres.append(where)
-        docs = [("i1", "image", 0.5), ("t1", "text", 0.9), ("i2", "image", 0.5)]
-        docs = [d for d in docs if where is None or d[1] == where.modality]
-        docs.sort(key=lambda d: -d[2])
-        return [[SimpleNamespace(doc_id=d, score=s, modality=m) for d, m, s in docs[:k]] for _ in texts]
-
-
-def test_table_variant_searches_image_queries_with_an_image_filter(tmp_path):
-    cfg = EvaluateConfig(variants=[{"name": "v", "table": "db/t"}], progress=False,
-                         metrics={"webqa_image_protocol": "release"}, output={"out": str(tmp_path)})
-    fake = _FakeSearcher()
-    prep = evaluation_run.Prepared(cfg.variants[0], {"source": "db/t"}, fake)
-    queries = [{"qid": "q1", "query": "red"}, {"qid": "q2", "query": "warm"}]
-    ranked, image_run = evaluation_run.run_variant(cfg, prep, queries, {}, image_queries=queries[:1])
-    assert [w.modality if w else None for w in fake.wheres] == [None, "image"]
-    assert ranked["q2"] == {"t1": 0.9, "i1": 0.5, "i2": 0.5}
-    assert image_run == {"q1": {"i1": 0.5, "i2": 0.5}}
-    # i1 and i2 tie: trec_eval puts i2 first, whatever order the search returned.
-    assert evaluate_run(image_run, {"q1": {"i1"}}, (10,), (), ()).metrics["MRR@10"] == 0.5
 
 
 def test_release_protocol_end_to_end_on_a_checkpoint(root, make_model, tmp_path):  # noqa: F811
