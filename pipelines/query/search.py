@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.store import storage
 from pipelines.store.images import ImageRejected, normalise_image
@@ -95,6 +96,10 @@ class FilterError(SearchError):
 
 class CheckpointMismatchError(SearchError):
     """The checkpoint's model is not the model that made the table's vectors."""
+
+
+class DocumentNotFoundError(SearchError):
+    """A doc_id that is not in the searched version of the table ("more like this")."""
 
 
 class DatabaseNotFoundError(SearchError):
@@ -639,20 +644,19 @@ class Searcher:
         "more like this" searches with them, nothing is encoded again.
 
         Raises:
-            SearchError: a doc_id that is not in this version of the table.
+            DocumentNotFoundError: a doc_id that is not in this version of the table.
         """
         if isinstance(doc_ids, str):
             raise SearchError("pass a list of doc_ids (got one string): wrap it in a list")
         ids = list(dict.fromkeys(doc_ids))
         if not ids:
             return np.zeros((0, self.dim), np.float32)
-        listed = ", ".join(_literal(DOC_ID, "str", d, pa.string()) for d in ids)
-        found = self._table.search().where(f"{DOC_ID} IN ({listed})").select([DOC_ID, VECTOR]).limit(
-            len(ids)).to_arrow()
+        # An Arrow expression, not SQL text: any doc_id (quotes included) is looked up as it is.
+        found = self._table.to_lance().to_table(columns=[DOC_ID, VECTOR], filter=pc.field(DOC_ID).isin(ids))
         by_id = dict(zip(found[DOC_ID].to_pylist(), found[VECTOR].to_pylist()))
         for d in ids:
             if d not in by_id:
-                raise SearchError(f"no document {d!r} in table {self.name!r}@{self.version}: \"more like this\" "
+                raise DocumentNotFoundError(f"no document {d!r} in table {self.name!r}@{self.version}: \"more like this\" "
                                   "takes a doc_id of the searched table (a result's doc_id)")
         return np.asarray([by_id[d] for d in doc_ids], np.float32)
 

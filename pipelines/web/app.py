@@ -331,6 +331,8 @@ class _Searching:
     def run(self, req: SearchRequest, image: bytes | None = None) -> Any:
         """The search ``req`` (with ``image`` for a picture query) → the JSON body or an
         error response."""
+        from pipelines.query.search import DocumentNotFoundError
+
         try:
             where = self.make_filter(req.modality)
         except ValueError as e:  # the searcher's FilterError: still the user's input
@@ -339,16 +341,16 @@ class _Searching:
         t0 = time.perf_counter()
         try:
             with self.lock:
-                if req.like is not None and not self._known(req.like):
-                    return _error(404, f"no document {req.like[:MAX_DOC_ID_CHARS]!r} in table {self.info.table!r} "
-                                       f"@ version {self.info.version}: \"more like this\" takes a doc_id of a "
-                                       "result on this page", "like")
                 if req.like is not None:
                     hits = self.searcher.search(like=req.like, k=req.k, mode=req.mode, where=where)
                 elif req.picture:
                     hits = self.searcher.search(req.q, image=image, k=req.k, mode=req.mode, where=where)
                 else:
                     hits = self.searcher.search(req.q, k=req.k, mode=req.mode, where=where)
+        except DocumentNotFoundError:
+            return _error(404, f"no document {req.like[:MAX_DOC_ID_CHARS]!r} in table {self.info.table!r} "
+                               f"@ version {self.info.version}: \"more like this\" takes a doc_id of a "
+                               "result on this page", "like")
         except ValueError as e:
             # The searcher refuses what it cannot do with valid-looking input: a picture that
             # does not decode, a full-text query its parser rejects. The user can change it.
@@ -370,16 +372,6 @@ class _Searching:
             "patch_grid": list(info.patch_grid) if info.patch_grid else None, "took_ms": took_ms,
             "hits": [hit_to_json(h, info.patch_grid) for h in hits],
         }
-
-    def _known(self, doc_id: str) -> bool:
-        """Whether the pinned version holds ``doc_id`` (an unknown one is a 404, not a 400)."""
-        from pipelines.query.search import SearchError
-
-        try:
-            self.searcher.stored_vectors([doc_id])
-        except SearchError:
-            return False
-        return True
 
 
 def _query_params(request: Request) -> dict[str, list[str]]:
