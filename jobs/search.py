@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from pipelines.query.search_run import SearchConfig, render_results, run
 
@@ -110,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _read_picture(path: str) -> bytes:
     from pipelines.query.search import SearchError
+    from pipelines.store.images import MAX_IMAGE_BYTES
 
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:  # read one byte past the cap, never the whole of a huge file
+            data = f.read(MAX_IMAGE_BYTES + 1)
     except OSError as e:
         raise SearchError(f"--image {path}: cannot read it ({e.strerror or type(e).__name__}); pass an image file") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise SearchError(f"--image {path}: larger than {MAX_IMAGE_BYTES} bytes, the image cap; pass a smaller image")
+    return data
 
 
 def _labels(args: argparse.Namespace) -> list[str]:

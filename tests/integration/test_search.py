@@ -29,6 +29,7 @@ from pipelines.query.search import (
     SearchError,
     reciprocal_rank_fusion,
 )
+from pipelines.store.images import MAX_IMAGE_BYTES
 from pipelines.store.lance_tables import META_CHECKPOINT, VectorTable
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -361,7 +362,12 @@ def test_ciea_search_with_a_picture_and_more_like_this(env, capsys, tmp_path):
     rc = search_job.main(["--like", doc["doc_id"], "--db", env["db"], "--table", TABLE, "--k", "3"])
     out = capsys.readouterr().out
     assert rc == 0 and f"query: more like {doc['doc_id']}" in out and f" {doc['doc_id']} " not in out
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as f:
+        f.truncate(MAX_IMAGE_BYTES + 10)  # sparse: nothing written, but a file over the cap
     for argv, match in ((["--image", str(tmp_path / "missing.png")], "cannot read it"),
+                        (["--image", str(huge)], "the image cap"),
+                        (["--image", str(tmp_path)], "cannot read it"),
                         (["--like", doc["doc_id"], "red"], "--like takes doc_ids alone"),
                         ([], "give a query")):
         rc = search_job.main([*argv, "--db", env["db"], "--table", TABLE])
