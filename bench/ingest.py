@@ -29,14 +29,16 @@ Two more suites (issue 17), each its own run:
 * ``--suite webdataset``: the Ray ingest of WebDataset tar shards (1,000 samples of a
   64 px PNG + caption + json per shard, written before the clock starts): rows/s, CPU s
   and peak PSS at each of ``--memory-rows`` (goal: flat within 1.2× from 100k to 400k);
-* ``--suite urls``: ``--urls`` image URLs fetched from the loopback test server
-  (``tests/http_faults.py``) with ``--latency-ms`` added to every response: the Ray URL
-  ingest (fetch + validate + Delta) vs a sequential fetch loop (one ``httpx2.Client``,
-  one GET after the other) over the same list: fetches/s and CPU s (goal ≥ 20×). All
-  URLs are on one host, so the ingest runs with ``per_host`` = ``concurrency``.
+* ``--suite urls``: ``--urls`` image URLs fetched from a loopback image server in a
+  process of its own (``bench/url_server.py``, asyncio, keep-alive) with ``--latency-ms``
+  added to every response: the fetcher alone (one ``fetch_all`` over the list, no Ray),
+  the Ray URL ingest (fetch + validate + Delta) and a sequential fetch loop (one
+  ``httpx2.Client``, one GET after the other, on the first ``--seq-sample`` URLs and
+  extrapolated per URL): fetches/s, CPU s of each side and of the server (goal ≥ 20×,
+  issue 26). All URLs are on one host, so both run with ``per_host`` = ``concurrency``.
 
     python -m bench.ingest --suite webdataset --memory-rows 100000,400000
-    python -m bench.ingest --suite urls --urls 2000 --latency-ms 50
+    python -m bench.ingest --suite urls --urls 20000 --latency-ms 50 --json bench/results/ingest_urls/urls_20k.json
 """
 
 from __future__ import annotations
@@ -238,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=50.0, help="urls: latency the server adds per response")
     p.add_argument("--concurrency", type=int, default=64, help="urls: requests in flight per read task")
     p.add_argument("--shard-kb", type=int, default=32, help="urls: URL-list bytes per read task (KiB)")
-    p.add_argument("--child", choices=["ray", "plain", "wds", "urls", "urls-seq"], help=argparse.SUPPRESS)
+    p.add_argument("--seq-sample", type=int, default=1000,
+                   help="urls: URLs the sequential loop fetches; its rate is per URL, so it is extrapolated "
+                        "to the list (0: the whole list)")
+    p.add_argument("--child", choices=["ray", "plain", "wds", "urls", "urls-seq", "urls-fetch"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--ray-tmp", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         children = {"ray": child_ray, "plain": child_plain, "wds": child_wds, "urls": child_urls,
-                    "urls-seq": child_urls_sequential}
+                    "urls-seq": child_urls_sequential, "urls-fetch": child_urls_fetch}
         print(json.dumps(children[args.child](args)))
         return 0
     if args.suite == "webdataset":
@@ -347,11 +353,28 @@ def child_urls(args: argparse.Namespace) -> dict:
     return {"mode": "urls", **res}
 
 
+def child_urls_fetch(args: argparse.Namespace) -> dict:
+    """The fetcher alone: one ``fetch_all`` over the whole list in this process (no Ray Data,
+    no validation, no Delta), with the ingest's settings (``per_host`` = ``concurrency``)."""
+    from pipelines.ingest.fetch import FetchSettings, fetch_all
+
+    urls = [json.loads(line)["url"] for line in Path(args.path).read_text().splitlines()]
+    settings = FetchSettings(concurrency=args.concurrency, per_host=args.concurrency, allow_private=True)
+    t0 = time.perf_counter()
+    results = fetch_all(urls, settings)
+    seconds = time.perf_counter() - t0
+    ok = sum(r.ok for r in results)
+    assert ok == len(urls), f"{len(urls) - ok} fetches failed: {next(r.detail for r in results if not r.ok)}"
+    return {"mode": "urls-fetch", "rows": len(urls), "seconds": seconds, "bytes": sum(r.bytes for r in results),
+            "requests": sum(r.attempts for r in results)}
+
+
 def child_urls_sequential(args: argparse.Namespace) -> dict:
     """The baseline: one client, one GET after the other, body read and kept in memory."""
     import httpx2
 
     urls = [json.loads(line)["url"] for line in Path(args.path).read_text().splitlines()]
+    urls = urls[: args.seq_sample] if args.seq_sample else urls
     t0 = time.perf_counter()
     n_bytes = 0
     with httpx2.Client(timeout=10.0) as client:
@@ -416,31 +439,59 @@ def suite_webdataset(args: argparse.Namespace) -> int:
 
 
 def suite_urls(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(REPO / "tests"))  # the loopback server the URL tests use
-    from http_faults import FaultServer
+    """Issue 26: the image server in its own process; the fetcher alone, the whole Ray ingest
+    and the sequential loop over the same list (the loop on ``--seq-sample`` URLs)."""
+    from bench.url_server import ServerProcess
 
-    with FaultServer(delay_s=args.latency_ms / 1000) as server:
+    with ServerProcess(args.latency_ms) as server:
         work = Path(tempfile.mkdtemp(prefix="bench-urls-", dir=args.tmp))
         lst = work / "urls.jsonl"
         lst.write_text("".join(json.dumps({"url": f"{server.url}/img/{i}.png", "caption": f"image {i}"}) + "\n"
                                for i in range(args.urls)))
-        print(f"urls bench: {args.urls} URLs, +{args.latency_ms:g} ms per response, concurrency "
-              f"{args.concurrency} per task, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}", flush=True)
-        ray_res = measure("urls", args.urls, args, ("--path", str(lst), "--concurrency", str(args.concurrency),
-                                                    "--shard-kb", str(args.shard_kb)))
-        seq = measure("urls-seq", args.urls, args, ("--path", str(lst),))
+        load = os.getloadavg()[0]
+        print(f"urls bench: {args.urls} URLs, +{args.latency_ms:g} ms per response from a server process of "
+              f"its own, concurrency {args.concurrency} per task, {os.cpu_count()} CPUs, load avg {load:.2f}",
+              flush=True)
+        sample = min(args.seq_sample or args.urls, args.urls)
+        runs = {}
+        for mode, rows, extra in (
+                ("urls-seq", sample, ("--seq-sample", str(sample))),
+                ("urls-fetch", args.urls, ("--concurrency", str(args.concurrency))),
+                ("urls", args.urls, ("--concurrency", str(args.concurrency), "--shard-kb", str(args.shard_kb)))):
+            s0 = server.cpu_s()
+            res = measure(mode, rows, args, ("--path", str(lst), *extra))
+            res["server_cpu_s"] = round(server.cpu_s() - s0, 2)
+            runs[mode] = res
         shutil.rmtree(work, ignore_errors=True)
+    seq, alone, ray_res = runs["urls-seq"], runs["urls-fetch"], runs["urls"]
+    seq_rate = seq["rows_per_s"]
+    seq_wall = args.urls / seq_rate  # extrapolated per URL when the loop ran on a sample
+    print(f"  sequential loop ({sample} URLs{', extrapolated per URL' if sample < args.urls else ''}): "
+          f"{seq_rate:.1f} fetches/s ({seq['seconds']:.1f} s → {seq_wall:.0f} s for {args.urls}), "
+          f"CPU {seq['cpu_s']:.1f} s, server CPU {seq['server_cpu_s']:.1f} s", flush=True)
+    print(f"  fetcher alone (fetch_all, one process): {alone['rows_per_s']:.0f} fetches/s ({alone['seconds']:.1f} s), "
+          f"CPU {alone['cpu_s']:.1f} s ({alone['cpu_s'] / args.urls * 1000:.2f} ms/URL), "
+          f"server CPU {alone['server_cpu_s']:.1f} s → {alone['rows_per_s'] / seq_rate:.1f}×", flush=True)
     f = ray_res["fetch"]
-    print(f"  ray URL ingest: {ray_res['rows_per_s']:.0f} fetches/s ({ray_res['seconds']:.1f} s, "
+    inside = sum(ray_res["window_cpu_s_by_role"].values())
+    total = ray_res["seconds"] + ray_res["ray_startup_s"]
+    print(f"  Ray URL ingest: {ray_res['rows_per_s']:.0f} fetches/s ({ray_res['seconds']:.1f} s, "
           f"{ray_res['shards']} tasks, {f['requests']} requests, {f['bytes']} bytes; Ray start-up "
-          f"{ray_res['ray_startup_s']:.1f} s), CPU {ray_res['cpu_s']:.1f} s "
-          f"(inside the ingest: {sum(ray_res['window_cpu_s_by_role'].values()):.1f} s), "
+          f"{ray_res['ray_startup_s']:.1f} s = {ray_res['ray_startup_s'] / total:.0%} of {total:.1f} s), "
+          f"CPU {ray_res['cpu_s']:.1f} s (inside the ingest: {inside:.1f} s = "
+          f"{inside / args.urls * 1000:.2f} ms/URL), server CPU {ray_res['server_cpu_s']:.1f} s, "
           f"peak PSS {ray_res['peak_pss_mib']:.0f} MiB", flush=True)
-    print(f"  sequential loop: {seq['rows_per_s']:.1f} fetches/s ({seq['seconds']:.1f} s), CPU {seq['cpu_s']:.1f} s")
-    print(f"ratio: {ray_res['rows_per_s'] / seq['rows_per_s']:.1f}× "
-          f"(with Ray's start-up: {ray_res['rows_per_s_with_startup'] / seq['rows_per_s']:.1f}×)")
+    ratio = {"fetcher": alone["rows_per_s"] / seq_rate, "ingest": ray_res["rows_per_s"] / seq_rate,
+             "ingest_with_startup": ray_res["rows_per_s_with_startup"] / seq_rate}
+    print(f"ratio vs the sequential loop: fetcher alone {ratio['fetcher']:.1f}×, Ray ingest {ratio['ingest']:.1f}× "
+          f"(with Ray's start-up: {ratio['ingest_with_startup']:.1f}×)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ray": ray_res, "sequential": seq}, indent=2))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "urls": args.urls, "latency_ms": args.latency_ms, "concurrency": args.concurrency,
+            "shard_kb": args.shard_kb, "seq_sample": sample, "load_avg_start": load, "cpus": os.cpu_count(),
+            "ratio": ratio, "sequential_extrapolated_s": seq_wall,
+            "sequential": seq, "fetcher": alone, "ray": ray_res}, indent=2))
     return 0
 
 

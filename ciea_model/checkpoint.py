@@ -165,6 +165,32 @@ def _one_line(error: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+#: The parameters a visual pretraining (stage 0, ``ciea pretrain-vision``) hands on.
+VISUAL_MODULE = ("vision.", "projector.")
+
+
+def load_visual_module(model: CIEAModel, weights: str | Path) -> list[str]:
+    """Loads the visual module (vision tower and projector: :data:`VISUAL_MODULE`) of a
+    weights file into ``model``, leaving every other parameter as it is. Returns the
+    names loaded.
+
+    Raises:
+        CheckpointError: the file lacks one of ``model``'s visual parameters, or a shape differs.
+    """
+    from safetensors.torch import load_file
+
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(VISUAL_MODULE)}
+    saved = load_file(str(weights))
+    missing = sorted(k for k in own if k not in saved)
+    wrong = sorted(k for k in own if k in saved and saved[k].shape != own[k].shape)
+    if missing or wrong:
+        what = f"missing {missing[:3]}" if missing else f"shapes differ for {wrong[:3]}"
+        raise CheckpointError(f"{weights}: not this model's visual module ({what}): start from a "
+                              "`ciea pretrain-vision` model trained with the same preset")
+    model.load_state_dict({k: saved[k] for k in own}, strict=False)
+    return sorted(own)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CIEAModel, CIEAProcessor]:
     """Loads a checkpoint written by :func:`save_checkpoint` without touching the hub.
 

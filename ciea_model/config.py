@@ -47,7 +47,9 @@ class TextTowerConfig:
     checkpoint (the one ``vision.name_or_path`` names), or ``hf_config`` has
     ``model_type`` ``clip_text_model`` (``CLIPTextConfig`` keyword arguments, its
     ``projection_dim`` the vision tower's); ``pooling`` is unused (CLIP pools at the
-    end-of-text token).
+    end-of-text token). Or, where no pretrained CLIP text encoder exists (the demo), a
+    language model with its pooling and a trained linear ``projection_dim`` map into the
+    CLIP image projection space.
 
     Attributes:
         name_or_path: Hugging Face hub name or local directory of pretrained weights
@@ -60,6 +62,10 @@ class TextTowerConfig:
         max_length: maximum caption / query / text-document length in tokens.
         num_layers: keep only the first ``num_layers`` transformer layers (a cheap way to
             make a small pretrained LM for CPU demos); ``None`` keeps all.
+        projection_dim: ``univl-dr`` only: map the LM's pooled vector linearly (no bias, as
+            CLIP's projections) to this width, the vision tower's ``projection_dim``;
+            ``None``: no projection (every other variant, and a CLIP text encoder, which
+            has its own).
     """
 
     name_or_path: str | None = None
@@ -68,6 +74,7 @@ class TextTowerConfig:
     pooling: str = "auto"
     max_length: int = 128
     num_layers: int | None = None
+    projection_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -94,6 +101,10 @@ class TextTowerConfig:
         _check(
             self.num_layers is None or self.num_layers >= 1,
             f"text.num_layers={self.num_layers} must be None (all layers) or >= 1.",
+        )
+        _check(
+            self.projection_dim is None or self.projection_dim >= 1,
+            f"text.projection_dim={self.projection_dim} must be None (no projection) or >= 1.",
         )
         _check(
             self.tokenizer is not None or self.name_or_path is not None,
@@ -229,12 +240,38 @@ class CIEAConfig:
             f"{math.exp(self.logit_scale_init):.3g} above logit_scale_max="
             f"{self.logit_scale_max}: lower the init (ln(100) by default) or raise the max.",
         )
+        _check(
+            self.text.projection_dim is None or self.is_dual_encoder,
+            f"text.projection_dim={self.text.projection_dim} is for variant 'univl-dr' (an LM "
+            f"projected into CLIP's image space), not {self.variant!r}: unset it.",
+        )
         if self.is_dual_encoder:
             self._check_dual_encoder()
 
+    @property
+    def has_projected_lm(self) -> bool:
+        """``univl-dr`` whose text side is a language model plus a linear projection
+        (the demo preset) rather than CLIP's text encoder."""
+        return self.is_dual_encoder and self.text.projection_dim is not None
+
     def _check_dual_encoder(self) -> None:
-        """``univl-dr`` is CLIP's two projected encoders from one checkpoint."""
+        """``univl-dr`` is CLIP's two projected encoders from one checkpoint, or an LM
+        projected into the space of CLIP's image projection."""
         text, vision = self.text, self.vision
+        if text.projection_dim is not None:
+            _check(
+                (text.hf_config or {}).get("model_type") != "clip_text_model",
+                "variant 'univl-dr': text.projection_dim is set on a CLIP text encoder, which has its "
+                "own projection: unset text.projection_dim (or give a language model instead).",
+            )
+            vision_dim = (vision.hf_config or {}).get("projection_dim") if vision.name_or_path is None else None
+            _check(
+                vision_dim is None or vision_dim == text.projection_dim,
+                f"variant 'univl-dr': text.projection_dim={text.projection_dim} differs from the vision "
+                f"tower's projection_dim={vision_dim}: the text side projects into the image space; "
+                "make them equal.",
+            )
+            return
         _check(
             text.name_or_path is None or vision.name_or_path is None
             or text.name_or_path == vision.name_or_path,

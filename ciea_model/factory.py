@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .config import CIEAConfig
 from .model import CIEAModel
 from .processor import CIEAProcessor
-from .towers import ClipTextTower, ClipVisionTower, TextTower, VisionTower
+from .towers import ClipTextTower, ClipVisionTower, ProjectedTextTower, TextTower, VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,12 @@ def create_model_and_processor(
 def _towers(
     config: CIEAConfig, tokenizer: PreTrainedTokenizerBase, pretrained: bool
 ) -> tuple[TextTower | ClipTextTower, VisionTower | None]:
-    """The variant's towers: CLIP's two projected encoders for ``univl-dr``; else the LM
-    and (unless ``text-only``) the CLIP vision tower."""
+    """The variant's towers: CLIP's two projected encoders for ``univl-dr`` (or, with
+    ``text.projection_dim``, the LM plus a projection beside CLIP's projected image
+    encoder); else the LM and (unless ``text-only``) the CLIP vision tower."""
+    if config.has_projected_lm:
+        text = ProjectedTextTower.from_config(config.text, pretrained=pretrained)
+        return text, ClipVisionTower.from_config(config.vision, pretrained=pretrained)
     if config.is_dual_encoder:
         end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if end is None:

@@ -104,7 +104,12 @@ def locate_models(config: CIEAConfig, timeout: float = 5.0, skip: Collection[str
     located whether the weights are loaded or not. Names in ``skip`` are not checked (a
     tokenizer the job itself is about to write).
     """
-    if config.is_dual_encoder:
+    if config.has_projected_lm:
+        # UniVL-DR with an LM (plus a projection) in place of CLIP's text encoder.
+        wanted = [(config.vision.name_or_path, "CLIP checkpoint", MODEL_FILES),
+                  (config.text.name_or_path, "text tower", MODEL_FILES),
+                  (config.text.tokenizer_path, "tokenizer", TOKENIZER_FILES)]
+    elif config.is_dual_encoder:
         # UniVL-DR: CLIP's text and vision encoders and CLIP's tokenizer, one checkpoint.
         wanted = [(config.vision.name_or_path, "CLIP checkpoint", MODEL_FILES),
                   (config.text.name_or_path, "CLIP checkpoint", MODEL_FILES),

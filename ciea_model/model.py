@@ -16,7 +16,7 @@ from torch import nn
 from .config import CIEAConfig
 from .extractor import ComplementaryInformationExtractor
 from .processor import DocumentBatch
-from .towers import ClipTextTower, ClipVisionTower, TextTower, VisionTower
+from .towers import ClipTextTower, ClipVisionTower, ProjectedTextTower, TextTower, VisionTower
 
 
 class CIEAModel(nn.Module):
@@ -27,7 +27,8 @@ class CIEAModel(nn.Module):
     projected patches straight into the LM; ``univl-dr`` is UniVL-DR's CLIP dual encoder
     (a :class:`ClipTextTower` and a :class:`ClipVisionTower`, no LM, projector or
     extractor): an image document is its CLIP image vector plus its caption's CLIP text
-    vector.
+    vector. Where no pretrained CLIP text encoder exists (the demo) the text side is a
+    :class:`ProjectedTextTower`, an LM plus a linear map into the image projection's space.
     """
 
     def __init__(
@@ -183,12 +184,12 @@ class CIEAModel(nn.Module):
 
 
 def _check_dual_towers(text: nn.Module, vision: nn.Module | None) -> None:
-    """The dual encoder sums CLIP image and text vectors: both towers must be CLIP's
-    projected encoders, projecting into one space."""
-    if not isinstance(text, ClipTextTower) or not isinstance(vision, ClipVisionTower):
+    """The dual encoder sums CLIP image and text vectors: both towers must be projected
+    encoders (CLIP's, or an LM with a projection), projecting into one space."""
+    if not isinstance(text, (ClipTextTower, ProjectedTextTower)) or not isinstance(vision, ClipVisionTower):
         raise ValueError(
-            "variant 'univl-dr' needs a ClipTextTower and a ClipVisionTower: build it with "
-            "create_model_and_processor"
+            "variant 'univl-dr' needs a ClipTextTower (or a ProjectedTextTower) and a ClipVisionTower: "
+            "build it with create_model_and_processor"
         )
     if text.hidden_size != vision.projection_dim:
         raise ValueError(

@@ -18,7 +18,9 @@ The ``univl-dr`` dual encoder also needs CLIP's *text* side, which no offline pa
 ships: :func:`pretrain_clip_text` trains a CLIP text encoder and both projections on the
 same pairs against the pretrained, locked image encoder (LiT: "locked-image tuning"), so
 the dual encoder starts, as UniVL-DR does, from a CLIP whose two towers share one space,
-and from the very image encoder every other variant uses.
+and from the very image encoder every other variant uses. Where the text side is a
+pretrained LM plus a projection (the demo preset), the LM stays locked as well and only the
+two projections are aligned.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from .losses import contrastive_loss
-from .towers import ClipTextTower, ClipVisionTower, VisionTower
+from .towers import ClipTextTower, ClipVisionTower, ProjectedTextTower, TextTower, VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ def _top1(tower: nn.Module, head: _Heads, pixel_values: torch.Tensor, text_featu
 
 
 def pretrain_clip_text(
-    text: ClipTextTower,
+    text: ClipTextTower | ProjectedTextTower,
     vision: ClipVisionTower,
     pixel_values: torch.Tensor,
     tokens: dict[str, torch.Tensor],
@@ -207,8 +209,14 @@ def pretrain_clip_text(
     """LiT: trains ``text`` (encoder and projection) and ``vision``'s projection in place
     to match each image with its description; ``vision``'s encoder stays locked.
 
+    A :class:`ProjectedTextTower` (a pretrained LM plus a projection, the demo's
+    ``univl-dr``) keeps its LM locked too: only the two projections learn, which aligns
+    them into one space as CLIP's pretraining leaves UniVL-DR's, without moving the LM
+    that the other variants start from. (``ciea compare`` measured this and does not use
+    it by default: see :func:`pipelines.train.compare.uses_clip_text_pretraining`.)
+
     Args:
-        text: the CLIP text tower to train.
+        text: the CLIP text tower (or LM plus projection) to train.
         vision: the CLIP vision tower; only ``visual_projection`` learns.
         pixel_values: (N, 3, S, S) transformed images.
         tokens: ``input_ids`` / ``attention_mask`` (N, L) of the descriptions.
@@ -224,10 +232,18 @@ def pretrain_clip_text(
         vision.encoder.eval()
         pooled = torch.cat([vision.encoder(pixel_values=pixel_values[i : i + 512]).pooler_output
                             for i in range(0, n, 512)])
+    locked_lm = isinstance(text, ProjectedTextTower)
+    if locked_lm:  # the LM's pooled vectors are computed once, as the image encoder's
+        with torch.no_grad():
+            text.eval()
+            pooled_text = torch.cat([
+                TextTower.forward(text, tokens["attention_mask"][i : i + 512], input_ids=tokens["input_ids"][i : i + 512])
+                for i in range(0, n, 512)])
     generator = torch.Generator().manual_seed(cfg.seed)
     keys = text_keys if text_keys is not None else torch.arange(n)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = [*text.parameters(), *vision.model.visual_projection.parameters()]
+    params = [*(text.projection.parameters() if locked_lm else text.parameters()),
+              *vision.model.visual_projection.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -249,7 +265,9 @@ def pretrain_clip_text(
                 order = torch.randperm(n, generator=generator)
             idx = order[(step % steps_per_epoch) * cfg.batch_size : (step % steps_per_epoch + 1) * cfg.batch_size]
             img = nn.functional.normalize(vision.model.visual_projection(pooled[idx]), dim=-1)
-            txt = nn.functional.normalize(text(tokens["attention_mask"][idx], input_ids=tokens["input_ids"][idx]), dim=-1)
+            txt = text.projection(pooled_text[idx]) if locked_lm else text(
+                tokens["attention_mask"][idx], input_ids=tokens["input_ids"][idx])
+            txt = nn.functional.normalize(txt, dim=-1)
             scale, target = logit_scale.exp().clamp(max=100.0), torch.arange(len(idx))
             loss = 0.5 * (contrastive_loss(img, txt, target, scale, keys[idx])
                           + contrastive_loss(txt, img, target, scale, keys[idx]))

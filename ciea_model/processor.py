@@ -64,6 +64,10 @@ class TrainExample:
         relevant_ids: every document relevant to the query, so that a relevant document
             that happens to be in the batch is never used as its negative.
         positive_captions: captions of the query's image positives, for ``q_comp``.
+        query_image: the query's picture (a composed query's reference image: PIL image,
+            encoded bytes or a transformed tensor, as :class:`Document` takes), or ``None``.
+            A query with a picture is encoded with the document-side input construction
+            (picture, then the query text in the caption's place), as search encodes it.
     """
 
     qid: str
@@ -72,6 +76,7 @@ class TrainExample:
     negatives: tuple[Document, ...] = ()
     relevant_ids: frozenset[str] = frozenset()
     positive_captions: tuple[str, ...] = ()
+    query_image: Any = None
 
 
 def doc_key(doc_id: str) -> int:
@@ -122,6 +127,11 @@ class TrainBatch:
     comp_queries: dict[str, torch.Tensor] | None = None
     comp_targets: torch.Tensor | None = None  # (Bc,) index into the image sub-batch
     stats: dict[str, int] = field(default_factory=dict)
+    #: Queries that carry a picture, as image documents (picture + query text), and their
+    #: rows in the batch (``(Bp,)``); ``None`` when no query has one (or the model reads no
+    #: image: then the text alone is the query).
+    query_pictures: DocumentBatch | None = None
+    query_picture_index: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(
@@ -129,6 +139,8 @@ class TrainBatch:
             self.doc_keys.to(device), self.targets.to(device), self.ignore.to(device),
             _to_device(self.comp_queries, device), _to_device(self.comp_targets, device),
             dict(self.stats),
+            None if self.query_pictures is None else self.query_pictures.to(device),
+            _to_device(self.query_picture_index, device),
         )
 
 
@@ -349,6 +361,14 @@ class CIEAProcessor:
             targets=torch.tensor(targets, dtype=torch.long),
             ignore=ignore,
         )
+        pictures = [i for i, ex in enumerate(examples) if ex.query_image is not None] if self.config.uses_images else []
+        if pictures:
+            # The document-side construction, exactly as search encodes a picture query.
+            batch.query_pictures = self.collate_documents([
+                Document(doc_id=f"query:{examples[i].qid}", modality="image", caption=examples[i].query,
+                         image=examples[i].query_image) for i in pictures])
+            batch.query_picture_index = torch.tensor(pictures, dtype=torch.long)
+            batch.stats["picture_queries"] = len(pictures)
         if self.config.effective_comp_weight > 0 and documents.image is not None:
             self._add_comp(batch, examples, targets)
         return batch
@@ -357,8 +377,10 @@ class CIEAProcessor:
         image_pos = {int(j): k for k, j in enumerate(batch.documents.image_index.tolist())}
         texts, comp_targets, eligible, skipped = [], [], 0, 0
         for ex, t in zip(examples, targets):
-            if t not in image_pos:
-                continue  # L_comp only concerns queries whose positive is an image document
+            if t not in image_pos or ex.query_image is not None:
+                # L_comp only concerns text queries whose positive is an image document (a
+                # picture query already holds an image).
+                continue
             eligible += 1
             captions = ex.positive_captions or (ex.positive.caption,)
             comp = self.query_minus_caption(ex.query, captions)

@@ -1,7 +1,7 @@
 """The towers: a Hugging Face language model with family-specific pooling and the CLIP
 vision tower that yields patch vectors (CIEA and its LM baselines), and CLIP's two
-projected encoders (the ``univl-dr`` dual encoder). All are thin wrappers that know nothing
-of CIEA."""
+projected encoders (the ``univl-dr`` dual encoder), or an LM with a projection in place of
+CLIP's text encoder. All are thin wrappers that know nothing of CIEA."""
 
 from __future__ import annotations
 
@@ -162,6 +162,47 @@ class TextTower(nn.Module):
             last = attention_mask.sum(1).long() - 1  # right padding
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return out.pooler_output  # "pooler"
+
+
+class ProjectedTextTower(TextTower):
+    """A :class:`TextTower` (an LM with its pooling) followed by a linear map into the space
+    of CLIP's image projection: ``univl-dr``'s text side where no pretrained CLIP text
+    encoder exists (the demo preset: all-MiniLM-L6-v2 + projection), so that the dual
+    encoder still starts from a language-pretrained text side. No bias, as CLIP's own
+    text and image projections.
+
+    Args:
+        model: the HF LM.
+        pooling: as :class:`TextTower`.
+        projection_dim: the width of the shared space (the vision tower's ``projection_dim``).
+    """
+
+    def __init__(self, model: nn.Module, pooling: str, projection_dim: int) -> None:
+        super().__init__(model, pooling)
+        self.projection = nn.Linear(TextTower.hidden_size.fget(self), projection_dim, bias=False)
+
+    @classmethod
+    def from_config(cls, cfg: TextTowerConfig, pretrained: bool) -> ProjectedTextTower:
+        """The LM as :meth:`TextTower.from_config` builds it (pretrained weights from
+        ``name_or_path`` unless ``pretrained=False``), then a random-init projection."""
+        if cfg.projection_dim is None:
+            raise ValueError("ProjectedTextTower needs text.projection_dim (the shared space's width)")
+        lm = TextTower.from_config(cfg, pretrained=pretrained)
+        return cls(lm.model, cfg.pooling, cfg.projection_dim)
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the shared space: the projection's output."""
+        return self.projection.out_features
+
+    def forward(
+        self,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, L) → (B, P): the pooled LM vector, projected, *unnormalised*."""
+        return self.projection(super().forward(attention_mask, input_ids=input_ids, inputs_embeds=inputs_embeds))
 
 
 class VisionTower(nn.Module):

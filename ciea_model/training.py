@@ -162,6 +162,10 @@ def compute_loss(model: CIEAModel, batch: TrainBatch, gather: bool = False) -> L
     # branch runs everywhere as soon as one rank has complementary queries.
     want_io = _any_rank(has_comp) if gather else has_comp
     q = model.encode_query(**batch.queries)  # (B, D)
+    if batch.query_pictures is not None:
+        # Picture queries (composed: reference image + modification text) are encoded as an
+        # image document is, then take their rows' place.
+        q = q.index_copy(0, batch.query_picture_index, model.encode_documents(batch.query_pictures))
     docs = model.encode_documents(batch.documents, return_image_only=want_io)
     docs, image_only = docs if want_io else (docs, None)  # (C, D), (C_img, D)
     keys, targets, ignore = batch.doc_keys, batch.targets, batch.ignore
@@ -525,6 +529,47 @@ def image_only_plain(model: CIEAModel, image: dict[str, torch.Tensor]) -> torch.
     )
 
 
+def freeze_for_warmup(model: CIEAModel) -> list[nn.Parameter]:
+    """Stage 0 trains the visual module only: freezes the LM and the extractor (unused
+    here; frozen so that no optimiser decays it) and returns the parameters it froze, for
+    the caller to unfreeze (``p.requires_grad_(True)``) if the model trains on."""
+    frozen = [p for m in (model.text, model.extractor) if m is not None for p in m.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def warmup_loss(
+    model: CIEAModel, processor: CIEAProcessor, documents: Sequence, gather: bool = False
+) -> tuple[torch.Tensor, int]:
+    """MARVEL's stage-0 loss on image documents with captions: each image, encoded alone
+    (``[<im_start>] + P + [<im_end>]`` through the LM, :func:`image_only_plain`), against its
+    own caption (encoded by the frozen LM as a query is), symmetric in-batch contrastive;
+    a caption repeated in the batch is one candidate, right for every image it describes
+    (``contrastive_loss``'s keys), and so is a repeated image. With ``gather`` the batch is
+    every rank's (the candidates are gathered with their gradient).
+
+    Returns:
+        The loss and how many images picked their own caption first (image → caption).
+    """
+    device = model.scale().device
+    batch = processor.collate_documents(documents).to(device)
+    with torch.no_grad():
+        tokens = processor.tokenize([d.caption for d in documents])
+        captions = model.encode_text(**{k: v.to(device) for k, v in tokens.items()})
+    images = image_only_plain(model, batch.image)
+    keys = torch.tensor([doc_key(d.caption) for d in documents], device=device)
+    if gather:
+        images_all, captions_all, keys_all, offset = gather_with_grad(images, captions, keys)
+    else:
+        images_all, captions_all, keys_all, offset = images, captions, keys, 0
+    target = torch.arange(len(documents), device=images.device) + offset
+    scale = model.scale()
+    to_captions, correct = contrastive_loss(images, captions_all, target, scale, keys_all, return_correct=True)
+    loss = 0.5 * (to_captions + contrastive_loss(captions, images_all, target, scale, keys_all))
+    return loss, int(correct)
+
+
 def warmup_vision(
     model: CIEAModel, processor: CIEAProcessor, documents: Sequence, cfg: TrainConfig, progress: bool = False
 ) -> list[float]:
@@ -544,9 +589,7 @@ def warmup_vision(
     if model.vision is None or not images:
         return []
     seed_everything(cfg.seed)
-    lm = [p for p in model.text.parameters() if p.requires_grad]
-    for p in lm:
-        p.requires_grad_(False)
+    frozen = freeze_for_warmup(model)
     losses: list[float] = []
     try:
         optimizer = build_optimizer(model, cfg.optim)
@@ -560,14 +603,7 @@ def warmup_vision(
                 docs = [images[i] for i in order[start : start + cfg.batch_size]]
                 if len(docs) < 2:
                     continue
-                batch = processor.collate_documents(docs)
-                with torch.no_grad():
-                    captions = model.encode_text(**processor.tokenize([d.caption for d in docs]))
-                img = image_only_plain(model, batch.image)
-                keys = torch.tensor([doc_key(d.caption) for d in docs])  # same caption ⇒ not a negative
-                target = torch.arange(len(docs))
-                loss = 0.5 * (contrastive_loss(img, captions, target, model.scale(), keys)
-                              + contrastive_loss(captions, img, target, model.scale(), keys))
+                loss, _ = warmup_loss(model, processor, docs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -579,7 +615,7 @@ def warmup_vision(
         if bar is not None:
             bar.close()
     finally:
-        for p in lm:
+        for p in frozen:
             p.requires_grad_(True)
     model.eval()
     return losses

@@ -12,6 +12,7 @@ COMMANDS = {
     "compare": ("jobs.compare", "train CIEA and its baselines in-process and compare them (ablations, seeds)"),
     "ingest": ("jobs.ingest", "read a corpus source, validate it on Ray Data, merge it into Delta Lake"),
     "embed": ("jobs.embed", "embed a Delta corpus version with a checkpoint into an indexed LanceDB table"),
+    "pretrain-vision": ("jobs.pretrain_vision", "MARVEL's visual pretraining (stage 0): images aligned with captions, LM frozen"),
     "train": ("jobs.train", "train CIEA with Ray Train (DDP) on the Delta tables; resumable by run name"),
     "mine-negatives": ("jobs.mine_negatives", "mine stage-2 hard negatives with a stage-1 checkpoint into Delta"),
     "search": ("jobs.search", "search a published LanceDB table: vector, full-text or hybrid, with filters"),

@@ -221,6 +221,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 #: ``jobs:`` section names it (``mine_negatives`` is taken for ``mine-negatives``).
 JOB_CONFIGS = {
     "ingest": "jobs.ingest:IngestJobConfig", "train": "pipelines.train.config:TrainJobConfig",
+    "pretrain-vision": "pipelines.train.config:TrainJobConfig",
     "compare": "pipelines.train.compare:CompareConfig", "mine-negatives": "jobs.mine_negatives:MineJobConfig",
     "embed": "jobs.embed:EmbedJobConfig", "reindex": "jobs.reindex:ReindexJobConfig",
     "evaluate": "pipelines.query.config:EvaluateConfig", "search": "pipelines.query.search_run:SearchConfig",
@@ -305,8 +306,10 @@ def load_config(model: type[BaseModel], paths: str | Sequence[str] | None, overr
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        lines = [f"{redact_text('.'.join(map(str, err['loc']))) or 'the config'}: {_message(err)} ({_shown(err)})"
-                 for err in e.errors()]
+        # A rule over the whole config (no field) names its keys itself: echoing the whole
+        # input would bury the fix.
+        lines = [f"{redact_text('.'.join(map(str, err['loc'])))}: {_message(err)} ({_shown(err)})" if err["loc"]
+                 else _message(err).removeprefix("Value error, ") for err in e.errors()]
         if len(lines) == 1:
             raise SystemExit(f"invalid config: {lines[0]}") from None
         raise SystemExit("invalid config:\n" + "\n".join(f"  {line}" for line in lines)) from None

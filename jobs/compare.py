@@ -84,6 +84,7 @@ def synthetic_corpus() -> C.CorpusMaker:
     in-process loop takes it: the job wires the two phases, which never import each other."""
     from pipelines.ingest.sources.synthetic.generator import (
         SyntheticConfig,
+        attach_query_images,
         generate_queries,
         iter_documents,
         iter_image_text_pairs,
@@ -94,9 +95,13 @@ def synthetic_corpus() -> C.CorpusMaker:
             seed=c.seed, num_image_docs=c.num_image_docs, num_text_docs=c.num_text_docs, num_queries=c.num_queries,
             image_size=c.image_size, complementary_fraction=c.complementary_fraction,
             text_query_fraction=c.text_query_fraction, num_collections=c.num_collections,
-            p_caption_states=c.p_caption_states)
+            p_caption_states=c.p_caption_states, num_composed=tuple(c.num_composed))
 
-    return C.CorpusMaker(documents=lambda c: iter_documents(config(c)), queries=lambda c: generate_queries(config(c)),
+    def queries(c: CorpusSettings) -> dict[str, list[dict]]:
+        # Composed queries carry their reference picture, as ingest stores it with the query.
+        return attach_query_images(config(c), generate_queries(config(c)))
+
+    return C.CorpusMaker(documents=lambda c: iter_documents(config(c)), queries=queries,
                          image_text_pairs=iter_image_text_pairs)
 
 

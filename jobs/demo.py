@@ -5,12 +5,15 @@ sharing one local Ray:
 
 1. ``ciea ingest``  — generate the corpus and merge it into Delta Lake with Ray Data;
 2. pretrain the stand-in "CLIP" vision tower once (cached; no pretrained CLIP installs offline);
-3. ``ciea train`` (Ray Train, 2 workers) → ``ciea mine-negatives`` → ``ciea train --stage 2``,
+3. ``ciea pretrain-vision`` — MARVEL's visual pretraining (stage 0) on the corpus's image
+   documents and captions, once; every variant with a projector starts from it, as the
+   release does;
+4. ``ciea train`` (Ray Train, 2 workers) → ``ciea mine-negatives`` → ``ciea train --stage 2``,
    for CIEA and each baseline, keeping whichever stage scored best on dev;
-4. ``ciea embed``   — a Ray Data actor pool encodes the corpus into one LanceDB table per
+5. ``ciea embed``   — a Ray Data actor pool encodes the corpus into one LanceDB table per
    variant, indexed and tagged ``published``;
-5. ``ciea evaluate`` — CIEA vs the baselines and BM25 on the test split (JSON, Markdown, PNG);
-6. three example queries with their top results, and how to open the search page.
+6. ``ciea evaluate`` — CIEA vs the baselines and BM25 on the test split (JSON, Markdown, PNG);
+7. three example queries with their top results, and how to open the search page.
 
 Each stage is idempotent (ingest merges, train resumes by run name, embed skips what the
 table holds), so a re-run after an interruption picks up where it stopped.
@@ -57,6 +60,8 @@ logger = logging.getLogger("ciea.demo")
 
 class TrainStages(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    stage0_epochs: int = Field(2, ge=0, description="MARVEL's visual pretraining (`ciea pretrain-vision`) epochs, once, "
+                                                   "before every variant with a projector; 0 skips it")
     stage1_epochs: int = Field(5, ge=1, description="stage 1 (in-batch negatives) epochs: dev MRR@10 flattens after 4–5 "
                                                    "(BENCHMARKS.md, the recipe ablation); 2 shows where training starts")
     stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips mining and stage 2")
@@ -109,7 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variants": ["ciea", "text-only"],
         "corpus": {"num_image_docs": 120, "num_text_docs": 40, "num_queries": (96, 24, 40)},
         "vision_pretrain": {"pairs": 0},
-        "train": {"stage1_epochs": 4, "stage2_epochs": 1},
+        "train": {"stage0_epochs": 1, "stage1_epochs": 4, "stage2_epochs": 1},
         "output_dir": "runs/demo-tiny",
     },
 }
@@ -192,15 +197,25 @@ def train_call(cfg: DemoConfig, variant: str, data: Path, runs: Path, stage: int
 
     model: dict[str, Any] = {"variant": variant}
     if vision is not None:
-        model.update(vision_state=str(vision), freeze_vision=cfg.vision_pretrain.freeze)
+        model["vision_state"] = str(vision)
+        if variant != "univl-dr":  # UniVL-DR fine-tunes its CLIP (and its random-init projection), as `ciea compare` does
+            model["freeze_vision"] = cfg.vision_pretrain.freeze
     if tokenizer:
         model["tokenizer"] = tokenizer
-    epochs = cfg.train.stage1_epochs if stage == 1 else cfg.train.stage2_epochs
+    epochs = {0: cfg.train.stage0_epochs, 1: cfg.train.stage1_epochs, 2: cfg.train.stage2_epochs}[stage]
     steps: dict[str, Any] = {"stage": stage, "epochs": epochs, "seed": cfg.seed}
     if init_from:
         steps["init_from"] = init_from
     if negatives is not None:
         steps["negatives"] = str(negatives)
+    if stage == 0:
+        from . import pretrain_vision
+
+        job = _typed(train.TrainJobConfig, {
+            "data": {"root": str(data)}, "model": model, "train": steps, "scaling": {"num_workers": cfg.train.workers},
+            "run": {"storage_path": str(runs), "name": "pretrain-vision", "progress": cfg.progress},
+        }, pretrain_vision.PRESETS[cfg.preset], cfg.train.set)
+        return JobCall("pretrain-vision", job, pretrain_vision.command(job), pretrain_vision.execute)
     job = _typed(train.TrainJobConfig, {
         "data": {"root": str(data)}, "model": model, "train": steps, "scaling": {"num_workers": cfg.train.workers},
         "run": {"storage_path": str(runs), "name": f"{variant}-s{stage}", "progress": cfg.progress},
@@ -245,11 +260,28 @@ def _best_dev(summary: dict[str, Any]) -> float:
     return float((summary.get("final_metrics") or {}).get("best_dev_mrr10") or float("-inf"))
 
 
+#: Variants without a projector: they do not start from the visual pretraining.
+NO_PROJECTOR = ("text-only", "univl-dr")
+
+
+def visual_pretraining(cfg: DemoConfig, data: Path, runs: Path, vision: Path | None, stages: Stage) -> str | None:
+    """``ciea pretrain-vision`` once (stage 0, as CIEA variant), or ``None`` when no variant
+    has a projector or ``train.stage0_epochs`` is 0. Returns its model folder."""
+    if not cfg.train.stage0_epochs or all(v in NO_PROJECTOR for v in cfg.variants):
+        return None
+    stages.run("pretrain the visual module (stage 0)", train_call(cfg, "ciea", data, runs, 0, vision))
+    return _summary(runs / "pretrain-vision")["model_dir"]
+
+
 def train_variant(cfg: DemoConfig, variant: str, data: Path, runs: Path, vision: Path | None,
-                  stages: Stage) -> dict[str, Any]:
-    """Stage 1 → mine → stage 2 through the real jobs; returns the better stage's summary
-    (the method keeps whichever stage scored best on dev)."""
-    stages.run(f"train {variant} (stage 1)", train_call(cfg, variant, data, runs, 1, vision))
+                  stages: Stage, stage0: str | None = None) -> dict[str, Any]:
+    """(From the stage-0 model, for a variant with a projector) stage 1 → mine → stage 2
+    through the real jobs; returns the better stage's summary (the method keeps whichever
+    stage scored best on dev)."""
+    start = stage0 if variant not in NO_PROJECTOR else None
+    # The tiny preset's tokenizer is trained per run: a variant starting from stage 0 uses its own.
+    tokenizer = str(Path(start) / "tokenizer") if start and cfg.preset == "tiny" else None
+    stages.run(f"train {variant} (stage 1)", train_call(cfg, variant, data, runs, 1, vision, start, tokenizer=tokenizer))
     s1 = _summary(runs / f"{variant}-s1")
     best = {**s1, "stage": 1}
     if not cfg.train.stage2_epochs:
@@ -341,7 +373,8 @@ def execute(cfg: DemoConfig) -> int:
     start_ray(cfg.ray, log_to_driver=False, progress=cfg.progress)
     stages.run("ingest the corpus into Delta", ingest_call(cfg, data))
     vision = pretrain_vision(cfg, out, stages)
-    trained = {v: train_variant(cfg, v, data, runs, vision, stages) for v in cfg.variants}
+    stage0 = visual_pretraining(cfg, data, runs, vision, stages)
+    trained = {v: train_variant(cfg, v, data, runs, vision, stages, stage0) for v in cfg.variants}
     for variant, summary in trained.items():
         stages.run(f"embed with {variant}", embed_call(cfg, variant, summary["model_dir"], data, db, out))
     stages.run("evaluate on the test split", evaluate_call(cfg, data, db, out))

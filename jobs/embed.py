@@ -125,7 +125,7 @@ def check(cfg: EmbedConfig, tables: Tables | None = None) -> dict[str, Any]:
     """
     from pipelines.index import embed as E
 
-    if not Path(cfg.model.checkpoint).is_dir():
+    if not storage.is_remote(cfg.model.checkpoint) and not Path(cfg.model.checkpoint).is_dir():
         raise SystemExit(f"{PROG}: checkpoint {cfg.model.checkpoint} is not a directory: pass the folder "
                          "written by ciea_model.save_checkpoint (it holds ciea_checkpoint.json)")
     db = Path(storage.normalise_uri(cfg.db_uri))
@@ -133,7 +133,7 @@ def check(cfg: EmbedConfig, tables: Tables | None = None) -> dict[str, Any]:
         raise SystemExit(f"{PROG}: the LanceDB database {cfg.db_uri} is a file, not a folder: point --db at a "
                          "folder (created if missing)")
     try:
-        facts = build.load_model_facts(cfg.model.checkpoint)
+        facts = build.load_model_facts(cfg.model.checkpoint, cfg.storage_options)
         E.resolve_source(tables or cfg.tables(), cfg.input.version)
     except (build.SetupError, E.EmbedError) as e:
         raise SystemExit(f"{PROG}: {e}") from None

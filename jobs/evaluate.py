@@ -186,3 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv)
     job_logging(args.verbose)
     return execute(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -87,9 +87,11 @@ def execute(cfg: MineJobConfig) -> int:
     :func:`pipelines.train.negatives.run`, the summary written and printed. Returns the exit
     code."""
     from ciea_model.checkpoint import read_manifest
+    from pipelines.store.storage import local_folder
 
     try:
-        read_manifest(cfg.checkpoint)
+        with local_folder(cfg.checkpoint, cfg.storage_options) as local:  # local, or s3:// (copied)
+            read_manifest(local)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"invalid config: checkpoint: {e}") from None
     from pipelines.train import negatives

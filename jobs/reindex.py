@@ -67,6 +67,7 @@ from pydantic import Field
 from pipelines.index import build
 from pipelines.index import reindex as reindex_run
 from pipelines.index.reindex import ReindexConfig
+from pipelines.store import storage
 from pipelines.store.delta_tables import Tables
 
 from .common import (
@@ -137,11 +138,11 @@ def check(cfg: ReindexJobConfig, tables: Tables | None = None) -> dict[str, Any]
         if not cfg.model.checkpoint:
             raise SystemExit(f"{PROG}: pass --checkpoint DIR: the table {cfg.output.table!r} in {cfg.db_uri} "
                              "records no checkpoint (or does not exist)")
-    if not Path(cfg.model.checkpoint).is_dir():
+    if not storage.is_remote(cfg.model.checkpoint) and not Path(cfg.model.checkpoint).is_dir():
         raise SystemExit(f"{PROG}: checkpoint {cfg.model.checkpoint} is not a directory: pass the folder "
                          "written by ciea_model.save_checkpoint (it holds ciea_checkpoint.json)")
     try:
-        return build.load_model_facts(cfg.model.checkpoint)
+        return build.load_model_facts(cfg.model.checkpoint, cfg.storage_options)
     except build.SetupError as e:
         raise SystemExit(f"{PROG}: {e}") from None
 

@@ -87,3 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(app, host=cfg.server.host.strip("[]"), port=cfg.server.port, log_level=cfg.server.log_level,
                 access_log=cfg.server.log_level in ("info", "debug"), server_header=False)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

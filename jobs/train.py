@@ -10,6 +10,7 @@ config is refused. Metrics go to ``metrics.jsonl`` beside the checkpoints, with 
 
 The two stages (CIEA_METHOD.md)::
 
+    ciea pretrain-vision --preset tiny --root data --name s0         # stage 0 (optional here)
     ciea train --preset tiny --root data --name s1                  # stage 1: in-batch
     ciea mine-negatives --checkpoint runs/train/s1/model --root data --output data/negatives/s1
     ciea train --preset tiny --root data --name s2 --stage 2 \\
@@ -67,12 +68,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 5e-6, batch 64, ≤ 40 epochs, dev every 500 steps, the checkpoint kept by dev in-batch
         # accuracy, patience 10 in stage 1 and 5 in stage 2, λ = 0.1 in stage 1 and no L_comp in
         # stage 2, L_comp's image-only candidates from the plain projected patches, fp32,
-        # frozen CLIP. The project's preferences are the switches' other values.
+        # frozen CLIP, and stage 1 started from MARVEL's visual pretraining (`ciea
+        # pretrain-vision`). The project's preferences are the switches' other values.
         "preset": "paper",
         "model": {"comp_weight": 0.1, "image_only_extractor": False},
         "train": {"epochs": 40, "batch_size": 64, "eval_every": 500, "patience": 10, "stage2_patience": 5,
                   "lr": 5e-6, "checkpoint_every": 500, "select_by": "dev_in_batch_acc",
-                  "comp_loss_in_stage2": False, "bf16": False},
+                  "comp_loss_in_stage2": False, "bf16": False, "visual_pretraining": "require"},
         "data": {"dev_pool": 100000},
         "scaling": {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 4, "threads_per_worker": 4},
     },
@@ -91,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="data root with corpus/, queries/, qrels/ (data.root)")
     p.add_argument("--name", help="run name (run.name); the same name resumes")
     p.add_argument("--storage-path", help="where checkpoints go (run.storage_path; local or s3://)")
-    p.add_argument("--stage", type=int, choices=(1, 2), help="train.stage")
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), help="train.stage (0: `ciea pretrain-vision`)")
     p.add_argument("--variant", help="model.variant")
     p.add_argument("--workers", type=int, help="scaling.num_workers")
     return p
@@ -135,7 +137,7 @@ def execute(cfg: TrainJobConfig) -> int:
     print(f"\nrun {cfg.run.name}: stage {cfg.train.stage}, {final.get('step', '?')} steps, "
           f"best dev MRR@10 {final.get('best_dev_mrr10', float('nan')):.4f} "
           f"(initial {final.get('initial_dev_mrr10') or float('nan'):.4f})"
-          + (f", kept by {final['select_by']} {final.get('best', float('nan')):.4f}"
+          + (f", kept by {final['select_by']} {abs(final.get('best', float('nan'))):.4f}"
              if final.get("select_by", "dev_mrr10") != "dev_mrr10" else "") + "\n"
           f"model: {summary.get('model_dir')}\nmetrics: {summary.get('metrics')}\ncurve: {summary.get('curve')}")
     return 0

@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 
 from pipelines.store.delta_tables import Tables
@@ -72,7 +71,14 @@ class CurrentRay:
 # ---------------------------------------------------------------------------------------
 
 
-def load_model_facts(checkpoint: str) -> dict[str, Any]:
+def _checkpoint_uri(checkpoint: str) -> str:
+    """The checkpoint as the table records it: an absolute local path, or the s3:// URI as is."""
+    from pipelines.store.storage import normalise_uri
+
+    return normalise_uri(checkpoint)
+
+
+def load_model_facts(checkpoint: str, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Loads the checkpoint once on the driver: model_id (re-hashed, not trusted from the
     manifest), vector width, the image transform and whether images are read at all.
 
@@ -81,10 +87,12 @@ def load_model_facts(checkpoint: str) -> dict[str, Any]:
     """
     from ciea_model import load_checkpoint, model_id
     from ciea_model.checkpoint import read_manifest
+    from pipelines.store.storage import local_folder
 
     try:
-        manifest = read_manifest(checkpoint)
-        model, processor = load_checkpoint(checkpoint)
+        with local_folder(checkpoint, storage_options) as local:  # local, or s3:// (copied here)
+            manifest = read_manifest(local)
+            model, processor = load_checkpoint(local)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SetupError(f"cannot load checkpoint {checkpoint}: {e}") from None
     mid = model_id(model)
@@ -157,7 +165,7 @@ def pipeline_spec(cfg: EmbedConfig | ReindexConfig, facts: dict[str, Any], res: 
     placement = cfg.preprocess.placement
     return E.PipelineSpec(
         tables=tables, source_version=version,
-        checkpoint=str(Path(cfg.model.checkpoint).resolve()), model_id=facts["model_id"], dim=facts["dim"],
+        checkpoint=_checkpoint_uri(cfg.model.checkpoint), model_id=facts["model_id"], dim=facts["dim"],
         transform=facts["transform"], image_side=facts["image_side"], lance_uri=lance_uri,
         lance_schema=lance_schema, data_storage_version=data_storage_version,
         device=res["device"], actors=res["actors"], cpus_per_actor=res["cpus_per_actor"],
@@ -284,7 +292,7 @@ def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], ta
     spec = pipeline_spec(cfg, facts, res, tables=tables, version=version, lance_uri=table.uri,
                          lance_schema=lds.schema, data_storage_version=lds.data_storage_version, fault=fault)
     # Recorded in the table metadata so that search can load the same model for queries.
-    checkpoint_uri = str(Path(cfg.model.checkpoint).resolve())
+    checkpoint_uri = _checkpoint_uri(cfg.model.checkpoint)
 
     def after_commit(n: int) -> None:
         table.update_metadata({L.META_SOURCE_VERSION: str(version), L.META_CHECKPOINT: checkpoint_uri})
@@ -325,7 +333,7 @@ def _index_and_publish(cfg: EmbedConfig, facts: dict[str, Any], table: Any, vers
         t_idx = time.perf_counter()
         summary["indexes"] = table.build_indexes(ann, previous)
         table.update_metadata({L.META_SOURCE_VERSION: str(version), L.META_INDEX_PLAN: ann.to_json() if ann else None,
-                               L.META_CHECKPOINT: str(Path(cfg.model.checkpoint).resolve())})
+                               L.META_CHECKPOINT: _checkpoint_uri(cfg.model.checkpoint)})
         summary["index_seconds"] = round(time.perf_counter() - t_idx, 2)
     summary["index_stats"] = table.index_stats()
     summary["ann_plan"] = ann.to_json() if ann else None

@@ -292,15 +292,18 @@ class Encoder:
 
     def __init__(self, checkpoint: str, expected_model_id: str, device: str = "cpu", threads: int = 1,
                  bf16: bool = True, source_version: int = 0, embedded_at: datetime | None = None,
-                 fault: FaultSpec | None = None) -> None:
+                 fault: FaultSpec | None = None, storage_options: dict[str, str] | None = None) -> None:
         import torch
 
         from ciea_model import load_checkpoint, model_id
+        from pipelines.store.storage import local_folder
 
         if device == "cpu":
             torch.set_num_threads(threads)
         self.device = device
-        self.model, self.processor = load_checkpoint(checkpoint, map_location=device)
+        # An s3:// checkpoint is copied by each actor onto its own node (then removed).
+        with local_folder(checkpoint, storage_options) as local:
+            self.model, self.processor = load_checkpoint(local, map_location=device)
         self.model_id = model_id(self.model)
         if self.model_id != expected_model_id:
             raise EmbedError(f"checkpoint {checkpoint} now has model_id {self.model_id}, the job "
@@ -525,7 +528,7 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table |
         fn_constructor_kwargs={
             "checkpoint": spec.checkpoint, "expected_model_id": spec.model_id, "device": spec.device,
             "threads": spec.threads, "bf16": spec.bf16, "source_version": spec.source_version,
-            "embedded_at": spec.embedded_at, "fault": spec.fault})
+            "embedded_at": spec.embedded_at, "fault": spec.fault, "storage_options": spec.tables.storage_options})
     return ds.map_batches(
         write_fragments, batch_format="pyarrow", batch_size=spec.rows_per_fragment,
         fn_kwargs={"uri": spec.lance_uri, "schema": spec.lance_schema,
@@ -555,7 +558,8 @@ def iter_in_process(spec: PipelineSpec, rows: pa.Table) -> Iterator[pa.Table]:
 
     threads = torch.get_num_threads()
     encoder = Encoder(spec.checkpoint, spec.model_id, device=spec.device, threads=spec.threads, bf16=spec.bf16,
-                      source_version=spec.source_version, embedded_at=spec.embedded_at, fault=spec.fault)
+                      source_version=spec.source_version, embedded_at=spec.embedded_at, fault=spec.fault,
+                      storage_options=spec.tables.storage_options)
     pixel_size = 3 * spec.image_side * spec.image_side
     pending: list[pa.Table] = []
     pending_rows = 0

@@ -36,7 +36,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.store.delta_tables import Tables
@@ -45,6 +44,7 @@ from .build import (
     CurrentRay,
     RayAccess,
     SimulatedCrash,
+    _checkpoint_uri,
     pipeline_spec,
     progress_bar,
     ray_data_settings,
@@ -251,7 +251,7 @@ def run_gate(cfg: ReindexConfig, table: Any, tables: Tables, state: TableState,
     g = cfg.gate
     metric = f"MRR@{g.k}"
     try:
-        cand = evaluate_version(table, candidate, str(Path(cfg.model.checkpoint).resolve()), tables, g.split,
+        cand = evaluate_version(table, candidate, _checkpoint_uri(cfg.model.checkpoint), tables, g.split,
                                 g.k, g.max_queries)
     except FileNotFoundError as e:
         if g.missing_split == "promote":
@@ -300,7 +300,7 @@ def _index_and_record(cfg: ReindexConfig, table: Any, facts: dict[str, Any], to_
     from pipelines.store import lance_tables as L
 
     record = {L.META_SOURCE_VERSION: str(to_version)} if not summary.get("failed") else {}
-    checkpoint = str(Path(cfg.model.checkpoint).resolve())
+    checkpoint = _checkpoint_uri(cfg.model.checkpoint)
     rows = table.count_rows()
     state = table_state(table)
     needs_work = changed or state.published != state.head or (rows and not table.index_names())
@@ -504,7 +504,7 @@ def run_rebuild(cfg: ReindexConfig, facts: dict[str, Any], table: Any, tables: T
     _crash(cfg, "rebuilt")
     table.update_metadata({L.META_MODEL_ID: mid, L.META_DIM: str(dim),
                            L.META_SOURCE_VERSION: None if stream.failed else str(to_version),
-                           L.META_CHECKPOINT: str(Path(cfg.model.checkpoint).resolve()), L.META_INDEX_PLAN: None,
+                           L.META_CHECKPOINT: _checkpoint_uri(cfg.model.checkpoint), L.META_INDEX_PLAN: None,
                            L.META_PATCH_GRID: f"{grid[0]}x{grid[1]}" if grid else None})
     expected = total - len(stream.failed)
     if table.count_rows() != expected:

@@ -34,6 +34,9 @@ class SyntheticSettings(BaseModel):
     p_caption_states: float = Field(0.35, ge=0, lt=1, description="chance a caption states each optional attribute")
     complementary_fraction: float = Field(0.5, ge=0, le=1, description="share of 'image' queries (need the image)")
     text_query_fraction: float = Field(0.3, ge=0, le=1, description="share of 'text' queries (text-document answers)")
+    num_composed: tuple[int, int, int] = Field(
+        (0, 0, 0), description="train, dev, test composed queries (reference image + modification text, kind "
+                               "'composed'), in addition to num_queries")
 
 
 class FetchOptions(BaseModel):

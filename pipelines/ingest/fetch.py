@@ -1,8 +1,9 @@
 """Fetching images by URL: the only way ingest reads from the network.
 
 ``fetch_all(urls, settings)`` fetches a list of URLs concurrently inside one Ray Data task
-(an asyncio loop over one ``httpx2.AsyncClient``) and returns one :class:`FetchResult` per
-URL, in order. What it guarantees:
+(an asyncio loop over ``httpx2.AsyncClient`` pools of at most ``LANE_CONNECTIONS``
+keep-alive connections each) and returns one :class:`FetchResult` per URL, in order. What it
+guarantees:
 
 * at most ``concurrency`` requests in flight per task and ``per_host`` per host;
 * connect / read timeouts per request and a ``total_timeout_s`` deadline per attempt (a
@@ -36,7 +37,9 @@ bad URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import functools
 import io
 import logging
 import random
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 SCHEMES = ("http", "https")
+#: Connections per client pool; a task's ``concurrency`` is split over ``ceil(concurrency / 8)`` pools.
+LANE_CONNECTIONS = 8
 #: A URL refused for the credentials it carries (``signed_urls="refuse"``; the sources check it).
 SIGNED_URL_REFUSED = "signed_url_refused"
 
@@ -158,16 +163,28 @@ async def _fetch_all(urls: list[str], settings: FetchSettings, rng: random.Rando
 
     timeout = httpx2.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
                              write=settings.read_timeout_s, pool=None)
-    limits = httpx2.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
-    transport = httpx2.AsyncHTTPTransport(limits=limits, trust_env=False)
-    # The address policy sits where sockets are opened, so it sees every connection: the
-    # first request's and each redirect hop's (httpx2 takes no backend argument).
-    transport._pool._network_backend = guarded_backend(settings.allow_private)
-    task_slots = asyncio.Semaphore(settings.concurrency)
+    # The task's ``concurrency`` slots are spread over lanes of at most LANE_CONNECTIONS, one
+    # client (and connection pool) each: httpcore2's pool scans all of its connections — a
+    # liveness syscall per idle one — on every request, so one pool of 64 connections cost
+    # more CPU per request than the rest of the fetch (issue 26). A free slot is a token
+    # naming its lane; a lane never has more requests than connections, so none waits in a pool.
+    lanes = -(-settings.concurrency // LANE_CONNECTIONS)
+    free_slots: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(settings.concurrency):
+        free_slots.put_nowait(i % lanes)
     host_slots: dict[str, asyncio.Semaphore] = {}
-    async with httpx2.AsyncClient(timeout=timeout, transport=transport, follow_redirects=True,
-                                  max_redirects=settings.max_redirects, trust_env=False,
-                                  headers={"User-Agent": settings.user_agent}) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for lane in range(lanes):
+            size = len(range(lane, settings.concurrency, lanes))
+            limits = httpx2.Limits(max_connections=size, max_keepalive_connections=size)
+            transport = httpx2.AsyncHTTPTransport(verify=_tls_context(), limits=limits, trust_env=False)
+            # The address policy sits where sockets are opened, so it sees every connection:
+            # the first request's and each redirect hop's (httpx2 takes no backend argument).
+            transport._pool._network_backend = guarded_backend(settings.allow_private)
+            clients.append(await stack.enter_async_context(httpx2.AsyncClient(
+                timeout=timeout, transport=transport, follow_redirects=True, max_redirects=settings.max_redirects,
+                trust_env=False, headers={"User-Agent": settings.user_agent})))
 
         async def one(url: str) -> FetchResult:
             result = FetchResult(url)
@@ -181,13 +198,16 @@ async def _fetch_all(urls: list[str], settings: FetchSettings, rng: random.Rando
                 return result
             slot = host_slots.setdefault(host, asyncio.Semaphore(settings.per_host))
             for attempt in range(1, settings.retries + 2):
-                async with slot, task_slots:  # host first: a waiter holds no task slot
+                async with slot:  # host first: a waiter holds no task slot
+                    lane = await free_slots.get()
                     result.attempts = attempt
                     try:
-                        await _attempt(client, url, settings, result)
+                        await _attempt(clients[lane], url, settings, result)
                         return result
                     except _Failure as f:
                         failure = f
+                    finally:
+                        free_slots.put_nowait(lane)
                 result.status, result.reason = failure.status, failure.reason
                 result.detail = f"GET {redact_url(url)}: {failure.detail} (after {attempt} attempt{'s' * (attempt > 1)})"
                 if not failure.retryable or attempt > settings.retries:
@@ -203,6 +223,15 @@ async def _fetch_all(urls: list[str], settings: FetchSettings, rng: random.Rando
             return result
 
         return list(await asyncio.gather(*(one(u) for u in urls)))
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context():
+    """The default verifying TLS context, built once per process: loading the CA bundle costs
+    ~50 ms of CPU, and every ``fetch_all`` call (one per chunk of a read task) opens clients."""
+    import httpx2
+
+    return httpx2.create_ssl_context(trust_env=False)
 
 
 async def _attempt(client, url: str, settings: FetchSettings, result: FetchResult) -> None:

@@ -63,6 +63,7 @@ from pipelines.ingest.validation import (
     Limits,
     Rejected,
     content_sha256,
+    normalise_image,
     normalise_text,
     quarantine_id,
     validate_batch,
@@ -282,9 +283,16 @@ def validate_query(q: Query, limits: Limits, max_query_chars: int) -> dict[str, 
         raise Rejected("missing_text", "the query text is missing or empty")
     answer = None if q.answer is None else json.dumps(q.answer, ensure_ascii=False, sort_keys=True)
     metadata = json.dumps(q.metadata, ensure_ascii=False, sort_keys=True) if q.metadata else None
+    image = None
+    if q.image is not None:
+        if not isinstance(q.image, (bytes, bytearray, memoryview)):
+            raise Rejected("wrong_type", f"the query image must be encoded image bytes, got {type(q.image).__name__}")
+        # The corpus's one image rule (caps, a full decode, upright RGB): the picture is
+        # stored normalised, exactly as a document's would be.
+        image, _, _ = normalise_image(bytes(q.image), limits)
     return {S.QID: str(q.qid), S.QUERY: text, S.ANSWER: answer, S.METADATA: metadata,
-            S.CONTENT_SHA256: content_sha256(text, (answer or "") + "\x1f" + (metadata or ""), None),
-            S.RECORD_REF: q.record_ref}
+            S.CONTENT_SHA256: content_sha256(text, (answer or "") + "\x1f" + (metadata or ""), image),
+            S.RECORD_REF: q.record_ref, S.IMAGE: image}
 
 
 def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limits: Limits,
@@ -393,7 +401,7 @@ def make_source(cfg: IngestConfig) -> Source:
     source.max_line_bytes = int(cfg.source.max_line_mb * (1 << 20))
     if cfg.source.queries_path and cfg.source.queries:
         queries = BeirQueries(cfg.source.queries_path, cfg.storage_options, cfg.source.allow_roots,
-                              source.max_line_bytes)
+                              source.max_line_bytes, max_image_bytes=cfg.limits.max_image_bytes)
         queries.check()
         source.attach_queries(queries)
     return source
@@ -408,7 +416,7 @@ def _make_source(cfg: IngestConfig) -> Source:
             SyntheticConfig(seed=syn.seed, num_image_docs=syn.num_image_docs, num_text_docs=syn.num_text_docs,
                             num_queries=tuple(syn.num_queries), image_size=syn.image_size,
                             p_caption_states=syn.p_caption_states, complementary_fraction=syn.complementary_fraction,
-                            text_query_fraction=syn.text_query_fraction,
+                            text_query_fraction=syn.text_query_fraction, num_composed=tuple(syn.num_composed),
                             **({"num_collections": syn.num_collections} if syn.num_collections else {})),
             rows_per_shard=s.rows_per_shard, name=s.name, with_queries=s.queries)
     roots = {"allow_roots": s.allow_roots}

@@ -66,6 +66,10 @@ class MetricSettings(BaseModel):
     group_by: list[str] = Field(["kind"], description="query metadata keys to split the report by (synthetic: kind)")
     answer_modality: bool = Field(True, description="also split by the modality of the relevant documents")
     charts: list[str] = Field(["MRR@10"], description="metrics drawn as PNG bar charts (groups x variants)")
+    composed_baselines: bool = Field(
+        True, description="queries that carry a picture (composed: reference image + modification text): also "
+        "rank them by the image alone, the text alone and their late fusion (normalised sum), beside the model's "
+        "composed encoding (groups composed=image-only/text-only/late-fusion/model)")
     webqa_image_protocol: Literal["shared-index", "release"] = Field(
         "shared-index", description="image-answer queries: 'shared-index' scores them only in the one index of "
         "every document (group modality=image); 'release' also ranks them against the image documents alone, "

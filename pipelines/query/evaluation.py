@@ -10,8 +10,18 @@ Two ways to produce a run (query id → ranked doc ids):
   (:func:`encode_corpus`, :func:`encode_delta_corpus`, :func:`rank`): dev early stopping,
   the demo, and corpora small enough to hold in memory.
 
+A query that carries a picture (a composed query: reference image + modification text,
+``image`` in ``queries/<split>``) is encoded with the document-side input construction
+(picture + text through the document tower), like ``Searcher.search(image=..., text=...)``;
+a model that encodes no image (``text-only``) and full-text search rank its text alone.
+:func:`composed_runs` / :func:`composed_search_runs` rank the composed queries four ways side
+by side (:data:`COMPOSED_ENCODINGS`: the reference image alone, the modification text alone,
+their late fusion — the normalised sum, CLIP4Cir's baseline — and the model's composed
+encoding); :func:`add_composed_groups` puts them in the report as groups
+``composed=<encoding>``.
+
 Reports are split by group as well as overall: by query metadata keys (``kind`` for the
-synthetic corpus: caption / image / text) and by *answer modality*, the modality of a
+synthetic corpus: caption / image / text / composed) and by *answer modality*, the modality of a
 query's relevant documents (``image``, ``text`` or ``mixed``). Group labels read
 ``"<key>=<value>"`` (``"kind=image"``, ``"modality=text"``), so one report holds several
 groupings side by side.
@@ -56,7 +66,15 @@ __all__ = [
     "EncodedCorpus",
     "EvaluationError",
     "SearchRun",
+    "COMPOSED_ENCODINGS",
+    "COMPOSED_GROUP",
+    "add_composed_groups",
     "add_image_index_group",
+    "composed_runs",
+    "composed_search_runs",
+    "encode_picture_queries",
+    "encode_query_vectors",
+    "picture_queries",
     "check_coverage",
     "corpus_doc_ids",
     "encode_corpus",
@@ -92,6 +110,14 @@ UNKNOWN = "unknown"  # none of the relevant documents is in corpus/documents
 IMAGE_INDEX_GROUP = "image-index"
 
 SearchMode = Literal["vector", "fts", "hybrid"]
+
+#: How the composed queries are encoded side by side (issue 25): the reference image alone
+#: (through the document tower with an empty caption), the modification text alone (the
+#: query tower), their late fusion (the normalised sum of those two, CLIP4Cir's baseline)
+#: and the model's composed encoding (image + text through the document tower).
+COMPOSED_ENCODINGS: tuple[str, ...] = ("image-only", "text-only", "late-fusion", "model")
+#: Grouping name of those runs in a report: ``composed=image-only``, ... .
+COMPOSED_GROUP = "composed"
 
 
 class EvaluationError(ValueError):
@@ -177,15 +203,128 @@ def encode_delta_corpus(
     return EncodedCorpus(ids, vectors, failed)
 
 
+def picture_queries(queries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The queries that carry a picture (``image`` bytes): composed / image queries."""
+    return [q for q in queries if q.get(S.IMAGE) is not None]
+
+
+def encode_picture_queries(
+    model: CIEAModel, processor: CIEAProcessor, queries: Sequence[Mapping[str, Any]], *, with_text: bool = True,
+    batch_size: int = 64, device: str = "cpu",
+) -> np.ndarray:
+    """Queries with a picture → ``(n, D)`` unit vectors built as an image document is (the
+    picture's patches, then the query text in the caption's place, through the shared
+    encoder); ``with_text=False`` leaves the text out (the image-only baseline)."""
+    docs = [Document(doc_id=str(q[S.QID]), modality="image", caption=str(q[S.QUERY] or "").strip() if with_text else "",
+                     image=q[S.IMAGE]) for q in queries]
+    return encode_documents(model, processor, docs, batch_size, device=device)
+
+
+def encode_query_vectors(model: CIEAModel, processor: CIEAProcessor, queries: Sequence[Mapping[str, Any]],
+                         device: str = "cpu") -> np.ndarray:
+    """Every query's vector: a picture query through the document tower (when the model
+    encodes images; else its text alone, logged), the rest through the query tower."""
+    pics = [i for i, x in enumerate(queries) if x.get(S.IMAGE) is not None]
+    if pics and not model.config.uses_images:
+        logger.warning("%d queries carry a picture but a %r model encodes no image: they are ranked by their "
+                       "text alone", len(pics), model.config.variant)
+        pics = []
+    texts = sorted(set(range(len(queries))) - set(pics))
+    q = np.zeros((len(queries), model.dim), dtype=np.float32)
+    if texts:
+        q[texts] = encode_queries(model, processor, [queries[i]["query"] for i in texts], device=device)
+    if pics:
+        q[pics] = encode_picture_queries(model, processor, [queries[i] for i in pics], device=device)
+    return q
+
+
 def rank(
     model: CIEAModel, processor: CIEAProcessor, corpus: EncodedCorpus,
     queries: Sequence[Mapping[str, Any]], k: int = 100, device: str = "cpu", *, scores: bool = False,
 ) -> dict[str, list[str]] | dict[str, dict[str, float]]:
     """qid → top-k doc ids by cosine, ties as trec_eval breaks them (doc id descending);
-    with ``scores``, qid → doc id → cosine (best first), so the evaluation sees the ties."""
-    q = encode_queries(model, processor, [x["query"] for x in queries], device=device)
+    with ``scores``, qid → doc id → cosine (best first), so the evaluation sees the ties.
+    A query with a picture is encoded with the document tower (:func:`encode_picture_queries`)."""
+    q = encode_query_vectors(model, processor, queries, device)
     ranked = topk_from_scores(q @ corpus.vectors.T, corpus.doc_ids, k, with_scores=scores)
     return {x["qid"]: r for x, r in zip(queries, ranked)}
+
+
+def composed_vectors(image: np.ndarray, text: np.ndarray, composed: np.ndarray) -> dict[str, np.ndarray]:
+    """The :data:`COMPOSED_ENCODINGS` from the image-only, text-only and composed vectors
+    (``(n, D)`` each, unit norm): late fusion is their normalised sum."""
+    fused = image.astype(np.float32) + text.astype(np.float32)
+    fused /= np.maximum(np.linalg.norm(fused, axis=1, keepdims=True), 1e-12)
+    return dict(zip(COMPOSED_ENCODINGS, (image, text, fused, composed), strict=True))
+
+
+def composed_runs(
+    model: CIEAModel, processor: CIEAProcessor, corpus: EncodedCorpus, queries: Sequence[Mapping[str, Any]],
+    k: int = 100, device: str = "cpu",
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The picture queries ranked under each of :data:`COMPOSED_ENCODINGS`: encoding →
+    qid → doc id → cosine (best first). Empty when no query has a picture or the model
+    encodes no image."""
+    pics = picture_queries(queries)
+    if not pics or not model.config.uses_images:
+        return {}
+    vectors = composed_vectors(
+        encode_picture_queries(model, processor, pics, with_text=False, device=device),
+        encode_queries(model, processor, [str(q[S.QUERY]) for q in pics], device=device),
+        encode_picture_queries(model, processor, pics, device=device))
+    out = {}
+    for name, v in vectors.items():
+        ranked = topk_from_scores(v @ corpus.vectors.T, corpus.doc_ids, k, with_scores=True)
+        out[name] = {str(q[S.QID]): r for q, r in zip(pics, ranked, strict=True)}
+    return out
+
+
+def composed_search_runs(
+    searcher: Searcher, queries: Sequence[Mapping[str, Any]], *, k: int = 100, batch_size: int = 64,
+    **search_kwargs: Any,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`composed_runs` against a table: each encoding's vectors searched with
+    ``searcher.search_vectors`` (``search_kwargs``: ``nprobes``, ``refine_factor``, ``where``).
+    Empty when no query has a picture or the table's model encodes no image."""
+    pics = picture_queries(queries)
+    if not pics or not _encodes_pictures(searcher):
+        return {}
+    images = [q[S.IMAGE] for q in pics]
+    texts = [str(q[S.QUERY]) for q in pics]
+    vectors = composed_vectors(searcher.encode_pictures(images, None, batch_size=batch_size),
+                               searcher.encode_queries(texts, batch_size=batch_size),
+                               searcher.encode_pictures(images, texts, batch_size=batch_size))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, v in vectors.items():
+        out[name] = {}
+        for q, hits in zip(pics, searcher.search_vectors(v, k=k, **search_kwargs), strict=True):
+            run = out[name][str(q[S.QID])] = {}
+            for h in hits:
+                run.setdefault(h.doc_id, float(h.score))
+    return out
+
+
+def add_composed_groups(
+    report: RetrievalReport, runs: Mapping[str, Mapping[str, Sequence[str] | Mapping[str, float]]],
+    qrels: Mapping[str, Any], ks_mrr: Sequence[int] = DEFAULT_KS_MRR, ks_ndcg: Sequence[int] = DEFAULT_KS_NDCG,
+    ks_recall: Sequence[int] = DEFAULT_KS_RECALL, ks_graded_ndcg: Sequence[int] = (),
+    ks_success: Sequence[int] = (),
+) -> RetrievalReport:
+    """Adds a group ``composed=<encoding>`` per run of :func:`composed_runs`, scored on its
+    own (the overall means stay those of the variant's run)."""
+    for name, run in runs.items():
+        label = f"{COMPOSED_GROUP}={name}"
+        part = evaluate_run(run, {q: qrels[q] for q in run if q in qrels}, ks_mrr, ks_ndcg, ks_recall,
+                            groups=dict.fromkeys(run, label), ks_graded_ndcg=ks_graded_ndcg, ks_success=ks_success)
+        if label in part.by_group:
+            report.by_group[label] = part.by_group[label]
+            report.group_counts[label] = part.group_counts[label]
+    return report
+
+
+def _encodes_pictures(searcher: Searcher) -> bool:
+    config = getattr(getattr(searcher, "model", None), "config", None)
+    return bool(getattr(config, "uses_images", False))
 
 
 def image_only(corpus: EncodedCorpus, image_ids: set[str] | frozenset[str]) -> EncodedCorpus:
@@ -197,14 +336,22 @@ def image_only(corpus: EncodedCorpus, image_ids: set[str] | frozenset[str]) -> E
 def evaluate(
     model: CIEAModel, processor: CIEAProcessor, documents: Sequence[Document],
     queries: Sequence[Mapping[str, Any]], k: int = 100, group_key: str | None = "kind",
+    composed_baselines: bool = False,
 ) -> RetrievalReport:
     """Encodes ``documents`` and ``queries`` and returns MRR@10, NDCG@10, Recall@k and
-    Success@k, overall and per ``group_key`` value (the synthetic query kind by default)."""
+    Success@k, overall and per ``group_key`` value (the synthetic query kind by default);
+    with ``composed_baselines``, also the groups of :func:`add_composed_groups` for the
+    queries that carry a picture."""
     corpus = encode_corpus(model, processor, documents)
     run = rank(model, processor, corpus, queries, k=k, scores=True)
     qrels = {x["qid"]: set(x["positive_doc_ids"]) for x in queries}
     groups = {x["qid"]: str(x[group_key]) for x in queries} if group_key else None
-    return evaluate_run(run, qrels, ks_recall=(1, 5, 10, 20, 100), groups=groups, ks_success=(1, 5, 10, 20, 100))
+    ks = {"ks_recall": (1, 5, 10, 20, 100), "ks_success": (1, 5, 10, 20, 100)}
+    report = evaluate_run(run, qrels, groups=groups, **ks)
+    if composed_baselines:
+        runs = {name: r for name, r in composed_runs(model, processor, corpus, queries, k=k).items() if name != "model"}
+        add_composed_groups(report, runs, qrels, (10,), (10,), **ks)
+    return report
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,6 +409,8 @@ def load_split(
         q: dict[str, Any] = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
         q.update({S.QID: qid, S.QUERY: text, "positive_doc_ids": positives, "metadata": meta,
                   ANSWER_MODALITY: _answer_modality(positives, modality_of) if positives else None})
+        if row.get(S.IMAGE) is not None:
+            q[S.IMAGE] = row[S.IMAGE]  # a composed query's picture
         queries.append(q)
     return queries, qrels
 
@@ -446,13 +595,18 @@ def search_run(
     from tqdm import tqdm
 
     out = SearchRun(run={})
+    # A picture query is a vector search through the document tower; full-text search and a
+    # model that encodes no image rank its text alone.
+    pictures = mode == "vector" and _encodes_pictures(searcher)
+    if not pictures and picture_queries(queries):
+        logger.warning("%d queries carry a picture; %s search ranks their text alone", len(picture_queries(queries)),
+                       mode if mode != "vector" else "this table's model encodes no image: its")
     with tqdm(total=len(queries), unit="query", desc=f"search ({mode})", disable=not progress,
               file=sys.stderr) as bar:
         for start in range(0, len(queries), batch_size):
             part = queries[start : start + batch_size]
-            texts = [str(q[S.QUERY]) for q in part]
             try:
-                results = searcher.search_batch(texts, k=k, mode=mode, **search_kwargs)
+                results = _batch_hits(searcher, part, k, mode, pictures, search_kwargs)
             except Exception:
                 results = None
             for i, q in enumerate(part):
@@ -461,7 +615,7 @@ def search_run(
                     hits = results[i]
                 else:
                     try:
-                        hits = searcher.search(texts[i], k=k, mode=mode, **search_kwargs)
+                        hits = _batch_hits(searcher, [q], k, mode, pictures, search_kwargs)[0]
                     except Exception as e:
                         out.failed[qid] = f"{type(e).__name__}: {e}"
                         hits = []
@@ -476,6 +630,26 @@ def search_run(
                                   "indexes (`ciea embed` builds them) and the search mode")
         logger.warning("%d of %d %s searches failed and score 0 (e.g. query %s: %s)",
                        len(out.failed), len(queries), mode, qid, err)
+    return out
+
+
+def _batch_hits(searcher: Searcher, part: Sequence[Mapping[str, Any]], k: int, mode: str, pictures: bool,
+                kwargs: Mapping[str, Any]) -> list[list[Any]]:
+    """One hit list per query of ``part``, in order: text queries in one ``search_batch``, the
+    picture queries (when ``pictures``) in one ``search_pictures``."""
+    pic = [i for i, q in enumerate(part) if pictures and q.get(S.IMAGE) is not None]
+    text = [i for i in range(len(part)) if i not in set(pic)]
+    out: list[list[Any]] = [[] for _ in part]
+    if text:
+        for i, hits in zip(text, searcher.search_batch([str(part[i][S.QUERY]) for i in text], k=k, mode=mode,
+                                                       **kwargs), strict=True):
+            out[i] = hits
+    if pic:
+        extra = {key: v for key, v in kwargs.items() if key in ("where", "nprobes", "refine_factor")}
+        for i, hits in zip(pic, searcher.search_pictures([part[i][S.IMAGE] for i in pic],
+                                                         [str(part[i][S.QUERY]) for i in pic], k=k, mode=mode,
+                                                         **extra), strict=True):
+            out[i] = hits
     return out
 
 

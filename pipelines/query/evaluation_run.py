@@ -35,6 +35,8 @@ class Prepared:
         self.spec = spec
         self.info = info
         self.searcher = searcher
+        #: The composed queries' runs per encoding (``evaluation.composed_runs``), when asked.
+        self.composed: dict[str, dict[str, dict[str, float]]] = {}
 
 
 def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str, dict[str, int]],
@@ -59,12 +61,14 @@ def prepare_variant(cfg: EvaluateConfig, spec: VariantSettings, qrels: dict[str,
     opts = dict(cfg.storage_options)
     if spec.checkpoint is not None:
         from ciea_model.checkpoint import read_manifest
+        from pipelines.store.storage import is_remote, local_folder
 
-        if not Path(spec.checkpoint).is_dir():
+        if not is_remote(spec.checkpoint) and not Path(spec.checkpoint).is_dir():
             raise EvaluationError(f"variant {spec.name!r}: checkpoint {spec.checkpoint} is not a directory: pass "
                                   "the folder written by ciea_model.save_checkpoint (it holds ciea_checkpoint.json)")
         try:
-            manifest = read_manifest(spec.checkpoint)
+            with local_folder(spec.checkpoint, opts) as local:  # local, or s3:// (copied here)
+                manifest = read_manifest(local)
         except (FileNotFoundError, ValueError) as e:
             raise EvaluationError(f"variant {spec.name!r}: {e}") from None
         # Checked on the corpus doc ids before anything is encoded.
@@ -129,10 +133,15 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
             image_run = E.search_run(prep.searcher, image_queries, k=cfg.k, mode=prep.spec.mode,
                                      batch_size=cfg.search.batch_size, progress=cfg.progress,
                                      where=Filter(modality="image"), **kwargs).run
+        if cfg.metrics.composed_baselines and prep.spec.mode == "vector":
+            prep.composed = E.composed_search_runs(prep.searcher, queries, k=cfg.k, batch_size=cfg.search.batch_size,
+                                                   **kwargs)
     else:
         from ciea_model import load_checkpoint
+        from pipelines.store.storage import local_folder
 
-        model, processor = load_checkpoint(prep.spec.checkpoint, map_location=cfg.search.device)
+        with local_folder(prep.spec.checkpoint, cfg.storage_options) as local:
+            model, processor = load_checkpoint(local, map_location=cfg.search.device)
         corpus = E.encode_delta_corpus(
             model, processor, tables or cfg.tables(), version=cfg.input.corpus_version,
             batch_size=cfg.search.doc_batch_size, device=cfg.search.device, progress=cfg.progress)
@@ -147,7 +156,12 @@ def run_variant(cfg: EvaluateConfig, prep: Prepared, queries: list[dict[str, Any
             prep.info["image_index_documents"] = len(images.doc_ids)
             image_run = E.rank(model, processor, images, image_queries, k=cfg.k, device=cfg.search.device,
                                scores=True)
+        if cfg.metrics.composed_baselines:
+            prep.composed = E.composed_runs(model, processor, corpus, queries, k=cfg.k, device=cfg.search.device)
         del model, processor, corpus
+    if E.picture_queries(queries) and cfg.metrics.composed_baselines:
+        prep.info["composed_baselines"] = (sorted(prep.composed) if prep.composed else
+                                           "none: this variant encodes no image (text-only model or full-text search)")
     prep.info["seconds"] = round(time.perf_counter() - t0, 2)
     return (ranked, image_run) if image_queries is not None else ranked
 
@@ -221,6 +235,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         if image_run:
             E.add_image_index_group(reports[prep.spec.name], image_run, qrels, *ks)
             runs[f"{prep.spec.name}.{E.IMAGE_INDEX_GROUP}"] = image_run
+        if prep.composed:
+            E.add_composed_groups(reports[prep.spec.name], prep.composed, qrels, *ks)
+            runs.update({f"{prep.spec.name}.{E.COMPOSED_GROUP}-{enc}": r for enc, r in prep.composed.items()})
+            prep.composed = {}
         prep.searcher = None  # release the model before the next variant loads its own
 
     meta = {"split": cfg.input.split, "root": storage_mod.normalise_uri(cfg.input.root), "queries": len(queries),

@@ -31,6 +31,7 @@ Values are quoted all the same.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -559,21 +560,28 @@ class Searcher:
         if not ckpt:
             raise SearchError(f"table {table!r}@{number} does not record its checkpoint ({META_CHECKPOINT}): pass "
                               f"--checkpoint DIR (the checkpoint of model_id {table_model})")
-        if not Path(ckpt).is_dir():
+        from pipelines.store.storage import is_remote, local_folder
+
+        if not is_remote(ckpt) and not Path(ckpt).is_dir():
             raise SearchError(f"checkpoint {ckpt} (model_id {table_model}) is not a directory here: pass "
                               "--checkpoint DIR with a copy of it")
-        have = _manifest_model_id(ckpt)
-        if have != table_model:
-            raise CheckpointMismatchError(
-                f"checkpoint {ckpt} is model_id {have}, but table {table!r}@{number} holds vectors of model_id "
-                f"{table_model}: queries must be encoded by the model that encoded the documents. Pass the "
-                "checkpoint the table was embedded with, or search a table embedded with this one")
-        from ciea_model import load_checkpoint, model_id
+        with contextlib.ExitStack() as stack:  # an s3:// checkpoint is copied here for the load, then removed
+            try:
+                local = stack.enter_context(local_folder(ckpt, vectors.storage_options))
+            except FileNotFoundError as e:
+                raise SearchError(str(e)) from None
+            have = _manifest_model_id(local)
+            if have != table_model:
+                raise CheckpointMismatchError(
+                    f"checkpoint {ckpt} is model_id {have}, but table {table!r}@{number} holds vectors of model_id "
+                    f"{table_model}: queries must be encoded by the model that encoded the documents. Pass the "
+                    "checkpoint the table was embedded with, or search a table embedded with this one")
+            from ciea_model import load_checkpoint, model_id
 
-        try:
-            model, processor = load_checkpoint(ckpt, map_location=device)
-        except (FileNotFoundError, ValueError) as e:  # incl. CheckpointError: missing or corrupt weights
-            raise SearchError(str(e)) from None
+            try:
+                model, processor = load_checkpoint(local, map_location=device)
+            except (FileNotFoundError, ValueError) as e:  # incl. CheckpointError: missing or corrupt weights
+                raise SearchError(str(e)) from None
         loaded = model_id(model)
         if loaded != table_model:  # the weights changed on disk after the manifest was written
             raise CheckpointMismatchError(f"checkpoint {ckpt} declares model_id {have} but its weights hash to "

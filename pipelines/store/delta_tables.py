@@ -185,6 +185,15 @@ class Tables:
             return DeltaTable.create(uri, schema, configuration=config,
                                      storage_options=self.storage_options or None)
         have = [f.name for f in table.schema().fields]
+        added = schema.names[len(have):]
+        if have == schema.names[: len(have)] and added and all(schema.field(n).nullable for n in added):
+            # A table written before nullable trailing columns were added to its schema
+            # (queries' image): gain them in place; old rows read as null.
+            from deltalake.schema import Schema as DeltaSchema
+
+            logger.info("adding columns %s to Delta table %s", added, uri)
+            table.alter.add_columns(DeltaSchema.from_arrow(pa.schema([schema.field(n) for n in added])).fields)
+            return self.open(uri)
         if have != schema.names:
             raise ValueError(
                 f"Delta table {uri} has columns {have}, this ingest writes {schema.names}; "

@@ -161,6 +161,10 @@ QUERIES_SCHEMA = pa.schema(
         pa.field(RECORD_REF, pa.string(), nullable=False),
         pa.field(RUN_ID, pa.string(), nullable=False),
         pa.field(INGESTED_AT, pa.timestamp("us", tz="UTC"), nullable=False),
+        # The query's picture, normalised like a document image (a composed query's reference
+        # image); null for a text query. Last, and nullable: a table written before it existed
+        # reads as it is and gains the column on its next ingest (``Tables.ensure``).
+        pa.field(IMAGE, pa.binary()),
     ]
 )
 

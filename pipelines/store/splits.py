@@ -37,8 +37,10 @@ class Split:
 
     Attributes:
         name: the split's name.
-        queries: ``qid``, ``query`` and ``metadata`` (the JSON object ingest stored, ``{}``
-            when absent or malformed) per query, ordered by qid.
+        queries: ``qid``, ``query``, ``metadata`` (the JSON object ingest stored, ``{}``
+            when absent or malformed) and ``image`` (the query's normalised picture bytes,
+            ``None`` for a text query and for every query of a table written before the
+            column existed) per query, ordered by qid.
         qrels: qid → doc_id → relevance, for the split's own queries (judgments of other
             qids are dropped with a warning); a query without judgments has no key.
     """
@@ -53,11 +55,19 @@ class Split:
 
     def training_queries(self) -> list[dict[str, Any]]:
         """What training, mining and the re-index gate take, in qid order: ``qid``,
-        ``query``, ``positive_doc_ids`` (sorted), ``kind`` (metadata's, else ``"all"``) and
-        ``target_doc_id`` (metadata's, else ``None``: WebQA and EDIS name none)."""
-        return [{"qid": q[S.QID], "query": q[S.QUERY], "positive_doc_ids": self.positives(q[S.QID]),
-                 "kind": str(q["metadata"].get("kind", "all")), "target_doc_id": q["metadata"].get("target_doc_id")}
-                for q in self.queries]
+        ``query``, ``positive_doc_ids`` (sorted), ``kind`` (metadata's, else ``"all"``),
+        ``target_doc_id`` (metadata's, else ``None``: WebQA and EDIS name none); a query that
+        carries a picture also has ``image`` (its bytes) and ``near_miss_doc_ids``
+        (metadata's, else ``[]``: a composed query's documents that match its image but not
+        its change)."""
+        out = []
+        for q in self.queries:
+            row = {"qid": q[S.QID], "query": q[S.QUERY], "positive_doc_ids": self.positives(q[S.QID]),
+                   "kind": str(q["metadata"].get("kind", "all")), "target_doc_id": q["metadata"].get("target_doc_id")}
+            if q.get(S.IMAGE) is not None:
+                row.update(image=q[S.IMAGE], near_miss_doc_ids=_id_list(q["metadata"].get("near_miss_doc_ids")))
+            out.append(row)
+        return out
 
 
 def splits_under(tables: Tables) -> list[str]:
@@ -72,6 +82,10 @@ def splits_under(tables: Tables) -> list[str]:
     except Exception:  # only used to make an error message more helpful
         return []
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def _id_list(value: Any) -> list[str]:
+    return [str(v) for v in value if isinstance(v, (str, int))] if isinstance(value, list) else []
 
 
 def _metadata(text: str | None) -> dict[str, Any]:
@@ -94,7 +108,10 @@ def read_split(tables: Tables, split: str) -> Split:
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        qt = tables.read(tables.queries(split), columns=[S.QID, S.QUERY, S.METADATA])
+        uri = tables.queries(split)
+        # A table written before queries carried pictures has no image column: all null.
+        have = set(tables.dataset(uri).schema.names)
+        qt = tables.read(uri, columns=[S.QID, S.QUERY, S.METADATA, *([S.IMAGE] if S.IMAGE in have else [])])
     except TableNotFoundError:
         have = splits_under(tables)
         there = f"splits there: {', '.join(have)}" if have else "no split there at all"
@@ -109,8 +126,10 @@ def read_split(tables: Tables, split: str) -> Split:
     except TableNotFoundError:
         rt = pa.table({S.QID: pa.array([], pa.string()), S.DOC_ID: pa.array([], pa.string()),
                        S.RELEVANCE: pa.array([], pa.int32())})
-    queries = sorted(({S.QID: qid, S.QUERY: text, "metadata": _metadata(meta)}
-                      for qid, text, meta in zip(*(qt[c].to_pylist() for c in (S.QID, S.QUERY, S.METADATA)))),
+    images = qt[S.IMAGE].to_pylist() if S.IMAGE in qt.column_names else [None] * qt.num_rows
+    queries = sorted(({S.QID: qid, S.QUERY: text, "metadata": _metadata(meta), S.IMAGE: image}
+                      for qid, text, meta, image in zip(*(qt[c].to_pylist() for c in (S.QID, S.QUERY, S.METADATA)),
+                                                         images)),
                      key=lambda q: q[S.QID])
     qids = {q[S.QID] for q in queries}
     qrels: dict[str, dict[str, int]] = {}

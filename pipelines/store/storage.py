@@ -14,9 +14,11 @@ shows the value it was given.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import posixpath
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 from urllib.parse import urlparse
@@ -343,3 +345,39 @@ def read_bytes(uri: str, storage_options: dict[str, str] | None = None) -> bytes
 def exists(uri: str, storage_options: dict[str, str] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+@contextlib.contextmanager
+def local_folder(uri: str, storage_options: dict[str, str] | None = None) -> Iterator[str]:
+    """A local folder holding what the folder ``uri`` holds, for code that reads files
+    (a checkpoint, a tokenizer): ``uri`` itself when it is local; for an object-store
+    prefix, a copy in a temporary folder of this process, removed on exit. Every process
+    that needs the folder (a train worker, an encoder actor on another node) copies it for
+    itself: nothing is handed over on one node's disk.
+
+    Raises:
+        FileNotFoundError: no file under ``uri``.
+    """
+    if not is_remote(uri):
+        yield uri
+        return
+    fs, base = filesystem(uri, storage_options)
+    files = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+             if f.type == pafs.FileType.File]
+    if not files:
+        raise FileNotFoundError(f"{uri} holds no file: point it at a folder written there (e.g. by `ciea train`)")
+    with tempfile.TemporaryDirectory(prefix="ciea-folder-") as tmp:
+        for f in files:
+            target = Path(tmp, posixpath.relpath(f.path, base))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f.path) as src, target.open("wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        yield tmp
+
+
+def upload_folder(local: str | Path, uri: str, storage_options: dict[str, str] | None = None) -> None:
+    """Copies the local folder ``local`` to the folder ``uri`` (files of the same names replaced)."""
+    fs, base = filesystem(uri, storage_options)
+    pafs.copy_files(str(Path(local).resolve()), base, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)

@@ -25,21 +25,26 @@ def _fs(uri: str, storage_options: dict[str, str] | None = None):
     if "://" not in uri or uri.startswith("file://"):
         path = str(Path(uri.removeprefix("file://")).resolve())
         return pafs.LocalFileSystem(), path
-    return pafs.FileSystem.from_uri(uri)
+    # The job's storage options (endpoint, region), as for its tables: pyarrow's own
+    # from_uri would ignore them and look for the bucket on AWS.
+    from pipelines.store.storage import filesystem
+
+    return filesystem(uri, storage_options)
 
 
-def checkpoint_at(storage_path: str, path: str):
+def checkpoint_at(storage_path: str, path: str, storage_options: dict[str, str] | None = None):
     """A ``ray.train.Checkpoint`` of ``path`` (as :func:`latest_checkpoint` names it) on the
     filesystem of ``storage_path``: what a re-run's workers resume from when Ray Train has
     registered no checkpoint of the run (a run killed before its controller wrote
     ``checkpoint_manager_snapshot.json``)."""
     import ray.train
 
-    fs, _ = _fs(storage_path)
+    fs, _ = _fs(storage_path, storage_options)
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict[str, Any]] | None:
+def latest_checkpoint(storage_path: str, name: str,
+                      storage_options: dict[str, str] | None = None) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint a re-run of ``name`` resumes from, and its training state, or ``None``.
 
     That is the latest checkpoint Ray Train *registered* (its
@@ -48,7 +53,7 @@ def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict[str, Any]
     from. Without a snapshot, the directory with the highest step."""
     import pyarrow.fs as pafs
 
-    fs, base = _fs(storage_path)
+    fs, base = _fs(storage_path, storage_options)
     run = f"{base.rstrip('/')}/{name}"
 
     def state_of(path: str) -> dict[str, Any] | None:

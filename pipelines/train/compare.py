@@ -51,7 +51,7 @@ from pipelines.query.evaluation import evaluate
 from pipelines.query.metrics import RetrievalReport
 from pipelines.store.documents import expect_document, row_to_document
 from pipelines.store.secrets import write_json
-from pipelines.train.config import NEW_MODULES, DrawSettingsGroup
+from pipelines.train.config import NEW_MODULES, DrawSettingsGroup, new_modules
 from pipelines.train.draws import DrawSettings
 from pipelines.train.examples import training_examples
 from pipelines.train.negatives import mine_hard_negatives, with_hard_negatives
@@ -78,6 +78,9 @@ class CorpusSettings(BaseModel):
     p_caption_states: float = Field(0.25, ge=0, lt=1, description="chance a caption states each optional attribute")
     complementary_fraction: float = Field(0.4, ge=0, le=1, description="share of 'image' queries (need the image)")
     text_query_fraction: float = Field(0.3, ge=0, le=1, description="share of 'text' queries (text-document answers)")
+    num_composed: tuple[int, int, int] = Field(
+        (0, 0, 0), description="train, dev, test composed queries (reference image + modification text), besides "
+                               "num_queries; they train as train.composed_share says and report as kind=composed")
 
 
 class CompareTrainSettings(DrawSettingsGroup):
@@ -85,7 +88,7 @@ class CompareTrainSettings(DrawSettingsGroup):
     projector, extractor, θ) learn at ``new_lr``; the pretrained LM at ``lr`` (the
     release's 5e-6 is tuned for 40 epochs, not a CPU demo)."""
 
-    warmup_epochs: int = Field(0, ge=0, description="stage 0 image–caption warm-up epochs (LM frozen); 0 skips it")
+    warmup_epochs: int = Field(0, ge=0, description="stage 0, MARVEL's visual pretraining (`ciea pretrain-vision` on the Ray path): image–caption epochs with the LM frozen, for the variants with a projector; 0 skips it")
     epochs: int = Field(5, ge=1, description="stage 1 (in-batch negatives) epochs (5: where dev MRR@10 flattens, as in `ciea demo`)")
     stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
     batch_size: int = Field(32, ge=2, description="queries per step")
@@ -294,11 +297,12 @@ def pretrained_clip_text_path(cfg: CompareConfig, maker: CorpusMaker, tokenizer_
     """``univl-dr``'s CLIP text side, pretrained once per run on the vision pretraining's
     pairs against the pretrained image encoder, locked (LiT,
     :func:`ciea_model.pretrain.pretrain_clip_text`), and cached in ``out`` beside it.
-    Returns a safetensors file of the dual encoder's ``text.*`` and
-    ``vision.model.visual_projection.*`` weights."""
+    Returns a safetensors file of the dual encoder's ``text.*`` (with an LM text side:
+    ``text.projection.*`` only, the LM locked) and ``vision.model.visual_projection.*``
+    weights."""
     settings = cfg.vision_pretrain
-    key = hashlib.blake2b(f"{vision_path.name}|{cfg.text_model}|{_tokenizer_digest(tokenizer_dir)}".encode(),
-                          digest_size=8).hexdigest()
+    key = hashlib.blake2b(f"{vision_path.name}|{cfg.preset}|{cfg.text_model}|{cfg.text_layers}|"
+                          f"{_tokenizer_digest(tokenizer_dir)}".encode(), digest_size=8).hexdigest()
     path = out / f"clip-text-pretrained-{key}.safetensors"
     if path.exists():
         logger.info("CLIP text tower: reusing %s", path)
@@ -312,15 +316,26 @@ def pretrained_clip_text_path(cfg: CompareConfig, maker: CorpusMaker, tokenizer_
         PretrainConfig(epochs=settings.epochs, batch_size=min(settings.batch_size, settings.pairs), lr=settings.lr,
                        seed=settings.seed), progress=progress,
     )
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if _is_clip_text_side(k)}
+    # What LiT trained: with an LM text side (the demo) only the two projections.
+    side = ("text.projection.",) if model.config.has_projected_lm else ("text.",)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+             if k.startswith((*side, "vision.model.visual_projection."))}
     tmp = path.with_suffix(".tmp")
     save_file(state, tmp)
     tmp.replace(path)
     return path
 
 
-def _is_clip_text_side(name: str) -> bool:
-    return name.startswith(("text.", "vision.model.visual_projection."))
+def uses_clip_text_pretraining(model: CIEAConfig) -> bool:
+    """Whether ``univl-dr``'s text side is LiT-pretrained against the pretrained image
+    encoder first (:func:`pretrained_clip_text_path`): yes for the tiny preset's random-init
+    CLIP text encoder, which has no language otherwise; no for the demo's pretrained LM plus
+    projection, which starts, as every other demo variant does, from the LM with random-init
+    projections learnt with the retriever at ``new_lr`` (the Ray path does the same).
+    Aligning the two projections first (LiT with the LM locked) was measured and not kept:
+    dev MRR@10 0.60 instead of 0.24 after 32 steps, but 0.76 instead of 0.79 at the end and
+    test MRR@10 72.59 against 71.94 (seed 1234, docs/demo-and-compare.md)."""
+    return model.is_dual_encoder and not model.has_projected_lm and model.vision.name_or_path is None
 
 
 def _train_tokenizer_once(texts: list[str], tokenizer_dir: Path) -> None:
@@ -395,15 +410,19 @@ def epoch_examples(corpus: Corpus, settings: DrawSettings,
 # ---- training -------------------------------------------------------------------------------
 def train_config(cfg: CompareConfig, epochs: int, seed: int, variant: str = "ciea") -> TrainConfig:
     t = cfg.train
-    new_modules: tuple[str, ...] = NEW_MODULES
+    fresh: tuple[str, ...] = NEW_MODULES
     if variant == "univl-dr":
-        # The dual encoder is CLIP throughout: pretrained (both towers, when the vision
-        # pretraining runs) learns at lr, as the LM of the other variants does.
-        new_modules = ("logit_scale",) if cfg.vision_pretrain.pairs else ("text.", "vision.", "logit_scale")
+        # Pretrained parts (the demo's LM, the pretrained vision encoder; the tiny preset's
+        # LiT-pretrained CLIP text side) learn at lr, as the LM of the other variants does;
+        # random-init projections at new_lr, as their projector does.
+        model = model_config(cfg, variant, Path(cfg.output_dir) / "tokenizer")
+        pretrained = bool(cfg.vision_pretrain.pairs)
+        fresh = new_modules(model, vision_pretrained=pretrained,
+                            clip_text_pretrained=pretrained and uses_clip_text_pretraining(model))
     return TrainConfig(
         epochs=epochs, batch_size=t.batch_size, eval_every=t.eval_every, patience=t.patience,
         max_steps=t.max_steps, seed=seed,
-        optim=OptimConfig(lr=t.lr, weight_decay=t.weight_decay, module_lr={p: t.new_lr for p in new_modules}),
+        optim=OptimConfig(lr=t.lr, weight_decay=t.weight_decay, module_lr={p: t.new_lr for p in fresh}),
     )
 
 
@@ -453,7 +472,7 @@ def train_variant(cfg: CompareConfig, variant: str, seed: int, corpus: Corpus,
     def dev_mrr(m: CIEAModel) -> float:
         return evaluate(m, processor, corpus.documents, corpus.queries["dev"]).value("MRR@10")
 
-    if cfg.train.warmup_epochs:
+    if cfg.train.warmup_epochs and not model.config.is_dual_encoder:  # MARVEL's stage 0: variants with a projector
         warmup = dataclasses.replace(train_config(cfg, cfg.train.warmup_epochs, seed, variant), batch_size=64)
         warmup_vision(model, processor, corpus.documents, warmup, progress=True)
     stage1 = Trainer(model, processor, train_config(cfg, cfg.train.epochs, seed, variant), evaluate=dev_mrr,
@@ -479,6 +498,9 @@ def summarise(runs: dict[str, list[RetrievalReport]], metrics: list[str], groups
         row = [variant]
         for m in metrics:
             for g in groups:
+                if g != "all" and any(g not in r.by_group for r in reports):
+                    row.append("-")  # e.g. the composed baselines of a text-only model
+                    continue
                 vals = [100 * r.value(m, g) for r in reports]
                 cell = f"{statistics.fmean(vals):.2f}"
                 if len(vals) > 1:
@@ -518,19 +540,24 @@ def run(cfg: CompareConfig, maker: CorpusMaker) -> CompareResult:
         v != "text-only" for v in cfg.variants) else None
     vision_state = None if vision_path is None else load_file(vision_path)
     clip_text_state = None
-    if vision_path is not None and "univl-dr" in cfg.variants:
+    if (vision_path is not None and "univl-dr" in cfg.variants
+            and uses_clip_text_pretraining(model_config(cfg, "univl-dr", corpus.tokenizer_dir))):
         clip_text_state = load_file(pretrained_clip_text_path(cfg, maker, corpus.tokenizer_dir, out, vision_path))
     reports: dict[str, list[RetrievalReport]] = {}
     records = []
     for variant in cfg.variants:
         for seed in cfg.seeds:
             model, processor, fits = train_variant(cfg, variant, seed, corpus, vision_state, clip_text_state)
-            report = evaluate(model, processor, corpus.documents, corpus.queries["test"])
+            report = evaluate(model, processor, corpus.documents, corpus.queries["test"], composed_baselines=True)
             reports.setdefault(variant, []).append(report)
             records.append(_run_record(variant, seed, fits, report))
             if cfg.save_checkpoint and variant == "ciea" and seed == cfg.seeds[0]:
                 save_checkpoint(model, processor, out / "checkpoint-ciea",
                                 metadata={"dev_mrr10": max(f.best_score for f in fits)})
-    table = summarise(reports, ["MRR@10", "NDCG@10", "Recall@10"], ["all", "caption", "image", "text"])
+    groups = ["all", "caption", "image", "text"]
+    if any("composed" in r.by_group for rs in reports.values() for r in rs):
+        # Composed queries (corpus.num_composed) and their baselines side by side.
+        groups += ["composed", *(f"composed={e}" for e in ("image-only", "text-only", "late-fusion"))]
+    table = summarise(reports, ["MRR@10", "NDCG@10", "Recall@10"], groups)
     write_json(out / "results.json", {"config": cfg.model_dump(), "runs": records, "table": table})
     return CompareResult(reports, records, table, len(corpus.queries["test"]), time.perf_counter() - t_start)

@@ -36,6 +36,39 @@ Variant = Literal["ciea", "text-only", "marvel", "ciea-no-cie", "ciea-no-comp", 
 NEW_MODULES = ("vision.", "projector.", "extractor.", "logit_scale")
 
 
+def new_modules(model: Any, vision_pretrained: bool, clip_text_pretrained: bool = False) -> tuple[str, ...]:
+    """The parameter prefixes learnt at ``new_lr`` for a model config (a ``CIEAConfig``):
+    :data:`NEW_MODULES` for the LM variants; for ``univl-dr`` whichever of its parts start
+    from random weights, so that it learns at the same rates as the others (a pretrained
+    LM or encoder at ``lr``, a random-init projection at ``new_lr``).
+
+    Args:
+        model: the ``CIEAConfig``.
+        vision_pretrained: the vision encoder starts from pretrained weights (the demo's
+            stand-in CLIP, ``model.vision_state``).
+        clip_text_pretrained: ``univl-dr``'s random-init text side and image projection
+            were pretrained together (LiT in ``ciea compare``: the tiny preset's CLIP text
+            encoder, which then learns at ``lr``; the demo's LM projection, which does not).
+    """
+    if not model.is_dual_encoder:
+        return NEW_MODULES
+    real_clip = model.vision.name_or_path is not None  # the paper preset: all of CLIP pretrained
+    projected_lm = model.text.projection_dim is not None
+    out = ["logit_scale"]
+    if projected_lm:
+        # The LM is pretrained; its projection learns as the others' projector does (at
+        # new_lr, whether or not LiT aligned it first: its scale against the image
+        # vector's, which the raw sum of the release weighs by, is still to be learnt).
+        out.append("text.projection.")
+    elif not (real_clip or clip_text_pretrained):
+        out.append("text.")
+    if not (real_clip or vision_pretrained):
+        out.append("vision.")
+    elif not real_clip and (projected_lm or not clip_text_pretrained):
+        out.append("vision.model.visual_projection.")  # the stand-in's pretraining leaves it random
+    return tuple(out)
+
+
 # ---- the job -------------------------------------------------------------------------------
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -78,10 +111,11 @@ class DrawSettingsGroup(BaseModel):
     redraw_each_epoch: bool = Field(True, description="stage 2: draw the hard negatives again every epoch (the release); false: once for the run")
     random_positive: bool = Field(True, description="a query with several positives of the kind it trains with (image, else text) trains with one picked at random every epoch (the release); false: always the first")
     comp_captions: Literal["all", "trained"] = Field("all", description="q_comp removes the tokens of every image positive's caption (all: the release) or of the trained positive's only (trained)")
+    composed_share: float = Field(1.0, ge=0, le=1, description="share of the split's composed queries (reference image + modification text; encoded as an image document is) that join the ordinary queries in training: 1 all, 0 none; their hard negatives are the reference document and another document that matches the picture but not the change")
 
 
 class TrainSettings(DrawSettingsGroup):
-    stage: Literal[1, 2] = Field(1, description="1: in-batch negatives; 2: + mined modality-balanced hard negatives")
+    stage: Literal[0, 1, 2] = Field(1, description="0: MARVEL's visual pretraining (`ciea pretrain-vision`: image–caption alignment of the projector and, unless frozen, the vision tower, with the LM frozen); 1: in-batch negatives; 2: + mined modality-balanced hard negatives")
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=2, description="queries per optimiser step, over all workers")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step on each worker")
@@ -98,7 +132,9 @@ class TrainSettings(DrawSettingsGroup):
     comp_loss: bool = Field(True, description="train with L_comp (false: L_c alone, in both stages)")
     comp_loss_in_stage2: bool = Field(True, description="stage 2 keeps L_comp (project default); false: stage 2 trains with L_c alone (the release)")
     negatives: str | None = Field(None, description="stage 2: Delta table written by `ciea mine-negatives`")
-    init_from: str | None = Field(None, description="checkpoint directory whose weights start training (stage 2: the stage-1 model)")
+    init_from: str | None = Field(None, description="checkpoint directory whose weights start training (stage 1: the stage-0 model of `ciea pretrain-vision`; stage 2: the stage-1 model)")
+    visual_pretraining: Literal["require", "skip"] = Field(
+        "skip", description="require: stage 1 must start (train.init_from) from a `ciea pretrain-vision` model, as the release starts from MARVEL's pretrained visual module (the paper preset); skip: stage 1 may start from the raw vision tower and a random projector")
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps as well as at every epoch end")
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU); false: fp32 (the release). The extractor's w is fp32 either way")
     log_every: int = Field(10, ge=1, description="log a progress line every N steps")
@@ -108,7 +144,7 @@ class TrainSettings(DrawSettingsGroup):
     def _check(self) -> TrainSettings:
         if self.stage == 2 and not self.negatives:
             raise ValueError("train.stage=2 needs train.negatives: the Delta table from `ciea mine-negatives --output ...`")
-        if self.stage == 1 and self.negatives:
+        if self.stage != 2 and self.negatives:
             raise ValueError("train.negatives is only read in stage 2: set train.stage=2 or drop train.negatives")
         return self
 
@@ -119,8 +155,9 @@ class TrainSettings(DrawSettingsGroup):
 
     @property
     def trains_comp_loss(self) -> bool:
-        """Whether this stage trains with L_comp (``comp_loss``, and ``comp_loss_in_stage2`` in stage 2)."""
-        return self.comp_loss and (self.stage == 1 or self.comp_loss_in_stage2)
+        """Whether this stage trains with L_comp (``comp_loss``, and ``comp_loss_in_stage2`` in
+        stage 2; never in stage 0, which aligns images with captions only)."""
+        return self.comp_loss and (self.stage == 1 or (self.stage == 2 and self.comp_loss_in_stage2))
 
 
 class ScalingSettings(BaseModel):
@@ -129,6 +166,9 @@ class ScalingSettings(BaseModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="0.5 on a 2-CPU machine: Ray Data tasks need a CPU beside the workers")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the worker group's placement group lays workers on nodes (Ray's "
+                            "ScalingConfig.placement_strategy): SPREAD / STRICT_SPREAD put one worker per node")
 
 
 class RunSettings(BaseModel):
@@ -180,7 +220,23 @@ class TrainJobConfig(StorageOptionsConfig):
             raise ValueError("model.text_model is for the demo preset; the tiny preset builds a random 2-layer T5")
         if self.preset != "paper" and self.model.vision_model:
             raise ValueError("model.vision_model is for the paper preset; tiny and demo build a small random CLIP")
+        if self.train.stage == 0 and self.model.variant in ("text-only", "univl-dr"):
+            raise ValueError(f"train.stage=0 (visual pretraining) aligns the projected patches with the LM: the "
+                             f"{self.model.variant} variant has none; pretrain with model.variant=ciea (or marvel) "
+                             "and start any variant with a projector from it")
         return self
+
+    def missing_visual_pretraining(self) -> str | None:
+        """Why this run may not start (``train.visual_pretraining=require``: a stage 1 of a
+        variant with a projector without ``train.init_from``), or ``None``. Checked when a
+        run starts, not when a config is read: a preset's defaults are a valid config."""
+        if (self.train.stage == 1 and self.train.visual_pretraining == "require" and not self.train.init_from
+                and self.model.variant not in ("text-only", "univl-dr")):
+            return ("the release starts stage 1 from MARVEL's pretrained visual module (train.visual_pretraining="
+                    "require): run `ciea pretrain-vision` with the same preset and --root, then pass "
+                    "--set train.init_from=<its storage_path>/<name>/model; or --set train.visual_pretraining=skip "
+                    "to start from the raw vision tower and a random projector")
+        return None
 
     def tables(self) -> Tables:
         """The Delta handle of ``data.root`` with the storage options (made once per run)."""
@@ -243,8 +299,9 @@ def resume_identity(cfg: TrainJobConfig, model_config: dict[str, Any]) -> dict[s
     job = json.loads(cfg.model_dump_json())
     flat = {k: v for k, v in _flatten(job).items()
             if k.split(".")[0] not in _RUNTIME_ONLY and k not in _RUNTIME_ONLY}
-    if cfg.train.stage == 1:  # stage 1 trains alike either way
+    if cfg.train.stage != 2:  # stages 0 and 1 train alike either way
         flat.pop("train.comp_loss_in_stage2", None)
+    flat.pop("train.visual_pretraining", None)  # a check before training, not what is trained
     flat.update({f"model_config.{k}": v for k, v in _flatten(model_config).items()})
     # Through JSON once, as the checkpoint stores it (tuples become lists).
     return json.loads(json.dumps(flat, sort_keys=True, default=str))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,17 @@ class MetricsLog:
     """JSON lines written by rank 0 beside the checkpoints (and copied into each)."""
 
     def __init__(self, path: Path | None) -> None:
-        self.path = path or Path(tempfile.mkdtemp(prefix="ciea-metrics-")) / METRICS_FILE
+        # No local run folder (object storage, or a rank other than 0): a temporary one, whose
+        # log reaches the run only through the checkpoints; :meth:`close` removes it.
+        self._owned = None if path else tempfile.mkdtemp(prefix="ciea-metrics-")
+        self.path = path or Path(self._owned) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Removes the temporary folder of a log without a local path (nothing else)."""
+        if self._owned:
+            shutil.rmtree(self._owned, ignore_errors=True)
+            self._owned = None
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

@@ -67,6 +67,8 @@ from pipelines.train.draws import (
     MODALITY_ORDER,
     DrawSettings,
     choose_positive,
+    composed_mixture,
+    draw_composed_negatives,
     draw_negatives,
     visit_order,
 )
@@ -88,7 +90,11 @@ RELEVANT_IDS = "relevant_ids"
 #: documents whose captions q_comp removes, and (stage 2) its mined lists.
 CANDIDATES, FALLBACK, CAPTION_IDS = "candidate_ids", "fallback_id", "caption_ids"
 MINED = {"image": "mined_image", "text": "mined_text"}
-LIST_ID_COLUMNS = (CANDIDATES, CAPTION_IDS, *MINED.values())
+#: Plan and row columns of composed queries (present only when some query carries a
+#: picture): the picture's bytes, and the documents that match it but not the change
+#: (the reference first), from which their hard negatives are drawn in every stage.
+QUERY_IMAGE, NEAR_MISSES = "query_image", "near_miss_ids"
+LIST_ID_COLUMNS = (CANDIDATES, CAPTION_IDS, *MINED.values(), NEAR_MISSES)
 #: Row columns: the worker that trains the row, its epoch and its place in that epoch
 #: (``slots``: a plan row's places in every epoch), and the captions q_comp removes.
 SHARD, EPOCH, SLOT, SLOTS = "shard", "epoch", "slot", "slots"
@@ -189,6 +195,9 @@ def plan_examples(
     cols: dict[str, list[Any]] = {c: [] for c in (S.QID, S.QUERY, RELEVANT_IDS, CANDIDATES, FALLBACK, CAPTION_IDS)}
     if mined is not None:
         cols.update({MINED[m]: [] for m in MODALITY_ORDER})
+    composed = any(q.get("image") is not None for q in queries)
+    if composed:
+        cols.update({QUERY_IMAGE: [], NEAR_MISSES: []})
     skipped = with_negatives = 0
     for q in queries:
         candidates, fallback, caption_ids = positive_candidates(q, modalities, comp_captions)
@@ -203,7 +212,10 @@ def plan_examples(
             for m in MODALITY_ORDER:
                 cols[MINED[m]].append(list(lists.get(m, ()))[:depth])
             with_negatives += any(lists.get(m) for m in MODALITY_ORDER)
-    types = {S.QID: pa.string(), S.QUERY: pa.string(), FALLBACK: pa.string()}
+        if composed:
+            cols[QUERY_IMAGE].append(q.get("image"))
+            cols[NEAR_MISSES].append(list(q.get("near_miss_doc_ids") or ()) if q.get("image") is not None else [])
+    types = {S.QID: pa.string(), S.QUERY: pa.string(), FALLBACK: pa.string(), QUERY_IMAGE: pa.binary()}
     table = pa.table({c: pa.array(v, types.get(c, pa.list_(pa.string()))) for c, v in cols.items()})
     counts = {"used": table.num_rows, "skipped_no_positive": skipped}
     if mined is not None:
@@ -230,9 +242,11 @@ def expand_epochs(rows: pa.Table, epochs: Sequence[int], settings: DrawSettings,
     on the cluster (:class:`_ExpandEpochs`) and in the unit tests alike. Worker ``r`` of
     ``num_shards`` trains the rows with ``shard == r``: slots ``r, r + num_shards, …``.
     """
-    staged = NEG_SLOTS if MINED["image"] in rows.column_names else ()
+    staged = NEG_SLOTS if MINED["image"] in rows.column_names or NEAR_MISSES in rows.column_names else ()
+    composed = QUERY_IMAGE in rows.column_names
     out: dict[str, list[Any]] = {c: [] for c in (SHARD, EPOCH, SLOT, S.QID, S.QUERY, RELEVANT_IDS,
-                                                 f"{POS}_id", *(f"{s}_id" for s in staged))}
+                                                 f"{POS}_id", *(f"{s}_id" for s in staged),
+                                                 *((QUERY_IMAGE,) if composed else ()))}
     for row in rows.to_pylist():
         qid = row[S.QID]
         for epoch, slot in zip(epochs, row[SLOTS]):
@@ -243,13 +257,19 @@ def expand_epochs(rows: pa.Table, epochs: Sequence[int], settings: DrawSettings,
             for c in (S.QID, S.QUERY, RELEVANT_IDS):
                 out[c].append(row[c])
             out[f"{POS}_id"].append(positive)
+            if composed:
+                out[QUERY_IMAGE].append(row[QUERY_IMAGE])
             if staged:
-                mined = {m: row[MINED[m]] for m in MODALITY_ORDER}
-                picks = draw_negatives(qid, mined, {*row[RELEVANT_IDS], positive}, settings, epoch)
+                mined = {m: row[MINED[m]] for m in MODALITY_ORDER} if MINED["image"] in row else None
+                if composed and row[QUERY_IMAGE] is not None:
+                    picks = draw_composed_negatives(qid, row[NEAR_MISSES] or (), mined,
+                                                    {*row[RELEVANT_IDS], positive}, settings, epoch)
+                else:
+                    picks = draw_negatives(qid, mined, {*row[RELEVANT_IDS], positive}, settings, epoch)
                 for i, s in enumerate(staged):
                     out[f"{s}_id"].append(picks[i] if len(picks) > i else None)
     types = {SHARD: pa.int64(), EPOCH: pa.int64(), SLOT: pa.int64(), S.QID: pa.string(), S.QUERY: pa.string(),
-             RELEVANT_IDS: pa.list_(pa.string())}
+             RELEVANT_IDS: pa.list_(pa.string()), QUERY_IMAGE: pa.binary()}
     return pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in out.items()})
 
 
@@ -335,7 +355,8 @@ def epoch_dataset(plan: ExamplePlan, docs, epochs: Sequence[int], settings: Draw
     rows = with_visit_order(plan, epochs, settings.seed)
     ds = ray.data.from_arrow(rows).map_batches(
         _ExpandEpochs(epochs, settings, num_shards), batch_format="pyarrow", batch_size=max(1, 4096 // len(epochs)))
-    slots = (POS, *NEG_SLOTS) if MINED["image"] in plan.rows.column_names else (POS,)
+    names = plan.rows.column_names
+    slots = (POS, *NEG_SLOTS) if MINED["image"] in names or NEAR_MISSES in names else (POS,)
     docs = docs.select_columns(list(DOC_COLUMNS)).materialize()
     if broadcast_mb > 0 and docs.size_bytes() <= broadcast_mb * 2**20:
         captions = None
@@ -358,26 +379,55 @@ def shard_name(rank: int) -> str:
     return f"train-{rank}"
 
 
+def captioned_image_ids(batch: pa.Table) -> pa.Table:
+    """``map_batches``: the ``doc_id`` of every image document with a non-blank caption."""
+    batch = S.plain_types(batch)
+    caption = pc.utf8_trim_whitespace(pc.fill_null(batch.column(S.CAPTION), ""))
+    keep = pc.and_(pc.equal(pc.fill_null(batch.column(S.MODALITY), ""), "image"),
+                   pc.greater(pc.utf8_length(caption), 0))
+    return pa.table({S.DOC_ID: batch.filter(keep).column(S.DOC_ID)})
+
+
+def caption_pairs(tables: Tables, version: int | None = None, max_pairs: int | None = None) -> list[dict[str, Any]]:
+    """Stage 0's examples (MARVEL's visual pretraining): every image document with a
+    caption, as a query-shaped record whose positive is the document itself (``query`` is
+    left empty: the caption is joined with the document on the cluster, never read here).
+    The ids are found by Ray Data tasks; only they reach the driver, in id order."""
+    ds = read_documents(tables, version, columns=(S.DOC_ID, S.MODALITY, S.CAPTION))
+    ids: list[str] = []
+    for batch in ds.map_batches(captioned_image_ids, batch_format="pyarrow").iter_batches(batch_format="pyarrow"):
+        ids += batch.column(S.DOC_ID).to_pylist()
+    ids = sorted(ids)[:max_pairs]
+    return [{"qid": d, "query": "", "positive_doc_ids": [d], "target_doc_id": d} for d in ids]
+
+
 def build_train_shards(
     tables: Tables, split: str, *,
     epochs: Sequence[int], num_shards: int, settings: DrawSettings | None = None, version: int | None = None,
     mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None, max_queries: int | None = None,
-    num_partitions: int = 2, broadcast_mb: float = 64,
+    num_partitions: int = 2, broadcast_mb: float = 64, queries: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The training rows of ``split`` for ``epochs``, materialised in the object store (not
     the driver) and cut into one dataset per worker (:func:`shard_name`), each in epoch
     order. Returns them and the counts (``rows``: rows per epoch).
+
+    ``queries``: the examples to train on instead of ``split``'s queries (stage 0's
+    :func:`caption_pairs`).
 
     Raises:
         ValueError: no query, or none with a positive in the corpus.
     """
     settings = settings or DrawSettings()
     epochs = list(epochs)
-    queries = read_queries(tables, split)
-    if max_queries is not None:
-        queries = queries[:max_queries]
-    if not queries:
-        raise ValueError(f"queries/{split} under {tables.root} is empty: ingest queries for split {split!r} first")
+    if queries is None:
+        queries = composed_mixture(read_queries(tables, split), settings.composed_share, settings.seed)
+        if max_queries is not None:
+            queries = queries[:max_queries]
+        if not queries:
+            raise ValueError(f"queries/{split} under {tables.root} is empty: ingest queries for split {split!r} first")
+    elif not queries:
+        raise ValueError(f"{tables.documents} holds no image document with a caption: visual pretraining "
+                         "(stage 0) aligns images with their captions; ingest some first")
     # doc_id → modality (ids only) of every target and of the positives of queries without
     # one (among which the per-epoch choice is made): a positive known to exist, so the
     # inner join drops no row and the shards stay even.
@@ -545,5 +595,6 @@ def rows_to_examples(batch: pa.Table | Mapping[str, Sequence[Any]], storage_opti
         out.append(TrainExample(
             qid=str(row["qid"]), query=str(row[S.QUERY]), positive=pos, negatives=negatives,
             relevant_ids=frozenset(row[RELEVANT_IDS] or ()), positive_captions=captions,
+            query_image=row.get(QUERY_IMAGE),
         ))
     return out

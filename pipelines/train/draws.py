@@ -26,7 +26,7 @@ import numpy as np
 MODALITY_ORDER = ("image", "text")
 # Independent random streams per (seed, epoch, qid): switching one choice on or off leaves
 # the others' draws unchanged.
-_POSITIVE, _NEGATIVES = 1, 2
+_POSITIVE, _NEGATIVES, _NEAR_MISSES, _MIXTURE = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class DrawSettings:
         comp_captions: whose captions ``q_comp`` removes: ``"all"``, every image
             positive's (the release); ``"trained"``, only the caption of the positive the
             query trains with that epoch (the project before 2026-12-06).
+        composed_share: the share of the split's composed queries (those that carry a
+            picture) that join the training mixture (:func:`composed_mixture`): 1 all of
+            them, 0 none.
     """
 
     seed: int = 0
@@ -52,6 +55,7 @@ class DrawSettings:
     redraw_each_epoch: bool = True
     random_positive: bool = True
     comp_captions: Literal["all", "trained"] = "all"
+    composed_share: float = 1.0
 
     @classmethod
     def from_train(cls, train, seed: int | None = None) -> DrawSettings:
@@ -59,7 +63,7 @@ class DrawSettings:
         ``ciea train``'s and ``ciea compare``'s), with the run's seed (default ``train.seed``)."""
         return cls(seed=train.seed if seed is None else seed, depth=train.negative_depth,
                    redraw_each_epoch=train.redraw_each_epoch, random_positive=train.random_positive,
-                   comp_captions=train.comp_captions)
+                   comp_captions=train.comp_captions, composed_share=getattr(train, "composed_share", 1.0))
 
 
 def _key(qid: str) -> int:
@@ -108,6 +112,42 @@ def draw_negatives(qid: str, mined: Mapping[str, Sequence[str]] | None, exclude:
         if pool:
             picks.append(pool[int(rng.integers(len(pool)))])
     return picks
+
+
+def draw_composed_negatives(qid: str, near_misses: Sequence[str], mined: Mapping[str, Sequence[str]] | None,
+                            exclude: Collection[str], settings: DrawSettings, epoch: int) -> list[str]:
+    """A composed query's two hard negatives in ``epoch``: its reference document (the first
+    near miss: the picture it asks with, unchanged) and one drawn uniformly from the other
+    documents that match the picture but not the change; when there is no other, one of
+    :func:`draw_negatives` from ``mined`` (stage 2), else just the reference.
+
+    Args:
+        near_misses: the query's near misses, reference first
+            (``generate_composed_queries``' ``near_miss_doc_ids``).
+        exclude: the query's positives and the positive it trains with.
+    """
+    near = [d for d in dict.fromkeys(near_misses) if d not in exclude]
+    picks, rest = near[:1], near[1:]
+    if rest:
+        rng = query_rng(settings.seed, epoch if settings.redraw_each_epoch else 0, qid, _NEAR_MISSES)
+        picks.append(rest[int(rng.integers(len(rest)))])
+    elif mined:
+        picks += draw_negatives(qid, mined, {*exclude, *picks}, settings, epoch)[: 2 - len(picks)]
+    return picks
+
+
+def composed_mixture(queries: Sequence[Mapping], share: float, seed: int) -> list:
+    """The training queries with ``share`` of the composed ones (those carrying an ``image``):
+    all of the other queries, and ``round(share * n)`` of the ``n`` composed ones, chosen by
+    a seeded hash of their qid (the same on both training paths), in the input order."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"composed_share={share!r} is not in [0, 1]: it is the share of the composed queries "
+                         "that train (1 all, 0 none)")
+    composed = [q["qid"] for q in queries if q.get("image") is not None]
+    if share >= 1.0 or not composed:
+        return list(queries)
+    keep = set(sorted(composed, key=lambda qid: query_rng(seed, 0, qid, _MIXTURE).random())[: round(share * len(composed))])
+    return [q for q in queries if q.get("image") is None or q["qid"] in keep]
 
 
 def visit_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -61,10 +61,18 @@ class Plan:
 
 
 def tokenizer_dir(cfg: TrainJobConfig) -> str | None:
-    """The tiny preset's tokenizer folder (given, or trained into the run directory)."""
+    """The tiny preset's tokenizer folder (given, or trained into the run directory; with an
+    object-store ``run.storage_path``, into ``<storage_path>/<name>/tokenizer`` there, where
+    every worker, on whichever node, reads it)."""
     if cfg.preset != "tiny":
         return None
-    return cfg.model.tokenizer or str((cfg.run_dir / "tokenizer").resolve())
+    if cfg.model.tokenizer:
+        return cfg.model.tokenizer
+    if cfg.is_remote_storage:
+        from pipelines.store.storage import join
+
+        return join(cfg.run.storage_path, cfg.run.name, "tokenizer")
+    return str((cfg.run_dir / "tokenizer").resolve())
 
 
 def validate(cfg: TrainJobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -78,6 +86,9 @@ def validate(cfg: TrainJobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from ciea_model import ConfigError
     from ciea_model.hub import ModelUnavailableError, locate_models
 
+    missing = cfg.missing_visual_pretraining()
+    if missing:
+        raise SetupError(f"invalid config: {missing}")
     try:
         model_config = model_config_for(cfg, tokenizer_dir(cfg))
     except (ConfigError, ValueError) as e:
@@ -93,8 +104,11 @@ def validate(cfg: TrainJobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.train.init_from:
         from ciea_model.checkpoint import read_manifest
 
-        saved = read_manifest(cfg.train.init_from)["config"]
-        for part in ("variant", "extractor"):
+        manifest = read_manifest(cfg.train.init_from)
+        saved = manifest["config"]
+        # A stage-0 model (`ciea pretrain-vision`) hands over its visual module only: any
+        # variant with a projector starts from it (its shapes are checked as it loads).
+        for part in () if visual_only_init(cfg, manifest) else ("variant", "extractor"):
             if saved.get(part) != model_cfg.get(part):
                 raise SetupError(f"invalid config: train.init_from={cfg.train.init_from!r} holds a "
                                  f"{part}={saved.get(part)!r} model, but this job builds {part}={model_cfg.get(part)!r}")
@@ -102,6 +116,19 @@ def validate(cfg: TrainJobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise SetupError("invalid config: debug.fail_at_step needs a local run.storage_path (its marker file)")
     _check_root(cfg.data.root)
     return model_cfg, resume_identity(cfg, model_cfg)
+
+
+def visual_only_init(cfg: TrainJobConfig, manifest: dict[str, Any] | None = None) -> bool:
+    """Whether ``train.init_from`` is a stage-0 model that a later stage starts from: then
+    only its visual module (vision tower and projector) is loaded
+    (:func:`ciea_model.checkpoint.load_visual_module`)."""
+    if not cfg.train.init_from or cfg.train.stage == 0:
+        return False
+    if manifest is None:
+        from ciea_model.checkpoint import read_manifest
+
+        manifest = read_manifest(cfg.train.init_from)
+    return manifest.get("metadata", {}).get("stage") == 0
 
 
 def _check_root(root: str) -> None:
@@ -122,7 +149,7 @@ def _check_root(root: str) -> None:
 def check_resume(cfg: TrainJobConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The latest checkpoint's state when the run exists; refuses a mismatching one
     (:class:`~pipelines.train.config.CheckpointMismatchError`)."""
-    found = latest_checkpoint(cfg.run.storage_path, cfg.run.name)
+    found = latest_checkpoint(cfg.run.storage_path, cfg.run.name, cfg.storage_options)
     if found is None:
         return None
     path, state = found
@@ -144,14 +171,25 @@ def check(cfg: TrainJobConfig) -> Plan:
     return Plan(model_cfg, identity, resume)
 
 
-def train_tokenizer(cfg: TrainJobConfig, path: Path) -> None:
+def train_tokenizer(cfg: TrainJobConfig, path: Path | str) -> None:
     """Tiny preset: a WordPiece tokenizer trained on the corpus texts and training queries,
     streamed from Ray Data (never collected). Kept in the run directory, so a resumed run
     uses the very same vocabulary (the trainer breaks ties in hash-map order)."""
     from ciea_model.tokenizer import train_wordpiece_tokenizer
     from pipelines.store import schema as S
+    from pipelines.store import storage
     from pipelines.train.dataset import read_documents, read_queries
 
+    if storage.is_remote(str(path)):  # trained here, kept on the run's storage only
+        if storage.exists(storage.join(str(path), "tokenizer_config.json"), cfg.storage_options):
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ciea-tokenizer-") as tmp:
+            train_tokenizer(cfg, Path(tmp))
+            storage.upload_folder(tmp, str(path), cfg.storage_options)
+        return
+    path = Path(path)
     if (path / "tokenizer_config.json").exists():
         return
 
@@ -180,7 +218,12 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
         SetupError: a split is missing or empty, or the dev split has no query with a positive.
     """
     from pipelines.store.splits import EmptySplit, SplitNotFound
-    from pipelines.train.dataset import build_train_shards, dev_documents_dataset, read_queries
+    from pipelines.train.dataset import (
+        build_train_shards,
+        caption_pairs,
+        dev_documents_dataset,
+        read_queries,
+    )
     from pipelines.train.draws import DrawSettings
     from pipelines.train.negatives import read_mined
 
@@ -193,9 +236,11 @@ def build_datasets(cfg: TrainJobConfig, start_epoch: int = 0) -> tuple[Any, Any,
 
             expect = read_manifest(cfg.train.init_from)["model_id"]
         mined = read_mined(tables, cfg.train.negatives, depth=cfg.train.negative_depth, expect_model_id=expect)
+    # Stage 0: every image document with a caption is an example (its own positive).
+    pairs = caption_pairs(tables, cfg.data.version, cfg.data.max_train_queries) if cfg.train.stage == 0 else None
     try:
         train, counts = build_train_shards(
-            tables, cfg.data.train_split, version=cfg.data.version, mined=mined,
+            tables, cfg.data.train_split, version=cfg.data.version, mined=mined, queries=pairs,
             settings=DrawSettings.from_train(cfg.train),
             epochs=range(min(start_epoch, cfg.train.epochs - 1), cfg.train.epochs),
             num_shards=cfg.scaling.num_workers, max_queries=cfg.data.max_train_queries,
@@ -244,7 +289,7 @@ def run(cfg: TrainJobConfig, start_ray: Callable[[], object] | None = None) -> d
         start_ray()
     t0 = time.perf_counter()
     if cfg.preset == "tiny" and not cfg.model.tokenizer:
-        train_tokenizer(cfg, Path(tokenizer_dir(cfg)))
+        train_tokenizer(cfg, tokenizer_dir(cfg))
     train, dev, dev_queries, counts = build_datasets(cfg, start_epoch=(resume or {}).get("loop", {}).get("epoch", 0))
     logger.info("training rows %d (%s), dev: %d queries over %d documents; data ready in %.1fs",
                 counts["rows"], counts, counts["dev_queries"], counts["dev_documents"], time.perf_counter() - t0)
@@ -297,11 +342,14 @@ def fit(cfg: TrainJobConfig, plan: Plan, datasets: dict[str, Any], dev_queries: 
     )
     from ray.train.torch import TorchTrainer
 
+    from pipelines.store.storage import filesystem
+
     run_dir = cfg.run_dir.resolve()
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     local = not cfg.is_remote_storage
+    storage_fs = None if local else filesystem(cfg.run.storage_path, cfg.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -310,12 +358,16 @@ def fit(cfg: TrainJobConfig, plan: Plan, datasets: dict[str, Any], dev_queries: 
             "metrics_path": str(run_dir / METRICS_FILE) if local else None,
             "marker_dir": str(run_dir) if local else None,
             "resume_from": plan.resume["path"] if plan.resume else None,
+            "init_visual_only": visual_only_init(cfg),
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=str(Path(cfg.run.storage_path).resolve()) if local else cfg.run.storage_path,
+            storage_path=str(Path(cfg.run.storage_path).resolve()) if local else storage_fs[1],
+            # The storage options (endpoint, region) reach Ray Train through the filesystem.
+            storage_filesystem=None if local else storage_fs[0],
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
         ),
@@ -338,7 +390,7 @@ def failure_message(cfg: TrainJobConfig, error: BaseException) -> str:
     failures = getattr(error, "worker_failures", None) or {}
     causes = [f"rank {rank}: {_last_line(e)}" for rank, e in sorted(failures.items())]
     cause = "; ".join(causes) or _last_line(getattr(error, "controller_failure", None) or error)
-    found = latest_checkpoint(cfg.run.storage_path, cfg.run.name)
+    found = latest_checkpoint(cfg.run.storage_path, cfg.run.name, cfg.storage_options)
     resume = (f"re-run the same command to resume from its checkpoint at step {found[1]['step']}" if found
               else "no checkpoint was written, so a re-run starts afresh")
     return (f"training failed beyond run.max_failures={cfg.run.max_failures} restarts ({cause}): fix that, "
@@ -351,11 +403,17 @@ def _last_line(error: BaseException) -> str:
 
 
 def finish(cfg: TrainJobConfig, result: Any, counts: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Copies the final (best) model to ``<run_dir>/model``, writes the curve and summary."""
+    """Copies the final (best) model to ``<run_dir>/model`` (with an object-store
+    ``run.storage_path``: to ``<storage_path>/<name>/model`` there, which the next jobs read
+    on whichever node they run), writes the curve and summary."""
+    import tempfile
+
     from ciea_model.checkpoint import MANIFEST, TOKENIZER_DIR, WEIGHTS
+    from pipelines.store import storage
 
     run_dir = cfg.run_dir.resolve()
-    model_dir = run_dir / "model"
+    staging = tempfile.TemporaryDirectory(prefix="ciea-model-") if cfg.is_remote_storage else None
+    model_dir = Path(staging.name) / "model" if staging else run_dir / "model"
     with result.checkpoint.as_directory() as d:
         src = Path(d)
         if model_dir.exists():
@@ -368,6 +426,11 @@ def finish(cfg: TrainJobConfig, result: Any, counts: dict[str, Any], seconds: fl
         if not metrics.exists() and (src / METRICS_FILE).exists():
             shutil.copy(src / METRICS_FILE, metrics)
         state = json.loads((src / STATE_FILE).read_text())
+    if staging:
+        with staging:
+            model_uri = storage.join(cfg.run.storage_path, cfg.run.name, "model")
+            storage.upload_folder(model_dir, model_uri, cfg.storage_options)
+        model_dir = model_uri
     curve = plot_curve(run_dir / METRICS_FILE, run_dir / "training_curve.png")
     summary = {
         "name": cfg.run.name, "stage": cfg.train.stage, "variant": cfg.model.variant,

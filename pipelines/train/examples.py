@@ -10,7 +10,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ciea_model.processor import Document, TrainExample
-from pipelines.train.draws import DrawSettings, choose_positive
+from pipelines.train.draws import (
+    DrawSettings,
+    choose_positive,
+    composed_mixture,
+    draw_composed_negatives,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,10 @@ def training_examples(
     one; picked at random per epoch with ``settings.random_positive``, else the first).
     ``q_comp`` removes the tokens of every image positive's caption
     (``settings.comp_captions="all"``) or of the trained positive's only (``"trained"``).
+    A composed query (one with an ``image``) carries its picture (``query_image``) and its
+    hard negatives: the reference document and another near miss
+    (:func:`pipelines.train.draws.draw_composed_negatives`); ``settings.composed_share`` of
+    them train (:func:`pipelines.train.draws.composed_mixture`).
 
     Returns:
         ``(examples, counts)`` with counts of queries used and skipped (no positive found).
@@ -67,7 +76,7 @@ def training_examples(
     settings = settings or DrawSettings()
     modality = {d: doc.modality for d, doc in documents.items()}
     examples, skipped = [], 0
-    for q in queries:
+    for q in composed_mixture(list(queries), settings.composed_share, settings.seed):
         candidates, fallback, caption_ids = positive_candidates(q, modality, settings.comp_captions)
         if fallback is None:
             skipped += 1
@@ -77,9 +86,15 @@ def training_examples(
         if target.modality == "image":
             captions = tuple(dict.fromkeys([*(documents[d].caption for d in caption_ids if d in documents),
                                             target.caption]))
+        negatives: tuple[Document, ...] = ()
+        if q.get("image") is not None:
+            picks = draw_composed_negatives(q["qid"], q.get("near_miss_doc_ids") or (), None,
+                                            {*q["positive_doc_ids"], target.doc_id}, settings, epoch)
+            negatives = tuple(documents[d] for d in picks if d in documents)
         examples.append(TrainExample(
-            qid=q["qid"], query=q["query"], positive=target,
+            qid=q["qid"], query=q["query"], positive=target, negatives=negatives,
             relevant_ids=frozenset(q["positive_doc_ids"]), positive_captions=captions,
+            query_image=q.get("image"),
         ))
     if skipped:
         logger.warning("%d training queries have no positive in the corpus and were skipped", skipped)

@@ -66,10 +66,12 @@ class DocumentEncoder:
         import torch
 
         from ciea_model import load_checkpoint
+        from pipelines.store.storage import local_folder
 
         if threads:
             torch.set_num_threads(threads)
-        self.model, self.processor = load_checkpoint(checkpoint)
+        with local_folder(checkpoint, storage_options) as local:  # an s3:// checkpoint: copied on this node
+            self.model, self.processor = load_checkpoint(local)
         self.storage_options = storage_options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -202,15 +204,18 @@ def mine(
     import ray.data
 
     from ciea_model import load_checkpoint, model_id
-    from ciea_model.inference import encode_queries
+    from pipelines.query.evaluation import encode_query_vectors
+    from pipelines.store.storage import local_folder
     from pipelines.train.dataset import read_documents, read_queries
 
-    model, processor = load_checkpoint(checkpoint)
+    with local_folder(checkpoint, tables.storage_options) as local:
+        model, processor = load_checkpoint(local)
     mid = model_id(model)
     queries = read_queries(tables, split)
     if not queries:
         raise ValueError(f"queries/{split} under {tables.root} is empty: nothing to mine for")
-    q_vectors = encode_queries(model, processor, [q["query"] for q in queries])
+    # A composed query (with a picture) is encoded as search encodes it: the document tower.
+    q_vectors = encode_query_vectors(model, processor, queries)
     del model
     top = RunningTopK(q_vectors, k, [set(q["positive_doc_ids"]) for q in queries])
     ds = read_documents(tables, version).map_batches(
@@ -303,6 +308,17 @@ def with_hard_negatives(
     settings = DrawSettings(seed=seed, depth=depth, redraw_each_epoch=redraw_each_epoch)
     out = []
     for ex in examples:
+        if ex.query_image is not None:
+            # A composed query keeps its near misses (the reference first); a mined draw
+            # fills the second place only when it has no other near miss, as the Ray rows do
+            # (pipelines.train.draws.draw_composed_negatives).
+            have = tuple(ex.negatives)
+            if len(have) < 2:
+                extra = draw_negatives(ex.qid, mined.get(ex.qid), ex.relevant_ids | {ex.positive.doc_id}
+                                       | {d.doc_id for d in have}, settings, epoch)[: 2 - len(have)]
+                have += tuple(documents[d] for d in extra)
+            out.append(dataclasses.replace(ex, negatives=have))
+            continue
         picks = draw_negatives(ex.qid, mined.get(ex.qid), ex.relevant_ids | {ex.positive.doc_id}, settings, epoch)
         out.append(dataclasses.replace(ex, negatives=tuple(documents[d] for d in picks)))
     return out

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from pipelines.train.checkpoints import BEST_DIR, OPTIM_FILE, PROBE_FILE, STATE_FILE
-from pipelines.train.config import NEW_MODULES, TrainJobConfig, check_identity
+from pipelines.train.config import TrainJobConfig, check_identity, new_modules
 from pipelines.train.curves import METRICS_FILE, MetricsLog
 from pipelines.train.gradients import GradientReducer
 from pipelines.train.profiling import StepProfile
@@ -133,8 +133,7 @@ def dev_scores(model, processor, documents: Sequence, queries: Sequence[Mapping[
     """Both dev measures from one encoding of ``documents``: ``dev_mrr10``
     (:func:`dev_mrr10`) and ``dev_in_batch_acc`` (:func:`dev_in_batch_accuracy`, batches of
     ``batch_size`` queries in their given order)."""
-    from ciea_model.inference import encode_queries
-    from pipelines.query.evaluation import encode_corpus
+    from pipelines.query.evaluation import encode_corpus, encode_query_vectors
 
     corpus = encode_corpus(model, processor, documents, device=device)
     mrr = dev_mrr10(model, processor, documents, queries, device, corpus=corpus)
@@ -142,8 +141,34 @@ def dev_scores(model, processor, documents: Sequence, queries: Sequence[Mapping[
     positives = [dev_positive(q, modality_of) for q in queries]
     row_of = {d: i for i, d in enumerate(corpus.doc_ids)}
     vectors = {d: corpus.vectors[row_of[d]] for d in set(positives) if d is not None}
-    q = encode_queries(model, processor, [x["query"] for x in queries], device=device)
+    # Picture (composed) queries through the document tower, as rank() and search encode them.
+    q = encode_query_vectors(model, processor, queries, device=str(device))
     return {"dev_mrr10": mrr, "dev_in_batch_acc": dev_in_batch_accuracy(q, vectors, positives, batch_size)}
+
+
+#: Stage 0's selection measure, as the release keeps MARVEL's pretraining checkpoint: the
+#: image–caption loss on held-out pairs (the dev pool's captioned images), lowest best;
+#: ``LoopState.best`` holds its negative.
+CAPTION_LOSS = "dev_caption_loss"
+
+
+def dev_caption_loss(model, processor, documents: Sequence, batch_size: int) -> float | None:
+    """Stage 0's loss (:func:`ciea_model.training.warmup_loss`) over the image documents of
+    ``documents`` that have a caption, in their order, in batches of ``batch_size``,
+    averaged per image; ``None`` when fewer than two such documents exist."""
+    from ciea_model.training import warmup_loss
+
+    images = [d for d in documents if d.modality == "image" and d.caption]
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            if len(chunk) < 2:
+                continue
+            loss, _ = warmup_loss(model, processor, chunk)
+            total, count = total + float(loss) * len(chunk), count + len(chunk)
+    return total / count if count else None
 
 
 def step_autocast(device: torch.device, bf16: bool):
@@ -193,9 +218,10 @@ class TrainWorker:
         seed_everything(cfg.train.seed)
         self._build_model()
         self.reducer = GradientReducer(self.model, self.world if self.gather else 1)
+        fresh = new_modules(self.model.config, vision_pretrained=cfg.model.vision_state is not None)
         optim_cfg = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                 max_grad_norm=cfg.train.max_grad_norm,
-                                module_lr={p: cfg.train.new_lr for p in NEW_MODULES} if cfg.train.new_lr else {})
+                                module_lr={p: cfg.train.new_lr for p in fresh} if cfg.train.new_lr else {})
         self.optimizer = build_optimizer(self.model, optim_cfg)
         per_rank = self.config["n_train"] // self.world
         steps_per_epoch = math.ceil(per_rank / (cfg.micro_batch * cfg.train.grad_accum)) or 1
@@ -217,15 +243,31 @@ class TrainWorker:
         from safetensors.torch import load_file, load_model
 
         from ciea_model import CIEAConfig, create_model_and_processor
+        from ciea_model.checkpoint import load_visual_module
+        from ciea_model.training import freeze_for_warmup
+        from pipelines.store.storage import is_remote, local_folder
 
         cfg = self.cfg
         model_cfg = CIEAConfig.from_dict(self.config["model_config"])
-        self.model, self.processor = create_model_and_processor(model_cfg, pretrained=True, seed=cfg.train.seed)
-        if cfg.train.init_from:
+        tokenizer = model_cfg.text.tokenizer
+        if tokenizer and is_remote(tokenizer):
+            # The tiny preset's tokenizer on the run's storage: copied onto this worker's node for
+            # the build (the checkpoint saves the loaded tokenizer, not the path).
+            with local_folder(tokenizer, cfg.storage_options) as local:
+                here = model_cfg.replace(text=dataclasses.replace(model_cfg.text, tokenizer=local))
+                self.model, self.processor = create_model_and_processor(here, pretrained=True, seed=cfg.train.seed)
+        else:
+            self.model, self.processor = create_model_and_processor(model_cfg, pretrained=True, seed=cfg.train.seed)
+        if cfg.train.init_from and self.config.get("init_visual_only"):
+            # A stage-0 model (`ciea pretrain-vision`): its vision tower and projector only.
+            load_visual_module(self.model, Path(cfg.train.init_from) / "model.safetensors")
+        elif cfg.train.init_from:
             load_model(self.model, str(Path(cfg.train.init_from) / "model.safetensors"), strict=True)
         elif cfg.model.vision_state and self.model.vision is not None:
             # A pretrained ViT shared by every variant; univl-dr keeps its own projection.
             self.model.vision.load_encoder_state(load_file(cfg.model.vision_state))
+        if cfg.train.stage == 0:  # MARVEL's visual pretraining: the LM (and extractor) frozen
+            freeze_for_warmup(self.model)
         self.model.to(self.device)
 
     def _restore(self) -> int:
@@ -242,7 +284,8 @@ class TrainWorker:
             # bookkeeping): the one the driver found on storage, as it told the user.
             from pipelines.train.checkpoints import checkpoint_at
 
-            checkpoint = checkpoint_at(self.cfg.run.storage_path, self.config["resume_from"])
+            checkpoint = checkpoint_at(self.cfg.run.storage_path, self.config["resume_from"],
+                                       self.cfg.storage_options)
         if checkpoint is None:
             self.scheduler = build_scheduler(self.optimizer, self.state.total_steps)
             return 0
@@ -372,6 +415,9 @@ class TrainWorker:
                 examples = rows_to_examples(mb, self.storage_options)
             if self.cfg.debug.trace_rows:
                 self._trace(examples)
+            if self.cfg.train.stage == 0:
+                sums += self._warmup_micro(examples, len(micros))
+                continue
             with prof("collate"):
                 batch = self.processor.collate_training(examples).to(self.device)
             with prof("forward"), self.autocast:
@@ -393,6 +439,23 @@ class TrainWorker:
                 dist.all_reduce(sums)
         sums[5] = 1
         return sums
+
+    def _warmup_micro(self, examples: list, n_micro: int) -> torch.Tensor:
+        """Stage 0's micro-batch: each example's positive is an image document, aligned with
+        its own caption (:func:`ciea_model.training.warmup_loss`, candidates gathered from
+        every rank). Returns its sums (:data:`N_SUMS`; L_comp is 0, accuracy is image →
+        caption)."""
+        from ciea_model.training import warmup_loss
+
+        docs = [ex.positive for ex in examples]
+        with self.prof("forward"), self.autocast:
+            loss, correct = warmup_loss(self.model, self.processor, docs, gather=self.gather)
+        with self.prof("backward"):
+            (loss / n_micro).backward()
+        n = len(docs)
+        value = float(loss.detach())
+        return torch.tensor([value * n, value * n, 0.0, correct, n, 0, n],
+                            dtype=torch.float64)
 
     def _trace(self, examples: list) -> None:
         """``debug.trace_rows``: the examples of this micro-batch, as the step trains them."""
@@ -465,11 +528,17 @@ class TrainWorker:
     def _score_dev(self) -> float:
         from ciea_model import save_checkpoint
 
-        state, select_by = self.state, self.cfg.train.select_by
+        state, select_by = self.state, self.select_by
         docs = self._dev_documents()
         t0 = time.perf_counter()
         scores = dev_scores(self.model, self.processor, docs, self.dev_queries, self.cfg.train.batch_size, self.device)
-        score = scores[select_by]
+        if select_by == CAPTION_LOSS:
+            scores[CAPTION_LOSS] = dev_caption_loss(self.model, self.processor, docs, self.cfg.train.batch_size)
+            if scores[CAPTION_LOSS] is None:  # no captioned image in the dev pool: the run's other measure
+                logger.warning("stage 0: the dev pool holds no two captioned images; keeping the checkpoint by %s",
+                               self.cfg.train.select_by)
+                select_by = self.cfg.train.select_by
+        score = -scores[CAPTION_LOSS] if select_by == CAPTION_LOSS else scores[select_by]
         state.evals += 1
         if state.initial_dev is None:
             state.initial_dev = score
@@ -489,6 +558,12 @@ class TrainWorker:
         logger.info("step %d: dev MRR@10 %.4f, dev in-batch acc %.4f (best %s %.4f at step %d)", state.step,
                     scores["dev_mrr10"], scores["dev_in_batch_acc"], select_by, state.best, state.best_step)
         return score
+
+    @property
+    def select_by(self) -> str:
+        """The dev measure that keeps the best checkpoint: ``train.select_by``; in stage 0,
+        the held-out image–caption loss (:data:`CAPTION_LOSS`), as the release selects."""
+        return CAPTION_LOSS if self.cfg.train.stage == 0 else self.cfg.train.select_by
 
     def _best_mrr10(self) -> float:
         """Dev MRR@10 of the kept checkpoint (``best`` itself in checkpoints that predate
@@ -576,15 +651,16 @@ class TrainWorker:
             state.finished = True
             summary = {"step": state.step, "best_dev_mrr10": self._best_mrr10(), "best_step": state.best_step,
                        "initial_dev_mrr10": self._initial_mrr10(), "stopped_early": state.stopped_early,
-                       "select_by": self.cfg.train.select_by, "best": state.best,
+                       "select_by": self.select_by, "best": state.best,
                        "best_dev_in_batch_acc": state.best_dev_in_batch_acc, "rank_model_ids": ids, "final": True}
             if self.rank == 0:
                 self.log.write({"event": "end", **summary})
             self.checkpoint(summary, final=True)
         shutil.rmtree(self.best_dir, ignore_errors=True)
+        self.log.close()  # a temporary log (no local run folder): its copies are in the checkpoints
         if self.rank == 0:
             return {"step": state.step, "best_dev_mrr10": self._best_mrr10(),
-                    "initial_dev_mrr10": self._initial_mrr10(), "select_by": self.cfg.train.select_by,
+                    "initial_dev_mrr10": self._initial_mrr10(), "select_by": self.select_by,
                     "best": state.best, "best_dev_in_batch_acc": state.best_dev_in_batch_acc,
                     "stopped_early": state.stopped_early}
         return None

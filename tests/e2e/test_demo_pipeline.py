@@ -1,5 +1,5 @@
 """``ciea demo`` end to end on the tiny preset: ingest → Ray Train → mine → stage 2 →
-embed → evaluate → examples, through the real jobs and one local Ray, run as a user runs
+embed → evaluate → examples (with ``ciea pretrain-vision`` before stage 1), through the real jobs and one local Ray, run as a user runs
 it (``python -m jobs.demo ... --no-progress``, its terminal captured); then a re-run, which
 must repeat no work.
 
@@ -62,6 +62,11 @@ def test_demo_runs_every_stage(demo_run):
     summary = json.loads((out / "demo_summary.json").read_text())
     labels = [s["stage"] for s in summary["stages"]]
     assert labels[0] == "ingest the corpus into Delta"
+    # MARVEL's visual pretraining runs once, before the first stage 1 (ciea starts from it;
+    # text-only has no projector)
+    assert labels[1] == "pretrain the visual module (stage 0)"
+    assert "$ ciea pretrain-vision --preset tiny" in terminal
+    assert re.search(r"\$ ciea train --preset tiny .*train\.init_from=\S*pretrain-vision/model", terminal)
     for variant in ("ciea", "text-only"):
         assert f"train {variant} (stage 1)" in labels and f"train {variant} (stage 2)" in labels
         assert f"embed with {variant}" in labels
@@ -101,7 +106,7 @@ def test_demo_report_compares_every_variant_and_bm25(demo_run):
 def test_demo_rerun_repeats_no_work(demo_run, capsys):
     _, out, _ = demo_run
     trained = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*/model/ciea_checkpoint.json")}
-    assert len(trained) == 4
+    assert len(trained) == 5  # stage 0, then two stages for each of the two variants
     capsys.readouterr()
     import ray
 

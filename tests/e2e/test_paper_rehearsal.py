@@ -1,11 +1,13 @@
 """The ``paper`` preset end to end, offline: T5-ANCE + frozen CLIP ViT-B/32 at their exact
 sizes (random weights, ``tests/paper_models.py``), through the real jobs on one local Ray.
 
-``ciea ingest`` (50 documents) → ``ciea train --preset paper`` stage 1 on 2 CPU workers,
+``ciea ingest`` (50 documents) → ``ciea pretrain-vision --preset paper`` (MARVEL's visual
+pretraining: T5 frozen, CLIP and projector trained) → ``ciea train --preset paper`` stage 1
+from it on 2 CPU workers,
 stopped by a fault after its first checkpoint and re-run with the same name (it must
 resume, not restart) → ``ciea mine-negatives`` → stage 2 → ``ciea embed`` → ``ciea
 evaluate``. Then the paper's shapes are checked where they land: 49 patches, 768-d vectors,
-step-0 decoder pooling, a vision tower that training never moved.
+step-0 decoder pooling, a vision tower that only stage 0 moved.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from paper_models import PaperModels, write_paper_models
 from safetensors import safe_open
 
-from jobs import embed, evaluate, ingest, mine_negatives, train
+from jobs import embed, evaluate, ingest, mine_negatives, pretrain_vision, train
 from pipelines.ingest.sources.synthetic.generator import (
     SyntheticConfig,
     generate_queries,
@@ -87,8 +89,9 @@ def _train_args(work: Path, models: PaperModels, name: str, *extra: str, stage: 
             "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5", "scaling.threads_per_worker=1",
             "train.batch_size=4", "train.epochs=1", "train.log_every=1",
             "data.dev_pool=4", "data.max_dev_queries=2", "debug.probe=0", *extra]
-    return ["--preset", "paper", "--root", str(work / "data"), "--storage-path", str(work / "runs"),
-            "--name", name, "--stage", str(stage), "--workers", "2", "--no-progress", *(a for s in sets for a in ("--set", s))]
+    args = ["--preset", "paper", "--root", str(work / "data"), "--storage-path", str(work / "runs"),
+            "--name", name, "--workers", "2", "--no-progress", *(a for s in sets for a in ("--set", s))]
+    return args if stage == 0 else [*args, "--stage", str(stage)]
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +106,20 @@ def pipeline(work, paper_models, ray_session) -> dict:
         "--set", f"source.synthetic.num_queries={list(CORPUS.num_queries)}",
         "--set", f"source.synthetic.image_size={CORPUS.image_size}"]) == 0
 
+    # Stage 0, MARVEL's visual pretraining, with the release's `pretrain/train.sh` values.
+    assert pretrain_vision.main(_train_args(work, paper_models, "s0", "train.max_steps=1",
+                                            "train.checkpoint_every=1", stage=0)) == 0
+    s0 = json.loads((work / "runs" / "s0" / "summary.json").read_text())
+    from_s0 = f"train.init_from={s0['model_dir']}"
+
     # Stage 1: a fault right after step 2 ends the job (no restarts) with one line that says
     # how to go on; the same command then resumes from the step-1 checkpoint.
     with pytest.raises(SystemExit, match=rf"^ciea train: training failed .*injected fault at step {FAULT_STEP}"
                        rf".*re-run the same command to resume from its checkpoint at step {FAULT_STEP - 1}"):
-        train.main(_train_args(work, paper_models, "s1", f"train.max_steps={STAGE1_STEPS}",
+        train.main(_train_args(work, paper_models, "s1", f"train.max_steps={STAGE1_STEPS}", from_s0,
                                "train.checkpoint_every=1", f"debug.fail_at_step={FAULT_STEP}",
                                "run.max_failures=0"))
-    assert train.main(_train_args(work, paper_models, "s1", f"train.max_steps={STAGE1_STEPS}")) == 0
+    assert train.main(_train_args(work, paper_models, "s1", f"train.max_steps={STAGE1_STEPS}", from_s0)) == 0
     s1 = json.loads((work / "runs" / "s1" / "summary.json").read_text())
 
     negatives = data / "negatives" / "s1"
@@ -125,7 +134,7 @@ def pipeline(work, paper_models, ray_session) -> dict:
                        "--set", "encode.batch_size=16"]) == 0
     assert evaluate.main(["--root", str(data), "--split", "test", "--out", str(work / "eval"), "--no-progress",
                           "--variant", f"ciea=table:{data / 'lancedb'}/paper", "--set", "search.threads=1"]) == 0
-    return {"s1": s1, "s2": s2, "negatives": negatives, "db": data / "lancedb", "eval": work / "eval"}
+    return {"s0": s0, "s1": s1, "s2": s2, "negatives": negatives, "db": data / "lancedb", "eval": work / "eval"}
 
 
 def _numel(weights: Path) -> int:
@@ -185,22 +194,37 @@ def test_stage2_trained_on_mined_negatives(pipeline, work):
     assert all(4 < r["candidates"] <= 12 and np.isfinite(r["loss"]) for r in steps), steps
 
 
-def test_vision_tower_stays_frozen(pipeline, paper_models, work):
-    """The checkpoint stage 1 resumed from holds weights after a real optimiser step (the
-    final models hold the best on dev, which may be the initial ones): every CLIP vision
-    weight there is the folder's own, bit for bit, while the LM's moved."""
-    trained = [d for d in (work / "runs" / "s1").glob("checkpoint_*")
-               if d.is_dir() and json.loads((d / STATE_FILE).read_text())["step"] == FAULT_STEP - 1]
-    assert len(trained) == 1, "the checkpoint resumed from is kept (run.num_to_keep=2)"
+def _checkpoint_at(run: Path, step: int, final: bool = False) -> Path:
+    found = [d for d in run.glob("checkpoint_*") if d.is_dir()
+             and json.loads((d / STATE_FILE).read_text())["step"] == step
+             and json.loads((d / STATE_FILE).read_text())["finished"] == final]
+    assert len(found) == 1, f"{run}: one checkpoint at step {step} (run.num_to_keep=2)"
+    return found[0]
+
+
+def test_only_stage0_moves_the_vision_tower(pipeline, paper_models, work):
+    """Stage 0 trains CLIP and the projector with T5 frozen (MARVEL's recipe): after its
+    step, its vision weights moved from the CLIP folder's and its LM is the T5 folder's bit
+    for bit. Stage 1 starts from the stage-0 model and keeps CLIP frozen: the checkpoint it
+    resumed from (weights after a real optimiser step; the final models hold the best on
+    dev, which may be the initial ones) holds the stage-0 model's vision weights bit for bit,
+    while the LM moved."""
+    lm = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    stepped = _checkpoint_at(work / "runs" / "s0", 1)
+    resumed = _checkpoint_at(work / "runs" / "s1", FAULT_STEP - 1)
     with safe_open(str(paper_models.clip / "model.safetensors"), "pt") as clip, \
-            safe_open(str(trained[0] / "model.safetensors"), "pt") as ckpt:
-        vision = {k.removeprefix(VISION_PREFIX) for k in ckpt.keys() if k.startswith(VISION_PREFIX)}
+            safe_open(str(stepped / "model.safetensors"), "pt") as s0, \
+            safe_open(str(Path(pipeline["s0"]["model_dir"]) / "model.safetensors"), "pt") as start, \
+            safe_open(str(resumed / "model.safetensors"), "pt") as s1, \
+            safe_open(str(paper_models.t5 / "model.safetensors"), "pt") as t5:
+        vision = {k.removeprefix(VISION_PREFIX) for k in s1.keys() if k.startswith(VISION_PREFIX)}
         assert vision == {k.removeprefix("vision_model.") for k in clip.keys() if k.startswith("vision_model.")}
+        assert any(not torch.equal(s0.get_tensor(VISION_PREFIX + k), clip.get_tensor(f"vision_model.{k}"))
+                   for k in vision), "stage 0 trained CLIP"
+        assert torch.equal(s0.get_tensor(f"text.model.{lm}"), t5.get_tensor(lm)), "stage 0 kept T5 frozen"
         for key in vision:
-            assert torch.equal(ckpt.get_tensor(VISION_PREFIX + key), clip.get_tensor(f"vision_model.{key}")), key
-        with safe_open(str(paper_models.t5 / "model.safetensors"), "pt") as t5:
-            lm = "encoder.block.0.layer.0.SelfAttention.q.weight"
-            assert not torch.equal(ckpt.get_tensor(f"text.model.{lm}"), t5.get_tensor(lm)), "the LM trained"
+            assert torch.equal(s1.get_tensor(VISION_PREFIX + key), start.get_tensor(VISION_PREFIX + key)), key
+        assert not torch.equal(s1.get_tensor(f"text.model.{lm}"), t5.get_tensor(lm)), "the LM trained in stage 1"
 
 
 def test_table_holds_768d_vectors_pooled_at_decoder_step0(pipeline):

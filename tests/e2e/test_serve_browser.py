@@ -84,11 +84,15 @@ def server(table, tmp_path_factory):
     """``ciea serve`` as a separate process, as a user starts it."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # An empty working dir and temp dir of its own: a test can see that an upload leaves
+    # nothing behind there (the picture is held in memory only).
+    cwd, tmp = tmp_path_factory.mktemp("serve-cwd"), tmp_path_factory.mktemp("serve-tmp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp), "TMP": str(tmp),
+           "TEMP": str(tmp), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", "serve", "--db", table, "--table", TABLE, "--port", str(port),
-             "--set", "server.log_level=warning"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+             "--set", "server.log_level=warning"], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -103,7 +107,7 @@ def server(table, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"ciea serve did not answer within 120 s:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
-        yield {"base": base, "health": health}
+        yield {"base": base, "health": health, "pid": proc.pid, "log": log, "cwd": cwd, "tmp": tmp}
     finally:
         proc.terminate()
         try:
@@ -262,3 +266,96 @@ def test_ask_with_a_picture_then_more_like_this(driver, server, tmp_path):
     driver.find_element(By.ID, "picture-remove").click()
     assert not driver.find_element(By.ID, "picture-preview").is_displayed()
     assert driver.find_element(By.ID, "mode").get_attribute("disabled") is None
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A ~100-byte PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's
+    calling card: a decoder that trusts the header allocates width x height first)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _files_under(*roots: Path) -> set[str]:
+    return {str(p) for root in roots for p in root.rglob("*")}
+
+
+def _write_bytes(pid: int) -> int | None:
+    """Bytes the process has caused to be written to storage (Linux ``/proc/PID/io``)."""
+    try:
+        lines = Path(f"/proc/{pid}/io").read_text().splitlines()
+    except OSError:
+        return None
+    return next(int(line.split()[1]) for line in lines if line.startswith("write_bytes:"))
+
+
+def test_bad_uploads_get_one_line_errors_and_nothing_is_written(driver, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, health = server["base"], server["health"]
+    cap = health["max_upload_bytes"]
+    before_files = _files_under(server["cwd"], server["tmp"])
+    before_written, before_log = _write_bytes(server["pid"]), server["log"].stat().st_size
+
+    driver.get(base + "/")
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "picture-control").is_displayed())
+    status = driver.find_element(By.ID, "status")
+
+    def pick(path: Path, expect: str) -> str:
+        driver.find_element(By.ID, "picture").send_keys(str(path))
+        WebDriverWait(driver, WAIT_S).until(lambda d: expect in status.text and "error" in status.get_attribute("class"))
+        text = status.text
+        assert "\n" not in text.strip() and len(text) < 500, text  # one line
+        assert not driver.find_elements(By.CSS_SELECTOR, "#results .card")
+        return text
+
+    # Over the server's cap: the page says so and sends nothing.
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(cap + 1024))
+    pick(big, f"this server takes at most {cap / 2**20:.1f} MiB")
+    # Not a picture at all (a text file): the server's 415, shown inline.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    pick(notes, "is not a picture this server takes")
+    driver.find_element(By.ID, "picture-remove").click()
+    # A decompression bomb: a tiny PNG whose header claims 20000 x 20000 pixels.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(20_000, 20_000))
+    assert len(bomb.read_bytes()) < 200
+    assert "image_too_large" in pick(bomb, "cannot search with this picture")
+    driver.find_element(By.ID, "picture-remove").click()
+
+    # The API itself (what the page relies on), from the page's origin: status and a one-line error.
+    post = """
+        const [body, type, done] = arguments;
+        const data = Array.isArray(body) ? new Uint8Array(body) : body;
+        fetch('/api/search?k=5', {method: 'POST', headers: {'Content-Type': type}, body: data})
+          .then(async r => done([r.status, await r.text()]), e => done([0, String(e)]));"""
+    driver.set_script_timeout(WAIT_S)
+    oversize = driver.execute_async_script(
+        "const [n, done] = arguments; const b = new Uint8Array(n); b.set([137, 80, 78, 71]);"
+        "fetch('/api/search', {method: 'POST', headers: {'Content-Type': 'image/png'}, body: b})"
+        "  .then(async r => done([r.status, await r.text()]), e => done([0, String(e)]));", cap + 1)
+    cases = {
+        "oversize": (oversize, 413, "upload limit"),
+        "text": (driver.execute_async_script(post, "hello", "text/plain"), 415, "not a picture"),
+        "bomb": (driver.execute_async_script(post, list(bomb.read_bytes()), "image/png"), 400, "image_too_large"),
+    }
+    for name, ((code, text), want, phrase) in cases.items():
+        error = json.loads(text)["error"] if code else text
+        assert code == want and phrase in error, (name, code, text)
+        assert "\n" not in error and len(error) <= 500, (name, error)
+
+    # Nothing was written: no new file in the server's working or temp dir, and (Linux) the
+    # process wrote no bytes to storage beyond its log.
+    assert _files_under(server["cwd"], server["tmp"]) == before_files
+    after_written, after_log = _write_bytes(server["pid"]), server["log"].stat().st_size
+    if before_written is not None and after_written is not None and after_log == before_log:
+        assert after_written == before_written, f"ciea serve wrote {after_written - before_written} bytes"

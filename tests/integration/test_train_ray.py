@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
-from jobs import mine_negatives, train
+from jobs import mine_negatives, pretrain_vision, train
 from pipelines.store.delta_tables import Tables
 from pipelines.train.checkpoints import PROBE_FILE, STATE_FILE
 from pipelines.train.curves import METRICS_FILE, read_metrics
@@ -190,6 +191,62 @@ def test_demo_preset_two_workers_raise_dev_mrr(data_root, tmp_path):
         assert all(len(v) == 3 and min(v) >= 0 for v in s["profile"].values())
         assert sum(v[2] for v in s["profile"].values()) <= s["seconds"] * 1.01 + 1e-3
         assert s["profile"]["forward"][0] > 0 and s["profile"]["backward"][0] > 0
+
+
+@pytest.mark.slow  # ≈ 1.5 min: two more Ray Train runs; the unit tier checks the loss, the freeze and the hand-over
+@pytest.mark.usefixtures("ray_local")
+def test_stage0_visual_pretraining_hands_its_visual_module_to_stage1(data_root, tmp_path):
+    """``ciea pretrain-vision`` (stage 0) on Ray Train: every image document with a caption
+    is one example, the LM and the extractor stay exactly as built, the visual module
+    learns (the image–caption loss falls); stage 1 then starts from its vision tower and
+    projector only, so its initial dev MRR@10 is the stage-0 model's own."""
+    from safetensors.torch import load_file
+
+    from ciea_model.checkpoint import read_manifest
+
+    common = ["--preset", "tiny", "--root", str(data_root), "--storage-path", str(tmp_path), "--no-progress",
+              "--set", f"model.tokenizer={tmp_path / 'tok'}"]
+    from pipelines.train.config import TrainJobConfig
+    from pipelines.train.driver import train_tokenizer
+
+    train_tokenizer(TrainJobConfig.model_validate({"preset": "tiny", "data": {"root": str(data_root)}}), tmp_path / "tok")
+    assert pretrain_vision.main([*common, "--name", "s0", "--set", "train.epochs=2", "--set", "train.eval_every=100"]) == 0
+    summary = json.loads((tmp_path / "s0" / "summary.json").read_text())
+    images = Tables(str(data_root)).read("documents").to_pylist()
+    captioned = [d for d in images if d["modality"] == "image" and (d["caption"] or "").strip()]
+    assert summary["stage"] == 0 and summary["data"]["rows"] == len(captioned) > 0
+    steps = [r for r in read_metrics(tmp_path / "s0" / METRICS_FILE) if r["event"] == "step"]
+    half = len(steps) // 2
+    assert np.mean([r["loss"] for r in steps[half:]]) < np.mean([r["loss"] for r in steps[:half]]), steps
+    assert all(r["loss_comp"] == 0 for r in steps)
+
+    # Kept as the release keeps MARVEL's pretraining: by the held-out image–caption loss.
+    evals = [r for r in read_metrics(tmp_path / "s0" / METRICS_FILE) if r["event"] == "eval"]
+    assert all(r["select_by"] == "dev_caption_loss" and r["dev_caption_loss"] > 0 for r in evals)
+    assert summary["result"]["best"] == pytest.approx(-min(r["dev_caption_loss"] for r in evals))
+
+    model_dir = tmp_path / "s0" / "model"
+    manifest = read_manifest(model_dir)
+    assert manifest["metadata"]["stage"] == 0
+    trained = load_file(str(model_dir / "model.safetensors"))
+    # Every checkpoint of the run (after steps 8 and 16) holds the final model's LM (its
+    # special-token rows included) and extractor bit for bit, while the projector moved.
+    snapshots = [load_file(str(c / "model.safetensors")) for c in sorted((tmp_path / "s0").glob("checkpoint_*"))
+                 if c.is_dir()]
+    assert len(snapshots) >= 2
+    frozen = [k for k in trained if k.startswith(("text.", "extractor."))]
+    assert frozen and all(torch.equal(w[k], trained[k]) for w in snapshots for k in frozen)
+    assert not torch.equal(snapshots[0]["projector.weight"], snapshots[-1]["projector.weight"])
+
+    # Stage 1 from it takes its vision tower and projector (one step at lr 1e-12: they stay put)
+    # and builds its own LM and extractor, whatever the variant.
+    assert train.main([*common, "--name", "s1-from-s0", "--variant", "marvel", "--set", f"train.init_from={model_dir}",
+                       "--set", "train.max_steps=1", "--set", "train.eval_every=100", "--set", "train.lr=1e-12",
+                       "--set", "train.new_lr=1e-12"]) == 0
+    s1 = load_file(str(tmp_path / "s1-from-s0" / "model" / "model.safetensors"))
+    visual = [k for k in trained if k.startswith(("vision.", "projector."))]
+    for k in visual:
+        torch.testing.assert_close(s1[k], trained[k], rtol=0, atol=1e-6)
 
 
 def test_stage1_checkpoint_reloads_into_the_same_encoder(stage1, data_root):

@@ -68,6 +68,32 @@ def test_per_host_limit_bounds_concurrency():
     assert took >= 0.8 - 0.05  # 8 requests, 2 at a time, 0.2 s each
 
 
+def test_concurrency_spread_over_pools_is_used_in_full_and_never_exceeded():
+    # 20 slots over ceil(20 / LANE_CONNECTIONS) client pools: the server sees up to 20
+    # requests at once — never more, and more than one pool's worth (every pool is used).
+    import threading
+
+    with FaultServer(delay_s=0.3) as s:
+        lock, now, peak = threading.Lock(), [0], [0]
+        handle = s._handle
+
+        def counted(h):
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            try:
+                handle(h)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        s._handle = counted
+        urls = [f"{s.url}/img/{i}.png" for i in range(60)]
+        res = fetch_all(urls, FetchSettings(concurrency=20, per_host=20, allow_private=True))
+    assert [r.data for r in res] == [png_for(f"{i}.png") for i in range(60)]
+    assert 14 < peak[0] <= 20, peak[0]
+
+
 def test_helpers():
     assert check_url("http://a/b.png") is None
     assert "scheme" in check_url("file:///etc/passwd")

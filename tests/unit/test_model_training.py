@@ -440,3 +440,68 @@ def test_warmup_vision_trains_vision_and_projector_with_the_lm_frozen(make_model
     assert all(p.requires_grad for p in model.text.parameters())  # and is unfrozen again
     text_only, text_processor = make_model("text-only")
     assert warmup_vision(text_only, text_processor, documents, cfg) == []  # nothing to warm up
+
+
+def test_warmup_loss_is_the_symmetric_image_caption_loss_by_hand(make_model, documents):
+    """Stage 0's loss, recomputed from the two encoders by hand: image-only vectors against
+    the LM's caption vectors, cross-entropy both ways over θ·cos, averaged; a repeated
+    document is one candidate (here: two copies of one document)."""
+    import torch.nn.functional as F
+
+    from ciea_model.training import image_only_plain, warmup_loss
+
+    model, processor = make_model("ciea")
+    model.eval()
+    images = [d for d in documents if d.modality == "image" and d.caption][:5]
+    docs = [*images, images[0]]  # a repeated caption: its twin must not count as a negative
+    loss, correct = warmup_loss(model, processor, docs)
+    with torch.no_grad():
+        img = image_only_plain(model, processor.collate_documents(docs).image)
+        cap = model.encode_text(**processor.tokenize([d.caption for d in docs]))
+        # The twin (last) is one candidate with the first copy: its column goes, its row
+        # targets the first copy, both ways.
+        logits = model.scale() * img @ cap.T
+        target = torch.tensor([0, 1, 2, 3, 4, 0])
+        expect = 0.5 * (F.cross_entropy(logits[:, :5], target) + F.cross_entropy(logits.T[:, :5], target))
+        right = int((logits[:, :5].argmax(1) == target).sum())
+    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-5)
+    assert correct == right
+
+
+def test_freeze_for_warmup_freezes_the_lm_and_the_extractor_only(make_model):
+    from ciea_model.training import freeze_for_warmup
+
+    model, _ = make_model("ciea", trainable_vision=True)
+    frozen = freeze_for_warmup(model)
+    assert frozen and all(not p.requires_grad for p in (*model.text.parameters(), *model.extractor.parameters()))
+    assert all(p.requires_grad for p in (*model.vision.parameters(), *model.projector.parameters()))
+    marvel, _ = make_model("marvel")
+    assert freeze_for_warmup(marvel) and not any(p.requires_grad for p in marvel.text.parameters())
+
+
+def test_load_visual_module_takes_the_vision_tower_and_projector_only(make_model, tmp_path):
+    """A stage-0 model hands over its visual module: every ``vision.*`` and ``projector.*``
+    tensor is loaded, nothing else moves, and a variant without the extractor takes it too.
+    A file that is not this model's visual module is refused in one line."""
+    from safetensors.torch import save_model
+
+    from ciea_model.checkpoint import CheckpointError, load_visual_module
+
+    source, _ = make_model("ciea", seed=1)
+    save_model(source, str(tmp_path / "s0.safetensors"))
+    for variant in ("ciea", "marvel"):
+        target, _ = make_model(variant, seed=2)
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        names = load_visual_module(target, tmp_path / "s0.safetensors")
+        assert names and all(n.startswith(("vision.", "projector.")) for n in names)
+        after, theirs = target.state_dict(), source.state_dict()
+        for k in after:
+            if k in names:
+                assert torch.equal(after[k], theirs[k]), k
+            else:
+                assert torch.equal(after[k], before[k]), k
+    other, _ = make_model("text-only")
+    save_model(other, str(tmp_path / "text.safetensors"))
+    with pytest.raises(CheckpointError, match="not this model's visual module") as err:
+        load_visual_module(make_model("ciea")[0], tmp_path / "text.safetensors")
+    assert "\n" not in str(err.value)

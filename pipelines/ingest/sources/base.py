@@ -56,6 +56,9 @@ class Query:
     record_ref: str
     answer: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The query's picture (encoded bytes, as read; validation normalises it): a composed
+    #: query's reference image. ``None`` for a text query.
+    image: bytes | None = None
     error: str | None = None
     error_detail: str | None = None
     raw_excerpt: str | None = None

@@ -3,7 +3,15 @@
 Files under ``path`` (a local folder or ``s3://`` prefix):
 
 * ``queries.jsonl`` — JSON lines ``{"_id", "text", ...}``; other keys (BEIR's
-  ``metadata``, anything else) are kept as the query's metadata;
+  ``metadata``, anything else) are kept as the query's metadata. A row may carry
+  ``"image": "<path>"`` (relative to the folder, or absolute): the query's picture (a
+  composed query's reference image). It is read through the same confinement (inside the
+  folder or an ``allow_roots`` entry, a regular file, at most ``max_image_bytes`` + 1 bytes
+  read) and validated like a corpus image by the ingest job; a query whose image is missing
+  (``image_missing``), outside the roots (``outside_root``, ...), not a string
+  (``wrong_type``) or not an image the project takes (``image_too_large``,
+  ``image_unrecognised``, ``image_decode_failed``) is quarantined with that reason, never
+  stored without its picture;
 * ``qrels/<split>.tsv`` — tab-separated ``query-id  corpus-id  score`` with that header
   line (a file without it is read too). Each file is a split; its name (``train``,
   ``dev``, ``test``, …) is the split's.
@@ -49,11 +57,14 @@ from pipelines.ingest.sources.base import (
     text_excerpt,
 )
 from pipelines.store import storage
+from pipelines.store.images import MAX_IMAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
 QUERIES_FILE = "queries.jsonl"
 QRELS_DIR = "qrels"
+#: The key of a ``queries.jsonl`` row that names the query's picture.
+IMAGE_KEY = "image"
 HEADER = ("query-id", "corpus-id", "score")
 
 
@@ -61,8 +72,10 @@ class BeirQueries:
     """The queries and qrels of a BEIR folder (picklable: a path, storage options, roots)."""
 
     def __init__(self, path: str, storage_options: dict[str, str] | None = None,
-                 allow_roots: Iterable[str] = (), max_line_bytes: int = MAX_LINE_BYTES) -> None:
+                 allow_roots: Iterable[str] = (), max_line_bytes: int = MAX_LINE_BYTES,
+                 max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.path = storage.normalise_uri(path)
+        self.max_image_bytes = max_image_bytes
         self.max_line_bytes = max_line_bytes
         self.storage_options = dict(storage_options or {})
         self.roots = Roots.of(self.path, extra=allow_roots)
@@ -162,8 +175,17 @@ class BeirQueries:
             if qid not in wanted:
                 continue
             found.add(qid)
-            extra = {k: v for k, v in value.items() if k not in ("_id", "text")}
-            yield Query(qid, value.get("text"), ref, metadata=extra)
+            extra = {k: v for k, v in value.items() if k not in ("_id", "text", IMAGE_KEY)}
+            if value.get(IMAGE_KEY) is None:
+                yield Query(qid, value.get("text"), ref, metadata=extra)
+                continue
+            image, error = self._query_image(value[IMAGE_KEY])
+            if error is not None:
+                yield Query(qid, value.get("text"), ref, error=error[0], error_detail=f"query {qid!r:.80}: {error[1]}",
+                            raw_excerpt=text_excerpt(line))
+                continue
+            extra[IMAGE_KEY] = value[IMAGE_KEY]  # the path as written, for lineage
+            yield Query(qid, value.get("text"), ref, metadata=extra, image=image)
         missing = [q for q in wanted if q not in found]
         for qid in missing:
             yield Query(qid, None, f"{QRELS_DIR}/{split}.tsv:{qid}", error="missing_query",
@@ -172,6 +194,23 @@ class BeirQueries:
                         raw_excerpt=qid[:200])
         if missing:
             logger.info("%s/%s: %d judged queries are not in %s", self.path, split, len(missing), QUERIES_FILE)
+
+
+    def _query_image(self, image: object) -> tuple[bytes | None, tuple[str, str] | None]:
+        """``(bytes, None)`` of a row's picture, or ``(None, (reason, detail))``: confined to the
+        roots, at most ``max_image_bytes`` + 1 bytes read (validation names the cap)."""
+        if not isinstance(image, str) or not image.strip():
+            return None, ("wrong_type", f"{IMAGE_KEY!r} must be a non-empty path string, got {image!r:.80}")
+        image = image.strip()
+        uri = image if ("://" in image or image.startswith("/")) else storage.join(self.path, image)
+        try:
+            with self.roots.open_file(uri, self.storage_options, shown=image) as f:
+                return f.read(self.max_image_bytes + 1), None
+        except Refused as r:
+            return None, (r.reason, r.detail)
+        except OSError as e:  # missing (FileNotFoundError) or unreadable
+            return None, ("image_missing", f"cannot read image {image!r:.200}: {type(e).__name__}; put the file "
+                          f"under {self.path} or fix the path")
 
 
 def _size(f) -> int:

@@ -182,6 +182,13 @@ TEXT_PARAMETERS: tuple[str, ...] = tuple(TEXT_PARAMETER_VALUES)
 TEXT_QUERY_KEYS: tuple[str, ...] = ("topic", "collection")
 #: Query kinds, in the order ``generate_queries`` documents them.
 QUERY_KINDS: tuple[str, ...] = ("caption", "image", "text")
+#: Kind of a composed query (reference image + modification text; ``num_composed``).
+COMPOSED_KIND = "composed"
+#: What a composed query keeps from its reference image: the visible content. Position is
+#: left free (the modification never mentions it) and collection is not in the pixels.
+COMPOSED_CONTENT: tuple[str, ...] = ("shape", "color", "background", "count")
+#: Attributes a modification text may change (only ones the reference's caption omits).
+COMPOSED_CHANGES: tuple[str, ...] = ("color", "background", "count")
 
 # Exact fill colours. Rendering uses no anti-aliasing, so every shape pixel has
 # exactly this RGB value, which the tests (and any probe) can count.
@@ -260,6 +267,16 @@ _TEXT_QUERY_COLOR_TEMPLATES: tuple[str, ...] = (
     "records of {color} {topic} in the {coll}",
     "where does the {coll} have {color} {topic}",
 )
+# Modification texts of composed queries, per changed attribute: each names the new value
+# and nothing else of any vocabulary (a unit test checks the glue words).
+_MODIFICATION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color": ("the same but {value}", "make them {value}", "change the colour to {value}"),
+    "background": ("the same but on {a_value} background", "put it against {a_value} backdrop",
+                   "with {a_value} backdrop instead"),
+    "count": ("the same with {value} of them", "make it {value} instead", "change how many to {value}"),
+}
+#: Near misses kept per composed query (documents with the reference's content, unchanged).
+MAX_NEAR_MISSES = 50
 # Probability that a text query also constrains the target's colour.
 _P_TEXT_COLOR = 0.3
 
@@ -281,6 +298,7 @@ _RNG_CAPTION = 1
 _RNG_RENDER = 2
 _RNG_TEXT = 3
 _RNG_QUERIES = 4
+_RNG_COMPOSED = 5
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
@@ -336,6 +354,9 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("p_caption_states", _is_fraction, "a float in [0, 1]", "It is a probability per optional attribute."),
     ("complementary_fraction", _is_fraction, "a float in [0, 1]", "It is the share of queries of kind 'image'."),
     ("text_query_fraction", _is_fraction, "a float in [0, 1]", "It is the share of queries of kind 'text'."),
+    ("num_composed", lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_int(n) and n >= 0 for n in v),
+     "a tuple of three ints >= 0 (train, dev, test)",
+     "Pass e.g. num_composed=(400, 50, 100), or (0, 0, 0) for no composed queries."),
 )
 
 
@@ -357,6 +378,10 @@ class SyntheticConfig:
         text_query_fraction: Share of queries of kind ``"text"`` (answered by text
             documents). ``complementary_fraction + text_query_fraction <= 1``; the
             rest are ``"caption"`` queries. Must be 0 when ``num_text_docs == 0``.
+        num_composed: Number of (train, dev, test) composed queries (kind
+            ``"composed"``: a reference image + a modification text), made on their own
+            seeded stream *in addition to* ``num_queries``, so turning them on leaves the
+            other queries as they were.
     """
 
     seed: int = 0
@@ -369,6 +394,7 @@ class SyntheticConfig:
     num_collections: int = len(COLLECTIONS)
     strict_complementary: bool = True
     text_query_fraction: float = 0.3
+    num_composed: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         for name, ok, allowed, fix in _FIELD_RULES:
@@ -1114,7 +1140,9 @@ def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     what the image queries leave) and the rest ``"caption"``. Splits are generated
     test, dev, train, each from its own seeded stream, so the test set does not
     change when train/dev counts change. Query texts are unique across all splits;
-    a repeated text is retried with a different target.
+    a repeated text is retried with a different target. With ``cfg.num_composed``, each
+    split's composed queries (:func:`generate_composed_queries`, kind ``"composed"``)
+    follow its other queries, which stay exactly what they are without them.
 
     Args:
         cfg: Corpus config.
@@ -1180,7 +1208,124 @@ def generate_queries(cfg: SyntheticConfig) -> dict[str, list[dict]]:
             )
         out[split] = queries
         logger.debug("generated %d %s queries in %d attempts", len(queries), split, attempts)
+    if any(cfg.num_composed):
+        composed = generate_composed_queries(cfg, codes)
+        for split in SPLITS:
+            out[split].extend(composed[split])
     return {split: out[split] for split in SPLITS}
+
+
+def modification_text(attribute: str, value: Any, rng: np.random.Generator | None = None) -> str:
+    """The modification text of a composed query that changes ``attribute`` to ``value``:
+    it names the new value and no other word of any attribute vocabulary."""
+    templates = _MODIFICATION_TEMPLATES[attribute]
+    t = 0 if rng is None else int(rng.integers(len(templates)))
+    word = COUNT_WORDS[int(value)] if attribute == "count" else str(value)
+    return templates[t].format(value=word, a_value=_with_article(word))
+
+
+def generate_composed_queries(
+    cfg: SyntheticConfig, codes: dict[str, np.ndarray] | None = None,
+) -> dict[str, list[dict]]:
+    """Composed queries (kind ``"composed"``): a reference image document and a modification
+    text that changes one attribute the reference's caption does not state (colour,
+    background or count), with exhaustive relevance from the ground truth.
+
+    The targets are every image document that shows the reference's content
+    (``COMPOSED_CONTENT``: shape, colour, background and count) with the one attribute
+    changed to the new value; position and collection are free (the query names neither,
+    and no pixel shows a collection). The *near misses* are the documents that match the
+    reference's content unchanged (the reference itself first): what an image-only search
+    finds, and the hard negatives of training. A draw without any target is drawn again;
+    ``(reference, attribute, value)`` is unique across splits. Splits are made test, dev,
+    train, each on its own stream (``_RNG_COMPOSED``), independent of ``num_queries``.
+
+    Args:
+        cfg: Corpus config (``num_composed`` per split).
+        codes: ``attribute_arrays(cfg)`` when the caller has them.
+
+    Returns:
+        ``{"train": [...], "dev": [...], "test": [...]}``; each query is a dict with
+        ``qid`` (``"<split>-c000012"``), ``split``, ``query`` (the modification text),
+        ``kind`` (``"composed"``), ``reference_doc_id``, ``target_doc_id`` (the first
+        target), ``positive_doc_ids`` (sorted), ``near_miss_doc_ids`` (sorted, reference
+        first, at most ``MAX_NEAR_MISSES``), ``changed`` (``{"attribute", "from", "to"}``)
+        and ``constraints`` (the targets' attributes, count as int).
+
+    Raises:
+        RuntimeError: the corpus is too small to hold that many composed queries.
+    """
+    codes = attribute_arrays(cfg) if codes is None else codes
+    index = _RelevanceIndex(codes, ATTRIBUTE_VALUES, ("shape", "color"))
+    seen: set[tuple[int, str, Any]] = set()
+    out: dict[str, list[dict]] = {}
+    for split_no in (2, 1, 0):
+        split = SPLITS[split_no]
+        n = int(cfg.num_composed[split_no])
+        rng = np.random.default_rng([cfg.seed, _RNG_COMPOSED, split_no])
+        queries: list[dict] = []
+        max_attempts = 1000 + 200 * n
+        attempts = 0
+        while len(queries) < n:
+            attempts += 1
+            if attempts > max_attempts:
+                raise RuntimeError(
+                    f"could not find {n} composed {split} queries with a target after {max_attempts} "
+                    f"attempts; the corpus (num_image_docs={cfg.num_image_docs}) is too small for "
+                    f"num_composed={cfg.num_composed}: add image documents or ask for fewer")
+            ref = int(rng.integers(cfg.num_image_docs))
+            attrs = _attrs_from_codes(codes, ref)
+            changeable = [a for a in COMPOSED_CHANGES if a not in attrs["stated"]]
+            if not changeable:
+                continue
+            attribute = changeable[int(rng.integers(len(changeable)))]
+            values = [v for v in ATTRIBUTE_VALUES[attribute] if v != attrs[attribute]]
+            value = values[int(rng.integers(len(values)))]
+            text = modification_text(attribute, value, rng)
+            if (ref, attribute, value) in seen:
+                continue
+            content = {name: attrs[name] for name in COMPOSED_CONTENT}
+            constraints = {**content, attribute: value}
+            positives = index.positives(constraints)
+            if not len(positives):
+                continue
+            seen.add((ref, attribute, value))
+            near = [int(i) for i in index.positives(content) if int(i) != ref]
+            queries.append({
+                "qid": f"{split}-c{len(queries):06d}",
+                "split": split,
+                "query": text,
+                "kind": COMPOSED_KIND,
+                "reference_doc_id": image_doc_id(ref),
+                "target_doc_id": image_doc_id(int(positives[0])),
+                "positive_doc_ids": [image_doc_id(int(i)) for i in positives],
+                "near_miss_doc_ids": [image_doc_id(i) for i in [ref, *near][:MAX_NEAR_MISSES]],
+                "changed": {"attribute": attribute, "from": attrs[attribute], "to": value},
+                "constraints": {name: constraints[name] for name in ATTRIBUTES if name in constraints},
+            })
+        out[split] = queries
+        logger.debug("generated %d composed %s queries in %d attempts", len(queries), split, attempts)
+    return {split: out[split] for split in SPLITS}
+
+
+def attach_query_images(cfg: SyntheticConfig, queries: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """``queries`` (``generate_queries`` output) with ``image`` set on every composed query:
+    its reference document's PNG bytes (as ingest stores them with the query). In place;
+    returns ``queries``."""
+    for split in queries.values():
+        for q in split:
+            if q["kind"] == COMPOSED_KIND and "image" not in q:
+                q["image"] = document_image(cfg, q["reference_doc_id"])
+    return queries
+
+
+def document_image(cfg: SyntheticConfig, doc_id: str) -> bytes:
+    """The PNG bytes of image document ``doc_id`` (exactly the corpus's), rendered alone:
+    the picture of a composed query's reference."""
+    if not doc_id.startswith("img-"):
+        raise ValueError(f"{doc_id!r} is not an image document id (img-NNNNNNNNN)")
+    index = int(doc_id[4:])
+    return _image_document(cfg, index, sample_attributes(cfg, index))["image"]
 
 
 def write_qrels(queries: list[dict]) -> list[tuple[str, str, int]]:

@@ -16,8 +16,10 @@ import pyarrow.compute as pc
 
 from pipelines.ingest.sources.base import BATCH_ROWS, SHARD_SHIFT, Query, Source
 from pipelines.ingest.sources.synthetic.generator import (
+    COMPOSED_KIND,
     SPLITS,
     SyntheticConfig,
+    document_image,
     generate_queries,
     iter_document_batches,
 )
@@ -82,8 +84,13 @@ class SyntheticSource(Source):
         for q in self._all_queries()[split]:
             meta = {"kind": q["kind"], "target_doc_id": q["target_doc_id"],
                     "constraints": q["constraints"]}
+            image = None
+            if q["kind"] == COMPOSED_KIND:
+                # The reference document's own picture travels with the query (inline bytes).
+                meta.update({k: q[k] for k in ("reference_doc_id", "near_miss_doc_ids", "changed")})
+                image = document_image(self.config, q["reference_doc_id"])
             yield Query(qid=q["qid"], query=q["query"], record_ref=f"synthetic:{q['qid']}",
-                        metadata=json.loads(json.dumps(meta)))
+                        metadata=json.loads(json.dumps(meta)), image=image)
 
     def iter_qrels(self, split: str) -> Iterator[tuple[str, str, int]]:
         for q in self._all_queries()[split]:
