@@ -8,8 +8,8 @@ What is measured
     ``--docs`` documents in the embedding schema (3 in 4 image documents with a caption, a
     JPEG thumbnail and patch weights, the rest text; random unit vectors of the model's
     width) is written with the project's :class:`~pipelines.store.lance_tables.VectorTable`,
-    indexed as ``ciea embed`` indexes it (:func:`plan_ann_index` → IVF_PQ at this size, or
-    exact search below the rule's threshold) and opened with
+    indexed as ``ciea embed`` indexes it (:func:`plan_ann_index`: IVF_PQ above the rule's threshold,
+    exact search below it, as at the default 3000 rows) and opened with
     :meth:`pipelines.query.search.Searcher.open_table`, as ``ciea serve`` opens it.
 
     Then ``--queries`` queries of each kind go through ``Searcher.search`` (encode + search +
@@ -97,7 +97,12 @@ def make_table(db: str, checkpoint: str, docs: int, seed: int = 0) -> dict[str, 
     import pyarrow as pa
 
     from ciea_model import load_checkpoint, model_id
-    from pipelines.store.lance_tables import META_CHECKPOINT, META_INDEX_PLAN, VectorTable, plan_ann_index
+    from pipelines.store.lance_tables import (
+        META_CHECKPOINT,
+        META_INDEX_PLAN,
+        VectorTable,
+        plan_ann_index,
+    )
 
     model, _ = load_checkpoint(checkpoint)
     mid, dim, grid = model_id(model), int(model.dim), model.patch_grid

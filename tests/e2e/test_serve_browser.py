@@ -4,7 +4,9 @@
 Types a query, submits, waits for the result cards, checks every thumbnail decoded
 (``naturalWidth > 0``), toggles the ``w`` overlay on and off, checks that a bad request
 shows the server's error on the page, asks with a picture picked through the file input and
-follows a result's "more like this" link.
+follows a result's "more like this" link, and sends bad pictures (over the upload cap, not a
+picture, a decompression bomb) through the page and the API: each gets a one-line error and
+the server writes nothing (it runs in an empty working dir and temp dir of its own).
 
 Skips when chromium / chromedriver are missing, unless ``CIEA_REQUIRE_BROWSER=1`` (CI sets
 it), in which case it fails: a CI image without the browser must not pass silently.
@@ -347,6 +349,9 @@ def test_bad_uploads_get_one_line_errors_and_nothing_is_written(driver, server, 
         "oversize": (oversize, 413, "upload limit"),
         "text": (driver.execute_async_script(post, "hello", "text/plain"), 415, "not a picture"),
         "bomb": (driver.execute_async_script(post, list(bomb.read_bytes()), "image/png"), 400, "image_too_large"),
+        # Under Pillow's own guard (2 x 89M pixels) but over the store's pixel cap: our check.
+        "7000x7000": (driver.execute_async_script(post, list(_png_claiming(7000, 7000)), "image/png"), 400,
+                      "max_image_pixels"),
     }
     for name, ((code, text), want, phrase) in cases.items():
         error = json.loads(text)["error"] if code else text
