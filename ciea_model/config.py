@@ -211,6 +211,10 @@ class CIEAConfig:
         image_only_extractor: the image-only encoding used by L_comp passes the patches
             through the extractor (project default, as the paper figure draws it);
             ``False`` feeds the projected patches directly (the authors' release).
+        image_only_frame: an image encoded alone (L_comp's image-only candidates, stage 0's
+            images) sits between ``<im_start>`` and ``<im_end>`` after the prefix (project
+            default, the frame of an image document); ``False`` makes the patches alone the
+            LM's whole input, as MARVEL's ``encode_images_only`` does (the release).
     """
 
     variant: str = "ciea"
@@ -223,6 +227,7 @@ class CIEAConfig:
     logit_scale_init: float = math.log(100.0)
     logit_scale_max: float = 100.0
     image_only_extractor: bool = True
+    image_only_frame: bool = True
 
     def __post_init__(self) -> None:
         _check(

@@ -135,15 +135,22 @@ class CIEAModel(nn.Module):
             doc = self.encode_patch_sequence(
                 image["input_ids"], image["attention_mask"], image["patch_mask"], doc_patches
             )
-            io = None
-            if return_image_only:
-                io = self.encode_patch_sequence(
-                    image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"], io_patches
-                )
+            io = self.encode_patches_alone(image, io_patches) if return_image_only else None
         out = (doc, io) if return_image_only else (doc,)
         if return_weights:
             out = (*out, weights)
         return out if len(out) > 1 else doc
+
+    def encode_patches_alone(self, image: dict[str, torch.Tensor], patches: torch.Tensor) -> torch.Tensor:
+        """An image without its caption: (B, N, D) patch rows through the LM → (B, D), unit
+        norm; between ``<im_start>`` and ``<im_end>`` (``image``'s ``io_*`` sequences) or,
+        with ``config.image_only_frame`` off, as the LM's whole input (MARVEL's
+        ``encode_images_only``: no frame, no prefix, every position attended)."""
+        if self.config.image_only_frame:
+            return self.encode_patch_sequence(
+                image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"], patches)
+        mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
+        return F.normalize(self.text(mask, inputs_embeds=patches), dim=-1)
 
     def encode_image_only(self, image: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[<im_start>] + P̂ + [<im_end>]`` through the LM → (B, D), unit norm (the

@@ -519,14 +519,13 @@ def _progress(total: int, enabled: bool, desc: str):
 
 # ---- stage 0: image–caption warm-up --------------------------------------------------------
 def image_only_plain(model: CIEAModel, image: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Image vectors without the extractor: ``[<im_start>] + P + [<im_end>]`` through the
-    LM (the dual encoder: CLIP's image vector). (B, D), unit norm."""
+    """Image vectors without the extractor: the projected patches ``P`` through the LM,
+    framed by ``<im_start>``/``<im_end>`` or alone (``config.image_only_frame``,
+    :meth:`CIEAModel.encode_patches_alone`; the dual encoder: CLIP's image vector).
+    (B, D), unit norm."""
     if model.config.is_dual_encoder:
         return torch.nn.functional.normalize(model.vision.embed(image["pixel_values"]), dim=-1)
-    return model.encode_patch_sequence(
-        image["io_input_ids"], image["io_attention_mask"], image["io_patch_mask"],
-        model.project_patches(image["pixel_values"]),
-    )
+    return model.encode_patches_alone(image, model.project_patches(image["pixel_values"]))
 
 
 def freeze_for_warmup(model: CIEAModel) -> list[nn.Parameter]:
@@ -543,7 +542,7 @@ def warmup_loss(
     model: CIEAModel, processor: CIEAProcessor, documents: Sequence, gather: bool = False
 ) -> tuple[torch.Tensor, int]:
     """MARVEL's stage-0 loss on image documents with captions: each image, encoded alone
-    (``[<im_start>] + P + [<im_end>]`` through the LM, :func:`image_only_plain`), against its
+    (its projected patches through the LM, :func:`image_only_plain`), against its
     own caption (encoded by the frozen LM as a query is), symmetric in-batch contrastive;
     a caption repeated in the batch is one candidate, right for every image it describes
     (``contrastive_loss``'s keys), and so is a repeated image. With ``gather`` the batch is

@@ -67,11 +67,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # The release's recipe (docs/training.md, "The paper preset and the release"): AdamW
         # 5e-6, batch 64, ≤ 40 epochs, dev every 500 steps, the checkpoint kept by dev in-batch
         # accuracy, patience 10 in stage 1 and 5 in stage 2, λ = 0.1 in stage 1 and no L_comp in
-        # stage 2, L_comp's image-only candidates from the plain projected patches, fp32,
+        # stage 2, L_comp's image-only candidates from the plain projected patches, unframed
+        # (MARVEL's encode_images_only), fp32,
         # frozen CLIP, and stage 1 started from MARVEL's visual pretraining (`ciea
         # pretrain-vision`). The project's preferences are the switches' other values.
         "preset": "paper",
-        "model": {"comp_weight": 0.1, "image_only_extractor": False},
+        "model": {"comp_weight": 0.1, "image_only_extractor": False, "image_only_frame": False},
         "train": {"epochs": 40, "batch_size": 64, "eval_every": 500, "patience": 10, "stage2_patience": 5,
                   "lr": 5e-6, "checkpoint_every": 500, "select_by": "dev_in_batch_acc",
                   "comp_loss_in_stage2": False, "bf16": False, "visual_pretraining": "require"},

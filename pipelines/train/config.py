@@ -80,6 +80,7 @@ class ModelSettings(BaseModel):
     comp_weight: float = Field(0.1, ge=0, description="λ of L_comp")
     extractor_output_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the extractor's attention output (default: the preset's, 0.05 as the release)")
     image_only_extractor: bool = Field(True, description="image-only candidates of L_comp go through the extractor (project default); false: projected patches directly (the release)")
+    image_only_frame: bool = Field(True, description="an image encoded alone (L_comp's image-only candidates, stage 0) sits between <im_start> and <im_end> (project default); false: the patches are the LM's whole input, as MARVEL's encode_images_only (the release)")
     vision_state: str | None = Field(None, description="safetensors file of a pretrained vision tower (the demo's offline stand-in for CLIP); loaded before training")
     freeze_vision: bool | None = Field(None, description="override the preset's vision.trainable (paper: frozen)")
     logit_scale_init: float = Field(math.log(100.0), description="initial θ (score = exp(θ)·cos)")
@@ -277,6 +278,10 @@ _RUNTIME_ONLY = {
 _ADDED_KEYS: dict[str, Any] = {
     "train.select_by": "dev_mrr10",
     "train.comp_loss_in_stage2": True,
+    "train.composed_share": 1.0,  # no composed query trained before it existed
+    "model.image_only_frame": True,
+    "model_config.image_only_frame": True,
+    "model_config.text.projection_dim": None,
 }
 
 
@@ -352,7 +357,7 @@ def model_config_for(cfg: TrainJobConfig, tokenizer_dir: str | None):
         base = base.replace(extractor=dataclasses.replace(base.extractor, output_dropout=m.extractor_output_dropout))
     comp = m.comp_weight if cfg.train.trains_comp_loss else 0.0
     return base.replace(comp_weight=comp, logit_scale_init=m.logit_scale_init,
-                        image_only_extractor=m.image_only_extractor)
+                        image_only_extractor=m.image_only_extractor, image_only_frame=m.image_only_frame)
 
 
 def _minilm_path() -> str:

@@ -47,6 +47,7 @@ RELEASE = {
     "train.patience": 10,
     "train.stage2_patience": 5,
     "model.image_only_extractor": False,
+    "model.image_only_frame": False,
 }
 #: What tiny and demo keep (the project's preferences; ``make demo`` figures depend on them).
 PROJECT = {
@@ -55,6 +56,7 @@ PROJECT = {
     "train.select_by": "dev_mrr10",
     "train.stage2_patience": None,
     "model.image_only_extractor": True,
+    "model.image_only_frame": True,
 }
 
 
@@ -134,6 +136,25 @@ def test_image_only_extractor_switch(make_model, documents):
     torch.testing.assert_close(vecs[False][0], vecs[False][1])  # plain patches
     assert (vecs[True][0] - vecs[True][1]).abs().max() > 1e-3  # through the extractor
     torch.testing.assert_close(vecs[True][2], vecs[False][2])  # the documents are the same
+
+
+def test_image_only_frame_switch_by_hand(make_model, documents):
+    """false (the release, MARVEL's ``encode_images_only``): an image alone is its projected
+    patches and nothing else through the LM — no prefix, no ``<im_start>``/``<im_end>``,
+    every position attended; true: the patches in their frame. Image documents (with
+    their caption) are the same either way."""
+    framed, processor = make_model("ciea", seed=3, image_only_extractor=False)
+    bare, _ = make_model("ciea", seed=3, image_only_extractor=False, image_only_frame=False)
+    framed.eval(), bare.eval()
+    image = processor.collate_documents([d for d in documents if d.modality == "image"][:4]).image
+    with torch.no_grad():
+        patches = bare.project_patches(image["pixel_values"])
+        expect = torch.nn.functional.normalize(
+            bare.text(torch.ones(patches.shape[:2], dtype=torch.long), inputs_embeds=patches), dim=-1)
+        torch.testing.assert_close(image_only_plain(bare, image), expect)
+        torch.testing.assert_close(bare.encode_image_only(image), expect)
+        assert (image_only_plain(framed, image) - expect).abs().max() > 1e-3
+        torch.testing.assert_close(framed.encode_image_documents(image), bare.encode_image_documents(image))
 
 
 def test_bf16_switch_picks_the_forward_precision():
@@ -251,9 +272,28 @@ def test_stage2_patience_applies_in_stage_2(tmp_path, make_model, monkeypatch):
 MODEL = {"variant": "ciea"}
 
 
+#: Identity keys added since checkpoints were first written (by 2026-12-07).
+NEW_KEYS = ("train.select_by", "train.comp_loss_in_stage2", "train.composed_share", "model.image_only_frame",
+            "model_config.image_only_frame", "model_config.text.projection_dim")
+
+
 def _old(identity: dict) -> dict:
     """An identity as checkpoints written before the new keys store it."""
-    return {k: v for k, v in identity.items() if k not in ("train.select_by", "train.comp_loss_in_stage2")}
+    return {k: v for k, v in identity.items() if k not in NEW_KEYS}
+
+
+def test_a_checkpoint_from_before_composed_queries_and_the_frame_switch_resumes():
+    from ciea_model.presets import tiny_config
+
+    model = tiny_config("ciea", "tok").to_dict()
+    now = resume_identity(TrainJobConfig(), model)
+    assert {"train.composed_share", "model.image_only_frame", "model_config.image_only_frame",
+            "model_config.text.projection_dim"} <= set(now)
+    check_identity(_old(now), now, "old checkpoint")
+    framed_off = resume_identity(TrainJobConfig.model_validate({"model": {"image_only_frame": False}}),
+                                 {**model, "image_only_frame": False})
+    with pytest.raises(CheckpointMismatchError, match="image_only_frame: checkpoint True"):
+        check_identity(_old(now), framed_off, "old checkpoint")
 
 
 def test_old_checkpoints_resume_when_the_new_keys_keep_their_behaviour():
