@@ -57,7 +57,8 @@ def compare_config(arm: str, variant: str, seed: int, epochs: int, out: Path, pr
     from pipelines.train.compare import CompareConfig
 
     switches = ARMS[arm]
-    train = {"epochs": epochs, "stage2_epochs": 0, "patience": PATIENCE.get(epochs, 6)}
+    # stage 1 alone, from the raw projector, as measured on 2026-12-07 (before stage 0 was on by default)
+    train = {"warmup_epochs": 0, "epochs": epochs, "stage2_epochs": 0, "patience": PATIENCE.get(epochs, 6)}
     if "comp_captions" in switches:
         train["comp_captions"] = switches["comp_captions"]
     extra = {k: v for k, v in switches.items() if k != "comp_captions"}

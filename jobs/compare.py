@@ -51,7 +51,8 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "preset": "tiny",
         "corpus": {"num_image_docs": 120, "num_text_docs": 40, "num_queries": (96, 24, 40)},
-        "train": {"epochs": 1, "stage2_epochs": 1, "batch_size": 16, "eval_every": 6, "patience": 2, "lr": 1e-3, "new_lr": 1e-3},
+        "train": {"warmup_epochs": 1, "epochs": 1, "stage2_epochs": 1, "batch_size": 16, "eval_every": 6, "patience": 2,
+                  "lr": 1e-3, "new_lr": 1e-3},
         "vision_pretrain": {"pairs": 256, "heldout": 64, "epochs": 1, "batch_size": 64},
         "output_dir": "runs/compare-tiny",
     },

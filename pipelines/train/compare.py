@@ -88,7 +88,7 @@ class CompareTrainSettings(DrawSettingsGroup):
     projector, extractor, θ) learn at ``new_lr``; the pretrained LM at ``lr`` (the
     release's 5e-6 is tuned for 40 epochs, not a CPU demo)."""
 
-    warmup_epochs: int = Field(0, ge=0, description="stage 0, MARVEL's visual pretraining (`ciea pretrain-vision` on the Ray path): image–caption epochs with the LM frozen, for the variants with a projector; 0 skips it")
+    warmup_epochs: int = Field(2, ge=0, description="stage 0, MARVEL's visual pretraining (`ciea pretrain-vision` on the Ray path, 2 epochs in `ciea demo`): image–caption epochs with the LM frozen, for the variants with a projector; 0 skips it")
     epochs: int = Field(5, ge=1, description="stage 1 (in-batch negatives) epochs (5: where dev MRR@10 flattens, as in `ciea demo`)")
     stage2_epochs: int = Field(3, ge=0, description="stage 2 (mined hard negatives) epochs; 0 skips it")
     batch_size: int = Field(32, ge=2, description="queries per step")
