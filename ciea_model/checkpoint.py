@@ -46,14 +46,39 @@ class CheckpointError(ValueError):
     """
 
 
+#: Config keys added after checkpoints were first written → the value that gives the
+#: behaviour those checkpoints have. :func:`model_id` leaves a key out while it holds that
+#: value, so a checkpoint saved before the key existed keeps its id (its manifest's
+#: ``model_id`` still matches its weights, and the tables embedded with it stay its own).
+LATER_CONFIG_KEYS: dict[tuple[str, ...], Any] = {
+    ("image_only_frame",): True,
+    ("text", "projection_dim"): None,
+}
+
+
+def identity_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a :meth:`CIEAConfig.to_dict`) without the :data:`LATER_CONFIG_KEYS` that
+    hold their original behaviour: what :func:`model_id` hashes."""
+    out = json.loads(json.dumps(config))
+    for path, neutral in LATER_CONFIG_KEYS.items():
+        *parents, key = path
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == neutral:
+            del node[key]
+    return out
+
+
 def model_id(model: CIEAModel) -> str:
     """A content hash of config + weights: equal ids ⇔ equal models (16 hex digits).
 
     Two checkpoints with the same weights and config get the same id wherever they were
-    saved, which is what vector-table lineage needs.
+    saved, which is what vector-table lineage needs; a config key added later does not
+    change the id of a model that does not use it (:data:`LATER_CONFIG_KEYS`).
     """
     h = hashlib.sha256()
-    h.update(json.dumps(_resolved_config(model).to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(identity_config(_resolved_config(model).to_dict()), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())

@@ -121,3 +121,29 @@ def test_weights_are_safetensors_not_pickle(make_model, tmp_path):
     # stored tensor is a real parameter or buffer of the model.
     assert keys <= set(model.state_dict())
     assert any(k.startswith("text.model.") for k in keys) and "projector.weight" in keys
+
+
+def test_a_config_key_added_later_keeps_old_model_ids(make_model):
+    """model_id hashes the config without the keys added since checkpoints were first
+    written while they hold their original behaviour: a checkpoint saved before
+    ``image_only_frame`` and ``text.projection_dim`` existed keeps its id (its manifest still
+    matches its weights); a model that uses a new value gets a new id."""
+    import hashlib
+    import json
+
+    from ciea_model.checkpoint import LATER_CONFIG_KEYS, _resolved_config, identity_config, model_id
+
+    model, _ = make_model("ciea", seed=5)
+    config = _resolved_config(model).to_dict()
+    assert config["image_only_frame"] is True and config["text"]["projection_dim"] is None
+    before = json.loads(json.dumps(config))
+    del before["image_only_frame"], before["text"]["projection_dim"]  # as saved before the keys existed
+    h = hashlib.sha256(json.dumps(before, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert model_id(model) == h.hexdigest()[:16]
+    assert identity_config(config) == before and len(LATER_CONFIG_KEYS) == 2
+    bare, _ = make_model("ciea", seed=5, image_only_frame=False)
+    assert model_id(bare) != model_id(model)  # same weights, another input: another model
