@@ -49,6 +49,7 @@ from unittest import mock
 
 import pytest
 import yaml
+from job_server import job_client
 from s3_server import moto_s3, s3_credentials
 
 # A two-node cluster and eight submitted jobs (a few minutes on 2 cores): slow tier.
@@ -169,7 +170,7 @@ def c2(tmp_path_factory) -> Iterator[Cluster2]:
     try:
         import aiohttp  # noqa: F401  (the dashboard's job server needs it)
         from ray.cluster_utils import Cluster
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobSubmissionClient  # noqa: F401  (job_client builds it)
     except ImportError as e:
         pytest.fail(f"the job-submission server needs Ray's dashboard: pip install 'ray[default]' ({e})")
     import ray
@@ -207,14 +208,7 @@ def c2(tmp_path_factory) -> Iterator[Cluster2]:
             # drivers join ("auto"); without it they would join any Ray found on the machine.
             ray._private.utils.write_ray_address(cluster.address, temp_dir)
             url = f"http://127.0.0.1:{dashboard}"
-            client, deadline = None, time.monotonic() + 90
-            while client is None:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"Ray's job server did not answer on {url} within 90 s")
-                try:
-                    client = JobSubmissionClient(url)
-                except Exception:  # the dashboard is still starting
-                    time.sleep(1)
+            client = job_client(url)
             yield Cluster2(cluster, client, url, endpoint, s3, temp_dir, tmpdir)
     finally:
         if cluster is not None:

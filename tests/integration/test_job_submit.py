@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 from embed_helpers import make_checkpoint, synthetic_records, write_corpus
+from job_server import job_client
 
 # A real `ray start` head and `ray job submit` (≈ 30 s with the head's start and stop): slow tier.
 pytestmark = pytest.mark.slow
@@ -101,7 +102,7 @@ def head(tmp_path_factory) -> Iterator[dict]:
     """A 2-CPU Ray head with its dashboard on 127.0.0.1; yields its job-submission client."""
     try:
         import aiohttp  # noqa: F401  (the dashboard's job server needs it)
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobSubmissionClient  # noqa: F401  (job_client builds it)
     except ImportError as e:
         pytest.fail(f"the job-submission server needs Ray's dashboard: pip install 'ray[default]' ({e})")
 
@@ -127,16 +128,8 @@ def head(tmp_path_factory) -> Iterator[dict]:
                             start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        client, deadline = None, time.monotonic() + 90
-        while client is None:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{(log_dir / 'ray-start.log').read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"Ray's job server did not answer on {url} within 90 s")
-            try:
-                client = JobSubmissionClient(url)
-            except Exception:  # the dashboard is still starting
-                time.sleep(1)
+        client = job_client(url, failed=lambda: None if proc.poll() is None else (
+            f"ray start exited {proc.returncode}:\n{(log_dir / 'ray-start.log').read_text()[-3000:]}"))
         yield {"client": client, "url": url, "temp_dir": temp_dir}
     finally:
         _stop_head(proc, temp_dir)
