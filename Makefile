@@ -43,8 +43,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The slow tier alone (CI runs it after `make test`; ≈ 15 GB peak for the paper rehearsal).
+# The two-node cluster test runs in a pytest of its own: it starts and stops Ray clusters of its
+# own, which the rest of the tier's shared local Ray must not outlive or meet.
+CLUSTER_TEST := tests/integration/test_cluster_two_nodes.py
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slow --ignore=$(CLUSTER_TEST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slow $(CLUSTER_TEST) $(PYTEST_ARGS)
 
 test-all: test test-slow
 

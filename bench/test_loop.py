@@ -24,7 +24,8 @@ from bench.meter import TreeMeter
 TIERS = {
     "unit": ["tests/unit"],
     "loop": ["-m", "not slow", "tests"],
-    "slow": ["-m", "slow", "tests"],
+    "slow": ["-m", "slow", "--ignore=tests/integration/test_cluster_two_nodes.py", "tests"],
+    "cluster": ["-m", "slow", "tests/integration/test_cluster_two_nodes.py"],  # its own pytest, as `make test-slow`
 }
 _DURATION = re.compile(r"^\s*([\d.]+)s (call|setup|teardown)\s+(\S+)", re.M)
 
@@ -45,7 +46,7 @@ def run_tier(repo: Path, tier: str, python: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiers", default="unit,loop,slow")
+    p.add_argument("--tiers", default="unit,loop,slow,cluster")
     p.add_argument("--repo", default=".", help="the checkout whose tests run")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--out", default="bench/results/test_loop")
