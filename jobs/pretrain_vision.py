@@ -93,9 +93,8 @@ def command(cfg: TrainJobConfig, always: tuple[str, ...] = ()) -> list[str]:
     return ["--preset", cfg.preset, *command_args(cfg, defaults, FLAGS, progress_key="run.progress", always=always)]
 
 
-def execute(cfg: TrainJobConfig) -> int:
-    """Runs the stage-0 job (``ciea train``'s driver) and prints where its model is."""
-    return train_job.execute(cfg)
+#: Stage 0 runs through ``ciea train``'s driver and prints where its model is.
+execute = train_job.execute
 
 
 def main(argv: list[str] | None = None) -> int:
