@@ -270,6 +270,62 @@ def test_ask_with_a_picture_then_more_like_this(driver, server, tmp_path):
     assert driver.find_element(By.ID, "mode").get_attribute("disabled") is None
 
 
+_DELIVER_PICTURE = """
+const [how, b64, name, type, done] = arguments;
+const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+if (type === "text") data.setData("text/plain", atob(b64));  // dragged or copied words
+else data.items.add(new File([bytes], name, {type}));
+if (how === "drop") {
+  const form = document.getElementById("search-form");
+  const over = new DragEvent("dragover", {dataTransfer: data, bubbles: true, cancelable: true});
+  form.dispatchEvent(over);
+  const dropped = new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true});
+  form.dispatchEvent(dropped);
+  done({taken: dropped.defaultPrevented, offered: over.defaultPrevented});
+} else {
+  const pasted = new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true});
+  document.getElementById("q").dispatchEvent(pasted);
+  done({taken: pasted.defaultPrevented, offered: true});
+}
+"""
+
+
+@pytest.mark.parametrize("how", ["drop", "paste"])
+def test_a_picture_dropped_on_or_pasted_into_the_search_box_asks_with_it(driver, server, how):
+    """The two other ways in: the browser's own DragEvent / ClipboardEvent carrying a File
+    (what a drag from the desktop or a screenshot paste delivers), through the page's
+    handlers, to the same results as picking the file. Dropped or pasted text stays text."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    target = next(r for r in synthetic_records(N_IMAGES, N_TEXTS, seed=11) if r["modality"] == "image" and r["caption"])
+    driver.get(server["base"] + "/")
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "picture-control").is_displayed())
+    status = driver.find_element(By.ID, "status")
+    box = driver.find_element(By.ID, "q")
+    box.send_keys(target["caption"])
+
+    # Text delivered the same way is not a picture: the page leaves it to the box.
+    plain = driver.execute_async_script(_DELIVER_PICTURE, how, base64.b64encode(b"red circle").decode(), "", "text")
+    assert plain == {"taken": False, "offered": how == "paste"}, plain
+    assert not driver.find_element(By.ID, "picture-preview").is_displayed()
+
+    got = driver.execute_async_script(_DELIVER_PICTURE, how, base64.b64encode(target["image"]).decode(),
+                                      "from-the-desktop.png", "image/png")
+    assert got == {"taken": True, "offered": True}, got  # the page took the file, the browser did not open it
+    WebDriverWait(driver, WAIT_S).until(lambda d: "result" in status.text or "error" in status.get_attribute("class"))
+    assert "error" not in status.get_attribute("class"), status.text
+    assert "for the picture + " in status.text
+    assert driver.find_element(By.ID, "picture-preview").is_displayed()
+    assert driver.find_element(By.ID, "mode").get_attribute("disabled") is not None
+    cards = driver.find_elements(By.CSS_SELECTOR, "#results .card")
+    assert len(cards) == 10 and cards[0].get_attribute("data-doc-id") == target["doc_id"]
+    driver.find_element(By.ID, "picture-remove").click()
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A ~100-byte PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's
     calling card: a decoder that trusts the header allocates width x height first)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from ingest_fixtures import write_bad_manifest
 from ingest_helpers import content, run_ingest
+from process_tree import kill_tree
 
 from pipelines.store.delta_tables import Tables
 
@@ -41,25 +42,10 @@ def _spawn(args: list[str], tmp: Path, extra_env: dict[str, str]) -> tuple[subpr
 
 
 def _reap(proc: subprocess.Popen, ray_tmp: str) -> None:
-    """Kill what the killed job left behind: its process group, then any Ray daemon that
-    was started with its session folder (matched by that unique path, killed by pid)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """Kill what the killed job left behind: its whole process tree and any Ray daemon
+    started with its session folder, frozen first (:func:`process_tree.kill_tree`)."""
+    kill_tree(proc.pid, also_matching=ray_tmp)
     proc.wait(timeout=30)
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if ray_tmp.encode() in cmdline:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

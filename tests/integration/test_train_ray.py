@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pipelines.train.checkpoints import PROBE_FILE, STATE_FILE
 from pipelines.train.curves import METRICS_FILE, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
+from process_tree import kill_tree  # noqa: E402
 from train_fixtures import write_documents, write_split, write_synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,9 +75,10 @@ def stage1(data_root, runs, tmp_path_factory, ray_local) -> dict:
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # The whole tree at once: Ray's actors (the Train controller among them) sit outside
+        # the job's process group and once wrote a later checkpoint after the kill.
+        kill_tree(proc.pid, also_matching=str(ray_tmp))
         proc.wait()
-        _kill_leftovers(ray_tmp)
     checkpointed = {r["step"] for r in read_metrics(metrics) if r["event"] == "checkpoint"}
     on_disk = _checkpoint_steps(runs / "s1")
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -97,28 +98,6 @@ def _checkpoint_steps(run: Path) -> set[int]:
     """Steps of the complete checkpoints in a run folder (an upload cut short has no state)."""
     return {json.loads((d / STATE_FILE).read_text())["step"]
             for d in run.glob("checkpoint*") if (d / STATE_FILE).exists()}
-
-
-def _kill_leftovers(ray_tmp: Path) -> None:
-    """Ray workers of the killed run that are outside its process group (the raylet starts
-    them): found by their session folder, which only this test's runs use."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and str(ray_tmp) in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
 
 
 def test_killed_job_resumes_from_its_checkpoint(stage1, runs):
