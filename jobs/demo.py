@@ -13,7 +13,8 @@ sharing one local Ray:
 5. ``ciea embed``   — a Ray Data actor pool encodes the corpus into one LanceDB table per
    variant, indexed and tagged ``published``;
 6. ``ciea evaluate`` — CIEA vs the baselines and BM25 on the test split (JSON, Markdown, PNG);
-7. three example queries with their top results, and how to open the search page.
+7. three example queries with their top results, one composed query (a picture + "but in
+   blue") when the corpus has them, and how to open the search page.
 
 Each stage is idempotent (ingest merges, train resumes by run name, embed skips what the
 table holds), so a re-run after an interruption picks up where it stopped.
@@ -112,7 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "preset": "tiny",
         "variants": ["ciea", "text-only"],
-        "corpus": {"num_image_docs": 120, "num_text_docs": 40, "num_queries": (96, 24, 40)},
+        "corpus": {"num_image_docs": 120, "num_text_docs": 40, "num_queries": (96, 24, 40), "num_composed": (32, 8, 12)},
         "vision_pretrain": {"pairs": 0},
         "train": {"stage0_epochs": 1, "stage1_epochs": 4, "stage2_epochs": 1},
         "output_dir": "runs/demo-tiny",
@@ -183,7 +184,7 @@ def ingest_call(cfg: DemoConfig, data: Path) -> JobCall:
     c = cfg.corpus
     synthetic = c.model_dump(include={"seed", "num_image_docs", "num_text_docs", "num_queries", "image_size",
                                       "num_collections", "p_caption_states", "complementary_fraction",
-                                      "text_query_fraction"})
+                                      "text_query_fraction", "num_composed"})
     job = _typed(ingest.IngestJobConfig, {
         "source": {"kind": "synthetic", "synthetic": synthetic},
         "output": {"root": str(data), "run_dir": str(data.parent / "ingest")}, "progress": cfg.progress,
@@ -348,6 +349,47 @@ def print_examples(cfg: DemoConfig, data: Path, db: Path) -> list[dict[str, Any]
     return shown
 
 
+def print_composed_example(cfg: DemoConfig, data: Path, db: Path) -> dict[str, Any] | None:
+    """One composed query of the test split (a document's picture + a change its caption does
+    not name) with CIEA's top 3, and where the picture alone and late fusion (the normalised
+    sum of the picture's and the text's vectors) rank the first relevant document. Picks the
+    query where CIEA gains most over late fusion (ties: split order). ``None`` when the
+    corpus has no composed test query (``corpus.num_composed``)."""
+    from pipelines.query.evaluation import composed_search_runs, load_split
+    from pipelines.query.search import Searcher
+    from pipelines.store.delta_tables import Tables
+
+    if not cfg.corpus.num_composed[2] or not cfg.examples:
+        return None
+    queries, qrels = load_split(Tables(str(data)), "test")
+    composed = [q for q in queries if q.get("kind") == "composed" and q.get("image") is not None]
+    if not composed:
+        return None
+    searcher = Searcher.open(str(db), table_name("ciea"))
+    runs = composed_search_runs(searcher, composed, k=10)
+
+    def first_relevant(encoding: str, q: dict[str, Any]) -> int | None:
+        relevant = set(qrels.get(q["qid"], {}))
+        ranked = list(runs[encoding][q["qid"]])
+        return next((i + 1 for i, d in enumerate(ranked) if d in relevant), None)
+
+    ranks = [{e: first_relevant(e, q) for e in ("model", "late-fusion", "image-only")} for q in composed]
+    best = min(range(len(composed)), key=lambda i: ((ranks[i]["model"] or 11) - (ranks[i]["late-fusion"] or 11), i))
+    q, where = composed[best], ranks[best]
+    relevant = set(qrels.get(q["qid"], {}))
+    hits = searcher.search_pictures([q["image"]], [q["query"]], k=3)[0]
+    reference = q["metadata"].get("reference_doc_id", "?")
+    print(f"\nA composed query (the picture of {reference} + a change its caption does not name; ✓ = relevant):")
+    print(f"\n  [picture of {reference}] “{q['query']}”")
+    for h in hits:
+        mark = "✓" if h.doc_id in relevant else " "
+        print(f"    {mark} {h.rank:>2}. {h.score:6.3f}  {h.doc_id:<14} {(h.caption or h.text or '')[:72]}")
+    names = {"model": "ciea", "late-fusion": "late fusion", "image-only": "the picture alone"}
+    print("    first relevant: " + ", ".join(f"{names[e]} at {r if r else '>10'}" for e, r in where.items()))
+    return {"qid": q["qid"], "query": q["query"], "reference_doc_id": reference, "top": [h.doc_id for h in hits],
+            "first_relevant": {names[e]: r for e, r in where.items()}}
+
+
 def pretrain_vision(cfg: DemoConfig, out: Path, stages: Stage) -> Path | None:
     """The stand-in CLIP vision tower, pretrained once and cached (``None``: not pretrained)."""
     if not cfg.vision_pretrain.pairs:
@@ -379,6 +421,7 @@ def execute(cfg: DemoConfig) -> int:
         stages.run(f"embed with {variant}", embed_call(cfg, variant, summary["model_dir"], data, db, out))
     stages.run("evaluate on the test split", evaluate_call(cfg, data, db, out))
     examples = print_examples(cfg, data, db)
+    composed = print_composed_example(cfg, data, db)
 
     minutes = (time.perf_counter() - t_start) / 60
     write_json(out / "demo_summary.json", {
@@ -387,6 +430,7 @@ def execute(cfg: DemoConfig) -> int:
         "models": {v: {"model_dir": s["model_dir"], "model_id": s["model_id"], "stage": s["stage"],
                        "best_dev_mrr10": _best_dev(s)} for v, s in trained.items()},
         "examples": examples,
+        "composed_example": composed,
     })
     print(f"\nDone in {minutes:.1f} min. Report: {out / 'eval' / 'report.md'} (charts beside it).")
     print(f"Search it:   ciea search \"a red circle\" --db {db} --table {table_name('ciea')}")

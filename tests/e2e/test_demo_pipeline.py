@@ -73,6 +73,15 @@ def test_demo_runs_every_stage(demo_run):
         assert summary["models"][variant]["stage"] in (1, 2)
     assert labels[-1] == "evaluate on the test split"
     assert len(summary["examples"]) == 3
+    # One composed query of the test split (the tiny corpus has 12), with CIEA's top 3 and
+    # where the baselines rank its first relevant document, on the terminal and in the summary.
+    composed = summary["composed_example"]
+    assert composed and composed["qid"] and composed["reference_doc_id"].startswith("img-")
+    assert len(composed["top"]) == 3
+    assert set(composed["first_relevant"]) == {"ciea", "late fusion", "the picture alone"}
+    assert f"[picture of {composed['reference_doc_id']}] “{composed['query']}”" in terminal
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert "composed" in json.dumps(report)  # scored as its own group
 
 
 @pytest.mark.slow
