@@ -381,7 +381,7 @@ def print_composed_example(cfg: DemoConfig, data: Path, db: Path) -> dict[str, A
     q, where = composed[best], ranks[best]
     relevant = set(qrels.get(q["qid"], {}))
     hits = searcher.search_pictures([q["image"]], [q["query"]], k=3)[0]
-    reference = q["metadata"].get("reference_doc_id", "?")
+    reference = (q.get("metadata") or {}).get("reference_doc_id") or "?"
     print(f"\nA composed query (the picture of {reference} + a change its caption does not name; ✓ = relevant):")
     print(f"\n  [picture of {reference}] “{q['query']}”")
     for h in hits:

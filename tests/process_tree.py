@@ -10,36 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
+# bench/ is not an installed package: the `pytest` script (unlike `python -m pytest`) does not
+# put the repository root on sys.path.
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
 
-def _parents() -> dict[int, int]:
-    out: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        out[int(proc.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-    return out
-
-
-def descendants(root: int) -> set[int]:
-    """``root`` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _parents().items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, ()))
-    return found
+from bench.meter import descendants  # noqa: E402  (the same walk the benchmarks measure with)
 
 
 def _signal(pids: set[int], sig: int) -> None:
