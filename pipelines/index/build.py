@@ -17,6 +17,7 @@ The run never starts Ray: the caller has (the job, a test, a benchmark), or hand
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -257,22 +258,26 @@ def _run_leased(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None, 
     res = resolve_resources(cfg, (ray or CurrentRay()).start())
 
     table.fence_writes(lease.run_id, lease.check)
-    plan = E.plan_work(E.source_keys(tables, version), table.keys())
+    t_plan = time.perf_counter()
+    route = plan_route(cfg, tables, table, version)
+    plan = make_plan(cfg, tables, table, version, route)
     summary: dict[str, Any] = {
         "model_id": mid, "variant": facts["variant"], "dim": dim, "documents_uri": tables.documents,
         "source_version": version, "table": f"{cfg.db_uri}/{cfg.output.table}", "resources": res,
-        "documents": plan.documents, "to_embed": len(plan.to_embed), "skipped": plan.skipped,
+        "documents": plan.documents, "to_embed": plan.to_embed_count, "skipped": plan.skipped,
+        "plan_route": route, "plan_seconds": round(time.perf_counter() - t_plan, 2),
     }
-    logger.info("corpus/documents@%d: %d documents, %d already embedded, %d to embed, %d stale rows to replace",
-                version, plan.documents, plan.skipped, len(plan.to_embed), len(plan.stale))
+    logger.info("corpus/documents@%d: %d documents, %d already embedded, %d to embed, %d stale rows to replace "
+                "(planned %s)", version, plan.documents, plan.skipped, plan.to_embed_count, len(plan.stale), route)
     version_before = table.version()
     summary["deleted_stale"] = table.delete_doc_ids(plan.stale) if plan.stale else 0
-    stream = _embed_plan(cfg, facts, res, table, tables, version, plan) if len(plan.to_embed) \
+    stream = _embed_plan(cfg, facts, res, table, tables, version, plan) if plan.to_embed_count \
         else E.StreamResult()
     summary.update(rows_written=stream.rows, fragments=stream.fragments, commits=stream.commits,
                    failed=len(stream.failed), failures=stream.failed[:100], embed_seconds=stream.seconds)
     summary["docs_per_s"] = round(stream.rows / stream.seconds, 1) if stream.seconds else 0.0
-    summary["rows"] = _check_one_row_per_document(cfg, table, plan.documents - len(stream.failed))
+    summary["rows"] = _check_one_row_per_document(cfg, table, tables, version, plan.documents - len(stream.failed),
+                                                  route)
     changed = table.version() != version_before or stream.commits > 0
     _index_and_publish(cfg, facts, table, version, changed, summary)
     summary["table_version"] = table.version()
@@ -291,6 +296,7 @@ def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], ta
     lds = table.dataset()
     spec = pipeline_spec(cfg, facts, res, tables=tables, version=version, lance_uri=table.uri,
                          lance_schema=lds.schema, data_storage_version=lds.data_storage_version, fault=fault)
+    spec = dataclasses.replace(spec, join_partitions=max(2, getattr(plan, "partitions", 0)))
     # Recorded in the table metadata so that search can load the same model for queries.
     checkpoint_uri = _checkpoint_uri(cfg.model.checkpoint)
 
@@ -300,20 +306,60 @@ def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], ta
             raise SimulatedCrash(f"fault.crash_after_commits={n}: the job dies here (drill)")
 
     with ray_data_settings(cfg.encode.max_retries), \
-            progress_bar(len(plan.to_embed), f"embed → {cfg.output.table}", cfg.progress) as on_rows:
-        ds = E.build_dataset(spec, None if plan.all_documents else plan.to_embed)
+            progress_bar(plan.to_embed_count, f"embed → {cfg.output.table}", cfg.progress) as on_rows:
+        ds = E.build_dataset(spec, plan.embed_filter)
         return E.stream_to_table(ds, table.commit_fragments, cfg.write.commit_every_rows,
                                  on_rows=on_rows, after_commit=after_commit)
 
 
-def _check_one_row_per_document(cfg: EmbedConfig, table: Any, expected: int) -> int:
-    """Every source document must now have exactly one row (except those that failed)."""
-    keys = table.keys()
+def plan_route(cfg: EmbedConfig, tables: Tables, table: Any, version: int) -> str:
+    """``driver`` or ``ray`` (``plan.distributed_min_rows``; rows from Delta's file
+    statistics and Lance's manifest, no data read)."""
+    from pipelines.store.delta_tables import row_count as delta_row_count
+
+    rows = delta_row_count(tables, version) + table.count_rows()
+    return "ray" if rows >= cfg.plan.distributed_min_rows else "driver"
+
+
+def make_plan(cfg: EmbedConfig, tables: Tables, table: Any, version: int, route: str) -> Any:
+    """The run's work plan: ``embed.plan_work`` on the driver, or ``keydiff.plan_work`` on Ray
+    (the same fields; the ids to embed then stay in the object store)."""
+    from pipelines.index import embed as E
+    from pipelines.index import keydiff as K
+    from pipelines.store.delta_tables import row_count as delta_row_count
+
+    if route == "driver":
+        return E.plan_work(E.source_keys(tables, version), table.keys())
+    if table.count_rows() == 0:  # nothing to diff against: every document, no shuffle
+        n = delta_row_count(tables, version)
+        return K.DistributedPlan(n, n, [], 0, None, 0)
+    partitions = K.partitions_for(delta_row_count(tables, version) + table.count_rows(), cfg.plan.partitions)
+    plan = K.plan_work(tables, version, table.uri, partitions)
+    if plan.repeated:
+        raise E.EmbedError(
+            f"{tables.documents}@{version} has {plan.repeated} repeated doc_ids; corpus/documents must hold one "
+            "row per doc_id: re-run `ciea ingest` on that root to repair it")
+    return plan
+
+
+def _check_one_row_per_document(cfg: EmbedConfig, table: Any, tables: Tables, version: int, expected: int,
+                                route: str = "driver") -> int:
+    """Every source document must now have exactly one row (except those that failed).
+
+    On the Ray route the check is the plan made again: nothing stale, nothing to embed but
+    the documents that failed, and the row count Lance's manifest gives."""
     import pyarrow.compute as pc
 
-    rows, distinct = keys.num_rows, pc.count_distinct(keys.column(0)).as_py()
-    if rows != distinct or rows != expected:
-        raise RuntimeError(f"table {cfg.output.table} has {rows} rows / {distinct} doc_ids, expected {expected}: "
+    if route == "driver":
+        keys = table.keys()
+        rows, distinct = keys.num_rows, pc.count_distinct(keys.column(0)).as_py()
+        ok, found = rows == distinct == expected, f"{rows} rows / {distinct} doc_ids"
+    else:
+        again, rows = make_plan(cfg, tables, table, version, route), table.count_rows()
+        ok = rows == expected and not again.stale and again.to_embed_count == again.documents - expected
+        found = f"{rows} rows, {len(again.stale)} stale or repeated doc_ids, {again.to_embed_count} documents missing"
+    if not ok:
+        raise RuntimeError(f"table {cfg.output.table} has {found}, expected {expected} rows: "
                            "not publishing this version; re-run `ciea embed` to repair it")
     return rows
 

@@ -99,6 +99,19 @@ class FaultSettings(BaseModel):
         return self
 
 
+class PlanSettings(BaseModel):
+    """Where the run's plan (its diff of the Delta version's keys against the table's) is
+    made: in the driver, or as a hash-partitioned Ray Data job (``pipelines.index.keydiff``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    distributed_min_rows: int = Field(
+        250_000, ge=0, description="plan on Ray (hash-partitioned, nothing per document in the driver) when the "
+        "version and the table hold at least this many rows together; below, the driver diffs the keys (≈ 180 B "
+        "per document, no shuffle start-up); 0: always on Ray")
+    partitions: int | None = Field(None, ge=1, description="hash partitions of the Ray plan (default: one per "
+                                   "250 000 rows, at least 2)")
+
+
 def lance_db_uri(output: OutputSettings, input_: InputSettings) -> str:
     """``output.db``, or ``<input.root>/lancedb``."""
     return output.db or storage_mod.join(storage_mod.normalise_uri(input_.root), "lancedb")
@@ -111,6 +124,7 @@ class IndexRunConfig(storage_mod.StorageOptionsConfig):
     legacy_storage_keys = ("input.storage_options",)
     input: InputSettings
     output: OutputSettings
+    plan: PlanSettings = Field(default_factory=PlanSettings)
 
     def tables(self) -> Tables:
         """The Delta handle of ``input.root`` with the storage options (made once per run)."""

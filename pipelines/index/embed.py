@@ -159,6 +159,15 @@ class WorkPlan:
     skipped: int
     all_documents: bool = field(default=False)
 
+    @property
+    def to_embed_count(self) -> int:
+        return len(self.to_embed)
+
+    @property
+    def embed_filter(self) -> pa.Array | None:
+        """What :func:`build_dataset` keeps (``None``: every document of the version)."""
+        return None if self.all_documents else self.to_embed
+
 
 def plan_work(source: pa.Table, table: pa.Table) -> WorkPlan:
     """Diff of the source's ``(doc_id, content_sha256)`` pairs against the table's.
@@ -473,6 +482,7 @@ class PipelineSpec:
     thumbnail_quality: int = 75
     read_blocks: int | None = None
     preprocess_in_tasks: bool = True
+    join_partitions: int = 2
     embedded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     fault: FaultSpec | None = None
 
@@ -483,12 +493,15 @@ def _preprocess_memory(rows: int, pixel_size: int) -> int:
     return 2 * rows * pixel_size * 4 + (512 << 20)
 
 
-def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table | None = None):
+def build_dataset(spec: PipelineSpec, doc_ids: Any, rows: pa.Table | None = None):
     """The lazy Ray dataset whose rows are fragment metadata (and failed documents).
 
     Args:
         spec: the resolved pipeline settings.
-        doc_ids: keep only these documents (``None``: all of the version).
+        doc_ids: keep only these documents (``None``: all of the version): an Arrow array
+            (the driver's plan; each read task filters by it), or a Ray Dataset with a
+            ``doc_id`` column (the Ray plan, ``keydiff``; a semi-join, hash-partitioned,
+            so no process holds the whole set).
         rows: the documents themselves (``SOURCE_COLUMNS``), already read by the caller —
             a re-index hands over the few changed rows instead of having Ray read the
             whole version to keep 1 % of it. ``doc_ids`` is then ignored.
@@ -503,8 +516,12 @@ def build_dataset(spec: PipelineSpec, doc_ids: pa.Array | None, rows: pa.Table |
         ds = spec.tables.ray_dataset(spec.tables.documents, spec.source_version, columns=list(SOURCE_COLUMNS),
                                      override_num_blocks=spec.read_blocks)
     if doc_ids is not None and rows is None:
-        ds = ds.map_batches(keep_documents, fn_kwargs={"doc_ids": doc_ids}, batch_format="pyarrow",
-                            batch_size=None)
+        if isinstance(doc_ids, (pa.Array, pa.ChunkedArray)):
+            ds = ds.map_batches(keep_documents, fn_kwargs={"doc_ids": doc_ids}, batch_format="pyarrow",
+                                batch_size=None)
+        else:
+            ds = ds.map_batches(S.plain_types, batch_format="pyarrow", batch_size=None).join(
+                doc_ids, join_type="left_semi", num_partitions=spec.join_partitions, on=(S.DOC_ID,))
     pixel_size = 3 * spec.image_side * spec.image_side
     # Left alone, Ray Data fuses this task stage into the encoder actor (equal remote
     # args), which serialises decoding with encoding inside the actor. Declaring the

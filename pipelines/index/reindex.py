@@ -135,14 +135,9 @@ def _crash(cfg: ReindexConfig, point: str) -> None:
 
 def delta_row_count(tables: Tables, version: int) -> int:
     """Rows of a version of ``corpus/documents`` from its file statistics (no data read)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    from pipelines.store.delta_tables import row_count
 
-    dt = tables.documents_table(version)
-    actions = pa.table(dt.get_add_actions(flatten=True))
-    if actions["num_records"].null_count:  # a writer that kept no statistics: count the ids
-        return dt.to_pyarrow_dataset().count_rows()
-    return int(pc.sum(actions["num_records"]).as_py() or 0)
+    return row_count(tables, version)
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,7 +363,7 @@ def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, table
     from pipelines.index import reindex_plan as R
 
     with _step(summary, "plan"):
-        plan, changes = _plan(cfg, table, tables, to_version, summary)
+        plan, changes = _plan(cfg, table, tables, to_version, summary, ray or CurrentRay())
     _crash(cfg, "planned")
     version_before = table.version()
     with _step(summary, "delete"):
@@ -400,7 +395,7 @@ def run_incremental(cfg: ReindexConfig, facts: dict[str, Any], table: Any, table
 
 
 def _change_set(cfg: ReindexConfig, table: Any, tables: Tables, from_version: int | None,
-                to_version: int) -> tuple[Any, Any]:
+                to_version: int, ray: RayAccess) -> tuple[Any, Any]:
     """The change set from the recorded version: the feed, or a full diff when the feed
     cannot cover the range. Returns (changes, the table's keys when the diff read them)."""
     from pipelines.index import embed as E
@@ -422,6 +417,14 @@ def _change_set(cfg: ReindexConfig, table: Any, tables: Tables, from_version: in
         except R.ChangeFeedUnavailable as e:
             reason = f"the change data feed does not cover versions {from_version + 1}..{to_version} ({e})"
             logger.warning("%s: falling back to a full diff by content_sha256", reason)
+    rows = delta_row_count(tables, to_version) + table.count_rows()
+    if rows >= cfg.plan.distributed_min_rows:  # hash-partitioned on Ray: the driver gets the change set only
+        from pipelines.index import keydiff as K
+
+        ray.start()
+        upserts, deletes, _ = K.diff_changes(tables, to_version, table.uri, K.partitions_for(rows, cfg.plan.partitions))
+        return R.ChangeSet(from_version=from_version, to_version=to_version, method="diff", upserts=upserts,
+                           deletes=deletes, reason=reason), None
     table_keys = table.keys()
     changes = R.diff_changes(E.source_keys(tables, to_version), table_keys,
                              from_version, to_version, reason=reason)
@@ -429,7 +432,7 @@ def _change_set(cfg: ReindexConfig, table: Any, tables: Tables, from_version: in
 
 
 def _plan(cfg: ReindexConfig, table: Any, tables: Tables, to_version: int,
-          summary: dict[str, Any]) -> tuple[Any, Any]:
+          summary: dict[str, Any], ray: RayAccess) -> tuple[Any, Any]:
     """The change set since the table's recorded version and the plan against its rows now."""
     import pyarrow as pa
 
@@ -439,7 +442,7 @@ def _plan(cfg: ReindexConfig, table: Any, tables: Tables, to_version: int,
     recorded = table.metadata().get(L.META_SOURCE_VERSION)
     from_version = int(recorded) if recorded is not None else None
     summary["from_version"] = from_version
-    changes, table_keys = _change_set(cfg, table, tables, from_version, to_version)
+    changes, table_keys = _change_set(cfg, table, tables, from_version, to_version, ray)
     if table_keys is None:
         ids = pa.concat_arrays([changes.upserts["doc_id"].combine_chunks(), changes.deletes])
         table_keys = R.table_keys_for(table.dataset(), ids)

@@ -147,6 +147,17 @@ class LimitsSettings(BaseModel):
         return Limits(**self.model_dump(exclude={"max_query_chars"}))
 
 
+class DedupeSettings(BaseModel):
+    """Where the duplicate rule keeps the doc_ids accepted so far (``pipelines.ingest.dedupe``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    distributed_min_records: int = Field(
+        250_000, ge=0, description="keep the accepted ids in Ray actors, hash-partitioned, from this many on "
+        "(a source that says its size starts there; others move there when they pass it); below, in the "
+        "driver (≈ 100 B per document); 0: always in actors")
+    ids_per_shard: int = Field(250_000, ge=1, description="accepted ids per actor the shard count is sized for")
+
+
 class IngestConfig(storage_mod.StorageOptionsConfig):
     """The whole ingest, validated before Ray starts (Ray's own settings are the job's)."""
 
@@ -155,6 +166,7 @@ class IngestConfig(storage_mod.StorageOptionsConfig):
     source: SourceSettings = Field(default_factory=SourceSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     progress: bool = Field(True, description="show progress bars")
 
     def tables(self) -> Tables:

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.ingest.config import IngestConfig
+from pipelines.ingest.dedupe import AdaptiveIds, LocalIds, ShardedIds, shards_for
 from pipelines.ingest.sources import (
     EDISSource,
     FolderSource,
@@ -198,12 +199,12 @@ class DocumentStream:
     counting every record and spilling the rejected ones."""
 
     def __init__(self, batches: Iterable[pa.Table], spill: QuarantineSpill, run_id: str,
-                 now: datetime, progress: Callable[[int], None] | None = None) -> None:
+                 now: datetime, progress: Callable[[int], None] | None = None, seen: Any = None) -> None:
         self.batches, self.spill = batches, spill
         self.run_id, self.now = run_id, now
         self.progress = progress
         self.counts = Counts()
-        self.seen: set[str] = set()
+        self.seen = seen if seen is not None else LocalIds()
 
     def reader(self) -> pa.RecordBatchReader:
         return pa.RecordBatchReader.from_batches(S.DOCUMENTS_SCHEMA, self._documents())
@@ -225,13 +226,8 @@ class DocumentStream:
             self.counts.reject(r[S.REASON])
         ok = table.filter(is_ok)
         ids = ok[S.DOC_ID].to_pylist()
-        if self.seen.isdisjoint(ids) and len(set(ids)) == len(ids):
-            # The usual block: no doc_id seen before, none twice — set operations in C, no
-            # Python loop per row.
-            self.seen.update(ids)
-            accepted = ok
-        else:
-            accepted = ok.filter(pa.array(self._first_wins(ok, ids, rows), pa.bool_()))
+        fresh = self.seen.claim(ids)
+        accepted = ok if all(fresh) else ok.filter(pa.array(self._duplicates(ok, ids, fresh, rows), pa.bool_()))
         self.spill.add([{k: r.get(k) for k in (*S.QUARANTINE_SCHEMA.names, S.FINGERPRINT)} for r in rows])
         self.counts.accepted += accepted.num_rows
         if not accepted.num_rows:
@@ -243,26 +239,22 @@ class DocumentStream:
         cols[S.INGESTED_AT] = pa.repeat(pa.scalar(self.now, pa.timestamp("us", tz="UTC")), n)
         return pa.table(cols).cast(S.DOCUMENTS_SCHEMA)
 
-    def _first_wins(self, ok: pa.Table, ids: list[str], rows: list[dict[str, Any]]) -> list[bool]:
-        """Keep-mask of ``ok`` under the duplicate rule; the duplicates go to ``rows``."""
-        keep = []
-        for i, doc_id in enumerate(ids):
-            if doc_id in self.seen:
-                keep.append(False)
-                r = ok.slice(i, 1).to_pylist()[0]
-                r.update({S.STAGE: S.STAGE_DEDUPE, S.REASON: "duplicate_doc_id",
-                          S.DETAIL: f"doc_id {doc_id!r} was already accepted earlier in this ingest "
-                                    "(first record in source order wins); give the record its own "
-                                    "id or remove the duplicate",
-                          S.EXCERPT: json.dumps({"doc_id": doc_id, "text": (r[S.TEXT] or "")[:80],
-                                                 "caption": (r[S.CAPTION] or "")[:80]}, ensure_ascii=False),
-                          S.FINGERPRINT: r[S.CONTENT_SHA256]})
-                rows.append(r)
-                self.counts.reject("duplicate_doc_id")
-            else:
-                self.seen.add(doc_id)
-                keep.append(True)
-        return keep
+    def _duplicates(self, ok: pa.Table, ids: list[str], fresh: list[bool], rows: list[dict[str, Any]]) -> list[bool]:
+        """``fresh`` as the keep-mask of ``ok``; the records it drops go to ``rows``."""
+        for i, (doc_id, new) in enumerate(zip(ids, fresh)):
+            if new:
+                continue
+            r = ok.slice(i, 1).to_pylist()[0]
+            r.update({S.STAGE: S.STAGE_DEDUPE, S.REASON: "duplicate_doc_id",
+                      S.DETAIL: f"doc_id {doc_id!r} was already accepted earlier in this ingest "
+                                "(first record in source order wins); give the record its own "
+                                "id or remove the duplicate",
+                      S.EXCERPT: json.dumps({"doc_id": doc_id, "text": (r[S.TEXT] or "")[:80],
+                                             "caption": (r[S.CAPTION] or "")[:80]}, ensure_ascii=False),
+                      S.FINGERPRINT: r[S.CONTENT_SHA256]})
+            rows.append(r)
+            self.counts.reject("duplicate_doc_id")
+        return fresh
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,7 +289,7 @@ def validate_query(q: Query, limits: Limits, max_query_chars: int) -> dict[str, 
 
 def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limits: Limits,
                    max_query_chars: int, spill: QuarantineSpill, run_id: str, now: datetime,
-                   known_doc_ids: set[str] | None) -> dict[str, Any]:
+                   known_doc_ids: Any = None) -> dict[str, Any]:
     """Validate, dedupe and merge one split's queries and qrels; returns its summary."""
     counts = Counts()
     rows: list[dict[str, Any]] = []
@@ -368,7 +360,8 @@ def ingest_queries(source: Source, split: str, tables: delta_tables.Tables, limi
         "unknown_qid": sum(1 for k in pairs if k[0] not in seen),
     }
     if known_doc_ids is not None:
-        summary["qrels"]["doc_not_in_this_ingest"] = sum(1 for k in pairs if k[1] not in known_doc_ids)
+        known = known_doc_ids.contains([k[1] for k in pairs]) if pairs else []
+        summary["qrels"]["doc_not_in_this_ingest"] = sum(not k for k in known)
     return summary
 
 
@@ -466,10 +459,32 @@ def run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]]) -> dict
 def _run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]], tables: delta_tables.Tables,
          spill: QuarantineSpill) -> dict[str, Any]:
     t0 = time.perf_counter()
-    run_id, now, limits = spill.run_id, spill.now, cfg.limits.limits()
+    run_id, limits = spill.run_id, cfg.limits.limits()
     summary: dict[str, Any] = {"run_id": run_id, "source": source.name, "kind": source.kind,
                                "root": tables.root, "shards": len(shards)}
-    docs, seen = _ingest_documents(cfg, source, shards, tables, spill, limits)
+    seen = accepted_ids(cfg, source)
+    try:
+        return _run_with(cfg, source, shards, tables, spill, limits, seen, summary, t0)
+    finally:
+        seen.close()
+
+
+def accepted_ids(cfg: IngestConfig, source: Source) -> LocalIds | ShardedIds | AdaptiveIds:
+    """Where the duplicate rule keeps the accepted ids: Ray actors (hash-partitioned) for a
+    source that says it holds ``dedupe.distributed_min_records`` or more; otherwise the
+    driver, moving to the actors if the set grows past that (``pipelines.ingest.dedupe``)."""
+    records, limit = source.estimated_records(), cfg.dedupe.distributed_min_records
+    if records is not None and records >= limit:
+        return ShardedIds(shards_for(records, cfg.dedupe.ids_per_shard))
+    return AdaptiveIds(limit, shards_for(None, cfg.dedupe.ids_per_shard))
+
+
+def _run_with(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]], tables: delta_tables.Tables,
+              spill: QuarantineSpill, limits: Limits, seen: Any, summary: dict[str, Any],
+              t0: float) -> dict[str, Any]:
+    run_id, now = spill.run_id, spill.now
+    docs = _ingest_documents(cfg, source, shards, tables, spill, limits, seen)
+    docs["accepted_ids_in"] = seen.kind
     summary["documents"] = docs
     fetch = source.fetch_report(time.perf_counter() - t0)
     if fetch is not None:
@@ -494,8 +509,8 @@ def _run(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]], tables
 
 def _ingest_documents(cfg: IngestConfig, source: Source, shards: list[dict[str, Any]],
                       tables: delta_tables.Tables, spill: QuarantineSpill,
-                      limits: Limits) -> tuple[dict[str, Any], set[str]]:
-    """The documents' one commit; returns their summary and the accepted doc_ids."""
+                      limits: Limits, seen: Any) -> dict[str, Any]:
+    """The documents' one commit; returns their summary (``seen`` holds the accepted doc_ids)."""
     from tqdm import tqdm
 
     bar = tqdm(total=source.estimated_records(), unit="rec", desc=f"ingest {source.name}",
@@ -506,7 +521,7 @@ def _ingest_documents(cfg: IngestConfig, source: Source, shards: list[dict[str, 
         _failpoint("documents_after_rows", bar.n)
 
     stream = DocumentStream(_iter_validated(source, shards, limits), spill, spill.run_id, spill.now,
-                            progress=progress)
+                            progress=progress, seen=seen)
     version_before = tables.version(tables.documents)
     # An empty corpus/documents is bulk-loaded (appended), anything else merged into.
     metrics = delta_tables.write_documents(
@@ -519,7 +534,7 @@ def _ingest_documents(cfg: IngestConfig, source: Source, shards: list[dict[str, 
                 deleted=metrics["num_target_rows_deleted"], write=metrics["write"])
     docs["unchanged"] = counts.accepted - docs["inserted"] - docs["updated"]
     docs["version_before"], docs["version_after"] = version_before, tables.version(tables.documents)
-    return docs, stream.seen
+    return docs
 
 
 def _iter_validated(source: Source, shards: list[dict[str, Any]], limits: Limits) -> Iterator[pa.Table]:

@@ -218,6 +218,17 @@ class Tables:
         return plain_types(pa.table(reader))
 
 
+def row_count(tables: Tables, version: int) -> int:
+    """Rows of a version of ``corpus/documents`` from its file statistics (no data read)."""
+    import pyarrow.compute as pc
+
+    dt = tables.documents_table(version)
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions["num_records"].null_count:  # a writer that kept no statistics: count the ids
+        return dt.to_pyarrow_dataset().count_rows()
+    return int(pc.sum(actions["num_records"]).as_py() or 0)
+
+
 def has_rows(table: DeltaTable) -> bool:
     """Whether the table holds any data file (a file is written only with rows in it)."""
     return bool(table.file_uris())

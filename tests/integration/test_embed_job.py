@@ -140,29 +140,36 @@ def test_an_encoder_that_fails_once_still_ends_with_one_row_per_document(env, mo
     assert len(ids) == len(set(ids)) == N_IMAGES + N_TEXTS
 
 
-def test_a_crashed_run_resumes_with_only_the_missing_documents(env):
-    name = "resume"
+#: The two places a run's plan is made: the driver's Arrow diff, and the hash-partitioned
+#: Ray Data diff (``pipelines.index.keydiff``) that large corpora take.
+ROUTES = {"driver": (), "ray": ("--set", "plan.distributed_min_rows=0", "--set", "plan.partitions=3")}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_a_crashed_run_resumes_with_only_the_missing_documents(env, route):
+    name = f"resume-{route}"
     with pytest.raises(SimulatedCrash):
         run_embed(env["tmp"], env["root"], env["ckpt"], name, "--set", "write.commit_every_rows=64",
-                  "--set", "write.rows_per_fragment=64", "--set", "fault.crash_after_commits=1")
+                  "--set", "write.rows_per_fragment=64", "--set", "fault.crash_after_commits=1", *ROUTES[route])
     vt = _table(env, name)
     done = vt.count_rows()
     assert 64 <= done < N_IMAGES + N_TEXTS
     assert vt.published_version() is None  # readers never saw the half-written table
-    rc, summary = run_embed(env["tmp"], env["root"], env["ckpt"], name)
-    assert rc == 0
+    rc, summary = run_embed(env["tmp"], env["root"], env["ckpt"], name, *ROUTES[route])
+    assert rc == 0 and summary["plan_route"] == route
     assert summary["skipped"] == done and summary["rows_written"] == N_IMAGES + N_TEXTS - done
     ids = vt.dataset().to_table(columns=["doc_id"])["doc_id"].to_pylist()
     assert len(ids) == len(set(ids)) == N_IMAGES + N_TEXTS
     assert vt.published_version() == vt.version()
 
 
-def test_a_new_delta_version_embeds_only_new_and_changed_documents(env, tmp_path):
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_a_new_delta_version_embeds_only_new_and_changed_documents(env, tmp_path, route):
     root = tmp_path / "data"
     records = synthetic_records(20, 10, seed=5)
     write_corpus(root, records)
-    rc, first = run_embed(tmp_path, root, env["ckpt"], "incr")
-    assert rc == 0 and first["rows_written"] == 30
+    rc, first = run_embed(tmp_path, root, env["ckpt"], "incr", *ROUTES[route])
+    assert rc == 0 and first["rows_written"] == 30 and first["plan_route"] == route
     vt = VectorTable(str(root / "lancedb"), "incr")
     old = _rows(vt)
     # Version 1: one caption changed, one document gone, five new ones.
@@ -170,7 +177,7 @@ def test_a_new_delta_version_embeds_only_new_and_changed_documents(env, tmp_path
     more = [dict(r, doc_id=f"new-{i}") for i, r in enumerate(synthetic_records(4, 1, seed=9))]
     write_corpus(root, [changed, *records[2:], *more])
     assert Tables(str(root)).version("documents") == 1
-    rc, second = run_embed(tmp_path, root, env["ckpt"], "incr")
+    rc, second = run_embed(tmp_path, root, env["ckpt"], "incr", *ROUTES[route])
     assert rc == 0
     assert second["source_version"] == 1 and second["rows_written"] == 6 and second["skipped"] == 28
     assert second["deleted_stale"] == 2

@@ -109,9 +109,12 @@ def test_a_fixed_record_is_accepted_on_the_next_run(tmp_path):
     assert second["documents"]["inserted"] == 1 and second["documents"]["quarantined"] == 0
 
 
-def test_duplicates_across_shards_of_a_bulk_load_keep_the_first(tmp_path):
+@pytest.mark.parametrize(("limit", "kind"), [(250_000, "driver"), (0, "ray"), (20, "ray")])
+def test_duplicates_across_shards_of_a_bulk_load_keep_the_first(tmp_path, limit, kind):
     """The duplicate rule runs before the writer, so a bulk load (append, no MERGE to
-    collapse keys) still stores one row per doc_id: the first in source order."""
+    collapse keys) still stores one row per doc_id: the first in source order — whether the
+    accepted ids are kept in the driver, in Ray actors from the start (limit 0), or handed
+    to the actors part-way through (limit 20)."""
     src = tmp_path / "src"
     src.mkdir()
     first = [{"doc_id": f"d{i}", "text": f"first record {i}"} for i in range(40)]
@@ -120,10 +123,11 @@ def test_duplicates_across_shards_of_a_bulk_load_keep_the_first(tmp_path):
     jsonl(src / "b.jsonl", [{"doc_id": f"d{i}", "text": f"second file {i}"} for i in range(0, 40, 3)]
           + [{"doc_id": "only-in-b", "text": "new"}])
     summary = run_ingest(tmp_path, tmp_path / "data", "--source", "manifest", "--path", str(src),
-                         "--set", "source.shard_mb=0.0005")  # ~500-byte shards
+                         "--set", "source.shard_mb=0.0005",  # ~500-byte shards
+                         "--set", f"dedupe.distributed_min_records={limit}", "--set", "dedupe.ids_per_shard=10")
     reconcile(summary)
     d = summary["documents"]
-    assert summary["shards"] >= 4 and d["write"] == "append"
+    assert summary["shards"] >= 4 and d["write"] == "append" and d["accepted_ids_in"] == kind
     assert d["quarantined_by_reason"] == {"duplicate_doc_id": 1 + 14}
     assert d["inserted"] == d["accepted"] == 41
     tables = Tables(str(tmp_path / "data"))

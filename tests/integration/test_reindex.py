@@ -221,6 +221,18 @@ def test_the_ray_routes_give_the_same_table(env, route, settings):
     assert vt.published_version() == vt.version() and vt.metadata()[META_SOURCE_VERSION] == "3"
 
 
+def test_the_full_diff_planned_on_ray_gives_the_same_table(env):
+    # changes.method=diff with the plan's threshold at 0: the hash-partitioned Ray diff.
+    vt = clone(env, "base", "diff_on_ray")
+    rc, s = run_reindex(env, "diff_on_ray", env["trained"], "--set", "changes.method=diff",
+                        "--set", "plan.distributed_min_rows=0", "--set", "plan.partitions=3")
+    assert rc == 0, s
+    assert s["method"] == "diff" and s["embedded"] == UPDATED + INSERTED
+    assert s["upserts"] == UPDATED + INSERTED and s["deletes"] == DELETED
+    assert_equal_tables(rows_of(vt), rows_of(VectorTable(str(env["db"]), "full")))
+    assert vt.published_version() == vt.version() and vt.metadata()[META_SOURCE_VERSION] == "3"
+
+
 def test_a_scheduled_run_with_a_small_change_starts_no_ray(env, tmp_path):
     # A fresh process, as cron runs it: no Ray in it, none to join.
     vt = clone(env, "base", "noray")
