@@ -6,7 +6,8 @@ children, Ray's workers the raylet's. Ray reaps its workers without accounting t
 their parent (no ``cutime``), and workers come and go, so the tree is sampled every
 ``interval`` seconds and each process counts with the last CPU time seen (a process that
 exits between two samples loses at most ``interval`` seconds). Peak RSS per process is the
-kernel's own high-water mark (``VmHWM``), exact even between samples; the tree's peak PSS
+kernel's own high-water mark (``VmHWM``), exact even between samples; the private part
+(``RssAnon``, no file or shared-memory pages) is the largest seen at a sample; the tree's peak PSS
 (shared pages, e.g. Ray's object store, counted once) is the largest sum seen at a sample.
 
 ``bench/ingest.py`` and ``bench/scale.py`` share these readers.
@@ -125,6 +126,7 @@ class TreeUsage:
     returncode: int = 0
     cpu: dict[int, float] = field(default_factory=dict)  # last CPU seconds seen per process
     hwm_kib: dict[int, int] = field(default_factory=dict)  # peak RSS per process
+    anon_kib: dict[int, int] = field(default_factory=dict)  # peak private (anonymous) RSS seen per process
     roles: dict[int, str] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     peak_pss_kib: int = 0
@@ -140,6 +142,13 @@ class TreeUsage:
         """Largest peak RSS (MiB) of one process of role ``of``."""
         return max((k for p, k in self.hwm_kib.items() if self.roles.get(p) == of), default=0) / 1024
 
+    def peak_private_mib(self, of: str) -> float:
+        """Largest private RSS (``RssAnon``, MiB, sampled) of one process of role ``of``: the
+        peak RSS less the pages of files and of shared memory — Ray's object store, which
+        every process that reads or writes a block maps, counts in ``VmHWM`` but belongs to
+        no process."""
+        return max((k for p, k in self.anon_kib.items() if self.roles.get(p) == of), default=0) / 1024
+
     def summary(self) -> dict[str, Any]:
         top = sorted(((self.roles.get(p, DAEMONS), self.names.get(p, "?"), round(c, 2),
                        round(self.hwm_kib.get(p, 0) / 1024)) for p, c in self.cpu.items()), key=lambda x: -x[2])
@@ -148,6 +157,7 @@ class TreeUsage:
             "cpu_s_sampled": round(sum(self.cpu.values()), 2), "cpu_s_rusage": round(self.rusage_cpu_s, 2),
             "cpu_s_by_role": {k: round(v, 2) for k, v in by_role(self.cpu, self.roles).items()},
             "peak_rss_mib": {r: round(self.peak_rss_mib(r), 1) for r in (DRIVER, WORKERS, DAEMONS)},
+            "peak_private_rss_mib": {r: round(self.peak_private_mib(r), 1) for r in (DRIVER, WORKERS, DAEMONS)},
             "peak_tree_pss_mib": round(self.peak_pss_kib / 1024, 1), "processes": len(self.cpu),
             "top_processes": [list(t) for t in top[:8]],  # role, name, CPU s, peak RSS MiB
         }
@@ -198,6 +208,7 @@ class TreeMeter:
         for p in pids:
             use.cpu[p] = max(use.cpu.get(p, 0.0), cpu_s(p))
             use.hwm_kib[p] = max(use.hwm_kib.get(p, 0), hwm_kib(p))
+            use.anon_kib[p] = max(use.anon_kib.get(p, 0), _proc_kib(p, "status", "RssAnon"))
             label = name(p)
             # A worker renames itself ``ray::<task>`` once it runs; an exiting one reads as "".
             if label and not use.names.get(p, "").startswith("ray::"):

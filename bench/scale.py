@@ -111,10 +111,11 @@ def stage_record(name: str, use: TreeUsage, units: int, rows: dict[str, Any]) ->
 
 
 def progress(size: int, name: str, rec: dict[str, Any]) -> None:
-    rss = rec["peak_rss_mib"]
+    rss, own = rec["peak_rss_mib"], rec["peak_private_rss_mib"]
     print(f"  [{size}] {name:<14} {rec['wall_s']:8.1f} s wall  {rec['cpu_s']:8.1f} CPU-s  "
-          f"= {1000 * rec['cpu_s_per_unit']:8.3f} CPU-ms/{rec['unit']}  peak RSS driver {rss[DRIVER]:6.0f} MiB, "
-          f"largest worker {rss[WORKERS]:6.0f} MiB, tree PSS {rec['peak_tree_pss_mib']:6.0f} MiB", flush=True)
+          f"= {1000 * rec['cpu_s_per_unit']:8.3f} CPU-ms/{rec['unit']}  peak RSS driver {rss[DRIVER]:6.0f} MiB "
+          f"({own[DRIVER]:.0f} private), largest worker {rss[WORKERS]:6.0f} MiB ({own[WORKERS]:.0f} private), "
+          f"tree PSS {rec['peak_tree_pss_mib']:6.0f} MiB", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def run_ingest(r: Runner) -> dict[str, Any]:
                               "--set", f"source.synthetic.image_size={r.args.image_size}"])
     d = json.loads((r.work / "runs" / "ingest" / "latest.json").read_text())["documents"]
     rows = {k: d[k] for k in ("read", "accepted", "quarantined", "inserted", "updated", "unchanged")}
-    rows["write"] = d.get("write")
+    rows["write"], rows["accepted_ids_in"] = d.get("write"), d.get("accepted_ids_in")
     return stage_record("ingest", use, n, rows)
 
 
@@ -180,8 +181,8 @@ def embed_argv(r: Runner, table: str, run_dir: str, *extra: str) -> list[str]:
 def run_embed(r: Runner, table: str = TABLE, label: str = "embed", *extra: str) -> dict[str, Any]:
     use, _ = r.job(label, embed_argv(r, table, label, "--set", "index.enabled=false", *extra))
     s = json.loads((r.work / "runs" / label / "summary.json").read_text())
-    rows = {k: s[k] for k in ("documents", "rows_written", "rows", "skipped", "failed", "fragments", "commits",
-                              "embed_seconds", "docs_per_s", "resources")}
+    rows = {k: s.get(k) for k in ("documents", "rows_written", "rows", "skipped", "failed", "fragments", "commits",
+                                  "embed_seconds", "docs_per_s", "resources", "plan_route", "plan_seconds")}
     return stage_record("embed", use, r.size, rows)
 
 
@@ -189,6 +190,7 @@ def run_index(r: Runner) -> dict[str, Any]:
     use, _ = r.job("index", embed_argv(r, TABLE, "index"))
     s = json.loads((r.work / "runs" / "index" / "summary.json").read_text())
     rows = {"rows": s["rows"], "rows_written": s["rows_written"], "index_seconds": s.get("index_seconds"),
+            "plan_route": s.get("plan_route"), "plan_seconds": s.get("plan_seconds"),
             "indexes": s.get("indexes"), "index_stats": s["index_stats"], "ann_plan": s["ann_plan"]}
     return stage_record("index", use, r.size, rows)
 

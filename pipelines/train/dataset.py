@@ -392,13 +392,32 @@ def caption_pairs(tables: Tables, version: int | None = None, max_pairs: int | N
     """Stage 0's examples (MARVEL's visual pretraining): every image document with a
     caption, as a query-shaped record whose positive is the document itself (``query`` is
     left empty: the caption is joined with the document on the cluster, never read here).
-    The ids are found by Ray Data tasks; only they reach the driver, in id order."""
+    The ids are found by Ray Data tasks; only they reach the driver, in id order. With
+    ``max_pairs`` the driver keeps the ``max_pairs`` smallest ids as batches arrive (never
+    more, whatever the corpus holds); without it, every captioned image's id (≈ 100 B each:
+    a corpus of billions wants the cap, ``data.max_train_queries``)."""
     ds = read_documents(tables, version, columns=(S.DOC_ID, S.MODALITY, S.CAPTION))
-    ids: list[str] = []
-    for batch in ds.map_batches(captioned_image_ids, batch_format="pyarrow").iter_batches(batch_format="pyarrow"):
-        ids += batch.column(S.DOC_ID).to_pylist()
-    ids = sorted(ids)[:max_pairs]
+    batches = ds.map_batches(captioned_image_ids, batch_format="pyarrow").iter_batches(batch_format="pyarrow")
+    ids = smallest_ids((b.column(S.DOC_ID) for b in batches), max_pairs)
     return [{"qid": d, "query": "", "positive_doc_ids": [d], "target_doc_id": d} for d in ids]
+
+
+def smallest_ids(columns: Iterable[pa.Array | pa.ChunkedArray], n: int | None) -> list[str]:
+    """The ``n`` smallest ids of a stream of id columns, in order (all when ``n`` is None),
+    holding at most ``2 n`` plus one column's ids at a time."""
+    kept = pa.array([], pa.string())
+
+    def cut(ids: pa.Array) -> pa.Array:
+        ordered = ids.take(pc.sort_indices(ids))
+        return ordered if n is None else ordered.slice(0, n)
+
+    for col in columns:
+        col = S.plain_array(col)
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        kept = pa.concat_arrays([kept, col.cast(pa.string())])
+        if n is not None and len(kept) > 2 * n:
+            kept = cut(kept)
+    return cut(kept).to_pylist()
 
 
 def build_train_shards(

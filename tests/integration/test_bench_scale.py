@@ -38,6 +38,8 @@ def test_every_stage_measured_with_positive_numbers(scale_run: tuple[dict, Path]
     for name, st in res["stages"].items():
         assert st["wall_s"] > 0 and st["cpu_s"] > 0 and st["cpu_s_per_unit"] > 0, name
         assert st["peak_rss_mib"]["driver"] > 50, name  # a Python process with pyarrow at least
+        # Private memory is part of the peak, never more (shared pages are the rest).
+        assert 30 < st["peak_private_rss_mib"]["driver"] <= st["peak_rss_mib"]["driver"], name
         assert st["peak_tree_pss_mib"] > 0, name
     # Jobs that start Ray are measured with Ray's processes: workers and daemons show up.
     for name in ("ingest", "embed"):

@@ -10,6 +10,9 @@ checkpoints live on moto's S3 server on loopback. The jobs are submitted through
 job server (``JobSubmissionClient``, what ``ray job submit`` calls): ingest → train (one
 worker per node: ``scaling.placement_strategy=STRICT_SPREAD``) → mine-negatives → embed →
 a change (more documents ingested, two deleted) → reindex → evaluate; then ``ciea search``.
+The ingests keep the duplicate rule's accepted ids in Ray actors (``dedupe.distributed_min_records=0``)
+and the embed plans and checks on Ray (``plan.distributed_min_rows=0``, the hash-partitioned
+key diff reading Delta and Lance on S3): the forms a corpus of millions takes by default.
 
 Checks (all run; the failures are reported together):
 
@@ -311,7 +314,11 @@ def test_pipeline_on_two_nodes_and_s3_only(c2: Cluster2, tmp_path: Path):
     before = _local_disk(c2, search_cwd)
 
     # ---- ingest: the tiny synthetic corpus (260 documents) ---------------------------
-    c2.submit("ingest", ["jobs.ingest", "--preset", "tiny", "--root", root, "--no-progress", *c2.storage])
+    # The distributed forms of the driver's per-document state, at this test's size: the
+    # duplicate rule's ids in actors on both nodes, the embed plan and its check on Ray.
+    dedupe_on_ray = ("--set", "dedupe.distributed_min_records=0")
+    c2.submit("ingest", ["jobs.ingest", "--preset", "tiny", "--root", root, "--no-progress", *dedupe_on_ray,
+                         *c2.storage])
     before["job working dirs"] = c2.working_dirs()  # as Ray unpacked it (+ what ingest wrote: checked below)
 
     # ---- train: two workers, one per node; then the same run packed on one node --------
@@ -338,11 +345,11 @@ def test_pipeline_on_two_nodes_and_s3_only(c2: Cluster2, tmp_path: Path):
                   "--set", "index.ann=none",
                   "--set", "encode.actors=2", "--set", "encode.cpus_per_actor=0.5", "--set", "encode.threads=1",
                   "--set", "encode.batch_size=32", *c2.storage]
-    c2.submit("embed", ["jobs.embed", *embed_argv])
+    c2.submit("embed", ["jobs.embed", *embed_argv, "--set", "plan.distributed_min_rows=0"])
 
     # ---- a change: four more documents ingested, two deleted; then reindex -------------
     c2.submit("ingest-change", ["jobs.ingest", "--preset", "tiny", "--root", root, "--no-progress",
-                                "--set", "source.synthetic.num_text_docs=64", *c2.storage])
+                                "--set", "source.synthetic.num_text_docs=64", *dedupe_on_ray, *c2.storage])
     tables = Tables(root, c2.storage_options)
     docs = tables.read(tables.documents).column("doc_id").to_pylist()
     assert len(docs) == 264

@@ -29,3 +29,14 @@ def test_only_captioned_images_are_stage0_examples(rows, view):
     # Arrow's utf8_trim_whitespace trims what Unicode calls whitespace, as str.strip does.
     expect = [f"d{i}" for i, (m, c) in enumerate(rows) if m == "image" and c is not None and c.strip()]
     assert got == expect
+
+
+@given(st.lists(st.lists(st.text(max_size=6), max_size=7), max_size=6), st.one_of(st.none(), st.integers(0, 9)))
+def test_stage0_keeps_the_smallest_ids_without_holding_them_all(batches, n):
+    from pipelines.train.dataset import smallest_ids
+
+    columns = [pa.array(b, pa.string()) for b in batches]
+    want = sorted(i for b in batches for i in b)
+    # Arrow orders strings by bytes, as Python does for str of the same code points' UTF-8.
+    assert smallest_ids(iter(columns), n) == sorted(want, key=lambda s: s.encode())[:n]
+    assert smallest_ids([pa.chunked_array([pa.array(["b", "a"], pa.large_string())])], 1) == ["a"]
