@@ -217,7 +217,7 @@ def run_change(r: Runner) -> dict[str, Any]:
     """1 % of the corpus changes in three Delta commits (not a job: set-up, timed apart)."""
     from bench.reindex import change_corpus
 
-    n_changed = max(3, round(r.size * CHANGED))
+    n_changed = max(3, round(r.size * r.args.changed))
     t0 = time.perf_counter()
     counts = change_corpus(str(r.root), n_changed, MIX, seed=0, image_size=r.args.image_size)
     return {"changed": n_changed, **counts, "seconds": round(time.perf_counter() - t0, 2)}
@@ -452,6 +452,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baselines", action="store_true",
                    help="also the plain writer, the bare embedding loop and the 1x2-thread actor layout")
     p.add_argument("--queries", type=int, default=64, help="queries in the search batch")
+    p.add_argument("--changed", type=float, default=CHANGED,
+                   help="fraction of the corpus changed before the re-index (default 0.01)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic image side = the model's input (px)")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (the job's default)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of each job's local Ray")

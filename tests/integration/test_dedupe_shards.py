@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 BATCHES = st.lists(st.lists(st.sampled_from([f"d{i}" for i in range(9)] + ["", "é"]), max_size=8), max_size=6)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches=BATCHES, shards=st.integers(1, 3), limit=st.integers(0, 6))
 def test_the_ray_stores_answer_as_the_drivers_set(batches, shards, limit):
     want = LocalIds()
