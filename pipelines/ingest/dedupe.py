@@ -67,6 +67,10 @@ class LocalIds:
         self.ids = set()
 
 
+class IdShardLost(RuntimeError):
+    """A shard of :class:`ShardedIds` died mid-ingest (the message names the fix)."""
+
+
 class IdShard:
     """One shard of :class:`ShardedIds` (a Ray actor)."""
 
@@ -112,7 +116,14 @@ class ShardedIds:
         for i, s in zip(ids, where):
             parts[s].append(i)
         refs = {s: getattr(self.actors[s], method).remote(p) for s, p in enumerate(parts) if p}
-        answers = {s: iter(a) for s, a in zip(refs, ray.get(list(refs.values())))}
+        try:
+            got = ray.get(list(refs.values()))
+        except ray.exceptions.RayActorError:
+            # The ids it held are gone with it, so the rule can no longer be applied: stop
+            # before the commit (the ingest's one Delta commit never happens) and say so.
+            raise IdShardLost("an actor holding the duplicate rule's accepted ids died (its node was lost or "
+                              "it ran out of memory): nothing was committed; re-run `ciea ingest`") from None
+        answers = {s: iter(a) for s, a in zip(refs, got)}
         return [next(answers[s]) for s in where]
 
     def claim(self, ids: Sequence[str]) -> list[bool]:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.ingest.dedupe import AdaptiveIds, LocalIds, ShardedIds
+from pipelines.ingest.dedupe import AdaptiveIds, IdShardLost, LocalIds, ShardedIds
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -37,5 +37,20 @@ def test_the_adaptive_store_moves_to_actors_past_its_limit():
         assert store.claim(["a", "b"]) == [True, True] and store.kind == "driver"
         assert store.claim(["c", "a", "d"]) == [True, False, True] and store.kind == "ray"
         assert store.claim(["b", "e"]) == [False, True] and len(store) == 5
+    finally:
+        store.close()
+
+
+def test_a_killed_shard_stops_the_rule_with_one_line_naming_the_fix():
+    import ray
+
+    store = ShardedIds(2)
+    try:
+        assert store.claim(["a", "b", "c", "d"]) == [True] * 4
+        ray.kill(store.actors[0])
+        with pytest.raises(IdShardLost, match=r"nothing was committed; re-run `ciea ingest`") as info:
+            for i in range(50):  # some id lands on the dead shard
+                store.claim([f"x{i}"])
+        assert "\n" not in str(info.value)
     finally:
         store.close()
