@@ -259,8 +259,7 @@ def _run_leased(cfg: EmbedConfig, facts: dict[str, Any], ray: RayAccess | None, 
 
     table.fence_writes(lease.run_id, lease.check)
     t_plan = time.perf_counter()
-    route = plan_route(cfg, tables, table, version)
-    plan = make_plan(cfg, tables, table, version, route)
+    route, plan = make_plan(cfg, tables, table, version)
     summary: dict[str, Any] = {
         "model_id": mid, "variant": facts["variant"], "dim": dim, "documents_uri": tables.documents,
         "source_version": version, "table": f"{cfg.db_uri}/{cfg.output.table}", "resources": res,
@@ -312,34 +311,27 @@ def _embed_plan(cfg: EmbedConfig, facts: dict[str, Any], res: dict[str, Any], ta
                                  on_rows=on_rows, after_commit=after_commit)
 
 
-def plan_route(cfg: EmbedConfig, tables: Tables, table: Any, version: int) -> str:
-    """``driver`` or ``ray`` (``plan.distributed_min_rows``; rows from Delta's file
-    statistics and Lance's manifest, no data read)."""
-    from pipelines.store.delta_tables import row_count as delta_row_count
-
-    rows = delta_row_count(tables, version) + table.count_rows()
-    return "ray" if rows >= cfg.plan.distributed_min_rows else "driver"
-
-
-def make_plan(cfg: EmbedConfig, tables: Tables, table: Any, version: int, route: str) -> Any:
-    """The run's work plan: ``embed.plan_work`` on the driver, or ``keydiff.plan_work`` on Ray
-    (the same fields; the ids to embed then stay in the object store)."""
+def make_plan(cfg: EmbedConfig, tables: Tables, table: Any, version: int, route: str | None = None) -> tuple[str, Any]:
+    """The run's work plan and where it was made: ``embed.plan_work`` in the driver, or
+    ``keydiff.plan_work`` on Ray (the same fields; the ids to embed stay in the object
+    store). ``route`` ``None``: by size (``plan.distributed_min_rows``; rows from Delta's
+    file statistics and Lance's manifest, no data read)."""
     from pipelines.index import embed as E
     from pipelines.index import keydiff as K
-    from pipelines.store.delta_tables import row_count as delta_row_count
+    from pipelines.store.delta_tables import row_count
 
+    documents, rows = row_count(tables, version), table.count_rows()
+    route = route or ("ray" if documents + rows >= cfg.plan.distributed_min_rows else "driver")
     if route == "driver":
-        return E.plan_work(E.source_keys(tables, version), table.keys())
-    if table.count_rows() == 0:  # nothing to diff against: every document, no shuffle
-        n = delta_row_count(tables, version)
-        return K.DistributedPlan(n, n, [], 0, None, 0)
-    partitions = K.partitions_for(delta_row_count(tables, version) + table.count_rows(), cfg.plan.partitions)
-    plan = K.plan_work(tables, version, table.uri, partitions)
+        return route, E.plan_work(E.source_keys(tables, version), table.keys())
+    if rows == 0:  # nothing to diff against: every document, no shuffle
+        return route, K.DistributedPlan(documents, documents, [], 0, None, 0)
+    plan = K.plan_work(tables, version, table.uri, K.partitions_for(documents + rows, cfg.plan.partitions))
     if plan.repeated:
         raise E.EmbedError(
             f"{tables.documents}@{version} has {plan.repeated} repeated doc_ids; corpus/documents must hold one "
             "row per doc_id: re-run `ciea ingest` on that root to repair it")
-    return plan
+    return route, plan
 
 
 def _check_one_row_per_document(cfg: EmbedConfig, table: Any, tables: Tables, version: int, expected: int,
@@ -355,7 +347,7 @@ def _check_one_row_per_document(cfg: EmbedConfig, table: Any, tables: Tables, ve
         rows, distinct = keys.num_rows, pc.count_distinct(keys.column(0)).as_py()
         ok, found = rows == distinct == expected, f"{rows} rows / {distinct} doc_ids"
     else:
-        again, rows = make_plan(cfg, tables, table, version, route), table.count_rows()
+        (_, again), rows = make_plan(cfg, tables, table, version, route), table.count_rows()
         ok = rows == expected and not again.stale and again.to_embed_count == again.documents - expected
         found = f"{rows} rows, {len(again.stale)} stale or repeated doc_ids, {again.to_embed_count} documents missing"
     if not ok:

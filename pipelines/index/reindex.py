@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.store.delta_tables import Tables
+from pipelines.store.delta_tables import row_count as delta_row_count
 
 from .build import (
     CurrentRay,
@@ -131,13 +132,6 @@ def _step(summary: dict[str, Any], name: str) -> Iterator[None]:
 def _crash(cfg: ReindexConfig, point: str) -> None:
     if cfg.fault.crash_at == point:
         raise SimulatedCrash(f"fault.crash_at={point}: the job dies here (drill)")
-
-
-def delta_row_count(tables: Tables, version: int) -> int:
-    """Rows of a version of ``corpus/documents`` from its file statistics (no data read)."""
-    from pipelines.store.delta_tables import row_count
-
-    return row_count(tables, version)
 
 
 # ---------------------------------------------------------------------------------------
